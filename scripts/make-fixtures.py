@@ -1,0 +1,866 @@
+#!/usr/bin/env python3
+"""Regenerate the ONNX test fixtures under ``fixtures/``.
+
+Every fixture is a tiny, randomly initialised decoder-only LLM (3 layers, hidden size 64, 4 query heads,
+2 key/value heads) exported to ONNX by one real-world exporter, together with reference activations
+computed in PyTorch:
+
+* ``model.onnx`` (+ its external data file, where the exporter writes one) exactly as the exporter wrote it;
+* ``reference.safetensors``: ``inputs.<graph input>`` (the tensors fed to the graph), ``layers.<i>.x``
+  (input of layer i's ``input_layernorm``: the residual stream before normalisation), ``layers.<i>.y``
+  (output of layer i's self-attention block, before the residual add) and ``logits``. For the int4
+  fixture (``llama-genai-int4``) PyTorch runs with the graph's dequantised int4 weights in place of the
+  ones it quantised, so that the reference is what the quantised graph computes, up to float rounding;
+* ``fixture.json``: what the fixture is (exporter, opset, attention kind, ...) and the measured
+  ONNX-vs-PyTorch logits difference;
+* the tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``),
+  ``generation_config.json`` and the Hugging Face ``config.json`` of the model.
+
+Everything is deterministic: the tokenizer is trained on documents 0-199 of ``shared/data/c4_demo.json``
+(BPE, 512 tokens), the weights come from ``torch.manual_seed(seed)`` (seed 0 for Llama, 1-3 for the other
+architectures) and the reference input from a fixed seed; a rerun from the same paths reproduces every file
+byte for byte (torch.onnx records source file paths in its node metadata). The script finishes by running
+every ``model.onnx`` with ONNX Runtime (CPU) and checking its logits against PyTorch's.
+
+Environment
+-----------
+Optimum needs ``transformers < 4.58`` while the ONNX Runtime GenAI model builder needs
+``transformers 5.x``, so two virtualenvs are used, both outside the repository. The first runs this
+script; the second only runs the GenAI builder (``--genai-python``)::
+
+    python3 -m venv /root/.cache/nbl-fixtures/export
+    /root/.cache/nbl-fixtures/export/bin/pip install -r scripts/fixture-requirements.txt
+
+    python3 -m venv /root/.cache/nbl-fixtures/genai
+    /root/.cache/nbl-fixtures/genai/bin/pip install -r scripts/fixture-genai-requirements.txt
+
+The pins (Python 3.11) are: export venv torch 2.15.0, transformers 4.57.6, optimum 2.1.0,
+optimum-onnx 0.1.0, onnx 1.23.2, onnxscript 0.7.2, onnxruntime 1.32.0, safetensors 0.8.0; GenAI venv
+torch 2.15.0, transformers 5.23.0, onnxruntime-genai 0.18.0 (+ onnx-ir 1.1.0, which its builder imports
+without declaring it).
+
+``pip install torch`` from PyPI pulls the CUDA runtime wheels (several GB); everything runs on the CPU.
+No network access is needed once the packages are installed (nothing is downloaded from a model hub).
+
+Usage (from the repository root; about a minute on two cores)::
+
+    nice -n 10 /root/.cache/nbl-fixtures/export/bin/python scripts/make-fixtures.py
+    nice -n 10 /root/.cache/nbl-fixtures/export/bin/python scripts/make-fixtures.py --only llama-dynamo
+
+``--only`` regenerates some fixtures and leaves the others (and ``fixtures/README.md``) alone; a full run
+rewrites ``fixtures/README.md`` from the ``fixture.json`` files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+# Everything is local: never let transformers or optimum reach for a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import transformers
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "c4_demo.json"
+DEFAULT_GENAI_PYTHON = Path("/root/.cache/nbl-fixtures/genai/bin/python")
+
+# ---------------------------------------------------------------------------------------------------------
+# Model shape, shared by every architecture.
+# ---------------------------------------------------------------------------------------------------------
+VOCAB = 512
+HIDDEN = 64
+LAYERS = 3
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = HIDDEN // HEADS
+INTERMEDIATE = 128
+MAX_POSITIONS = 256
+
+# Special tokens come first, so their ids are fixed: <|endoftext|> = 0 is both BOS and EOS, <|pad|> = 1.
+EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
+EOS_ID, PAD_ID = 0, 1
+
+# The random init of transformers (N(0, 0.02) weights, unit norm weights, zero biases) gives activations
+# so small that almost any numerical mistake would pass a tolerance test. A larger init range gives O(1)
+# activations and non-trivial softmax distributions; norm weights and biases are randomised too (see
+# `randomise_norms_and_biases`) so that a tool that ignores them is caught.
+INIT_RANGE = 0.2
+
+# Reference input: batch 2, sequence 7, ids drawn (from the non-special tokens) with a fixed seed.
+BATCH, SEQ = 2, 7
+INPUT_SEED = 1234
+# One weight seed per architecture: Llama and Mistral have identical parameter shapes, so a shared seed
+# would give them identical weights and a test could not tell the fixtures apart.
+WEIGHT_SEEDS = {"llama": 0, "mistral": 1, "qwen2": 2, "phi3": 3}
+
+# Files copied from the Hugging Face checkpoint into every fixture directory.
+HF_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json"]
+# Files an exporter may write that are kept; anything else it leaves behind is deleted.
+KEEP_FILES = {"model.onnx", "model.onnx_data", "model.onnx.data", "genai_config.json", *HF_FILES}
+
+# ONNX op types that say how attention is expressed; counted into fixture.json.
+ATTENTION_OPS = ["Softmax", "MatMul", "Attention", "GroupQueryAttention", "MultiHeadAttention",
+                 "RotaryEmbedding", "MatMulNBits", "SimplifiedLayerNormalization",
+                 "SkipSimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer and checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def train_tokenizer(corpus: Path) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style, no BOS added) trained on the calibration documents 0-199."""
+    docs = json.loads(corpus.read_text(encoding="utf-8"))[:200]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((d["text"] for d in docs), trainer=trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    assert tok.token_to_id(EOS_TOKEN) == EOS_ID and tok.token_to_id(PAD_TOKEN) == PAD_ID
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+def common_config() -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+        initializer_range=INIT_RANGE,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        use_cache=True,
+    )
+
+
+# Architecture name -> function building the randomly initialised model.
+ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**common_config())),
+    # sliding_window=None: plain causal attention (the default 4096 is larger than any sequence anyway).
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**common_config(), sliding_window=None)),
+    # Qwen2 has biases on q/k/v_proj.
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common_config())),
+    # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj.
+    "phi3": lambda: Phi3ForCausalLM(
+        Phi3Config(**common_config(), original_max_position_embeddings=MAX_POSITIONS)),
+}
+
+
+def randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
+    """RMSNorm weights ~ 1 + N(0, 0.1²), biases ~ N(0, 0.1²) (transformers initialises them to 1 and 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+def make_checkpoint(arch: str, tokenizer: PreTrainedTokenizerFast, hf_dir: Path) -> None:
+    """Save a seeded random model of `arch` plus the tokenizer as a Hugging Face checkpoint."""
+    seed = WEIGHT_SEEDS[arch]
+    torch.manual_seed(seed)
+    model = ARCHITECTURES[arch]().eval()
+    randomise_norms_and_biases(model, seed + 100)
+    model.save_pretrained(hf_dir)  # also writes generation_config.json with bos/eos/pad ids
+    tokenizer.save_pretrained(hf_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyTorch reference
+# ---------------------------------------------------------------------------------------------------------
+def reference_input_ids() -> np.ndarray:
+    gen = torch.Generator().manual_seed(INPUT_SEED)
+    return torch.randint(2, VOCAB, (BATCH, SEQ), generator=gen, dtype=torch.int64).numpy()
+
+
+def load_reference_model(hf_dir: Path) -> torch.nn.Module:
+    """The checkpoint as the reference runs it: float32, eager attention, eval mode (a fresh copy)."""
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32)
+    return model.eval()
+
+
+def torch_reference(hf_dir: Path, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Reference activations of the checkpoint (see `model_reference`)."""
+    return model_reference(load_reference_model(hf_dir), input_ids)
+
+
+def model_reference(model: torch.nn.Module, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-layer attention input/output and logits of `model`, in float32.
+
+    layers.<i>.x: argument of layer i's input_layernorm (forward pre-hook), [batch, seq, hidden];
+    layers.<i>.y: output[0] of layer i's self_attn (forward hook), [batch, seq, hidden]. For Phi-3 the
+                  decoder layer applies resid_attn_dropout to it, an identity in eval mode.
+    """
+    captured: dict[str, np.ndarray] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def pre_hook(_module, args, i=i):
+            captured[f"layers.{i}.x"] = args[0].detach().float().numpy().copy()
+
+        def post_hook(_module, _args, output, i=i):
+            captured[f"layers.{i}.y"] = output[0].detach().float().numpy().copy()
+
+        hooks.append(layer.input_layernorm.register_forward_pre_hook(pre_hook))
+        hooks.append(layer.self_attn.register_forward_hook(post_hook))
+    ids = torch.from_numpy(input_ids)
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(SEQ).expand(BATCH, SEQ),
+            use_cache=False,
+        )
+    for h in hooks:
+        h.remove()
+    captured["logits"] = out.logits.detach().float().numpy().copy()
+    for i in range(LAYERS):
+        assert captured[f"layers.{i}.x"].shape == (BATCH, SEQ, HIDDEN)
+        assert captured[f"layers.{i}.y"].shape == (BATCH, SEQ, HIDDEN)
+    return captured
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Int4 (com.microsoft MatMulNBits) weights read back from a graph, for a reference that the quantised graph
+# matches to float rounding instead of to the quantisation error.
+# ---------------------------------------------------------------------------------------------------------
+def dequantise_matmulnbits(node: onnx.NodeProto, initializers: dict[str, np.ndarray]) -> np.ndarray:
+    """The float32 weight W [N, K] that a MatMulNBits node multiplies by (Y = A @ W^T).
+
+    com.microsoft MatMulNBits (onnxruntime docs/ContribOperators.md): B is uint8 [N, n_blocks, blob_size],
+    each byte holding two 4-bit values, low nibble first, K padded up to n_blocks * block_size; scales are
+    [N * n_blocks] (or [N, n_blocks]); zero_points are optional, either uint8 packed like B
+    ([N * ceil(n_blocks / 2)]) or in the scales' dtype, and default to 8. Then
+    W[n, k] = (q[n, k] - zero_point[n, k // block_size]) * scale[n, k // block_size].
+    """
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
+    if bits != 4:
+        raise NotImplementedError(f"{node.name}: MatMulNBits with bits={bits}")
+    if any(node.input[4:]):  # g_idx (act-order) and bias are not produced by the GenAI builder's int4 path
+        raise NotImplementedError(f"{node.name}: MatMulNBits with g_idx or bias inputs")
+    packed = initializers[node.input[1]]
+    n_blocks = (k + block - 1) // block
+    assert packed.dtype == np.uint8 and packed.shape == (n, n_blocks, block // 2), (node.name, packed.shape)
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, n_blocks, block).astype(np.float32)
+    scales = initializers[node.input[2]].astype(np.float32).reshape(n, n_blocks)
+    zero_points: np.ndarray | float = 8.0
+    if len(node.input) > 3 and node.input[3]:
+        zp = initializers[node.input[3]]
+        if zp.dtype == np.uint8:  # packed 4-bit, two blocks per byte, each row padded to whole bytes
+            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :n_blocks]
+        zero_points = zp.astype(np.float32).reshape(n, n_blocks, 1)
+    weight = (q - zero_points) * scales[:, :, None]
+    return weight.reshape(n, n_blocks * block)[:, :k]
+
+
+def genai_hf_linears(model: torch.nn.Module, node_name: str) -> list[torch.nn.Linear]:
+    """The Hugging Face Linear modules whose stacked weights a GenAI builder MatMul node computes with.
+
+    Builder node names follow the module path: `/model/layers.<i>/attn/<proj>/MatMul[_Q4]` (attn is
+    self_attn; qkv_proj is q, k and v stacked along the output dimension), `/model/layers.<i>/mlp/<proj>/...`
+    (gate_up_proj, if fused, is gate then up) and `/lm_head/MatMul[_Q4]`.
+    """
+    parts = node_name.strip("/").split("/")
+    if parts[0] == "lm_head":
+        return [model.lm_head]
+    if parts[0] == "model" and parts[1].startswith("layers."):
+        layer = model.model.layers[int(parts[1].split(".")[1])]
+        block, proj = parts[2], parts[3]
+        if block == "attn":
+            attn = layer.self_attn
+            if proj == "qkv_proj":
+                return [attn.q_proj, attn.k_proj, attn.v_proj]
+            return [getattr(attn, proj)]
+        if block == "mlp":
+            if proj == "gate_up_proj" and not hasattr(layer.mlp, proj):
+                return [layer.mlp.gate_proj, layer.mlp.up_proj]
+            return [getattr(layer.mlp, proj)]
+    raise ValueError(f"no Hugging Face module known for ONNX node {node_name!r}")
+
+
+def load_dequantised_weights(model: torch.nn.Module, onnx_path: Path) -> list[str]:
+    """Replace, in `model`, every weight that the graph quantised by its dequantised value from the graph.
+
+    Returns the names of the replaced parameters. Weights that the graph keeps in float (e.g. the embedding
+    table of the GenAI builder's int4 models) are left alone.
+    """
+    graph = onnx.load(onnx_path)  # with the external data
+    nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    needed = {name for n in nodes for name in n.input[1:4] if name}
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer if i.name in needed}
+    params = {id(p): name for name, p in model.named_parameters()}
+    replaced = []
+    with torch.no_grad():
+        for node in nodes:
+            weight = torch.from_numpy(dequantise_matmulnbits(node, initializers))
+            linears = genai_hf_linears(model, node.name)
+            rows = [lin.out_features for lin in linears]
+            assert weight.shape == (sum(rows), linears[0].in_features), (node.name, weight.shape, rows)
+            for lin, part in zip(linears, torch.split(weight, rows, dim=0)):
+                assert lin.bias is None, f"{node.name}: Linear with bias"
+                lin.weight.copy_(part)
+                replaced.append(params[id(lin.weight)])
+    assert len(set(replaced)) == len(replaced), replaced
+    return replaced
+
+
+def genai_layer_outputs() -> dict[str, str]:
+    """Reference tensor name -> the GenAI builder graph value holding the same activation.
+
+    layers.<i>.x: the embedding for layer 0; for later layers the residual-stream output (index 3) of the
+    SkipSimplifiedLayerNormalization that adds the previous layer's MLP output and normalises.
+    layers.<i>.y: the o_proj output.
+    """
+    names = {}
+    for i in range(LAYERS):
+        names[f"layers.{i}.x"] = ("/model/embed_tokens/Gather/output_0" if i == 0
+                                  else f"/model/layers.{i}/input_layernorm/output_3")
+        names[f"layers.{i}.y"] = f"/model/layers.{i}/attn/o_proj/MatMul/output_0"
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exporters. Each writes model.onnx (+ data) into `out` and returns (exporter name, exporter version).
+# ---------------------------------------------------------------------------------------------------------
+def export_optimum(hf_dir: Path, out: Path, with_past: bool) -> tuple[str, str]:
+    """Equivalent of `optimum-cli export onnx -m HF_DIR --task text-generation[-with-past] OUT`."""
+    from importlib.metadata import version
+
+    from optimum.exporters.onnx import main_export
+
+    task = "text-generation-with-past" if with_past else "text-generation"
+    main_export(str(hf_dir), output=str(out), task=task, device="cpu")
+    return "optimum-onnx", f"optimum-onnx {version('optimum-onnx')} (optimum {version('optimum')})"
+
+
+def resave_external(src: Path, out: Path) -> None:
+    """Re-save a model with every initializer in one external file, named as Optimum names it."""
+    model = onnx.load(src / "model.onnx")
+    onnx.save_model(model, out / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=0)
+
+
+class LogitsOnly(torch.nn.Module):
+    """input_ids, attention_mask -> logits, without KV cache (for torch.onnx.export).
+
+    Position ids are 0..seq-1 for every row, expanded to [batch, seq] explicitly. Left to transformers
+    they would be [1, seq], and at opset 23 the exporter feeds the resulting [1, seq, head_dim / 2] cos/sin
+    caches to the standard RotaryEmbedding op, which ONNX Runtime rejects for batch > 1 ("Inputs
+    'cos_cache' and 'sin_cache' are expected to have the same shape as input 'x'").
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
+
+
+def export_dynamo(hf_dir: Path, out: Path, opset: int | None) -> tuple[str, str]:
+    """torch.onnx.export(dynamo=True) with dynamic batch and sequence axes; default opset unless given."""
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.from_numpy(reference_input_ids())
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    kwargs = {} if opset is None else {"opset_version": opset}
+    torch.onnx.export(
+        LogitsOnly(model).eval(),
+        (ids, torch.ones_like(ids)),
+        str(out / "model.onnx"),
+        dynamo=True,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+        **kwargs,
+    )
+    return "torch.onnx (dynamo)", f"torch {torch.__version__}"
+
+
+def export_genai(hf_dir: Path, out: Path, precision: str, provider: str, genai_python: Path,
+                 extra_options: list[str]) -> tuple[str, str]:
+    """`python -m onnxruntime_genai.models.builder`, run with the interpreter of the GenAI virtualenv."""
+    if not genai_python.exists():
+        raise FileNotFoundError(f"{genai_python} not found: create the GenAI virtualenv (see the docstring) "
+                                "or pass --genai-python")
+    with tempfile.TemporaryDirectory() as cache:
+        cmd = [str(genai_python), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+               "-p", precision, "-e", provider, "-c", cache]
+        if extra_options:
+            cmd += ["--extra_options", *extra_options]
+        print("  $", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    ver = subprocess.run(
+        [str(genai_python), "-c",
+         "from importlib.metadata import version as v; "
+         "print(f\"onnxruntime-genai {v('onnxruntime-genai')} (transformers {v('transformers')})\")"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    return "onnxruntime-genai builder", ver
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixture list
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Fixture:
+    name: str
+    arch: str
+    # (hf_dir, out_dir, args) -> (exporter, exporter version)
+    export: Callable[[Path, Path, argparse.Namespace], tuple[str, str]]
+    dtype: str = "float32"
+    # Maximum |logits_onnx - logits_torch| accepted; None: only reported (quantised weights).
+    tolerance: float | None = 1e-4
+    # A fixture whose export may legitimately fail with this toolchain; the failure is reported, not raised.
+    optional: bool = False
+    # Quantised graph (MatMulNBits): the reference runs the checkpoint with the graph's dequantised weights
+    # instead of the original float32 ones (see `load_dequantised_weights`).
+    dequantised_reference: bool = False
+    notes: str = ""
+
+
+def _optimum_extdata(hf_dir: Path, out: Path, _args: argparse.Namespace) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        exporter = export_optimum(hf_dir, Path(tmp), with_past=True)
+        resave_external(Path(tmp), out)
+        for name in HF_FILES:
+            if (Path(tmp) / name).exists():
+                shutil.copy(Path(tmp) / name, out / name)
+    return exporter
+
+
+FIXTURES = [
+    Fixture("llama-optimum-past", "llama", lambda h, o, a: export_optimum(h, o, with_past=True),
+            notes="KV cache inputs past_key_values.N.key/value, outputs present.N.key/value."),
+    Fixture("llama-optimum-nopast", "llama", lambda h, o, a: export_optimum(h, o, with_past=False)),
+    Fixture("llama-optimum-extdata", "llama", _optimum_extdata,
+            notes="llama-optimum-past re-saved by onnx.save_model with every initializer in "
+                  "model.onnx_data."),
+    Fixture("mistral-optimum-past", "mistral", lambda h, o, a: export_optimum(h, o, with_past=True),
+            notes="sliding_window=None."),
+    Fixture("qwen2-optimum-past", "qwen2", lambda h, o, a: export_optimum(h, o, with_past=True),
+            notes="q/k/v_proj have biases (Add after MatMul)."),
+    Fixture("phi3-optimum-past", "phi3", lambda h, o, a: export_optimum(h, o, with_past=True),
+            notes="Fused qkv_proj (one MatMul, then Slice into q/k/v) and fused gate_up_proj."),
+    Fixture("llama-dynamo", "llama", lambda h, o, a: export_dynamo(h, o, opset=None),
+            notes="No KV cache; inputs input_ids, attention_mask; dynamic batch/sequence. Node names are "
+                  "generic (node_linear_3); the module path is in the node metadata_props "
+                  "(pkg.torch.onnx.name_scopes)."),
+    Fixture("llama-dynamo-opset23", "llama", lambda h, o, a: export_dynamo(h, o, opset=23), optional=True,
+            notes="As llama-dynamo with opset_version=23: standard Attention, RotaryEmbedding and "
+                  "RMSNormalization ops."),
+    Fixture("llama-genai-fp32", "llama",
+            lambda h, o, a: export_genai(h, o, "fp32", "cpu", a.genai_python, []),
+            notes="Fused qkv_proj MatMul feeding GroupQueryAttention (rotary inside, cos/sin_cache "
+                  "initializers); residual adds fused into SkipSimplifiedLayerNormalization."),
+    Fixture("llama-genai-int4", "llama",
+            lambda h, o, a: export_genai(h, o, "int4", "cpu", a.genai_python, ["int4_block_size=32"]),
+            dtype="int4 weights (MatMulNBits), float32 activations", optional=True, dequantised_reference=True,
+            notes="Built with --extra_options int4_block_size=32 (symmetric, no zero points; embedding kept "
+                  "float32). The reference uses the DEQUANTISED int4 weights read back from model.onnx, not "
+                  "the fp32 checkpoint; the logits diff is measured with MatMulNBits accuracy_level=1 "
+                  "(float32 compute), since the builder's accuracy_level=4 lets ONNX Runtime quantise the "
+                  "activations to int8 (logits_max_abs_diff_onnx_as_written_vs_torch)."),
+    # The builder lists FP16 CPU as unsupported but still writes a graph: with -e cpu it uses
+    # com.microsoft MultiHeadAttention + RotaryEmbedding and takes position_ids, instead of GQA.
+    Fixture("llama-genai-fp16", "llama",
+            lambda h, o, a: export_genai(h, o, "fp16", "cpu", a.genai_python, []),
+            dtype="float16", tolerance=5e-2, optional=True,
+            notes="-p fp16 -e cpu (not in the builder's list of valid combinations, built anyway): "
+                  "MultiHeadAttention instead of GQA, position_ids input, float16 KV cache and logits."),
+    # -e cuda only changes the graph the builder writes; building needs no GPU, and ONNX Runtime's CPU
+    # provider runs the float16 GroupQueryAttention.
+    Fixture("llama-genai-fp16-cuda", "llama",
+            lambda h, o, a: export_genai(h, o, "fp16", "cuda", a.genai_python, []),
+            dtype="float16", tolerance=5e-2, optional=True,
+            notes="-p fp16 -e cuda (graph only; runs on the CPU provider): float16 GroupQueryAttention, "
+                  "float16 KV cache and logits."),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ONNX inspection, feeds, verification
+# ---------------------------------------------------------------------------------------------------------
+def value_infos(values) -> list[dict]:
+    """Name, numpy dtype name and shape (ints or symbolic names) of graph inputs/outputs."""
+    result = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        result.append({"name": v.name, "dtype": dtype, "shape": dims})
+    return result
+
+
+def inspect_graph(path: Path) -> dict:
+    model = onnx.load(path, load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    nodes = list(model.graph.node)
+    for function in model.functions:  # count nodes of local functions too (none expected)
+        nodes.extend(function.node)
+    counts = Counter(n.op_type for n in nodes)
+    domains = Counter(f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in ("", "ai.onnx"))
+    opsets = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
+    return {
+        "inputs": [v for v in value_infos(model.graph.input) if v["name"] not in initializers],
+        "outputs": value_infos(model.graph.output),
+        "opsets": opsets,
+        "op_counts": {op: counts[op] for op in ATTENTION_OPS if counts[op]},
+        "non_standard_ops": dict(sorted(domains.items())),
+        "num_nodes": len(nodes),
+        "num_functions": len(model.functions),
+    }
+
+
+def attention_kind(graph: dict) -> str:
+    ops = graph["op_counts"]
+    if ops.get("GroupQueryAttention"):
+        return "GroupQueryAttention"
+    if ops.get("MultiHeadAttention"):
+        return "MultiHeadAttention"
+    if ops.get("Attention"):
+        return "Attention"
+    return "decomposed"
+
+
+def make_feeds(graph: dict, input_ids: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """Feeds for a prompt of SEQ tokens with an empty KV cache; returns (feeds, past length)."""
+    past = 0
+    feeds = {}
+    for inp in graph["inputs"]:
+        name, dtype = inp["name"], np.dtype(inp["dtype"])
+        if name == "input_ids":
+            feeds[name] = input_ids.astype(dtype)
+        elif name == "attention_mask":  # covers past + current tokens
+            feeds[name] = np.ones((BATCH, past + SEQ), dtype=dtype)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(past, past + SEQ, dtype=dtype), (BATCH, SEQ)).copy()
+        elif name.startswith("past_key_values."):
+            # [batch, kv_heads, past, head_dim]; a dimension is either the expected number or symbolic.
+            shape = inp["shape"]
+            assert len(shape) == 4, (name, shape)
+            for dim, expected in ((shape[1], KV_HEADS), (shape[3], HEAD_DIM)):
+                assert dim == expected or isinstance(dim, str), (name, shape)
+            feeds[name] = np.zeros((BATCH, KV_HEADS, past, HEAD_DIM), dtype=dtype)
+        else:
+            raise ValueError(f"unexpected graph input {name!r}")
+    return feeds, past
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], feeds)
+    return logits.astype(np.float32)
+
+
+def run_onnx_float_matmulnbits(path: Path, feeds: dict[str, np.ndarray],
+                               extra_outputs: list[str]) -> dict[str, np.ndarray]:
+    """Logits and the intermediate values `extra_outputs` of a copy of the graph whose MatMulNBits nodes
+    compute in float32.
+
+    accuracy_level is the lowest precision MatMulNBits may use for its input A; the GenAI builder writes 4
+    (int8), with which ONNX Runtime's CPU kernels quantise the activations to int8 blockwise where the CPU
+    supports it, an error on the order of the weight quantisation. accuracy_level=1 (float32) leaves only
+    float rounding against a reference that uses the dequantised weights. The copy lives only in memory.
+    """
+    model = onnx.load(path)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = 1
+    for name in extra_outputs:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    names = ["logits", *extra_outputs]
+    return {name: value.astype(np.float32) for name, value in zip(names, session.run(names, feeds))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building one fixture
+# ---------------------------------------------------------------------------------------------------------
+def build_fixture(fx: Fixture, hf_dir: Path, reference: dict[str, np.ndarray], input_ids: np.ndarray,
+                  out_root: Path, args: argparse.Namespace) -> dict:
+    out = out_root / fx.name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    print(f"[{fx.name}] exporting", flush=True)
+    exporter, exporter_version = fx.export(hf_dir, out, args)
+
+    # Keep only the model and its data; the canonical config/tokenizer files replace the exporter's
+    # copies so that every fixture carries identical ones.
+    for path in sorted(out.iterdir()):
+        if path.name not in KEEP_FILES or path.is_dir():
+            print(f"  removing exporter output {path.name}")
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for name in HF_FILES:
+        shutil.copy(hf_dir / name, out / name)
+
+    graph = inspect_graph(out / "model.onnx")
+    feeds, _past = make_feeds(graph, input_ids)
+    logits = run_onnx(out / "model.onnx", feeds)
+    # Keys added to fixture.json for a dequantised reference only (the other fixtures' files stay as before).
+    extra_info: dict = {}
+    if fx.dequantised_reference:
+        # A fresh copy of the checkpoint (the float32 reference shared by the other fixtures is untouched)
+        # with every weight that the graph quantised replaced by the graph's dequantised value.
+        model = load_reference_model(hf_dir)
+        replaced = load_dequantised_weights(model, out / "model.onnx")
+        reference = model_reference(model, input_ids)
+        del model
+        as_written_diff = float(np.max(np.abs(logits - reference["logits"])))
+        # Compare with ONNX Runtime computing MatMulNBits in float32, logits and per-layer x / y.
+        layer_names = genai_layer_outputs()
+        ort = run_onnx_float_matmulnbits(out / "model.onnx", feeds, list(layer_names.values()))
+        logits = ort["logits"]
+        layer_diffs = {}
+        for key, value_name in layer_names.items():
+            layer_diffs[key] = float(np.max(np.abs(ort[value_name] - reference[key])))
+            scale = float(np.max(np.abs(reference[key])))
+            if not layer_diffs[key] <= 1e-4 * scale:
+                raise AssertionError(f"{fx.name}: ONNX {value_name} differs from PyTorch {key} by "
+                                     f"{layer_diffs[key]:.3g} (max |{key}| {scale:.3g})")
+        print(f"  reference with dequantised weights: {', '.join(replaced)}")
+        print(f"  per-layer max|diff| (MatMulNBits in float32): "
+              + ", ".join(f"{k} {v:.3g}" for k, v in layer_diffs.items()))
+        print(f"  logits max|diff| of the graph as written (accuracy_level=4): {as_written_diff:.3g}")
+        extra_info = {
+            "reference_weights": "dequantised: every weight that model.onnx stores as MatMulNBits int4 is "
+                                 "replaced, in the PyTorch model, by its dequantised value read back from "
+                                 "the graph (dequantised_weights); the others are the checkpoint's float32",
+            "dequantised_weights": replaced,
+            "onnx_matmulnbits_accuracy_level": 1,
+            "logits_max_abs_diff_onnx_as_written_vs_torch": as_written_diff,
+            "layers_max_abs_diff_onnx_vs_torch": layer_diffs,
+        }
+    assert logits.shape == reference["logits"].shape, (logits.shape, reference["logits"].shape)
+    diff = float(np.max(np.abs(logits - reference["logits"])))
+    if fx.tolerance is not None and not diff <= fx.tolerance:
+        raise AssertionError(f"{fx.name}: ONNX logits differ from PyTorch by {diff:.3g} > {fx.tolerance}")
+
+    # safetensors stores zero-size tensors (the empty KV cache) fine, so every feed is stored;
+    # `empty_inputs` would list any that had to be left out.
+    tensors = {f"inputs.{k}": v for k, v in feeds.items()}
+    empty_inputs: dict[str, list[int]] = {}
+    tensors.update(reference)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "reference.safetensors"))
+
+    external = sorted(p.name for p in out.iterdir() if p.name in ("model.onnx_data", "model.onnx.data"))
+    info = {
+        "name": fx.name,
+        "architecture": fx.arch,
+        "exporter": exporter,
+        "exporter_version": exporter_version,
+        "opset": graph["opsets"].get("ai.onnx"),
+        "opsets": graph["opsets"],
+        "num_layers": LAYERS,
+        "hidden_size": HIDDEN,
+        "num_heads": HEADS,
+        "num_kv_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "vocab_size": VOCAB,
+        "has_kv_cache": any(i["name"].startswith("past_key_values.") for i in graph["inputs"]),
+        "external_data": external[0] if external else False,
+        "dtype": fx.dtype,
+        "attention_kind": attention_kind(graph),
+        "op_counts": graph["op_counts"],
+        "non_standard_ops": graph["non_standard_ops"],
+        "inputs": graph["inputs"],
+        "outputs": graph["outputs"],
+        "reference_input": {"batch": BATCH, "sequence": SEQ, "past": 0, "seed": INPUT_SEED},
+        "logits_max_abs_diff_onnx_vs_torch": diff,
+        "logits_tolerance": fx.tolerance,
+        **extra_info,
+        "empty_inputs": empty_inputs,
+        "notes": fx.notes,
+    }
+    (out / "fixture.json").write_text(json.dumps(info, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"[{fx.name}] OK  opset {info['opset']}  attention {info['attention_kind']}  "
+          f"ops {graph['op_counts']}  logits max|diff| {diff:.3g}  {size / 1024:.0f} KiB", flush=True)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixtures/README.md
+# ---------------------------------------------------------------------------------------------------------
+README_HEAD = """# Test fixtures
+
+Generated by `scripts/make-fixtures.py` (see its docstring for the environment); do not edit by hand.
+Every fixture is the same kind of tiny random model: 3 layers, hidden 64, 4 query heads, 2 KV heads
+(head_dim 16), intermediate 128, vocab 512 (byte-level BPE trained on `shared/data/c4_demo.json`
+documents 0-199; `<|endoftext|>` = 0 is BOS and EOS, `<|pad|>` = 1). The Llama fixtures share one
+checkpoint (`torch.manual_seed(0)`); Mistral, Qwen2 and Phi-3 use seeds 1, 2, 3. Weights are float32
+unless stated, drawn with init range 0.2, with random RMSNorm weights and biases, so that activations
+are O(1).
+
+Each directory holds `model.onnx` (+ external data) as the exporter wrote it, `reference.safetensors`,
+`fixture.json`, `config.json`, `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`,
+`special_tokens_map.json` (GenAI fixtures also `genai_config.json`). The tokenizer and config files are
+the checkpoint's own in every fixture: the GenAI builder's `tokenizer_config.json` (a transformers 5
+`TokenizersBackend` one, same tokens) is replaced by it.
+
+`reference.safetensors` (from PyTorch, eager attention, one input: batch 2, sequence 7, fixed-seed ids,
+attention mask all ones, position ids 0..6, empty KV cache):
+- `inputs.<name>`: exactly the tensors fed to each graph input, in the graph's dtype, including the
+  zero-size empty KV cache `past_key_values.*` of shape `[2, 2, 0, 16]`.
+- `layers.<i>.x` `[2, 7, 64]`: input of layer i's `input_layernorm` (residual stream before the norm).
+- `layers.<i>.y` `[2, 7, 64]`: output of layer i's `self_attn` (o_proj output, before the residual add).
+- `logits` `[2, 7, 512]`.
+
+`fixture.json` also records `logits_max_abs_diff_onnx_vs_torch` (ONNX Runtime CPU vs PyTorch).
+
+`llama-genai-int4` is the exception to "same weights": its reference runs the Llama checkpoint with every
+weight that the graph quantised (the MatMulNBits ones: q/k/v, o, gate, up, down projections and lm_head)
+replaced by the dequantised int4 value read back from `model.onnx` (`reference_weights`,
+`dequantised_weights` in its `fixture.json`), so that the graph matches it to float rounding. Its logits
+diff is measured with the MatMulNBits `accuracy_level` set to 1 (float32) in an in-memory copy of the graph;
+the graph as written (`accuracy_level=4`) lets ONNX Runtime quantise activations to int8
+(`logits_max_abs_diff_onnx_as_written_vs_torch`).
+
+"""
+
+
+def write_readme(out_root: Path, failures: dict[str, str]) -> None:
+    rows = ["| fixture | exporter + version | opset | attention kind | KV cache | external data | "
+            "logits diff | notes |",
+            "|---|---|---|---|---|---|---|---|"]
+    for fx in FIXTURES:
+        path = out_root / fx.name / "fixture.json"
+        if fx.name in failures or not path.exists():
+            continue
+        info = json.loads(path.read_text())
+        ms = ", ".join(f"{k.split('::')[1]} ×{v}" for k, v in info["non_standard_ops"].items()
+                       if k.startswith("com.microsoft::"))
+        notes = [info["notes"]] if info["notes"] else []
+        if info["dtype"] != "float32":
+            notes.append(f"dtype: {info['dtype']}.")
+        if ms:
+            notes.append(f"com.microsoft ops: {ms}.")
+        ops = ", ".join(f"{k} ×{v}" for k, v in info["op_counts"].items()
+                        if k in ("Softmax", "Attention", "GroupQueryAttention", "MultiHeadAttention"))
+        ext = f"yes (`{info['external_data']}`)" if info["external_data"] else "no"
+        rows.append(f"| `{fx.name}` | {info['exporter_version']} | {info['opset']} | "
+                    f"{info['attention_kind']} ({ops}) | {'yes' if info['has_kv_cache'] else 'no'} | {ext} | "
+                    f"{info['logits_max_abs_diff_onnx_vs_torch']:.2g} | {' '.join(notes)} |")
+    text = README_HEAD + "\n".join(rows) + "\n"
+    if failures:
+        text += "\n## Fixtures that the exporters could not produce\n\n"
+        for name, reason in failures.items():
+            text += f"- `{name}`: {reason}\n"
+    (out_root / "README.md").write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "fixtures", help="fixtures directory")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="c4_demo.json")
+    parser.add_argument("--genai-python", type=Path, default=DEFAULT_GENAI_PYTHON,
+                        help="python of the virtualenv with onnxruntime-genai and transformers 5")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="regenerate only these fixtures")
+    parser.add_argument("--keep-work", type=Path, help="keep the Hugging Face checkpoints in this directory")
+    args = parser.parse_args()
+
+    selected = [fx for fx in FIXTURES if not args.only or fx.name in args.only]
+    unknown = set(args.only or []) - {fx.name for fx in FIXTURES}
+    if unknown:
+        parser.error(f"unknown fixture(s): {', '.join(sorted(unknown))}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnx {onnx.__version__}, "
+          f"onnxruntime {onnxruntime.__version__}", flush=True)
+
+    work_ctx = tempfile.TemporaryDirectory(prefix="nbl-fixtures-")
+    work = args.keep_work or Path(work_ctx.name)
+    tokenizer = train_tokenizer(args.corpus)
+    input_ids = reference_input_ids()
+
+    failures: dict[str, str] = {}
+    summary = []
+    checkpoints: dict[str, tuple[Path, dict[str, np.ndarray]]] = {}
+    for fx in selected:
+        if fx.arch not in checkpoints:
+            hf_dir = work / f"hf-{fx.arch}"
+            make_checkpoint(fx.arch, tokenizer, hf_dir)
+            checkpoints[fx.arch] = (hf_dir, torch_reference(hf_dir, input_ids))
+        hf_dir, reference = checkpoints[fx.arch]
+        try:
+            info = build_fixture(fx, hf_dir, reference, input_ids, args.out, args)
+            summary.append(f"{fx.name:24s} opset {info['opset']:>2}  {info['attention_kind']:20s} "
+                           f"kv={'yes' if info['has_kv_cache'] else 'no ':3s} "
+                           f"max|logits diff|={info['logits_max_abs_diff_onnx_vs_torch']:.3g}")
+        except Exception as err:  # noqa: BLE001 - optional fixtures report their failure
+            if not fx.optional:
+                raise
+            traceback.print_exc()
+            shutil.rmtree(args.out / fx.name, ignore_errors=True)
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            failures[fx.name] = f"{type(err).__name__}: {reason}"
+            summary.append(f"{fx.name:24s} FAILED ({failures[fx.name]})")
+
+    if not args.only:
+        write_readme(args.out, failures)
+    print("\nSummary:")
+    print("\n".join(summary))
+    work_ctx.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+//! Finding decoder layers and their attention blocks, by walking the residual stream from the token
+//! embedding: every residual junction adds a branch computed from the stream back into it, and the
+//! branches that hold attention are the blocks NBL can linearise.
+//!
+//! A junction is `s' = Add(s, t)` or a fused `SkipLayerNormalization`/`SkipSimplifiedLayerNormalization`
+//! (inputs 0 and 1 summed, the sum on output 3 and its normalisation on output 0), where the branch
+//! tensor `t` is computed from the stream tensor `s`. For an attention branch, `X = s` and `Y = t`.
+//! Boundaries are found from the data flow alone; names only label layers and are cross-checked.
+
+use std::collections::HashSet;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use crate::onnx::proto::{GraphProto, NodeProto};
+use crate::onnx::{DType, GraphIndex, Model, TensorId, value_type};
+
+/// Fused attention operators, by ONNX op type (ai.onnx and com.microsoft).
+const FUSED_ATTENTION_OPS: &[&str] = &[
+    "Attention",
+    "MultiHeadAttention",
+    "GroupQueryAttention",
+    "PagedAttention",
+    "SparseAttention",
+    "PackedAttention",
+    "PackedMultiHeadAttention",
+    "DecoderMaskedMultiHeadAttention",
+];
+
+/// Junctions that fuse the residual add with the next norm; the sum is on output 3.
+const SKIP_NORM_OPS: &[&str] = &["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"];
+
+/// One decoder layer's attention block: what enters it and what it adds back to the stream.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttentionBlock {
+    pub layer: usize,
+    /// The residual-stream tensor entering the attention's input norm.
+    pub x: String,
+    /// The attention output entering the residual junction.
+    pub y: String,
+    /// `decomposed`, or the fused operator's type (`GroupQueryAttention`, `MultiHeadAttention`, ...).
+    pub kind: String,
+    /// Nodes that no output needs any more once the block and its KV cache are removed.
+    pub nodes: usize,
+    pub kv_inputs: Vec<String>,
+    pub kv_outputs: Vec<String>,
+    /// The node where `Y` joins the stream.
+    #[serde(skip)]
+    pub junction: String,
+}
+
+/// Every residual branch found on the walk, with the reason it was or was not taken as attention.
+#[derive(Clone, Debug, Serialize)]
+pub struct Branch {
+    pub stream: String,
+    pub branch: String,
+    pub junction: String,
+    pub nodes: usize,
+    /// `attention (<kind>)`, or why not.
+    pub verdict: String,
+}
+
+/// The decoder's structure as far as NBL needs it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Blocks {
+    pub layers: Vec<AttentionBlock>,
+    pub hidden_size: usize,
+    pub dtype: String,
+    #[serde(skip)]
+    pub branches: Vec<Branch>,
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+/// Finds every attention block of a decoder-only LLM graph.
+pub fn find_blocks(model: &Model) -> Result<Blocks> {
+    let graph = model.graph();
+    let index = GraphIndex::new(graph)?;
+    index.topological_order(graph)?;
+    let start = stream_start(graph, &index)?;
+    let live = index.live_nodes();
+
+    let mut branches = Vec::new();
+    let mut layers: Vec<AttentionBlock> = Vec::new();
+    let mut stream = start;
+    let mut steps = 0;
+    loop {
+        let Some(junction) = next_junction(graph, &index, stream) else {
+            // Exporters may scale or cast the embedding before the first layer (Gemma's `* sqrt(d)`).
+            match passthrough_successor(graph, &index, stream) {
+                Some(next) if branches.is_empty() && steps < 3 => {
+                    stream = next;
+                    steps += 1;
+                    continue;
+                }
+                _ => break,
+            }
+        };
+        let analysis = analyse_branch(graph, &index, &live, &junction);
+        let verdict = match &analysis.attention {
+            Some(kind) => format!("attention ({kind})"),
+            None => analysis.why_not.clone(),
+        };
+        branches.push(Branch {
+            stream: index.name(stream).to_string(),
+            branch: index.name(junction.branch).to_string(),
+            junction: graph.node[junction.node].name().to_string(),
+            nodes: analysis.dying.len(),
+            verdict,
+        });
+        if let Some(kind) = analysis.attention {
+            layers.push(AttentionBlock {
+                layer: layers.len(),
+                x: index.name(stream).to_string(),
+                y: index.name(junction.branch).to_string(),
+                kind,
+                nodes: analysis.dying.len(),
+                kv_inputs: analysis.kv_inputs.iter().map(|&t| index.name(t).to_string()).collect(),
+                kv_outputs: analysis.kv_outputs.iter().map(|&t| index.name(t).to_string()).collect(),
+                junction: graph.node[junction.node].name().to_string(),
+            });
+        }
+        match junction.out {
+            Some(out) => stream = out,
+            None => break,
+        }
+    }
+
+    if layers.is_empty() {
+        let mut msg = format!(
+            "no attention block found in {}: walked the residual stream from {:?}",
+            model.path.display(),
+            index.name(start)
+        );
+        if branches.is_empty() {
+            msg.push_str(", but no node adds a branch computed from it back into it (no residual junction)");
+        }
+        for (i, b) in branches.iter().enumerate() {
+            msg.push_str(&format!(
+                "\n  branch {i}: {:?} joins at node {:?} ({} nodes): {}",
+                b.branch, b.junction, b.nodes, b.verdict
+            ));
+        }
+        bail!(msg);
+    }
+
+    let first_x = index.id(&layers[0].x).expect("indexed");
+    let dtype =
+        stream_dtype(graph, &index, first_x).map(|d| d.to_string()).unwrap_or_else(|| "unknown".to_string());
+    let hidden_size = hidden_size(model, &index, first_x, start)?;
+    let warnings = cross_check(graph, &index, &layers);
+    Ok(Blocks { layers, hidden_size, dtype, branches, warnings })
+}
+
+/// `s' = s + t` at node `node`; `out` is `s'` (absent for a final Skip norm whose sum is unused).
+struct Junction {
+    node: usize,
+    branch: TensorId,
+    branch_slot: usize,
+    out: Option<TensorId>,
+    /// Nodes computed from the stream on the way to the branch tensor.
+    region: Vec<usize>,
+}
+
+/// The tensor the residual stream starts from: the token embedding (a `Gather` of an initializer by
+/// integer ids), or a float `inputs_embeds` input.
+fn stream_start(graph: &GraphProto, index: &GraphIndex) -> Result<TensorId> {
+    let mut candidates = Vec::new();
+    for (n, node) in graph.node.iter().enumerate() {
+        let is_gather = matches!(node.op_type(), "Gather" | "GatherBlockQuantized");
+        let (Some(table), Some(ids), Some(out)) = (index.input(n, 0), index.input(n, 1), index.output(n, 0))
+        else {
+            continue;
+        };
+        if !is_gather || !index.is_initializer(table) {
+            continue;
+        }
+        // The ids must come from a graph input (possibly through casts): a gather of a constant
+        // table by a computed index (rotary caches, shapes) is not an embedding.
+        let ancestors = index.ancestors(&[ids]);
+        let from_input = |inp: &TensorId| {
+            index.consumers(*inp).iter().any(|&(c, _)| ancestors[c] || c == n) && {
+                let t = graph.input.iter().find(|v| v.name() == index.name(*inp));
+                t.and_then(value_type).is_some_and(|(dt, _)| matches!(dt, DType::I64 | DType::I32))
+            }
+        };
+        let inputs: Vec<TensorId> = index.graph_inputs.iter().copied().filter(from_input).collect();
+        if inputs.is_empty() {
+            continue;
+        }
+        let named_ids = inputs.iter().any(|&i| index.name(i) == "input_ids");
+        candidates.push((named_ids, n, out));
+    }
+    candidates.sort_by_key(|&(named, n, _)| (!named, n));
+    if let Some(&(_, _, out)) = candidates.first() {
+        return Ok(out);
+    }
+    for v in &graph.input {
+        if let Some((dtype, dims)) = value_type(v)
+            && dtype.is_float()
+            && dims.len() == 3
+        {
+            return Ok(index.id(v.name()).expect("graph inputs are indexed"));
+        }
+    }
+    bail!(
+        "no token embedding found: expected a Gather of an embedding table by the token ids (input_ids), \
+         or a float [batch, sequence, hidden] input"
+    )
+}
+
+/// The tensors that carry the stream value `s` into a branch: `s` itself, the outputs of `Cast` and
+/// `Identity` nodes reading it (TorchScript exports keep the norm's `x.to(float32)` on the residual
+/// path even when it is a no-op), and, when `s` is the sum output of a fused Skip norm, that node's
+/// normalised outputs (the norm is fused into the junction).
+fn stream_views(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Vec<TensorId> {
+    let mut views = vec![s];
+    if let Some((node, 3)) = index.producer(s)
+        && SKIP_NORM_OPS.contains(&graph.node[node].op_type())
+    {
+        views.extend((0..3).filter_map(|slot| index.output(node, slot)));
+    }
+    for &(c, _) in index.consumers(s) {
+        if matches!(graph.node[c].op_type(), "Cast" | "Identity") {
+            views.extend(index.output(c, 0));
+        }
+    }
+    views
+}
+
+/// The residual junction that consumes stream tensor `s`, choosing the widest branch when there
+/// are several candidates.
+fn next_junction(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<Junction> {
+    let views = stream_views(graph, index, s);
+    let mut best: Option<Junction> = None;
+    for &(node, slot) in views.iter().flat_map(|&v| index.consumers(v)) {
+        let n = &graph.node[node];
+        let (branch_slot, out) = match n.op_type() {
+            "Add" if slot < 2 && n.input.len() == 2 => (1 - slot, index.output(node, 0)),
+            op if SKIP_NORM_OPS.contains(&op) && slot < 2 => (1 - slot, index.output(node, 3)),
+            _ => continue,
+        };
+        let Some(branch) = index.input(node, branch_slot) else { continue };
+        if views.contains(&branch) {
+            continue; // s + s
+        }
+        let region = forward_region(index, &views, branch);
+        if region.is_empty() {
+            continue; // `t` does not depend on `s`: an Add of a constant or of another stream.
+        }
+        if best.as_ref().is_none_or(|b| region.len() > b.region.len()) {
+            best = Some(Junction { node, branch, branch_slot, out, region });
+        }
+    }
+    best
+}
+
+/// Nodes reachable forward from `from` that `to` depends on.
+fn forward_region(index: &GraphIndex, from: &[TensorId], to: TensorId) -> Vec<usize> {
+    let needed = index.ancestors(&[to]);
+    let mut in_region = vec![false; index.node_count()];
+    let mut stack: Vec<TensorId> = from.to_vec();
+    let mut region = Vec::new();
+    while let Some(t) = stack.pop() {
+        for &(c, _) in index.consumers(t) {
+            if needed[c] && !in_region[c] {
+                in_region[c] = true;
+                region.push(c);
+                stack.extend(index.outputs(c).iter().flatten());
+            }
+        }
+    }
+    region.sort_unstable();
+    region
+}
+
+/// A single elementwise successor (`Mul`/`Div` by a constant, `Cast`) through which the stream passes.
+fn passthrough_successor(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<TensorId> {
+    let consumers = index.consumers(s);
+    let &[(node, _)] = consumers else { return None };
+    matches!(graph.node[node].op_type(), "Mul" | "Div" | "Cast").then(|| index.output(node, 0))?
+}
+
+struct BranchAnalysis {
+    attention: Option<String>,
+    why_not: String,
+    dying: Vec<usize>,
+    kv_inputs: Vec<TensorId>,
+    kv_outputs: Vec<TensorId>,
+}
+
+/// Classifies a branch and measures what removing it frees: the nodes that die when the junction
+/// stops reading the branch and the branch's graph outputs (its KV cache) are dropped.
+fn analyse_branch(graph: &GraphProto, index: &GraphIndex, live: &[bool], j: &Junction) -> BranchAnalysis {
+    let kv_outputs: Vec<TensorId> = index
+        .graph_outputs
+        .iter()
+        .copied()
+        .filter(|&o| index.producer(o).is_some_and(|(p, _)| j.region.binary_search(&p).is_ok()))
+        .collect();
+
+    // Liveness without the branch: roots are the other graph outputs, and the junction no longer
+    // reads the branch tensor.
+    let mut still_live = vec![false; index.node_count()];
+    let mut stack: Vec<TensorId> =
+        index.graph_outputs.iter().copied().filter(|o| !kv_outputs.contains(o)).collect();
+    let mut seen: HashSet<TensorId> = stack.iter().copied().collect();
+    while let Some(t) = stack.pop() {
+        let Some((node, _)) = index.producer(t) else { continue };
+        if still_live[node] {
+            continue;
+        }
+        still_live[node] = true;
+        for (slot, input) in index.inputs(node).iter().enumerate() {
+            let Some(input) = *input else { continue };
+            let cut = node == j.node && slot == j.branch_slot;
+            if !cut && seen.insert(input) {
+                stack.push(input);
+            }
+        }
+        for &input in index.implicit_inputs(node) {
+            if seen.insert(input) {
+                stack.push(input);
+            }
+        }
+    }
+    let dying: Vec<usize> = (0..index.node_count()).filter(|&n| live[n] && !still_live[n]).collect();
+
+    let float_input = |t: TensorId| {
+        graph
+            .input
+            .iter()
+            .find(|v| v.name() == index.name(t))
+            .and_then(value_type)
+            .is_some_and(|(dt, _)| dt.is_float())
+    };
+    let mut kv_inputs: Vec<TensorId> = dying
+        .iter()
+        .flat_map(|&n| index.all_inputs(n))
+        .filter(|&t| index.is_graph_input(t) && float_input(t))
+        .collect();
+    kv_inputs.sort();
+    kv_inputs.dedup();
+    // Keep the model's declared order.
+    kv_inputs.sort_by_key(|t| index.graph_inputs.iter().position(|g| g == t));
+
+    let nodes: Vec<&NodeProto> = dying.iter().map(|&n| &graph.node[n]).collect();
+    let fused = nodes.iter().find(|n| FUSED_ATTENTION_OPS.contains(&n.op_type()));
+    let softmax_into_matmul =
+        dying.iter().any(|&n| graph.node[n].op_type() == "Softmax" && feeds_matmul(graph, index, n, 3));
+    let attention = if let Some(op) = fused {
+        Some(op.op_type().to_string())
+    } else if softmax_into_matmul || !kv_inputs.is_empty() {
+        Some("decomposed".to_string())
+    } else {
+        None
+    };
+    let why_not = if attention.is_some() {
+        String::new()
+    } else {
+        format!(
+            "not attention: no Softmax feeding a MatMul, no fused attention op, no KV-cache input (ops: {})",
+            op_histogram(&nodes)
+        )
+    };
+    BranchAnalysis { attention, why_not, dying, kv_inputs, kv_outputs }
+}
+
+/// Whether node `n`'s output reaches a MatMul through at most `depth` cheap elementwise ops.
+fn feeds_matmul(graph: &GraphProto, index: &GraphIndex, n: usize, depth: usize) -> bool {
+    index.outputs(n).iter().flatten().any(|&t| {
+        index.consumers(t).iter().any(|&(c, _)| match graph.node[c].op_type() {
+            "MatMul" | "Einsum" => true,
+            "Cast" | "Where" | "Dropout" | "Identity" if depth > 0 => {
+                feeds_matmul(graph, index, c, depth - 1)
+            }
+            _ => false,
+        })
+    })
+}
+
+fn op_histogram(nodes: &[&NodeProto]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for n in nodes {
+        match counts.iter_mut().find(|(op, _)| *op == n.op_type()) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((n.op_type(), 1)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let shown: Vec<String> = counts.iter().take(6).map(|(op, c)| format!("{op}×{c}")).collect();
+    if shown.is_empty() { "none".to_string() } else { shown.join(", ") }
+}
+
+/// The element type of a stream tensor: from value_info where the exporter wrote it, else by
+/// following the stream back through the ops that keep its type.
+fn stream_dtype(graph: &GraphProto, index: &GraphIndex, t: TensorId) -> Option<DType> {
+    let name = index.name(t);
+    let declared =
+        graph.value_info.iter().chain(&graph.input).chain(&graph.output).find(|v| v.name() == name);
+    if let Some((dtype, _)) = declared.and_then(value_type) {
+        return Some(dtype);
+    }
+    if let Some(i) = index.initializer(t) {
+        return Some(DType::from_onnx(graph.initializer[i].data_type()));
+    }
+    let (node, _) = index.producer(t)?;
+    let n = &graph.node[node];
+    match n.op_type() {
+        "Cast" => crate::onnx::attr_int(n, "to").map(|c| DType::from_onnx(c as i32)),
+        "Gather" => stream_dtype(graph, index, index.input(node, 0)?),
+        _ => stream_dtype(graph, index, index.input(node, 0)?),
+    }
+}
+
+/// The hidden size: from the declared shape of X, else the embedding table's width, else the width
+/// of the first norm's scale.
+fn hidden_size(model: &Model, index: &GraphIndex, x: TensorId, start: TensorId) -> Result<usize> {
+    let graph = model.graph();
+    let name = index.name(x);
+    let declared = graph.value_info.iter().chain(&graph.input).find(|v| v.name() == name);
+    if let Some(Some(d)) = declared.and_then(value_type).and_then(|(_, dims)| dims.last().copied())
+        && d > 0
+    {
+        return Ok(d as usize);
+    }
+    if let Some((node, _)) = index.producer(start)
+        && graph.node[node].op_type() == "Gather"
+        && let Some(table) = index.input(node, 0).and_then(|t| index.initializer(t))
+        && graph.initializer[table].dims.len() == 2
+    {
+        return Ok(graph.initializer[table].dims[1] as usize);
+    }
+    for &(c, _) in index.consumers(x) {
+        let n = &graph.node[c];
+        if n.op_type().contains("Normalization")
+            && let Some(scale) = index.input(c, if SKIP_NORM_OPS.contains(&n.op_type()) { 2 } else { 1 })
+            && let Some(i) = index.initializer(scale)
+            && graph.initializer[i].dims.len() == 1
+        {
+            return Ok(graph.initializer[i].dims[0] as usize);
+        }
+    }
+    bail!("cannot tell the hidden size of {name:?}: no declared shape, embedding table or norm scale")
+}
+
+/// Compares stream-order layer numbers with the ones in node and KV-cache names; returns warnings.
+fn cross_check(graph: &GraphProto, index: &GraphIndex, layers: &[AttentionBlock]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for block in layers {
+        let kv_numbers: HashSet<usize> =
+            block.kv_inputs.iter().chain(&block.kv_outputs).filter_map(|n| number_after(n, ".")).collect();
+        if !kv_numbers.is_empty() && !kv_numbers.contains(&block.layer) {
+            warnings.push(format!(
+                "layer {} (stream order) uses KV-cache tensors numbered {:?}",
+                block.layer, kv_numbers
+            ));
+        }
+        let Some(y) = index.id(&block.y) else { continue };
+        if let Some((node, _)) = index.producer(y)
+            && let Some(n) = number_after(graph.node[node].name(), "layers.")
+            && n != block.layer
+        {
+            warnings.push(format!(
+                "layer {} (stream order) ends at node {:?}, whose name says layer {n}",
+                block.layer,
+                graph.node[node].name()
+            ));
+        }
+    }
+    let past_inputs = graph.input.iter().filter(|v| v.name().starts_with("past_key_values.")).count();
+    if past_inputs > 0 && past_inputs != 2 * layers.len() {
+        warnings.push(format!(
+            "the model has {past_inputs} past_key_values inputs but {} attention blocks were found",
+            layers.len()
+        ));
+    }
+    warnings
+}
+
+/// The first run of digits after `marker` (`"past_key_values.3.key"` with `"."` gives 3).
+fn number_after(name: &str, marker: &str) -> Option<usize> {
+    name.match_indices(marker).find_map(|(i, m)| {
+        let rest = &name[i + m.len()..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_numbers_are_read_from_names() {
+        assert_eq!(number_after("past_key_values.12.key", "."), Some(12));
+        assert_eq!(number_after("/model/layers.3/self_attn/o_proj/MatMul", "layers."), Some(3));
+        assert_eq!(number_after("logits", "."), None);
+    }
+}

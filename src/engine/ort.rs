@@ -1,0 +1,217 @@
+//! ONNX Runtime through `ort`, loaded at run time. The only module that knows ONNX Runtime exists.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use ndarray::ArrayD;
+use ort::environment::Environment;
+use ort::ep::ExecutionProviderDispatch;
+use ort::session::Session as OrtSession;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use prost::Message;
+
+use super::{EngineOptions, ExecutionProvider, Session};
+use crate::onnx::proto::ValueInfoProto;
+use crate::onnx::{Model, Tensor};
+
+/// The process's one ONNX Runtime environment (the library can be loaded only once).
+static ENVIRONMENT: OnceLock<std::result::Result<(Environment, PathBuf), String>> = OnceLock::new();
+
+pub struct OrtEngine {
+    environment: &'static Environment,
+    library: PathBuf,
+    ep: ExecutionProvider,
+    threads: Option<usize>,
+}
+
+/// The ONNX Runtime shared library: `ORT_DYLIB_PATH`, else where `scripts/setup-ort.sh` puts it.
+fn library_path(ep: ExecutionProvider) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+        let path = PathBuf::from(path);
+        ensure!(path.is_file(), "ORT_DYLIB_PATH={} is not a file", path.display());
+        return Ok(path);
+    }
+    let flavour = if ep == ExecutionProvider::Cpu { "cpu" } else { "gpu" };
+    let root = match std::env::var_os("NBL_ORT_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME").context("HOME is not set")?;
+            Path::new(&home).join(".cache/nbl-onnx/onnxruntime")
+        }
+    };
+    let path = root.join(flavour).join("libonnxruntime.so");
+    ensure!(
+        path.is_file(),
+        "the ONNX Runtime library was not found at {}: run scripts/setup-ort.sh{} or set ORT_DYLIB_PATH",
+        path.display(),
+        if flavour == "gpu" { " --gpu" } else { "" }
+    );
+    Ok(path)
+}
+
+impl OrtEngine {
+    pub fn new(options: &EngineOptions) -> Result<OrtEngine> {
+        let loaded = ENVIRONMENT.get_or_init(|| {
+            let load = || -> Result<(Environment, PathBuf)> {
+                let path = library_path(options.ep)?;
+                if options.ep != ExecutionProvider::Cpu {
+                    preload_cuda_libraries(&path)?;
+                }
+                let builder = ort::init_from(&path)
+                    .map_err(|e| anyhow!("cannot load ONNX Runtime from {}: {e}", path.display()))?;
+                let environment = builder.with_name("nbl-onnx").build().map_err(|e| anyhow!("{e}"))?;
+                Ok((environment, path))
+            };
+            load().map_err(|e| format!("{e:#}"))
+        });
+        let (environment, library) = loaded.as_ref().map_err(|e| anyhow!("{e}"))?;
+        Ok(OrtEngine { environment, library: library.clone(), ep: options.ep, threads: options.threads })
+    }
+
+    fn execution_providers(&self) -> Vec<ExecutionProviderDispatch> {
+        match self.ep {
+            ExecutionProvider::Cpu => vec![],
+            ExecutionProvider::Cuda => vec![ort::ep::CUDA::default().build().error_on_failure()],
+            ExecutionProvider::Tensorrt => vec![
+                ort::ep::TensorRT::default().build().error_on_failure(),
+                ort::ep::CUDA::default().build().error_on_failure(),
+            ],
+        }
+    }
+}
+
+/// The CUDA wheels (`nvidia-*-cu13`) put their libraries under `site-packages/nvidia/*/lib`; the
+/// CUDA provider finds them only if they are loaded first.
+fn preload_cuda_libraries(library: &Path) -> Result<()> {
+    let real = std::fs::canonicalize(library)?;
+    // .../site-packages/onnxruntime/capi/libonnxruntime.so.X -> .../site-packages/nvidia
+    let Some(site) = real.ancestors().nth(3) else { return Ok(()) };
+    let nvidia = site.join("nvidia");
+    if !nvidia.is_dir() {
+        return Ok(()); // a system CUDA install, found by the dynamic loader
+    }
+    let lib_dir = |parts: &[&str]| parts.iter().map(|p| nvidia.join(p).join("lib")).find(|d| d.is_dir());
+    let cuda = lib_dir(&["cu13", "cuda_runtime"]);
+    let cudnn = lib_dir(&["cudnn"]);
+    ort::ep::cuda::preload_dylibs(cuda.as_deref(), cudnn.as_deref())
+        .map_err(|e| anyhow!("cannot load the CUDA libraries from {}: {e}", nvidia.display()))
+}
+
+impl super::Engine for OrtEngine {
+    fn describe(&self) -> String {
+        let version = std::fs::canonicalize(&self.library)
+            .ok()
+            .and_then(|p| p.file_name()?.to_str()?.strip_prefix("libonnxruntime.so.").map(str::to_string))
+            .unwrap_or_else(|| "(unknown version)".into());
+        let ep = match self.ep {
+            ExecutionProvider::Cpu => "CPU",
+            ExecutionProvider::Cuda => "CUDA",
+            ExecutionProvider::Tensorrt => "TensorRT",
+        };
+        format!("onnxruntime {version} ({ep})")
+    }
+
+    fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>> {
+        let mut proto = model.proto.clone();
+        let graph = proto.graph.as_mut().expect("checked at load");
+        for name in extra_outputs {
+            if !graph.output.iter().any(|o| o.name() == name) {
+                graph.output.push(ValueInfoProto { name: Some(name.clone()), ..Default::default() });
+            }
+        }
+        let bytes = proto.encode_to_vec();
+        let err = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow!("{e}");
+        let mut builder = OrtSession::builder(self.environment)
+            .map_err(|e| anyhow!("{e}"))?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(err)?
+            // External data is resolved against the model's own directory, not the working directory.
+            .with_config_entry(
+                "session.model_external_initializers_file_folder_path",
+                model.dir().to_string_lossy(),
+            )
+            .map_err(err)?
+            .with_execution_providers(self.execution_providers())
+            .map_err(err)?;
+        if let Some(threads) = self.threads {
+            builder = builder.with_intra_threads(threads).map_err(err)?;
+        }
+        let session = builder
+            .commit_from_memory(&bytes)
+            .map_err(|e| anyhow!("ONNX Runtime cannot load {}: {e}", model.path.display()))?;
+        let inputs = session.inputs().iter().map(|o| o.name().to_string()).collect();
+        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        Ok(Box::new(OrtRunner { session, inputs, outputs }))
+    }
+}
+
+struct OrtRunner {
+    session: OrtSession,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+impl Session for OrtRunner {
+    fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    fn run(&mut self, inputs: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
+        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
+        for (name, tensor) in inputs {
+            values.push((name.clone(), to_ort(tensor).with_context(|| format!("input {name:?}"))?));
+        }
+        let outputs = self.session.run(values).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
+        self.outputs
+            .iter()
+            .map(|name| {
+                let value = outputs.get(name).with_context(|| format!("output {name:?} missing"))?;
+                from_ort(value).with_context(|| format!("output {name:?}"))
+            })
+            .collect()
+    }
+}
+
+fn to_ort(tensor: &Tensor) -> Result<DynValue> {
+    fn value<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+        a: &ArrayD<T>,
+    ) -> Result<DynValue> {
+        Ok(OrtTensor::from_array(a.to_owned()).map_err(|e| anyhow!("{e}"))?.into_dyn())
+    }
+    match tensor {
+        Tensor::F32(a) => value(a),
+        Tensor::F16(a) => value(a),
+        Tensor::BF16(a) => value(a),
+        Tensor::F64(a) => value(a),
+        Tensor::I64(a) => value(a),
+        Tensor::I32(a) => value(a),
+        Tensor::I8(a) => value(a),
+        Tensor::U8(a) => value(a),
+        Tensor::Bool(a) => value(a),
+    }
+}
+
+fn from_ort(value: &DynValue) -> Result<Tensor> {
+    let ValueType::Tensor { ty, .. } = value.dtype() else {
+        bail!("not a tensor: {:?}", value.dtype());
+    };
+    let get = |e: ort::Error| anyhow!("{e}");
+    Ok(match ty {
+        TensorElementType::Float32 => Tensor::F32(value.try_extract_array::<f32>().map_err(get)?.to_owned()),
+        TensorElementType::Float16 => Tensor::F16(value.try_extract_array().map_err(get)?.to_owned()),
+        TensorElementType::Bfloat16 => Tensor::BF16(value.try_extract_array().map_err(get)?.to_owned()),
+        TensorElementType::Float64 => Tensor::F64(value.try_extract_array().map_err(get)?.to_owned()),
+        TensorElementType::Int64 => Tensor::I64(value.try_extract_array().map_err(get)?.to_owned()),
+        TensorElementType::Int32 => Tensor::I32(value.try_extract_array().map_err(get)?.to_owned()),
+        TensorElementType::Int8 => Tensor::I8(value.try_extract_array().map_err(get)?.to_owned()),
+        TensorElementType::Uint8 => Tensor::U8(value.try_extract_array().map_err(get)?.to_owned()),
+        TensorElementType::Bool => Tensor::Bool(value.try_extract_array().map_err(get)?.to_owned()),
+        other => bail!("element type {other:?} is not supported"),
+    })
+}

@@ -1,0 +1,148 @@
+//! tract, the embedded pure-Rust engine: always available, and the independent second runtime.
+//! tract wants concrete input shapes for its optimised plan, so one plan is built per input-shape
+//! signature and cached.
+
+use std::collections::HashMap;
+
+use anyhow::{Result, anyhow, bail};
+use std::sync::Arc;
+
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTensor, TValue,
+    Tensor as TractTensor, TypedRunnableModel,
+};
+
+use super::Session;
+use crate::onnx::{Model, Tensor};
+
+type Plan = Arc<TypedRunnableModel>;
+
+pub struct TractEngine {
+    /// Why tract runs instead of ONNX Runtime, when `auto` fell back.
+    fallback_reason: Option<String>,
+}
+
+impl TractEngine {
+    pub fn new(fallback_reason: Option<String>) -> TractEngine {
+        TractEngine { fallback_reason }
+    }
+}
+
+impl super::Engine for TractEngine {
+    fn describe(&self) -> String {
+        let version = "tract 0.23.9";
+        match &self.fallback_reason {
+            Some(reason) => format!("{version} ({reason})"),
+            None => version.to_string(),
+        }
+    }
+
+    fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>> {
+        let path = &model.path;
+        // Exporters' value_info carries symbolic dims that conflict with the concrete shapes each plan
+        // is built for; tract infers every intermediate shape itself.
+        let mut inference = tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .model_for_path(path)
+            .map_err(|e| anyhow!("tract cannot load {}: {}", path.display(), unsupported_reason(&e)))?;
+        let mut outputs: Vec<String> = model.graph().output.iter().map(|o| o.name().to_string()).collect();
+        for extra in extra_outputs {
+            if !outputs.contains(extra) {
+                outputs.push(extra.clone());
+            }
+        }
+        inference
+            .select_outputs_by_name(&outputs)
+            .map_err(|e| anyhow!("tract: cannot expose outputs of {}: {e}", path.display()))?;
+        let inputs = inference
+            .input_outlets()
+            .map_err(|e| anyhow!("{e}"))?
+            .iter()
+            .map(|o| inference.node(o.node).name.clone())
+            .collect();
+        Ok(Box::new(TractRunner { model: inference, inputs, outputs, plans: HashMap::new() }))
+    }
+}
+
+/// tract reports an unknown operator deep in its error chain; surface it.
+fn unsupported_reason(e: &anyhow::Error) -> String {
+    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    chain.join(": ")
+}
+
+struct TractRunner {
+    model: InferenceModel,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    plans: HashMap<Vec<(DatumType, Vec<usize>)>, Plan>,
+}
+
+impl Session for TractRunner {
+    fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    fn run(&mut self, inputs: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
+        let mut ordered = Vec::with_capacity(self.inputs.len());
+        for name in &self.inputs {
+            let (_, t) = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| anyhow!("input {name:?} was not given"))?;
+            ordered.push(to_tract(t)?);
+        }
+        let signature: Vec<(DatumType, Vec<usize>)> =
+            ordered.iter().map(|t| (t.datum_type(), t.shape().to_vec())).collect();
+        if !self.plans.contains_key(&signature) {
+            let mut model = self.model.clone();
+            for (i, (dt, shape)) in signature.iter().enumerate() {
+                model
+                    .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
+                    .map_err(|e| anyhow!("tract: input {:?}: {e}", self.inputs[i]))?;
+            }
+            let plan = model
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(|e| anyhow!("tract cannot prepare the model: {}", unsupported_reason(&e)))?;
+            self.plans.insert(signature.clone(), plan);
+        }
+        let plan = &self.plans[&signature];
+        let values: tract_onnx::prelude::TVec<TValue> = ordered.into_iter().map(TValue::from).collect();
+        let results =
+            plan.run(values).map_err(|e| anyhow!("tract run failed: {}", unsupported_reason(&e)))?;
+        results.into_iter().map(|t| from_tract(t.into_tensor())).collect()
+    }
+}
+
+fn to_tract(tensor: &Tensor) -> Result<TractTensor> {
+    Ok(match tensor {
+        Tensor::F32(a) => a.clone().into(),
+        Tensor::F16(a) => a.clone().into(),
+        Tensor::F64(a) => a.clone().into(),
+        Tensor::I64(a) => a.clone().into(),
+        Tensor::I32(a) => a.clone().into(),
+        Tensor::I8(a) => a.clone().into(),
+        Tensor::U8(a) => a.clone().into(),
+        Tensor::Bool(a) => a.clone().into(),
+        Tensor::BF16(_) => bail!("tract has no bf16 tensors"),
+    })
+}
+
+fn from_tract(tensor: TractTensor) -> Result<Tensor> {
+    let e = |e: anyhow::Error| anyhow!("{e}");
+    Ok(match tensor.datum_type() {
+        DatumType::F32 => Tensor::F32(tensor.into_plain_array().map_err(e)?),
+        DatumType::F16 => Tensor::F16(tensor.into_plain_array().map_err(e)?),
+        DatumType::F64 => Tensor::F64(tensor.into_plain_array().map_err(e)?),
+        DatumType::I64 => Tensor::I64(tensor.into_plain_array().map_err(e)?),
+        DatumType::I32 => Tensor::I32(tensor.into_plain_array().map_err(e)?),
+        DatumType::I8 => Tensor::I8(tensor.into_plain_array().map_err(e)?),
+        DatumType::U8 => Tensor::U8(tensor.into_plain_array().map_err(e)?),
+        DatumType::Bool => Tensor::Bool(tensor.into_plain_array().map_err(e)?),
+        other => bail!("tract returned a {other:?} tensor"),
+    })
+}

@@ -1,0 +1,406 @@
+//! Loading and saving ONNX models, with external data read lazily: loading maps the `.onnx` file and
+//! only checks where external weights live; their bytes are read when a tensor is asked for.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use prost::Message;
+
+use super::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto, tensor_proto};
+use super::tensor::{DType, Tensor};
+
+/// Offsets in external data files are aligned to this, as ONNX Runtime expects for memory mapping.
+const EXTERNAL_ALIGNMENT: u64 = 4096;
+
+/// An ONNX model: the decoded protobuf and where it came from (external data is relative to it).
+pub struct Model {
+    pub path: PathBuf,
+    pub proto: ModelProto,
+}
+
+/// Where an initializer's bytes live when `data_location = EXTERNAL`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalLocation {
+    /// Relative path from the model's directory, as written in the model.
+    pub location: String,
+    pub offset: u64,
+    pub length: Option<u64>,
+}
+
+impl Model {
+    /// Reads and checks a model file. The file is memory-mapped and decoded without copying tensor
+    /// payloads; external data files are only checked for existence and size.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let path = path.as_ref();
+        let meta = fs::metadata(path).with_context(|| format!("cannot open model {}", path.display()))?;
+        if meta.is_dir() {
+            let hint = if path.join("model.onnx").is_file() {
+                format!(" (did you mean {}?)", path.join("model.onnx").display())
+            } else {
+                String::new()
+            };
+            bail!("{} is a directory, not an ONNX model file{hint}", path.display());
+        }
+        ensure!(meta.len() > 0, "{} is empty, not an ONNX model", path.display());
+        let file = File::open(path).with_context(|| format!("cannot open model {}", path.display()))?;
+        // SAFETY: the map is read-only; a file truncated underneath us would fault, as with any
+        // memory-mapped reader (tract and ONNX Runtime map models the same way).
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map model {}", path.display()))?;
+        let proto = ModelProto::decode(Bytes::from_owner(map)).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a valid ONNX model (protobuf decoding failed: {e}); is the file truncated or of another format?",
+                path.display()
+            )
+        })?;
+        let model = Model { path: path.to_path_buf(), proto };
+        model.check_header()?;
+        model.check_external_data()?;
+        Ok(model)
+    }
+
+    /// The directory external data locations are relative to.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    }
+
+    pub fn graph(&self) -> &GraphProto {
+        self.proto.graph.as_ref().expect("checked at load")
+    }
+
+    pub fn graph_mut(&mut self) -> &mut GraphProto {
+        self.proto.graph.as_mut().expect("checked at load")
+    }
+
+    /// The opset version imported for `domain` ("" is ai.onnx).
+    pub fn opset(&self, domain: &str) -> Option<i64> {
+        self.proto
+            .opset_import
+            .iter()
+            .find(|o| o.domain() == domain || (domain.is_empty() && o.domain() == "ai.onnx"))
+            .map(|o| o.version())
+    }
+
+    fn check_header(&self) -> Result<()> {
+        let p = self.path.display();
+        // Arbitrary bytes sometimes decode as a protobuf message; a real model has all three.
+        ensure!(self.proto.ir_version() > 0, "{p} is not an ONNX model: it has no IR version");
+        ensure!(self.proto.graph.is_some(), "{p} is not an ONNX model: it has no graph");
+        ensure!(
+            !self.proto.opset_import.is_empty(),
+            "{p} has no opset imports; the file is probably truncated"
+        );
+        ensure!(!self.graph().node.is_empty(), "{p} has a graph without nodes");
+        Ok(())
+    }
+
+    /// Checks that every external-data reference is safe and lies inside an existing file. Reads
+    /// file sizes only, never the data.
+    fn check_external_data(&self) -> Result<()> {
+        let mut sizes: HashMap<String, u64> = HashMap::new();
+        for tensor in external_tensors(self.graph()) {
+            let loc = external_location(tensor)?.expect("external tensors only");
+            let file = self.dir().join(&loc.location);
+            let size = match sizes.get(&loc.location) {
+                Some(&size) => size,
+                None => {
+                    let meta = fs::metadata(&file).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{}: initializer {:?} stores its data in {}, which cannot be read: {e}",
+                            self.path.display(),
+                            tensor.name(),
+                            file.display()
+                        )
+                    })?;
+                    ensure!(meta.is_file(), "external data {} is not a regular file", file.display());
+                    sizes.insert(loc.location.clone(), meta.len());
+                    meta.len()
+                }
+            };
+            let length = loc.length.unwrap_or_else(|| expected_byte_len(tensor).unwrap_or(0));
+            ensure!(
+                loc.offset + length <= size,
+                "{}: initializer {:?} needs bytes {}..{} of {}, which has only {size} bytes (truncated data file?)",
+                self.path.display(),
+                tensor.name(),
+                loc.offset,
+                loc.offset + length,
+                file.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The names of the external data files this model refers to, relative to its directory.
+    pub fn external_files(&self) -> Vec<String> {
+        let mut files: Vec<String> = external_tensors(self.graph())
+            .filter_map(|t| external_location(t).ok().flatten().map(|l| l.location))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    /// The raw little-endian bytes of an initializer, from the model or its external data file.
+    pub fn tensor_bytes(&self, tensor: &TensorProto) -> Result<Vec<u8>> {
+        if let Some(loc) = external_location(tensor)? {
+            let file = self.dir().join(&loc.location);
+            let length = match loc.length {
+                Some(length) => length,
+                None => expected_byte_len(tensor)
+                    .with_context(|| format!("external tensor {:?} has no length", tensor.name()))?,
+            };
+            let mut f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+            f.seek(SeekFrom::Start(loc.offset))?;
+            let mut buf = vec![0u8; length as usize];
+            f.read_exact(&mut buf)
+                .with_context(|| format!("reading tensor {:?} from {}", tensor.name(), file.display()))?;
+            return Ok(buf);
+        }
+        if let Some(raw) = &tensor.raw_data {
+            return Ok(raw.to_vec());
+        }
+        typed_field_bytes(tensor)
+    }
+
+    /// An initializer as a dense tensor.
+    pub fn tensor(&self, tensor: &TensorProto) -> Result<Tensor> {
+        let dtype = DType::from_onnx(tensor.data_type());
+        let shape = tensor_shape(tensor)?;
+        let bytes = self.tensor_bytes(tensor)?;
+        Tensor::from_le_bytes(dtype, &shape, &bytes)
+            .with_context(|| format!("initializer {:?}", tensor.name()))
+    }
+
+    /// Writes the model to `out` atomically. Initializers stored externally in the input are copied,
+    /// streaming, into one data file beside the output (named like the input's: `<out>_data` for the
+    /// Optimum style, `<out>.data` otherwise), aligned to 4096 bytes. Never writes over the input.
+    pub fn save(&self, out: &Path) -> Result<()> {
+        let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        ensure!(out_dir.is_dir(), "output directory {} does not exist", out_dir.display());
+        let out_name = out
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("output path {} has no file name", out.display()))?;
+        let mut inputs = vec![self.path.clone()];
+        inputs.extend(self.external_files().iter().map(|f| self.dir().join(f)));
+        let mut proto = self.proto.clone();
+        let data_name = self.external_data_name(out_name);
+        let mut outputs = vec![out.to_path_buf()];
+        if let Some(name) = &data_name {
+            outputs.push(out_dir.join(name));
+        }
+        for o in &outputs {
+            for i in &inputs {
+                ensure!(!same_file(o, i), "refusing to write {}: it is an input of the model", o.display());
+            }
+        }
+
+        let data_file = match &data_name {
+            Some(name) => {
+                let mut tmp = tempfile::Builder::new()
+                    .prefix(&format!(".{name}."))
+                    .suffix(".tmp")
+                    .tempfile_in(out_dir)
+                    .with_context(|| format!("cannot create a file in {}", out_dir.display()))?;
+                let graph = proto.graph.as_mut().expect("checked at load");
+                self.copy_external_data(graph, name, tmp.as_file_mut())
+                    .with_context(|| format!("writing {}", out_dir.join(name).display()))?;
+                tmp.as_file().sync_all()?;
+                Some((tmp, out_dir.join(name)))
+            }
+            None => None,
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{out_name}."))
+            .suffix(".tmp")
+            .tempfile_in(out_dir)
+            .with_context(|| format!("cannot create a file in {}", out_dir.display()))?;
+        let bytes = proto.encode_to_vec();
+        ensure!(
+            bytes.len() < (2usize << 30),
+            "the model's protobuf would be {} bytes, over the 2 GiB limit; store weights as external data",
+            bytes.len()
+        );
+        tmp.write_all(&bytes)?;
+        tmp.as_file().sync_all()?;
+        if let Some((data_tmp, data_path)) = data_file {
+            data_tmp.persist(&data_path).with_context(|| format!("cannot write {}", data_path.display()))?;
+        }
+        tmp.persist(out).with_context(|| format!("cannot write {}", out.display()))?;
+        Ok(())
+    }
+
+    /// The data-file name for a copy saved as `out_name`, following the input's convention; `None`
+    /// when the model has no external data.
+    fn external_data_name(&self, out_name: &str) -> Option<String> {
+        let files = self.external_files();
+        let first = files.first()?;
+        let in_name = self.path.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx");
+        Some(if *first == format!("{in_name}_data") {
+            format!("{out_name}_data")
+        } else {
+            format!("{out_name}.data")
+        })
+    }
+
+    /// Streams every external initializer of `graph` (and its subgraphs) into `out`, rewriting the
+    /// references to point at `location`.
+    fn copy_external_data(&self, graph: &mut GraphProto, location: &str, out: &mut File) -> Result<()> {
+        let mut writer = BufWriter::with_capacity(1 << 20, out);
+        let mut offset = 0u64;
+        let mut open: HashMap<String, File> = HashMap::new();
+        for tensor in external_tensors_mut(graph) {
+            let loc = external_location(tensor)?.expect("external tensors only");
+            let length = match loc.length {
+                Some(length) => length,
+                None => expected_byte_len(tensor)
+                    .with_context(|| format!("external tensor {:?} has no length", tensor.name()))?,
+            };
+            let pad = offset.next_multiple_of(EXTERNAL_ALIGNMENT) - offset;
+            io::copy(&mut io::repeat(0).take(pad), &mut writer)?;
+            offset += pad;
+            let src = match open.entry(loc.location.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let path = self.dir().join(&loc.location);
+                    e.insert(File::open(&path).with_context(|| format!("cannot open {}", path.display()))?)
+                }
+            };
+            src.seek(SeekFrom::Start(loc.offset))?;
+            let copied = io::copy(&mut src.take(length), &mut writer)?;
+            ensure!(copied == length, "external data of {:?} ends early", tensor.name());
+            set_external_location(tensor, location, offset, length);
+            offset += length;
+        }
+        writer.flush()?;
+        Ok(())
+    }
+}
+
+/// The external location of a tensor, or `None` when its data is stored in the model. Rejects
+/// absolute paths and `..`, which would let a model read arbitrary files.
+pub fn external_location(tensor: &TensorProto) -> Result<Option<ExternalLocation>> {
+    if tensor.data_location() != tensor_proto::DataLocation::External {
+        return Ok(None);
+    }
+    let mut location = None;
+    let mut offset = 0;
+    let mut length = None;
+    for entry in &tensor.external_data {
+        let parse = |v: &str| {
+            v.parse::<u64>().with_context(|| {
+                format!("tensor {:?}: bad external data {}={v:?}", tensor.name(), entry.key())
+            })
+        };
+        match entry.key() {
+            "location" => location = Some(entry.value().to_string()),
+            "offset" => offset = parse(entry.value())?,
+            "length" => length = Some(parse(entry.value())?),
+            _ => {}
+        }
+    }
+    let location =
+        location.with_context(|| format!("tensor {:?} is external but has no location", tensor.name()))?;
+    let path = Path::new(&location);
+    ensure!(
+        path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)),
+        "tensor {:?}: external data location {location:?} must be a relative path inside the model's directory",
+        tensor.name()
+    );
+    Ok(Some(ExternalLocation { location, offset, length }))
+}
+
+fn set_external_location(tensor: &mut TensorProto, location: &str, offset: u64, length: u64) {
+    let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+    tensor.external_data = vec![
+        entry("location", location.to_string()),
+        entry("offset", offset.to_string()),
+        entry("length", length.to_string()),
+    ];
+}
+
+/// The dims of a tensor as sizes.
+pub fn tensor_shape(tensor: &TensorProto) -> Result<Vec<usize>> {
+    tensor
+        .dims
+        .iter()
+        .map(|&d| usize::try_from(d).with_context(|| format!("tensor {:?} has dimension {d}", tensor.name())))
+        .collect()
+}
+
+fn expected_byte_len(tensor: &TensorProto) -> Option<u64> {
+    let size = DType::from_onnx(tensor.data_type()).size()? as u64;
+    let count: i64 = tensor.dims.iter().product();
+    Some(count as u64 * size)
+}
+
+/// All initializers with external data in a graph and its subgraphs, in a fixed order.
+fn external_tensors(graph: &GraphProto) -> impl Iterator<Item = &TensorProto> {
+    let mut all = Vec::new();
+    collect_tensors(graph, &mut all);
+    all.into_iter().filter(|t| t.data_location() == tensor_proto::DataLocation::External)
+}
+
+fn collect_tensors<'g>(graph: &'g GraphProto, out: &mut Vec<&'g TensorProto>) {
+    out.extend(graph.initializer.iter());
+    for node in &graph.node {
+        for attr in &node.attribute {
+            out.extend(attr.t.iter());
+            for g in attr.g.iter().chain(attr.graphs.iter()) {
+                collect_tensors(g, out);
+            }
+        }
+    }
+}
+
+fn external_tensors_mut(graph: &mut GraphProto) -> Vec<&mut TensorProto> {
+    let mut all = Vec::new();
+    collect_tensors_mut(graph, &mut all);
+    all.retain(|t| t.data_location() == tensor_proto::DataLocation::External);
+    all
+}
+
+fn collect_tensors_mut<'g>(graph: &'g mut GraphProto, out: &mut Vec<&'g mut TensorProto>) {
+    out.extend(graph.initializer.iter_mut());
+    for node in &mut graph.node {
+        for attr in &mut node.attribute {
+            out.extend(attr.t.iter_mut());
+            for g in attr.g.iter_mut().chain(attr.graphs.iter_mut()) {
+                collect_tensors_mut(g, out);
+            }
+        }
+    }
+}
+
+/// Payload bytes of a tensor stored in the typed repeated fields instead of `raw_data`.
+fn typed_field_bytes(tensor: &TensorProto) -> Result<Vec<u8>> {
+    let dtype = DType::from_onnx(tensor.data_type());
+    let mut out = Vec::new();
+    match dtype {
+        DType::F32 => tensor.float_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DType::F64 => tensor.double_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DType::I64 => tensor.int64_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DType::I32 => tensor.int32_data.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        // 16-bit floats are stored as their bit patterns in int32_data, bytes as one per int32.
+        DType::F16 | DType::BF16 => {
+            tensor.int32_data.iter().for_each(|&v| out.extend((v as u16).to_le_bytes()))
+        }
+        DType::I8 | DType::U8 | DType::Bool => tensor.int32_data.iter().for_each(|&v| out.push(v as u8)),
+        DType::Other(_) => {
+            bail!("tensor {:?} has element type {dtype}, which is not supported", tensor.name())
+        }
+    }
+    Ok(out)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}

@@ -1,0 +1,100 @@
+//! Load → save without changes gives a model ONNX Runtime runs with identical outputs, for models
+//! with embedded weights and with external data; saving never writes over its input.
+
+mod common;
+
+use common::*;
+use nbl_onnx::onnx::Model;
+use nbl_onnx::onnx::model::external_location;
+use prost::Message;
+
+/// Runs a model on its fixture's reference inputs with ONNX Runtime.
+fn run(model: &Model, fixture: &str) -> Vec<nbl_onnx::onnx::Tensor> {
+    let mut session = ort().load(model, &[]).unwrap();
+    session.run(&reference_inputs(&reference(fixture))).unwrap()
+}
+
+fn assert_round_trip(fixture: &str, data_file: Option<&str>) {
+    let original = Model::load(model_path(fixture)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("copy.onnx");
+    original.save(&out).unwrap();
+
+    let mut written: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    let mut expected = vec!["copy.onnx".to_string()];
+    expected.extend(data_file.map(str::to_string));
+    assert_eq!(written, expected, "{fixture}: only the model and its data file, no temporary files");
+
+    let copy = Model::load(&out).unwrap();
+    for t in &copy.graph().initializer {
+        if let Some(loc) = external_location(t).unwrap() {
+            assert_eq!(Some(loc.location.as_str()), data_file);
+            assert_eq!(loc.offset % 4096, 0, "{fixture}: {:?} is not 4096-aligned", t.name());
+            assert_eq!(
+                copy.tensor(t).unwrap(),
+                original
+                    .tensor(
+                        &original.graph().initializer[0..]
+                            .iter()
+                            .find(|o| o.name() == t.name())
+                            .unwrap()
+                            .clone()
+                    )
+                    .unwrap()
+            );
+        }
+    }
+    let a = run(&original, fixture);
+    let b = run(&copy, fixture);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.to_le_bytes(), y.to_le_bytes(), "{fixture}: outputs differ after load → save");
+    }
+}
+
+#[test]
+fn embedded_weights_survive_load_save_bit_for_bit() {
+    assert_round_trip("llama-optimum-past", None);
+    // Without external data, decoding and re-encoding gives back the exporter's exact bytes.
+    let bytes = std::fs::read(model_path("llama-optimum-past")).unwrap();
+    let model = Model::load(model_path("llama-optimum-past")).unwrap();
+    assert!(model.proto.encode_to_vec() == bytes, "re-encoded protobuf differs from the file");
+}
+
+#[test]
+fn optimum_external_data_is_copied_under_the_optimum_name() {
+    assert_round_trip("llama-optimum-extdata", Some("copy.onnx_data"));
+}
+
+#[test]
+fn genai_external_data_is_copied_under_the_genai_name() {
+    assert_round_trip("llama-genai-fp32", Some("copy.onnx.data"));
+}
+
+#[test]
+fn saving_over_the_input_or_its_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["model.onnx", "model.onnx_data"] {
+        std::fs::copy(fixtures_dir().join("llama-optimum-extdata").join(f), dir.path().join(f)).unwrap();
+    }
+    let before = std::fs::read(dir.path().join("model.onnx_data")).unwrap();
+    let model = Model::load(dir.path().join("model.onnx")).unwrap();
+    let err = model.save(&dir.path().join("model.onnx")).unwrap_err();
+    assert!(err.to_string().contains("it is an input of the model"), "{err}");
+    // Saving as "model" would write "model_data"; saving as "model.onnx" over "model.onnx_data" is the
+    // data-file clash: both are refused before anything is written.
+    assert_eq!(std::fs::read(dir.path().join("model.onnx_data")).unwrap(), before);
+    let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(leftovers, 2, "no temporary files left behind");
+}
+
+#[test]
+fn saving_into_a_missing_directory_is_an_error() {
+    let model = Model::load(model_path("llama-optimum-past")).unwrap();
+    let err = model.save(std::path::Path::new("/nonexistent-dir/x.onnx")).unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
