@@ -188,10 +188,14 @@ fn stream_start(graph: &GraphProto, index: &GraphIndex) -> Result<TensorId> {
         if inputs.is_empty() {
             continue;
         }
+        // Prefer the ids named `input_ids`, then the largest table (rotary caches are gathered by
+        // position ids too, but the vocabulary table dwarfs them).
         let named_ids = inputs.iter().any(|&i| index.name(i) == "input_ids");
-        candidates.push((named_ids, n, out));
+        let table_size: i64 =
+            graph.initializer[index.initializer(table).expect("checked")].dims.iter().product();
+        candidates.push((named_ids, table_size, out));
     }
-    candidates.sort_by_key(|&(named, n, _)| (!named, n));
+    candidates.sort_by_key(|&(named, size, _)| (!named, -size));
     if let Some(&(_, _, out)) = candidates.first() {
         return Ok(out);
     }
@@ -490,6 +494,108 @@ fn number_after(name: &str, marker: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::onnx::proto::{
+        ModelProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto, type_proto,
+    };
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            name: Some(format!("/{output}")),
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    fn value(name: &str, elem_type: i32) -> ValueInfoProto {
+        ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(elem_type),
+                    shape: None,
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A one-layer decoder with sandwich norms and a residual scale on the attention branch:
+    /// `h1 = h0 + scale · norm(attn(norm(h0)))`, `h2 = h1 + mlp(h1)`; the junction's operands in
+    /// the order given.
+    fn sandwich_model(attention_first: bool) -> Model {
+        let junction = if attention_first { ["ys", "h0"] } else { ["h0", "ys"] };
+        let nodes = vec![
+            node("Gather", &["embed", "input_ids"], "h0"),
+            node("Mul", &["h0", "g_in"], "n"),
+            node("MatMul", &["n", "wq"], "q"),
+            node("MatMul", &["n", "wk"], "k"),
+            node("MatMul", &["n", "wv"], "v"),
+            node("Transpose", &["k"], "kt"),
+            node("MatMul", &["q", "kt"], "scores"),
+            node("Softmax", &["scores"], "probs"),
+            node("MatMul", &["probs", "v"], "a"),
+            node("MatMul", &["a", "wo"], "o"),
+            node("Mul", &["o", "g_post"], "pn"),
+            node("Mul", &["pn", "scale"], "ys"),
+            node("Add", &junction, "h1"),
+            node("MatMul", &["h1", "w1"], "up"),
+            node("Relu", &["up"], "act"),
+            node("MatMul", &["act", "w2"], "down"),
+            node("Add", &["h1", "down"], "h2"),
+            node("MatMul", &["h2", "lm_head"], "logits"),
+        ];
+        let init = |name: &str, dims: &[i64]| TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(1),
+            ..Default::default()
+        };
+        let graph = GraphProto {
+            node: nodes,
+            initializer: vec![
+                init("embed", &[32, 8]),
+                init("g_in", &[8]),
+                init("wq", &[8, 8]),
+                init("wk", &[8, 8]),
+                init("wv", &[8, 8]),
+                init("wo", &[8, 8]),
+                init("g_post", &[8]),
+                init("scale", &[]),
+                init("w1", &[8, 16]),
+                init("w2", &[16, 8]),
+                init("lm_head", &[8, 32]),
+            ],
+            input: vec![value("input_ids", 7)],
+            output: vec![value("logits", 1)],
+            ..Default::default()
+        };
+        let proto = ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+            graph: Some(graph),
+            ..Default::default()
+        };
+        Model { path: "sandwich.onnx".into(), proto }
+    }
+
+    #[test]
+    fn sandwich_norm_and_residual_scale_belong_to_the_branch() {
+        for attention_first in [false, true] {
+            let blocks = find_blocks(&sandwich_model(attention_first)).unwrap();
+            assert_eq!(blocks.layers.len(), 1);
+            let layer = &blocks.layers[0];
+            assert_eq!((layer.x.as_str(), layer.y.as_str()), ("h0", "ys"), "Y is what enters the junction");
+            assert_eq!(layer.kind, "decomposed");
+            // n, q, k, v, kt, scores, probs, a, o, pn, ys
+            assert_eq!(layer.nodes, 11);
+            assert_eq!((blocks.hidden_size, blocks.dtype.as_str()), (8, "f32"));
+            assert_eq!(blocks.branches.len(), 2);
+            assert!(blocks.branches[1].verdict.starts_with("not attention"), "{:?}", blocks.branches[1]);
+        }
+    }
 
     #[test]
     fn layer_numbers_are_read_from_names() {

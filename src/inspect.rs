@@ -2,10 +2,12 @@
 
 use std::fmt::Write;
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
+use ndarray::Array2;
 use serde::Serialize;
 
 use crate::blocks::{Blocks, find_blocks};
+use crate::engine::{Engine, prefill_inputs};
 use crate::onnx::Model;
 
 /// A model's attention blocks with enough context to recognise the model.
@@ -19,6 +21,50 @@ pub struct Inspection {
     #[serde(flatten)]
     pub blocks: Blocks,
     pub warnings: Vec<String>,
+    /// Present when the blocks were also computed on an engine (`inspect --run`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<TrialRun>,
+}
+
+/// One forward pass with every X and Y exposed: proof that the named tensors exist and are sane.
+#[derive(Serialize)]
+pub struct TrialRun {
+    pub engine: String,
+    pub tokens: [usize; 2],
+    /// Per layer, the shapes of X and Y.
+    pub shapes: Vec<[Vec<usize>; 2]>,
+}
+
+/// Runs `model` once on `engine` over a short token sequence and checks every X and Y: shape
+/// `[batch, sequence, hidden]`, finite values.
+pub fn trial_run(model: &Model, blocks: &Blocks, engine: &dyn Engine) -> Result<TrialRun> {
+    const BATCH: usize = 1;
+    const SEQUENCE: usize = 8;
+    let ids = Array2::from_shape_fn((BATCH, SEQUENCE), |(_, s)| 1 + s as i64);
+    let inputs = prefill_inputs(model, &ids)?;
+    let extra: Vec<String> = blocks.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
+    let mut session = engine.load(model, &extra)?;
+    let outputs = session.run(&inputs)?;
+    let first_extra = session.output_names().len() - extra.len();
+    let mut shapes = Vec::new();
+    for (layer, pair) in blocks.layers.iter().zip(outputs[first_extra..].chunks(2)) {
+        for (name, t) in [(&layer.x, &pair[0]), (&layer.y, &pair[1])] {
+            let expected = [BATCH, SEQUENCE, blocks.hidden_size];
+            ensure!(
+                t.shape() == expected,
+                "layer {}: {name:?} has shape {:?}, expected {expected:?}",
+                layer.layer,
+                t.shape()
+            );
+            ensure!(
+                t.to_f32()?.iter().all(|v| v.is_finite()),
+                "layer {}: {name:?} has non-finite values",
+                layer.layer
+            );
+        }
+        shapes.push([pair[0].shape().to_vec(), pair[1].shape().to_vec()]);
+    }
+    Ok(TrialRun { engine: engine.describe(), tokens: [BATCH, SEQUENCE], shapes })
 }
 
 pub fn inspect(model: &Model) -> Result<Inspection> {
@@ -33,6 +79,7 @@ pub fn inspect(model: &Model) -> Result<Inspection> {
         external_data: model.external_files(),
         warnings: blocks.warnings.clone(),
         blocks,
+        run: None,
     })
 }
 
@@ -76,6 +123,13 @@ impl Inspection {
         }
         let others = b.branches.iter().filter(|br| !br.verdict.starts_with("attention")).count();
         let _ = writeln!(out, "{others} other residual branches (MLP)");
+        if let Some(run) = &self.run {
+            let _ = writeln!(
+                out,
+                "ran {}x{} tokens on {}: every X and Y is [batch, sequence, {}] and finite",
+                run.tokens[0], run.tokens[1], run.engine, b.hidden_size
+            );
+        }
         for w in &self.warnings {
             let _ = writeln!(out, "warning: {w}");
         }

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use nbl_onnx::inspect::inspect;
+use nbl_onnx::engine::{self, EngineChoice, EngineOptions, ExecutionProvider};
+use nbl_onnx::inspect::{inspect, trial_run};
 use nbl_onnx::onnx::Model;
 
 #[derive(Parser)]
@@ -30,11 +31,44 @@ struct InspectArgs {
     /// Print JSON instead of a table
     #[arg(long)]
     json: bool,
+    /// Also run the model once on an engine and check every X and Y it computes
+    #[arg(long)]
+    run: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Where models run.
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// Engine: ONNX Runtime, tract, or ONNX Runtime when its library loads and tract otherwise
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    engine: EngineChoice,
+    /// ONNX Runtime execution provider; one that cannot be registered is an error
+    #[arg(long, value_enum, default_value_t = ExecutionProvider::Cpu)]
+    ep: ExecutionProvider,
+    /// Intra-op threads (default: the engine's choice)
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl EngineArgs {
+    /// Opens the engine and says on stderr which one actually runs.
+    fn open(&self) -> Result<Box<dyn engine::Engine>> {
+        let options = EngineOptions { engine: self.engine, ep: self.ep, threads: self.threads };
+        let engine = engine::open(&options)?;
+        eprintln!("engine: {}", engine.describe());
+        Ok(engine)
+    }
 }
 
 fn run_inspect(args: &InspectArgs) -> Result<()> {
     let model = Model::load(&args.model)?;
-    let report = inspect(&model)?;
+    let mut report = inspect(&model)?;
+    if args.run {
+        let engine = args.engine.open()?;
+        report.run = Some(trial_run(&model, &report.blocks, engine.as_ref())?);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -1,8 +1,11 @@
 //! Engines that run ONNX models behind one trait: ONNX Runtime (production; CPU, CUDA, TensorRT) and
 //! tract (embedded, pure Rust; always available and the independent second runtime in checks).
 
+mod feed;
 mod ort;
 mod tract;
+
+pub use feed::prefill_inputs;
 
 use anyhow::{Result, bail};
 use clap::ValueEnum;
@@ -44,6 +47,16 @@ pub enum ExecutionProvider {
     Tensorrt,
 }
 
+impl std::fmt::Display for ExecutionProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExecutionProvider::Cpu => "CPU",
+            ExecutionProvider::Cuda => "CUDA",
+            ExecutionProvider::Tensorrt => "TensorRT",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct EngineOptions {
     pub engine: EngineChoice,
@@ -65,7 +78,10 @@ pub fn open(options: &EngineOptions) -> Result<Box<dyn Engine>> {
         EngineChoice::Ort => Ok(Box::new(ort::OrtEngine::new(options)?)),
         EngineChoice::Tract => {
             if options.ep != ExecutionProvider::Cpu {
-                bail!("tract runs on the CPU only; use --engine ort for --ep {:?}", options.ep);
+                bail!(
+                    "tract runs on the CPU only; use --engine ort for the {} execution provider",
+                    options.ep
+                );
             }
             Ok(Box::new(tract::TractEngine::new(None)))
         }

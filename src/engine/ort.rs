@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use ndarray::ArrayD;
 use ort::environment::Environment;
-use ort::ep::ExecutionProviderDispatch;
+use ort::ep::{ExecutionProvider as _, ExecutionProviderDispatch};
 use ort::session::Session as OrtSession;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
@@ -67,6 +67,21 @@ impl OrtEngine {
             load().map_err(|e| format!("{e:#}"))
         });
         let (environment, library) = loaded.as_ref().map_err(|e| anyhow!("{e}"))?;
+        // Registration can still fail per session (missing CUDA libraries, no device); that too is an
+        // error (`error_on_failure`), but a build without the provider is told here, before any work.
+        let compiled_in = match options.ep {
+            ExecutionProvider::Cpu => Ok(true),
+            ExecutionProvider::Cuda => ort::ep::CUDA::is_available(),
+            ExecutionProvider::Tensorrt => ort::ep::TensorRT::is_available(),
+        };
+        if !compiled_in.map_err(|e| anyhow!("{e}"))? {
+            bail!(
+                "the ONNX Runtime library {} has no {} execution provider: install the GPU build with \
+                 scripts/setup-ort.sh --gpu (or point ORT_DYLIB_PATH at one)",
+                library.display(),
+                options.ep
+            );
+        }
         Ok(OrtEngine { environment, library: library.clone(), ep: options.ep, threads: options.threads })
     }
 
@@ -105,12 +120,7 @@ impl super::Engine for OrtEngine {
             .ok()
             .and_then(|p| p.file_name()?.to_str()?.strip_prefix("libonnxruntime.so.").map(str::to_string))
             .unwrap_or_else(|| "(unknown version)".into());
-        let ep = match self.ep {
-            ExecutionProvider::Cpu => "CPU",
-            ExecutionProvider::Cuda => "CUDA",
-            ExecutionProvider::Tensorrt => "TensorRT",
-        };
-        format!("onnxruntime {version} ({ep})")
+        format!("onnxruntime {version} ({})", self.ep)
     }
 
     fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>> {

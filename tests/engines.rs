@@ -1,0 +1,129 @@
+//! Engine selection from the command line: which engine ran is always said, a missing library or
+//! execution provider is a clear error (exit 2), and `auto` falls back to tract only on the CPU.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+use nbl_onnx::engine::prefill_inputs;
+use nbl_onnx::onnx::Model;
+use ndarray::Array2;
+
+fn inspect_run(env: &[(&str, &str)], extra: &[&str]) -> Output {
+    let model = model_path("llama-optimum-past");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbl-onnx"));
+    cmd.args(["inspect", model.to_str().unwrap(), "--run"]).args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The real library, as scripts/setup-ort.sh installs it.
+fn cpu_library() -> String {
+    let home = std::env::var("HOME").unwrap();
+    let link = format!("{home}/.cache/nbl-onnx/onnxruntime/cpu/libonnxruntime.so");
+    let path = std::env::var("ORT_DYLIB_PATH").unwrap_or(link);
+    std::fs::canonicalize(path).expect("ONNX Runtime installed").to_string_lossy().into_owned()
+}
+
+#[test]
+fn onnx_runtime_runs_and_says_so() {
+    let out = inspect_run(&[], &["--engine", "ort"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("engine: onnxruntime 1."), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("every X and Y is [batch, sequence, 64] and finite")
+    );
+}
+
+#[test]
+fn tract_runs_and_says_so() {
+    let out = inspect_run(&[], &["--engine", "tract"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).starts_with("engine: tract 0.23"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_is_an_error_naming_the_path() {
+    let out = inspect_run(&[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")], &["--engine", "ort"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("ORT_DYLIB_PATH=/nonexistent/libonnxruntime.so is not a file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_library_is_an_error_not_a_crash() {
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let out = inspect_run(&[("ORT_DYLIB_PATH", readme)], &["--engine", "ort"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot load ONNX Runtime from"), "{}", stderr(&out));
+}
+
+#[test]
+fn auto_falls_back_to_tract_and_says_why() {
+    let out = inspect_run(&[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("engine: tract 0.23.9 (ONNX Runtime unavailable: ORT_DYLIB_PATH="), "{err}");
+}
+
+#[test]
+fn auto_never_falls_back_for_a_gpu_provider() {
+    let out = inspect_run(&[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")], &["--ep", "cuda"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("tract"), "{}", stderr(&out));
+}
+
+#[test]
+fn cuda_on_the_cpu_build_is_an_error_before_any_work() {
+    for ep in ["cuda", "tensorrt"] {
+        let out = inspect_run(&[("ORT_DYLIB_PATH", &cpu_library())], &["--engine", "ort", "--ep", ep]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("execution provider: install the GPU build with scripts/setup-ort.sh --gpu"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn tract_refuses_a_gpu_provider() {
+    let out = inspect_run(&[], &["--engine", "tract", "--ep", "cuda"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("tract runs on the CPU only"), "{}", stderr(&out));
+}
+
+/// The inputs nbl-onnx builds for a prefill are exactly the ones the fixtures were verified with
+/// against PyTorch: same names, dtypes, shapes (empty KV cache included) and values.
+#[test]
+fn prefill_inputs_match_the_reference_inputs_of_every_fixture() {
+    for name in fixture_names() {
+        let model = Model::load(model_path(&name)).unwrap();
+        let reference = reference(&name);
+        let expected = reference_inputs(&reference);
+        let ids = reference["inputs.input_ids"].clone();
+        let nbl_onnx::onnx::Tensor::I64(ids) = ids else { panic!("{name}: int64 ids") };
+        let ids: Array2<i64> = ids.into_dimensionality().unwrap();
+        let mut built = prefill_inputs(&model, &ids).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let mut expected = expected.clone();
+        built.sort_by(|a, b| a.0.cmp(&b.0));
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
+        let names =
+            |v: &[(String, nbl_onnx::onnx::Tensor)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&built), names(&expected), "{name}");
+        for ((n, got), (_, want)) in built.iter().zip(&expected) {
+            assert_eq!(got, want, "{name}: input {n}");
+        }
+    }
+}
