@@ -66,6 +66,9 @@ pub struct Blocks {
     pub layers: Vec<AttentionBlock>,
     pub hidden_size: usize,
     pub dtype: String,
+    /// Rows of the token embedding table, where the stream starts from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
     #[serde(skip)]
     pub branches: Vec<Branch>,
     #[serde(skip)]
@@ -149,7 +152,8 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
         stream_dtype(graph, &index, first_x).map(|d| d.to_string()).unwrap_or_else(|| "unknown".to_string());
     let hidden_size = hidden_size(model, &index, first_x, start)?;
     let warnings = cross_check(graph, &index, &layers);
-    Ok(Blocks { layers, hidden_size, dtype, branches, warnings })
+    let vocab_size = embedding_rows(graph, &index, start);
+    Ok(Blocks { layers, hidden_size, dtype, vocab_size, branches, warnings })
 }
 
 /// `s' = s + t` at node `node`; `out` is `s'` (absent for a final Skip norm whose sum is unused).
@@ -446,6 +450,14 @@ fn hidden_size(model: &Model, index: &GraphIndex, x: TensorId, start: TensorId) 
         }
     }
     bail!("cannot tell the hidden size of {name:?}: no declared shape, embedding table or norm scale")
+}
+
+/// The number of rows of the embedding table the stream starts from.
+fn embedding_rows(graph: &GraphProto, index: &GraphIndex, start: TensorId) -> Option<usize> {
+    let (node, _) = index.producer(start)?;
+    let table = index.initializer(index.input(node, 0)?)?;
+    let dims = &graph.initializer[table].dims;
+    (graph.node[node].op_type() == "Gather" && dims.len() == 2).then(|| dims[0] as usize)
 }
 
 /// Compares stream-order layer numbers with the ones in node and KV-cache names; returns warnings.

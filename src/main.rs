@@ -1,15 +1,21 @@
 //! The `nbl-onnx` command line: parses arguments and calls the library, one function per subcommand.
 //! Exit codes: 0 success, 1 a check or gate failed, 2 bad input.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
+use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::calibrate::{Shard, calibrate, fingerprint, layer_tensors};
+use nbl_onnx::data::{TextEncoder, pack};
 use nbl_onnx::engine::{self, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::inspect::{inspect, trial_run};
+use nbl_onnx::nbl::{Criterion, DEFAULT_LAMBDA};
 use nbl_onnx::onnx::Model;
+use nbl_onnx::report::analyze;
+use nbl_onnx::stats::{DataSummary, Stats};
 
 #[derive(Parser)]
 #[command(name = "nbl-onnx", version, about = "Neural Block Linearization for ONNX LLM exports")]
@@ -22,6 +28,12 @@ struct Cli {
 enum Command {
     /// List the decoder layers' attention blocks: the tensors X entering and Y leaving each one
     Inspect(InspectArgs),
+    /// Measure every attention block on calibration text into a statistics file
+    Calibrate(CalibrateArgs),
+    /// Combine statistics of disjoint data shards into what one run over all of it gives
+    MergeStats(MergeArgs),
+    /// Rank layers by their CCA bound and fit the linear maps, from a statistics file
+    Analyze(AnalyzeArgs),
 }
 
 #[derive(clap::Args)]
@@ -62,6 +74,76 @@ impl EngineArgs {
     }
 }
 
+#[derive(clap::Args)]
+struct CalibrateArgs {
+    /// The ONNX model to measure
+    model: PathBuf,
+    /// Calibration data: .json, .jsonl or .txt (documents, or records with input_ids)
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// tokenizer.json (default: beside the model)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// End-of-text token id appended to each document (default: from generation_config.json or
+    /// tokenizer_config.json beside the model)
+    #[arg(long)]
+    eos_id: Option<i64>,
+    /// Number of packed blocks to use (before sharding)
+    #[arg(long, default_value_t = 256)]
+    samples: usize,
+    /// Tokens per block
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Blocks per engine run
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Calibrate slice I of N disjoint slices of the blocks (merge the results with merge-stats)
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Output statistics file (.safetensors)
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// Statistics files of the same model over disjoint data
+    #[arg(required = true, num_args = 1..)]
+    stats: Vec<PathBuf>,
+    /// Output statistics file
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct AnalyzeArgs {
+    /// Statistics file written by calibrate or merge-stats
+    stats: PathBuf,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
+    /// Ranking criterion
+    #[arg(long, value_enum, default_value_t = Criterion::Cca)]
+    criterion: Criterion,
+    /// How many layers to mark for linearisation (default: a quarter of the layers, rounded down)
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Ridge λ: ε = λ · tr(C)/d is added to the covariances
+    #[arg(long, default_value_t = DEFAULT_LAMBDA)]
+    lambda: f64,
+    /// Also compute every layer's canonical correlations (an SVD per layer)
+    #[arg(long)]
+    spectrum: bool,
+    /// Check that the statistics were measured on this model
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where to write the SVG chart (default: beside the statistics, with .svg)
+    #[arg(long)]
+    chart: Option<PathBuf>,
+}
+
 fn run_inspect(args: &InspectArgs) -> Result<()> {
     let model = Model::load(&args.model)?;
     let mut report = inspect(&model)?;
@@ -77,10 +159,134 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Fails early, before any long work, if `output` cannot be written or would replace `input`.
+fn check_output(output: &Path, input: &Path) -> Result<()> {
+    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    ensure!(dir.is_dir(), "output directory {} does not exist", dir.display());
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(output), std::fs::canonicalize(input)) {
+        ensure!(a != b, "refusing to write {} over the input", output.display());
+    }
+    Ok(())
+}
+
+fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
+    check_output(&args.output, &args.model)?;
+    ensure!(args.samples > 0, "--samples must be at least 1");
+    let model = Model::load(&args.model)?;
+    let blocks = find_blocks(&model)?;
+    let encoder = TextEncoder::new(model.dir(), args.tokenizer.as_deref(), args.eos_id)?;
+    if let (Some(tokens), Some(rows)) = (encoder.vocab_size(), blocks.vocab_size) {
+        ensure!(
+            tokens <= rows,
+            "tokenizer {} has {tokens} tokens, more than the model's embedding table ({rows} rows): \
+             it belongs to another model",
+            encoder.tokenizer_path.display()
+        );
+    }
+    let packed = pack(&args.data, &encoder, args.seq_len, Some(args.samples), blocks.vocab_size)?;
+    if packed.blocks.len() < args.samples {
+        eprintln!(
+            "note: the data gives {} blocks of {} tokens, fewer than --samples {}",
+            packed.blocks.len(),
+            args.seq_len,
+            args.samples
+        );
+    }
+    let slice = args.shard.slice(&packed.blocks);
+    ensure!(
+        !slice.is_empty(),
+        "shard {}/{} has no blocks: the data gives only {}",
+        args.shard.index,
+        args.shard.count,
+        packed.blocks.len()
+    );
+    let engine = args.engine.open()?;
+    let moments = calibrate(&model, &blocks, engine.as_ref(), slice, args.batch)?;
+    let stats = Stats {
+        fingerprint: fingerprint(&model, &blocks),
+        hidden_size: blocks.hidden_size,
+        layers: layer_tensors(&blocks),
+        moments,
+        data: vec![DataSummary {
+            files: args.data.iter().map(|p| p.display().to_string()).collect(),
+            seq_len: args.seq_len,
+            blocks: slice.len(),
+            shard: [args.shard.index, args.shard.count],
+            engine: engine.describe(),
+        }],
+    };
+    stats.save(&args.output)?;
+    eprintln!("wrote {} ({} layers, {} tokens)", args.output.display(), stats.layers.len(), stats.tokens());
+    Ok(())
+}
+
+fn run_merge(args: &MergeArgs) -> Result<()> {
+    for input in &args.stats {
+        check_output(&args.output, input)?;
+    }
+    let parts = args.stats.iter().map(|p| Ok((p.clone(), Stats::load(p)?))).collect::<Result<Vec<_>>>()?;
+    let merged = Stats::merge(parts)?;
+    merged.save(&args.output)?;
+    eprintln!(
+        "merged {} files into {} ({} tokens)",
+        args.stats.len(),
+        args.output.display(),
+        merged.tokens()
+    );
+    Ok(())
+}
+
+fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
+    let stats = Stats::load(&args.stats)?;
+    if let Some(path) = &args.model {
+        let model = Model::load(path)?;
+        let blocks = find_blocks(&model)?;
+        let expected = fingerprint(&model, &blocks);
+        if expected != stats.fingerprint {
+            bail!(
+                "{} was measured on another model (fingerprint {}, {} has {expected})",
+                args.stats.display(),
+                stats.fingerprint,
+                path.display()
+            );
+        }
+    }
+    let count = args.layers.unwrap_or(stats.layers.len() / 4);
+    ensure!(
+        count <= stats.layers.len(),
+        "--layers {count} is more than the {} layers in {}",
+        stats.layers.len(),
+        args.stats.display()
+    );
+    ensure!(args.lambda >= 0.0 && args.lambda.is_finite(), "--lambda must be a finite number ≥ 0");
+    let analysis = analyze(&stats, args.criterion, count, args.lambda, args.spectrum)?;
+    let chart = args.chart.clone().unwrap_or_else(|| args.stats.with_extension("svg"));
+    write_atomically(&chart, analysis.svg().as_bytes()).context("writing the chart")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&analysis)?);
+    } else {
+        print!("{}", analysis.table());
+        eprintln!("chart: {}", chart.display());
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(args) => run_inspect(args),
+        Command::Calibrate(args) => run_calibrate(args),
+        Command::MergeStats(args) => run_merge(args),
+        Command::Analyze(args) => run_analyze(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

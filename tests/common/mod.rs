@@ -96,3 +96,41 @@ pub fn cosine(a: &Tensor, b: &Tensor) -> f64 {
     let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
+/// A small seeded generator of standard normal samples (SplitMix64 + Box–Muller), so numerical
+/// tests are reproducible without a dependency.
+pub struct Gaussian {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl Gaussian {
+    pub fn new(seed: u64) -> Gaussian {
+        Gaussian { state: seed, spare: None }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    pub fn sample(&mut self) -> f64 {
+        if let Some(s) = self.spare.take() {
+            return s;
+        }
+        let (u1, u2) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        self.spare = Some(r * theta.sin());
+        r * theta.cos()
+    }
+
+    /// A `rows×cols` matrix of samples, row-major.
+    pub fn matrix(&mut self, rows: usize, cols: usize) -> Vec<f64> {
+        (0..rows * cols).map(|_| self.sample()).collect()
+    }
+}

@@ -1,0 +1,162 @@
+//! Calibration: one instrumented copy of the graph exposes every layer's X and Y; one pass over the
+//! packed data feeds all layers' moments, batch by batch, without keeping activations.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::Array2;
+use rayon::prelude::*;
+
+use crate::blocks::Blocks;
+use crate::engine::{Engine, prefill_inputs};
+use crate::onnx::proto::tensor_proto;
+use crate::onnx::{Model, Tensor};
+use crate::stats::{LayerTensors, Moments};
+
+/// Which slice of the data this run calibrates: blocks `[index·B/count, (index+1)·B/count)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    /// `I/N` with `0 ≤ I < N`.
+    fn from_str(s: &str) -> std::result::Result<Shard, String> {
+        let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4")?;
+        let index: usize = i.trim().parse().map_err(|_| format!("bad shard index {i:?}"))?;
+        let count: usize = n.trim().parse().map_err(|_| format!("bad shard count {n:?}"))?;
+        if count == 0 || index >= count {
+            return Err(format!("shard {index}/{count}: need 0 ≤ I < N"));
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl Shard {
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    /// The blocks of `blocks` this shard owns (contiguous, sizes differing by at most one).
+    pub fn slice<'a, T>(&self, blocks: &'a [T]) -> &'a [T] {
+        let n = blocks.len();
+        &blocks[self.index * n / self.count..(self.index + 1) * n / self.count]
+    }
+}
+
+/// Runs `model` over `blocks` (each `seq_len` ids), `batch` blocks at a time, and returns every
+/// attention block's moments. Shows progress on a terminal.
+pub fn calibrate(
+    model: &Model,
+    blocks: &Blocks,
+    engine: &dyn Engine,
+    data: &[Vec<i64>],
+    batch: usize,
+) -> Result<Vec<Moments>> {
+    ensure!(batch > 0, "--batch must be at least 1");
+    ensure!(!data.is_empty(), "no calibration blocks to run");
+    let d = blocks.hidden_size;
+    let extra: Vec<String> = blocks.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
+    let mut session = engine.load(model, &extra)?;
+    let first_extra = session.output_names().len() - extra.len();
+    let seq_len = data[0].len();
+    let total_tokens = (data.len() * seq_len) as u64;
+    let progress = progress_bar(total_tokens);
+    let started = Instant::now();
+
+    let mut moments: Vec<Moments> = blocks.layers.iter().map(|_| Moments::new(d)).collect();
+    for (b, chunk) in data.chunks(batch).enumerate() {
+        let ids = Array2::from_shape_fn((chunk.len(), seq_len), |(i, t)| chunk[i][t]);
+        let inputs = prefill_inputs(model, &ids)?;
+        let outputs = session.run(&inputs).with_context(|| format!("calibration batch {b}"))?;
+        let captured = &outputs[first_extra..];
+        moments.par_iter_mut().zip(blocks.layers.par_iter()).zip(captured.par_chunks(2)).try_for_each(
+            |((m, layer), xy)| -> Result<()> {
+                let x = activations(&xy[0], d, layer.layer, &layer.x, b)?;
+                let y = activations(&xy[1], d, layer.layer, &layer.y, b)?;
+                m.add_batch(&x, &y);
+                Ok(())
+            },
+        )?;
+        progress.inc((chunk.len() * seq_len) as u64);
+    }
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "calibrated {} layers on {total_tokens} tokens in {seconds:.1} s ({:.0} tokens/s)",
+        blocks.layers.len(),
+        total_tokens as f64 / seconds.max(1e-9)
+    );
+    Ok(moments)
+}
+
+/// A captured tensor as `n×d` f32 values, refusing NaN/Inf (which would poison every statistic).
+fn activations(t: &Tensor, d: usize, layer: usize, name: &str, batch: usize) -> Result<Vec<f32>> {
+    ensure!(
+        t.shape().last() == Some(&d),
+        "layer {layer}: tensor {name:?} has shape {:?}, expected [..., {d}]",
+        t.shape()
+    );
+    let values = match t {
+        Tensor::F32(a) => a.as_standard_layout().into_owned().into_raw_vec_and_offset().0,
+        other => other.to_f32()?.into_raw_vec_and_offset().0,
+    };
+    if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "layer {layer}: tensor {name:?} holds {} at token {} of batch {batch}; the model overflows on this data \
+             (an f16 model may need f32 activations)",
+            values[bad],
+            bad / d
+        );
+    }
+    Ok(values)
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("calibrating {bar:40} {pos}/{len} tokens  {per_sec}  ETA {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+/// The tensors each layer's moments were measured on.
+pub fn layer_tensors(blocks: &Blocks) -> Vec<LayerTensors> {
+    blocks.layers.iter().map(|l| LayerTensors { layer: l.layer, x: l.x.clone(), y: l.y.clone() }).collect()
+}
+
+/// Identifies a model's structure for matching statistics to it: hidden size, the X/Y tensors and
+/// every initializer's name, type and shape (not its values), hashed with FNV-1a.
+pub fn fingerprint(model: &Model, blocks: &Blocks) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    feed(&blocks.hidden_size.to_le_bytes());
+    for l in &blocks.layers {
+        feed(l.x.as_bytes());
+        feed(l.y.as_bytes());
+    }
+    let mut inits: Vec<&crate::onnx::proto::TensorProto> = model.graph().initializer.iter().collect();
+    inits.sort_by(|a, b| a.name().cmp(b.name()));
+    for t in inits {
+        feed(t.name().as_bytes());
+        feed(&t.data_type.unwrap_or(tensor_proto::DataType::Undefined as i32).to_le_bytes());
+        for d in &t.dims {
+            feed(&d.to_le_bytes());
+        }
+    }
+    format!("{hash:016x}")
+}

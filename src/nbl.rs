@@ -1,0 +1,160 @@
+//! The math of Neural Block Linearization, in f64: the CCA bound that ranks layers, the LMMSE map
+//! that replaces a layer's attention, and the selection of layers.
+//!
+//! With `z = x + y` (the block's output with the residual), `C_zz = C_yy + C_yx + C_yxᵀ + C_xx` and
+//! `C_zx = C_yx + C_xx`, the canonical correlations `ρ_i` of `x` and `z` are the singular values of
+//! `C_zz^-½ C_zx C_xx^-½`, and `bound = Σ (1 − ρ_i²) = d − Σ ρ_i²`. With Cholesky factors
+//! `L_x L_xᵀ = C_xx + ε_x I` and `L_z L_zᵀ = C_zz + ε_z I`, `M = L_z⁻¹ C_zx L_x⁻ᵀ` has the same
+//! singular values, so `Σ ρ_i² = ‖M‖_F²` without an SVD.
+
+use anyhow::{Result, bail};
+use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
+use faer::{Mat, MatRef, Par, Side};
+use serde::Serialize;
+
+use crate::stats::Moments;
+
+/// Default ridge: `ε = λ · tr(C) / d`.
+pub const DEFAULT_LAMBDA: f64 = 1e-6;
+
+/// What the statistics say about replacing one layer's attention by `y ≈ W x + b`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerFit {
+    pub layer: usize,
+    /// `d − Σ ρ_i²`: lower is more linear.
+    pub bound: f64,
+    /// `bound / d`, in [0, 1].
+    pub bound_normalized: f64,
+    /// `bound · tr(C_zz)`.
+    pub mse_bound: f64,
+    /// `tr(C_yy − W C_yxᵀ) / tr(C_yy)`: the share of attention-output variance the map misses.
+    pub fit_residual: f64,
+    /// Mean `cos(x, x + y)` over the calibration tokens (LLM-Drop's criterion).
+    pub cosine: f64,
+    /// The ridges added to `C_xx` and `C_zz`.
+    pub ridge_x: f64,
+    pub ridge_z: f64,
+    /// Fewer tokens than dimensions, or a covariance that needed a larger ridge than asked for.
+    pub rank_deficient: bool,
+    /// The canonical correlations, largest first, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rho: Option<Vec<f64>>,
+    /// `W` (`d×d`, `y = W x + b`) and `b`.
+    #[serde(skip)]
+    pub w: Mat<f64>,
+    #[serde(skip)]
+    pub b: Vec<f64>,
+}
+
+/// A Cholesky factor of `C + ε I` with the ridge actually used.
+struct Factor {
+    l: Mat<f64>,
+    ridge: f64,
+    /// The ridge had to be raised above `λ · tr(C)/d` for the factorisation to succeed.
+    escalated: bool,
+}
+
+/// Factors `C + ε I` with `ε = λ · tr(C)/d`, raising `ε` tenfold until the factorisation succeeds
+/// (rank-deficient or dead-dimension statistics): results stay finite and are flagged.
+fn regularized_cholesky(c: MatRef<'_, f64>, lambda: f64) -> Result<Factor> {
+    let d = c.nrows();
+    let trace: f64 = (0..d).map(|i| c[(i, i)]).sum();
+    if !trace.is_finite() {
+        bail!("the covariance has non-finite entries (NaN or Inf in the activations?)");
+    }
+    let scale = if trace > 0.0 { trace / d as f64 } else { 1.0 };
+    let mut ridge = lambda * scale;
+    for attempt in 0..16 {
+        let mut a = c.to_owned();
+        for i in 0..d {
+            a[(i, i)] += ridge;
+        }
+        if let Ok(llt) = a.llt(Side::Lower) {
+            return Ok(Factor { l: llt.L().to_owned(), ridge, escalated: attempt > 0 });
+        }
+        ridge = if ridge > 0.0 { ridge * 10.0 } else { f64::MIN_POSITIVE.sqrt() };
+    }
+    bail!("the covariance is not positive definite even with a ridge of {ridge:e}")
+}
+
+/// `L⁻¹ B` for lower-triangular `L`.
+fn solve_lower(l: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut x = b.to_owned();
+    solve_lower_triangular_in_place(l, x.as_mut(), Par::Seq);
+    x
+}
+
+fn trace(m: MatRef<'_, f64>) -> f64 {
+    (0..m.nrows()).map(|i| m[(i, i)]).sum()
+}
+
+/// Fits one layer from its moments: the CCA bound (and the full spectrum when `spectrum`), the
+/// LMMSE map `W = C_yx (C_xx + ε_x I)⁻¹`, `b = μ_y − W μ_x`, and the derived measures.
+pub fn fit_layer(layer: usize, m: &Moments, lambda: f64, spectrum: bool) -> Result<LayerFit> {
+    let d = m.dim();
+    let (c_xx, c_yx, c_yy) = m.covariances();
+    let c_zx = &c_yx + &c_xx;
+    let c_zz = &c_yy + &c_yx + c_yx.transpose() + &c_xx;
+
+    let fx = regularized_cholesky(c_xx.as_ref(), lambda)?;
+    let fz = regularized_cholesky(c_zz.as_ref(), lambda)?;
+    // M = L_z⁻¹ C_zx L_x⁻ᵀ, via Mᵀ = L_x⁻¹ (L_z⁻¹ C_zx)ᵀ.
+    let a = solve_lower(fz.l.as_ref(), c_zx.as_ref());
+    let m_t = solve_lower(fx.l.as_ref(), a.transpose());
+    let rho_sq_sum = m_t.norm_l2().powi(2);
+    let bound = (d as f64 - rho_sq_sum).max(0.0);
+    let rho = if spectrum {
+        let mut s = m_t.singular_values().map_err(|e| anyhow::anyhow!("SVD failed: {e:?}"))?;
+        s.sort_by(|a, b| b.total_cmp(a));
+        Some(s)
+    } else {
+        None
+    };
+
+    // (C_xx + ε I) Wᵀ = C_yxᵀ, by the two triangular solves of the Cholesky factor.
+    let half = solve_lower(fx.l.as_ref(), c_yx.transpose());
+    let mut w_t = half;
+    faer::linalg::triangular_solve::solve_upper_triangular_in_place(fx.l.transpose(), w_t.as_mut(), Par::Seq);
+    let w = w_t.transpose().to_owned();
+    let b: Vec<f64> =
+        (0..d).map(|i| m.mean_y[i] - (0..d).map(|j| w[(i, j)] * m.mean_x[j]).sum::<f64>()).collect();
+
+    let explained = (0..d).map(|i| (0..d).map(|j| w[(i, j)] * c_yx[(i, j)]).sum::<f64>()).sum::<f64>();
+    let var_y = trace(c_yy.as_ref());
+    let fit_residual = if var_y > 0.0 { ((var_y - explained) / var_y).max(0.0) } else { 0.0 };
+
+    Ok(LayerFit {
+        layer,
+        bound,
+        bound_normalized: bound / d as f64,
+        mse_bound: bound * trace(c_zz.as_ref()),
+        fit_residual,
+        cosine: m.mean_cosine(),
+        ridge_x: fx.ridge,
+        ridge_z: fz.ridge,
+        rank_deficient: m.count <= d as u64 || fx.escalated || fz.escalated,
+        rho,
+        w,
+        b,
+    })
+}
+
+/// How layers are ranked for linearisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Criterion {
+    /// Lowest CCA bound first (NBL)
+    Cca,
+    /// Highest input/output cosine similarity first (LLM-Drop)
+    Cosine,
+}
+
+/// Layers in the order they should be linearised, best candidate first.
+pub fn ranking(fits: &[LayerFit], criterion: Criterion) -> Vec<usize> {
+    let mut order: Vec<&LayerFit> = fits.iter().collect();
+    match criterion {
+        Criterion::Cca => order.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.layer.cmp(&b.layer))),
+        Criterion::Cosine => order.sort_by(|a, b| b.cosine.total_cmp(&a.cosine).then(a.layer.cmp(&b.layer))),
+    }
+    order.iter().map(|f| f.layer).collect()
+}

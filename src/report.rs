@@ -1,0 +1,174 @@
+//! The analysis of calibration statistics: per-layer fits, the suggested order of linearisation,
+//! a table for people, JSON for scripts and an SVG chart.
+
+use std::fmt::Write;
+
+use anyhow::Result;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::nbl::{Criterion, LayerFit, fit_layer, ranking};
+use crate::stats::Stats;
+
+#[derive(Serialize)]
+pub struct LayerRow {
+    pub layer: usize,
+    pub bound: f64,
+    pub bound_normalized: f64,
+    pub mse_bound: f64,
+    pub fit_residual: f64,
+    pub cosine: f64,
+    pub linearized: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub rank_deficient: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rho: Option<Vec<f64>>,
+}
+
+/// The analyze JSON: `{"tokens","criterion","selected","order","lambda","layers":[...]}`.
+#[derive(Serialize)]
+pub struct Analysis {
+    pub tokens: u64,
+    pub criterion: Criterion,
+    /// The layers to linearise, in the order they were chosen.
+    pub selected: Vec<usize>,
+    /// Every layer, best candidate first.
+    pub order: Vec<usize>,
+    pub lambda: f64,
+    pub layers: Vec<LayerRow>,
+    #[serde(skip)]
+    pub fits: Vec<LayerFit>,
+}
+
+/// Fits every layer (in parallel) and selects the first `count` of the ranking.
+pub fn analyze(
+    stats: &Stats,
+    criterion: Criterion,
+    count: usize,
+    lambda: f64,
+    spectrum: bool,
+) -> Result<Analysis> {
+    let fits: Vec<LayerFit> = stats
+        .layers
+        .par_iter()
+        .zip(stats.moments.par_iter())
+        .map(|(info, m)| {
+            fit_layer(info.layer, m, lambda, spectrum)
+                .map_err(|e| anyhow::anyhow!("layer {}: {e:#}", info.layer))
+        })
+        .collect::<Result<_>>()?;
+    let order = ranking(&fits, criterion);
+    let selected: Vec<usize> = order.iter().copied().take(count).collect();
+    let layers = fits
+        .iter()
+        .map(|f| LayerRow {
+            layer: f.layer,
+            bound: f.bound,
+            bound_normalized: f.bound_normalized,
+            mse_bound: f.mse_bound,
+            fit_residual: f.fit_residual,
+            cosine: f.cosine,
+            linearized: selected.contains(&f.layer),
+            rank_deficient: f.rank_deficient,
+            rho: f.rho.clone(),
+        })
+        .collect();
+    Ok(Analysis { tokens: stats.tokens(), criterion, selected, order, lambda, layers, fits })
+}
+
+impl Analysis {
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} tokens, criterion {:?}, ridge λ = {:e}; suggested order: {}",
+            self.tokens,
+            self.criterion,
+            self.lambda,
+            self.order.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "{:>5}  {:>10}  {:>8}  {:>12}  {:>8}  {:>8}  chosen",
+            "layer", "bound", "bound/d", "mse bound", "residual", "cosine"
+        );
+        for row in &self.layers {
+            let _ = writeln!(
+                out,
+                "{:>5}  {:>10.4}  {:>8.5}  {:>12.4e}  {:>8.5}  {:>8.5}  {}{}",
+                row.layer,
+                row.bound,
+                row.bound_normalized,
+                row.mse_bound,
+                row.fit_residual,
+                row.cosine,
+                if row.linearized { "yes" } else { "" },
+                if row.rank_deficient { "  (rank-deficient statistics)" } else { "" }
+            );
+        }
+        out
+    }
+
+    /// Bars of the normalised bound per layer (chosen layers highlighted) and the cosine as a line.
+    pub fn svg(&self) -> String {
+        let (width, height, margin) = (720.0, 320.0, 48.0);
+        let n = self.layers.len().max(1) as f64;
+        let step = (width - 2.0 * margin) / n;
+        let plot_h = height - 2.0 * margin;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"##
+        );
+        let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
+        let _ = writeln!(
+            s,
+            r##"<text x="{margin}" y="20" font-size="13">NBL: CCA bound / d per layer (bars; orange = chosen), mean cos(x, x+y) (line), {} tokens</text>"##,
+            self.tokens
+        );
+        let y_of = |v: f64| margin + plot_h * (1.0 - v.clamp(0.0, 1.0));
+        for tick in [0.0, 0.25, 0.5, 0.75, 1.0] {
+            let y = y_of(tick);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{margin}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{tick}</text>"##,
+                width - margin,
+                margin - 6.0,
+                y + 4.0
+            );
+        }
+        let mut line = String::new();
+        for (i, row) in self.layers.iter().enumerate() {
+            let x = margin + step * i as f64;
+            let top = y_of(row.bound_normalized);
+            let colour = if row.linearized { "#e8891d" } else { "#4878a8" };
+            let _ = writeln!(
+                s,
+                r##"<rect x="{:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{colour}"><title>layer {}: bound/d {:.4}, cosine {:.4}</title></rect>"##,
+                x + step * 0.1,
+                step * 0.8,
+                height - margin - top,
+                row.layer,
+                row.bound_normalized,
+                row.cosine
+            );
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+                x + step / 2.0,
+                height - margin + 14.0,
+                row.layer
+            );
+            let _ = write!(line, "{:.1},{:.1} ", x + step / 2.0, y_of(row.cosine));
+        }
+        let _ = writeln!(s, r##"<polyline points="{line}" fill="none" stroke="#333" stroke-width="1.5"/>"##);
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="middle">layer</text>"##,
+            width / 2.0,
+            height - 10.0
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+}

@@ -1,0 +1,382 @@
+//! Streaming moments of each attention block's input `x` and output `y`: means and centred
+//! cross-products in f64, merged across batches and shards with the pairwise update of Chan et al.,
+//! and their safetensors file. Activations are never stored: each batch goes straight in.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+use safetensors::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+
+/// The file format's name and version, stored in the metadata.
+const FORMAT: &str = "nbl-onnx-stats";
+const VERSION: &str = "1";
+
+/// Moments of one layer over `count` tokens (all `d×d` matrices in f64):
+/// `mean_x = Σx/n`, `sxx = Σ(x-μx)(x-μx)ᵀ`, `syx = Σ(y-μy)(x-μx)ᵀ`, `syy = Σ(y-μy)(y-μy)ᵀ`,
+/// and `cos_sum = Σ cos(x, x+y)` (the LLM-Drop criterion).
+#[derive(Clone, Debug)]
+pub struct Moments {
+    pub count: u64,
+    pub mean_x: Vec<f64>,
+    pub mean_y: Vec<f64>,
+    pub sxx: Mat<f64>,
+    pub syx: Mat<f64>,
+    pub syy: Mat<f64>,
+    pub cos_sum: f64,
+}
+
+impl Moments {
+    pub fn new(d: usize) -> Moments {
+        Moments {
+            count: 0,
+            mean_x: vec![0.0; d],
+            mean_y: vec![0.0; d],
+            sxx: Mat::zeros(d, d),
+            syx: Mat::zeros(d, d),
+            syy: Mat::zeros(d, d),
+            cos_sum: 0.0,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.mean_x.len()
+    }
+
+    /// Adds a batch of tokens: `x` and `y` are `n×d`, row-major. The batch is centred on its own
+    /// mean (in f64) before its cross-products are formed, then merged (Chan et al.), so that large
+    /// common offsets (massive activations) do not cancel catastrophically.
+    pub fn add_batch(&mut self, x: &[f32], y: &[f32]) {
+        let d = self.dim();
+        assert!(x.len() == y.len() && x.len().is_multiple_of(d), "x and y must both be n×{d}");
+        let n = x.len() / d;
+        if n == 0 {
+            return;
+        }
+        let column_mean = |v: &[f32]| {
+            let mut mean = vec![0.0f64; d];
+            for row in v.chunks_exact(d) {
+                for (m, &e) in mean.iter_mut().zip(row) {
+                    *m += f64::from(e);
+                }
+            }
+            mean.iter_mut().for_each(|m| *m /= n as f64);
+            mean
+        };
+        let mean_x = column_mean(x);
+        let mean_y = column_mean(y);
+        let xc = Mat::from_fn(n, d, |t, j| f64::from(x[t * d + j]) - mean_x[j]);
+        let yc = Mat::from_fn(n, d, |t, j| f64::from(y[t * d + j]) - mean_y[j]);
+        let cos_sum: f64 =
+            x.chunks_exact(d).zip(y.chunks_exact(d)).map(|(xt, yt)| cosine_with_sum(xt, yt)).sum();
+
+        let (na, nb) = (self.count as f64, n as f64);
+        let total = na + nb;
+        let delta_x: Vec<f64> = mean_x.iter().zip(&self.mean_x).map(|(b, a)| b - a).collect();
+        let delta_y: Vec<f64> = mean_y.iter().zip(&self.mean_y).map(|(b, a)| b - a).collect();
+        matmul(self.sxx.as_mut(), Accum::Add, xc.transpose(), xc.as_ref(), 1.0, Par::Seq);
+        matmul(self.syx.as_mut(), Accum::Add, yc.transpose(), xc.as_ref(), 1.0, Par::Seq);
+        matmul(self.syy.as_mut(), Accum::Add, yc.transpose(), yc.as_ref(), 1.0, Par::Seq);
+        self.add_mean_correction(&delta_x, &delta_y, na * nb / total);
+        for (m, dlt) in self.mean_x.iter_mut().zip(&delta_x) {
+            *m += dlt * nb / total;
+        }
+        for (m, dlt) in self.mean_y.iter_mut().zip(&delta_y) {
+            *m += dlt * nb / total;
+        }
+        self.count += n as u64;
+        self.cos_sum += cos_sum;
+    }
+
+    /// Merges the moments of a disjoint set of tokens:
+    /// `S = S_a + S_b + δ δᵀ · n_a n_b / n` with `δ = μ_b − μ_a`.
+    pub fn merge(&mut self, other: &Moments) {
+        assert_eq!(self.dim(), other.dim());
+        if other.count == 0 {
+            return;
+        }
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let total = na + nb;
+        let delta_x: Vec<f64> = other.mean_x.iter().zip(&self.mean_x).map(|(b, a)| b - a).collect();
+        let delta_y: Vec<f64> = other.mean_y.iter().zip(&self.mean_y).map(|(b, a)| b - a).collect();
+        self.sxx += &other.sxx;
+        self.syx += &other.syx;
+        self.syy += &other.syy;
+        self.add_mean_correction(&delta_x, &delta_y, na * nb / total);
+        for (m, dlt) in self.mean_x.iter_mut().zip(&delta_x) {
+            *m += dlt * nb / total;
+        }
+        for (m, dlt) in self.mean_y.iter_mut().zip(&delta_y) {
+            *m += dlt * nb / total;
+        }
+        self.count += other.count;
+        self.cos_sum += other.cos_sum;
+    }
+
+    fn add_mean_correction(&mut self, delta_x: &[f64], delta_y: &[f64], weight: f64) {
+        if weight == 0.0 {
+            return;
+        }
+        let d = self.dim();
+        for j in 0..d {
+            let wx = delta_x[j] * weight;
+            for i in 0..d {
+                self.sxx[(i, j)] += delta_x[i] * wx;
+                self.syx[(i, j)] += delta_y[i] * wx;
+                self.syy[(i, j)] += delta_y[i] * delta_y[j] * weight;
+            }
+        }
+    }
+
+    /// Sample covariances `C = S / (n − 1)`: (`C_xx`, `C_yx`, `C_yy`).
+    pub fn covariances(&self) -> (Mat<f64>, Mat<f64>, Mat<f64>) {
+        let scale = 1.0 / (self.count.max(2) - 1) as f64;
+        (scaled(self.sxx.as_ref(), scale), scaled(self.syx.as_ref(), scale), scaled(self.syy.as_ref(), scale))
+    }
+
+    /// Mean cosine similarity of a block's input and output, `cos(x, x + y)`.
+    pub fn mean_cosine(&self) -> f64 {
+        if self.count == 0 { f64::NAN } else { self.cos_sum / self.count as f64 }
+    }
+}
+
+fn scaled(m: MatRef<'_, f64>, s: f64) -> Mat<f64> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * s)
+}
+
+/// `cos(x, x + y)` in f64; 0 for a zero vector.
+fn cosine_with_sum(x: &[f32], y: &[f32]) -> f64 {
+    let (mut xz, mut xx, mut zz) = (0.0f64, 0.0f64, 0.0f64);
+    for (&a, &b) in x.iter().zip(y) {
+        let (a, z) = (f64::from(a), f64::from(a) + f64::from(b));
+        xz += a * z;
+        xx += a * a;
+        zz += z * z;
+    }
+    let norms = (xx * zz).sqrt();
+    if norms > 0.0 { xz / norms } else { 0.0 }
+}
+
+/// Which tensors a layer's statistics were measured on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerTensors {
+    pub layer: usize,
+    pub x: String,
+    pub y: String,
+}
+
+/// Where the statistics come from: the data and how it was cut, for reports and for merging.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataSummary {
+    pub files: Vec<String>,
+    pub seq_len: usize,
+    pub blocks: usize,
+    /// `[index, count]` of the shard, `[0, 1]` for a whole run.
+    pub shard: [usize; 2],
+    pub engine: String,
+}
+
+/// All layers' moments of one model, with what identifies the model and the data.
+pub struct Stats {
+    pub fingerprint: String,
+    pub hidden_size: usize,
+    pub layers: Vec<LayerTensors>,
+    pub moments: Vec<Moments>,
+    /// One entry per shard merged in (a single run has one).
+    pub data: Vec<DataSummary>,
+}
+
+impl Stats {
+    pub fn tokens(&self) -> u64 {
+        self.moments.first().map_or(0, |m| m.count)
+    }
+
+    /// Writes the statistics as safetensors, atomically (temporary file, then rename). Tensors
+    /// `layers.N.{count,mean_x,mean_y,sxx,syx,syy,cos_sum}` in f64, matrices row-major.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, F64Tensor<'_>)> = Vec::new();
+        for (info, m) in self.layers.iter().zip(&self.moments) {
+            let n = info.layer;
+            tensors.push((format!("layers.{n}.count"), F64Tensor::scalar(m.count as f64)));
+            tensors.push((format!("layers.{n}.mean_x"), F64Tensor::vector(&m.mean_x)));
+            tensors.push((format!("layers.{n}.mean_y"), F64Tensor::vector(&m.mean_y)));
+            tensors.push((format!("layers.{n}.sxx"), F64Tensor::matrix(m.sxx.as_ref())));
+            tensors.push((format!("layers.{n}.syx"), F64Tensor::matrix(m.syx.as_ref())));
+            tensors.push((format!("layers.{n}.syy"), F64Tensor::matrix(m.syy.as_ref())));
+            tensors.push((format!("layers.{n}.cos_sum"), F64Tensor::scalar(m.cos_sum)));
+        }
+        let metadata = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("version".to_string(), VERSION.to_string()),
+            ("model_fingerprint".to_string(), self.fingerprint.clone()),
+            ("hidden_size".to_string(), self.hidden_size.to_string()),
+            ("tokens".to_string(), self.tokens().to_string()),
+            ("layers".to_string(), serde_json::to_string(&self.layers)?),
+            ("data".to_string(), serde_json::to_string(&self.data)?),
+        ]);
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = tempfile::Builder::new()
+            .prefix(".stats.")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        safetensors::serialize_to_file(tensors, Some(metadata), tmp.path())
+            .with_context(|| format!("writing {}", path.display()))?;
+        tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Reads a statistics file, checking its format and every tensor's shape.
+    pub fn load(path: &Path) -> Result<Stats> {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open statistics {}", path.display()))?;
+        // SAFETY: read-only map of a file we do not modify.
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let not_stats = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("{} is not an nbl-onnx statistics file: {e}", path.display())
+        };
+        let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| not_stats(&e))?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| not_stats(&e))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field =
+            |k: &str| meta.get(k).cloned().ok_or_else(|| not_stats(&format!("no {k:?} in its metadata")));
+        if field("format")? != FORMAT {
+            bail!(not_stats(&"wrong format name"));
+        }
+        let version = field("version")?;
+        ensure!(
+            version == VERSION,
+            "{}: statistics format version {version} is not supported",
+            path.display()
+        );
+        let hidden_size: usize = field("hidden_size")?.parse().map_err(|e| not_stats(&e))?;
+        let layers: Vec<LayerTensors> = serde_json::from_str(&field("layers")?).map_err(|e| not_stats(&e))?;
+        let data: Vec<DataSummary> = serde_json::from_str(&field("data")?).map_err(|e| not_stats(&e))?;
+        let d = hidden_size;
+        let mut moments = Vec::with_capacity(layers.len());
+        for info in &layers {
+            let read = |name: &str, len: usize| -> Result<Vec<f64>> {
+                let key = format!("layers.{}.{name}", info.layer);
+                let view = st.tensor(&key).map_err(|_| not_stats(&format!("tensor {key} is missing")))?;
+                ensure!(view.dtype() == Dtype::F64, "{}: tensor {key} is not f64", path.display());
+                let bytes = view.data();
+                ensure!(
+                    bytes.len() == len * 8,
+                    "{}: tensor {key} has {} bytes, expected {}",
+                    path.display(),
+                    bytes.len(),
+                    len * 8
+                );
+                Ok(bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect())
+            };
+            let matrix = |name: &str| -> Result<Mat<f64>> {
+                let v = read(name, d * d)?;
+                Ok(Mat::from_fn(d, d, |i, j| v[i * d + j]))
+            };
+            moments.push(Moments {
+                count: read("count", 1)?[0] as u64,
+                mean_x: read("mean_x", d)?,
+                mean_y: read("mean_y", d)?,
+                sxx: matrix("sxx")?,
+                syx: matrix("syx")?,
+                syy: matrix("syy")?,
+                cos_sum: read("cos_sum", 1)?[0],
+            });
+        }
+        Ok(Stats { fingerprint: field("model_fingerprint")?, hidden_size, layers, moments, data })
+    }
+
+    /// Combines statistics of disjoint data (shards) of the same model into what one run over all
+    /// of it gives.
+    pub fn merge(mut parts: Vec<(std::path::PathBuf, Stats)>) -> Result<Stats> {
+        ensure!(!parts.is_empty(), "no statistics to merge");
+        let (first_path, mut merged) = parts.remove(0);
+        for (path, part) in parts {
+            ensure!(
+                part.fingerprint == merged.fingerprint && part.layers == merged.layers,
+                "{} and {} were measured on different models (fingerprints {} and {})",
+                first_path.display(),
+                path.display(),
+                merged.fingerprint,
+                part.fingerprint
+            );
+            for d in &part.data {
+                ensure!(
+                    !merged.data.iter().any(|m| m.shard == d.shard && d.shard[1] > 1 && m.files == d.files),
+                    "{}: shard {}/{} is already part of the merge",
+                    path.display(),
+                    d.shard[0],
+                    d.shard[1]
+                );
+            }
+            for (a, b) in merged.moments.iter_mut().zip(&part.moments) {
+                a.merge(b);
+            }
+            merged.data.extend(part.data);
+        }
+        Ok(merged)
+    }
+}
+
+/// An f64 tensor borrowed for serialisation; matrices are written row-major.
+struct F64Tensor<'a> {
+    shape: Vec<usize>,
+    values: Values<'a>,
+}
+
+enum Values<'a> {
+    Scalar(f64),
+    Vector(&'a [f64]),
+    Matrix(MatRef<'a, f64>),
+}
+
+impl<'a> F64Tensor<'a> {
+    fn scalar(v: f64) -> Self {
+        F64Tensor { shape: vec![1], values: Values::Scalar(v) }
+    }
+
+    fn vector(v: &'a [f64]) -> Self {
+        F64Tensor { shape: vec![v.len()], values: Values::Vector(v) }
+    }
+
+    fn matrix(m: MatRef<'a, f64>) -> Self {
+        F64Tensor { shape: vec![m.nrows(), m.ncols()], values: Values::Matrix(m) }
+    }
+}
+
+impl View for F64Tensor<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F64
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let mut out = Vec::with_capacity(self.data_len());
+        match &self.values {
+            Values::Scalar(v) => out.extend(v.to_le_bytes()),
+            Values::Vector(v) => v.iter().for_each(|e| out.extend(e.to_le_bytes())),
+            Values::Matrix(m) => {
+                for i in 0..m.nrows() {
+                    for j in 0..m.ncols() {
+                        out.extend(m[(i, j)].to_le_bytes());
+                    }
+                }
+            }
+        }
+        out.into()
+    }
+
+    fn data_len(&self) -> usize {
+        8 * self.shape.iter().product::<usize>()
+    }
+}

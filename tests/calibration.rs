@@ -1,0 +1,381 @@
+//! Calibration on the fixtures: statistics from ONNX Runtime, from tract and from the PyTorch
+//! activations agree; sharded runs merge into exactly one run; bad input is refused clearly.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::calibrate::calibrate;
+use nbl_onnx::engine::Engine;
+use nbl_onnx::onnx::{Model, Tensor};
+use nbl_onnx::stats::{Moments, Stats};
+
+fn nbl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nbl-onnx")).args(args).output().expect("the binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The fixture's reference token ids as calibration blocks.
+fn reference_blocks(name: &str) -> Vec<Vec<i64>> {
+    let Tensor::I64(ids) = reference(name)["inputs.input_ids"].clone() else { panic!("int64 ids") };
+    ids.outer_iter().map(|row| row.iter().copied().collect()).collect()
+}
+
+/// Moments computed straight from the PyTorch activations saved with the fixture.
+fn pytorch_moments(name: &str, layers: usize) -> Vec<Moments> {
+    let reference = reference(name);
+    (0..layers)
+        .map(|l| {
+            let x = reference[&format!("layers.{l}.x")].to_f32().unwrap();
+            let y = reference[&format!("layers.{l}.y")].to_f32().unwrap();
+            let d = *x.shape().last().unwrap();
+            let mut m = Moments::new(d);
+            m.add_batch(x.as_slice().unwrap(), y.as_slice().unwrap());
+            m
+        })
+        .collect()
+}
+
+/// Largest relative difference over every statistic, relative to each tensor's largest entry.
+fn max_relative_difference(a: &Moments, b: &Moments) -> f64 {
+    assert_eq!(a.count, b.count);
+    let d = a.dim();
+    let rel = |x: &faer::Mat<f64>, y: &faer::Mat<f64>| {
+        let scale = (0..d * d).map(|k| y[(k / d, k % d)].abs()).fold(0.0, f64::max);
+        (0..d * d).map(|k| (x[(k / d, k % d)] - y[(k / d, k % d)]).abs()).fold(0.0, f64::max) / scale
+    };
+    let vec_rel = |x: &[f64], y: &[f64]| {
+        let scale = y.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max) / scale
+    };
+    [
+        rel(&a.sxx, &b.sxx),
+        rel(&a.syx, &b.syx),
+        rel(&a.syy, &b.syy),
+        vec_rel(&a.mean_x, &b.mean_x),
+        vec_rel(&a.mean_y, &b.mean_y),
+        (a.cos_sum - b.cos_sum).abs() / b.cos_sum.abs(),
+    ]
+    .into_iter()
+    .fold(0.0, f64::max)
+}
+
+fn engine_moments(name: &str, engine: &dyn Engine) -> Vec<Moments> {
+    let model = Model::load(model_path(name)).unwrap();
+    let blocks = find_blocks(&model).unwrap();
+    calibrate(&model, &blocks, engine, &reference_blocks(name), 1).unwrap()
+}
+
+/// f32 activations agree to ~1e-5 relative between engines and PyTorch (see the X/Y test);
+/// second moments of them agree to the same order (measured: ≤ 1.2e-6).
+const STATS_TOLERANCE: f64 = 1e-5;
+
+#[test]
+fn statistics_agree_between_onnx_runtime_tract_and_pytorch() {
+    let ort = ort();
+    let tract = tract();
+    for name in ["llama-optimum-past", "qwen2-optimum-past", "phi3-optimum-past", "llama-dynamo"] {
+        let from_ort = engine_moments(name, ort.as_ref());
+        let from_tract = engine_moments(name, tract.as_ref());
+        let from_torch = pytorch_moments(name, from_ort.len());
+        for (l, ((o, t), p)) in from_ort.iter().zip(&from_tract).zip(&from_torch).enumerate() {
+            let (ot, op) = (max_relative_difference(o, t), max_relative_difference(o, p));
+            eprintln!("{name} layer {l}: ORT vs tract {ot:.2e}, ORT vs PyTorch {op:.2e}");
+            assert!(ot < STATS_TOLERANCE && op < STATS_TOLERANCE, "{name} layer {l}");
+        }
+    }
+}
+
+#[test]
+fn genai_statistics_agree_with_pytorch() {
+    let ort = ort();
+    let name = "llama-genai-fp32";
+    let from_ort = engine_moments(name, ort.as_ref());
+    for (l, (o, p)) in from_ort.iter().zip(&pytorch_moments(name, 3)).enumerate() {
+        let diff = max_relative_difference(o, p);
+        eprintln!("{name} layer {l}: ORT vs PyTorch {diff:.2e}");
+        assert!(diff < STATS_TOLERANCE, "{name} layer {l}");
+    }
+}
+
+/// Plain English text for the CLI runs, enough for a few blocks of the fixtures' tokenizer.
+fn write_corpus(dir: &Path) -> PathBuf {
+    let sentences = [
+        "The committee met on Tuesday to discuss the budget for the coming year.",
+        "Rain is expected across the region for most of the weekend, with sunshine returning on Monday.",
+        "She opened the old book and found a letter that had been hidden between its pages.",
+        "Local farmers say the harvest was better than last year despite the dry summer.",
+        "The new library will open to the public next month after two years of construction.",
+    ];
+    let docs: Vec<serde_json::Value> = (0..24)
+        .map(
+            |i| serde_json::json!({ "text": format!("{} {}", sentences[i % 5], sentences[(i * 3 + 1) % 5]) }),
+        )
+        .collect();
+    let path = dir.join("corpus.json");
+    std::fs::write(&path, serde_json::to_string(&docs).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn sharded_calibration_merges_into_exactly_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    let model = model_path("llama-optimum-past");
+    let common = |out: &Path, shard: &str| -> Vec<String> {
+        [
+            "calibrate",
+            model.to_str().unwrap(),
+            "--data",
+            corpus.to_str().unwrap(),
+            "--seq-len",
+            "16",
+            "--samples",
+            "10",
+            "--engine",
+            "ort",
+            "--shard",
+            shard,
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |args: Vec<String>| {
+        let out = nbl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    };
+    let whole = dir.path().join("whole.safetensors");
+    run(common(&whole, "0/1"));
+    let mut shards = Vec::new();
+    for i in 0..3 {
+        let path = dir.path().join(format!("shard{i}.safetensors"));
+        run(common(&path, &format!("{i}/3")));
+        shards.push(path);
+    }
+    let merged = dir.path().join("merged.safetensors");
+    let mut args = vec!["merge-stats".to_string()];
+    args.extend(shards.iter().map(|p| p.display().to_string()));
+    args.extend(["-o".to_string(), merged.display().to_string()]);
+    run(args);
+
+    let (a, b) = (Stats::load(&whole).unwrap(), Stats::load(&merged).unwrap());
+    assert_eq!(a.tokens(), 160);
+    assert_eq!(a.tokens(), b.tokens());
+    assert_eq!(a.fingerprint, b.fingerprint);
+    for (l, (x, y)) in a.moments.iter().zip(&b.moments).enumerate() {
+        let diff = max_relative_difference(y, x);
+        eprintln!("layer {l}: merged vs one run, max relative difference {diff:.2e}");
+        assert!(diff <= 1e-9, "layer {l}: {diff}");
+    }
+    assert_eq!(b.data.len(), 3);
+
+    // A shard merged twice is refused.
+    let out = nbl(&[
+        "merge-stats",
+        shards[0].to_str().unwrap(),
+        shards[0].to_str().unwrap(),
+        "-o",
+        dir.path().join("twice.safetensors").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("already part of the merge"), "{}", stderr(&out));
+}
+
+#[test]
+fn analyze_prints_the_documented_json_and_writes_a_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    let stats = dir.path().join("stats.safetensors");
+    let model = model_path("mistral-optimum-past");
+    let out = nbl(&[
+        "calibrate",
+        model.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--samples",
+        "8",
+        "--batch",
+        "3",
+        "-o",
+        stats.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("engine: "), "the engine that ran is named");
+
+    let out = nbl(&[
+        "analyze",
+        stats.to_str().unwrap(),
+        "--json",
+        "--layers",
+        "2",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["tokens"], 256);
+    assert_eq!(json["criterion"], "cca");
+    let layers = json["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    let selected = json["selected"].as_array().unwrap();
+    assert_eq!(selected.len(), 2);
+    for row in layers {
+        for key in ["bound", "bound_normalized", "mse_bound", "fit_residual", "cosine"] {
+            assert!(row[key].as_f64().unwrap().is_finite(), "{key}: {row}");
+        }
+        let b = row["bound_normalized"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&b), "{row}");
+        assert_eq!(row["linearized"].as_bool().unwrap(), selected.contains(&row["layer"]));
+    }
+    // The selection is the lowest bounds.
+    let mut bounds: Vec<(f64, u64)> =
+        layers.iter().map(|r| (r["bound"].as_f64().unwrap(), r["layer"].as_u64().unwrap())).collect();
+    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!(selected[0], bounds[0].1);
+    let svg = std::fs::read_to_string(stats.with_extension("svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<rect x=").count() == 3);
+
+    // The table form.
+    let out = nbl(&["analyze", stats.to_str().unwrap(), "--criterion", "cosine"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("criterion Cosine"));
+}
+
+fn assert_bad_input(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+fn calibrate_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "calibrate",
+        model,
+        "--data",
+        data,
+        "--seq-len",
+        "16",
+        "--samples",
+        "4",
+        "--engine",
+        "ort",
+        "-o",
+        out,
+    ]
+}
+
+#[test]
+fn bad_calibration_input_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path("llama-optimum-past");
+    let model = model.to_str().unwrap();
+    let out_path = dir.path().join("stats.safetensors");
+    let out = out_path.to_str().unwrap();
+    let corpus = write_corpus(dir.path());
+
+    let missing = dir.path().join("missing.json");
+    assert_bad_input(&nbl(&calibrate_args(model, missing.to_str().unwrap(), out)), "cannot read data file");
+
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, "[]").unwrap();
+    assert_bad_input(&nbl(&calibrate_args(model, empty.to_str().unwrap(), out)), "holds no documents");
+
+    let short = dir.path().join("short.jsonl");
+    std::fs::write(&short, "{\"text\": \"Too short.\"}\n").unwrap();
+    assert_bad_input(&nbl(&calibrate_args(model, short.to_str().unwrap(), out)), "fewer than one block");
+
+    let mut args = calibrate_args(model, corpus.to_str().unwrap(), out);
+    args.extend(["--tokenizer", "/nonexistent/tokenizer.json"]);
+    assert_bad_input(&nbl(&args), "tokenizer /nonexistent/tokenizer.json does not exist");
+
+    // A model directory without a tokenizer, and text data.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    std::fs::copy(model, bare.join("model.onnx")).unwrap();
+    std::fs::copy(
+        fixtures_dir().join("llama-optimum-past/generation_config.json"),
+        bare.join("generation_config.json"),
+    )
+    .unwrap();
+    let bare_model = bare.join("model.onnx");
+    assert_bad_input(
+        &nbl(&calibrate_args(bare_model.to_str().unwrap(), corpus.to_str().unwrap(), out)),
+        "no tokenizer",
+    );
+
+    // A tokenizer with more tokens than the model's 512-row embedding table.
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..600).map(|i| (format!("w{i}"), serde_json::json!(i))).collect();
+    let big = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    let big_path = dir.path().join("big-tokenizer.json");
+    std::fs::write(&big_path, big.to_string()).unwrap();
+    let mut args = calibrate_args(model, corpus.to_str().unwrap(), out);
+    args.extend(["--tokenizer", big_path.to_str().unwrap()]);
+    assert_bad_input(&nbl(&args), "more than the model's embedding table (512 rows)");
+
+    // Output into a directory that does not exist: refused before any work.
+    let nowhere = dir.path().join("no/such/dir/stats.safetensors");
+    assert_bad_input(
+        &nbl(&calibrate_args(model, corpus.to_str().unwrap(), nowhere.to_str().unwrap())),
+        "output directory",
+    );
+    assert_bad_input(&nbl(&calibrate_args(model, corpus.to_str().unwrap(), model)), "over the input");
+    assert!(!out_path.exists(), "no statistics written by a failed run");
+}
+
+#[test]
+fn non_finite_activations_are_refused_naming_the_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    // The embedding table overflows: every X of layer 0 is infinite.
+    let mut model = Model::load(model_path("llama-optimum-past")).unwrap();
+    let graph = model.graph_mut();
+    let table = graph.initializer.iter_mut().find(|t| t.name() == "model.embed_tokens.weight").unwrap();
+    let n = table.raw_data.as_ref().unwrap().len() / 4;
+    table.raw_data =
+        Some(std::iter::repeat_n(f32::INFINITY.to_le_bytes(), n).flatten().collect::<Vec<u8>>().into());
+    for f in ["tokenizer.json", "generation_config.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures_dir().join("llama-optimum-past").join(f), dir.path().join(f)).unwrap();
+    }
+    let broken = dir.path().join("model.onnx");
+    model.save(&broken).unwrap();
+    let out_path = dir.path().join("stats.safetensors");
+    let out =
+        nbl(&calibrate_args(broken.to_str().unwrap(), corpus.to_str().unwrap(), out_path.to_str().unwrap()));
+    assert_bad_input(&out, "layer 0: tensor \"/model/embed_tokens/Gather_output_0\" holds inf");
+    assert!(!out_path.exists());
+}
+
+#[test]
+fn statistics_of_another_model_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    let stats = dir.path().join("stats.safetensors");
+    let model = model_path("llama-optimum-past");
+    let out =
+        nbl(&calibrate_args(model.to_str().unwrap(), corpus.to_str().unwrap(), stats.to_str().unwrap()));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let other = model_path("qwen2-optimum-past");
+    let out = nbl(&["analyze", stats.to_str().unwrap(), "--model", other.to_str().unwrap()]);
+    assert_bad_input(&out, "was measured on another model");
+    let out = nbl(&["analyze", model.to_str().unwrap()]);
+    assert_bad_input(&out, "is not an nbl-onnx statistics file");
+    let out = nbl(&["analyze", stats.to_str().unwrap(), "--layers", "7"]);
+    assert_bad_input(&out, "--layers 7 is more than the 3 layers");
+}

@@ -1,0 +1,141 @@
+//! Streaming moments against a two-pass f64 reference, the pairwise merge, and the file format.
+
+mod common;
+
+use common::Gaussian;
+use nbl_onnx::stats::{DataSummary, LayerTensors, Moments, Stats};
+
+/// Row-major `d×d` sums and the means, computed the textbook way.
+struct Reference {
+    sxx: Vec<f64>,
+    syx: Vec<f64>,
+    syy: Vec<f64>,
+    mean_x: Vec<f64>,
+    mean_y: Vec<f64>,
+}
+
+/// Two-pass reference: means, then centred sums, in f64 over all tokens at once.
+fn two_pass(x: &[f32], y: &[f32], d: usize) -> Reference {
+    let n = x.len() / d;
+    let mean = |v: &[f32]| {
+        (0..d).map(|j| (0..n).map(|t| f64::from(v[t * d + j])).sum::<f64>() / n as f64).collect::<Vec<_>>()
+    };
+    let (mx, my) = (mean(x), mean(y));
+    let cross = |a: &[f32], ma: &[f64], b: &[f32], mb: &[f64]| {
+        let mut s = vec![0.0; d * d];
+        for t in 0..n {
+            for i in 0..d {
+                for j in 0..d {
+                    s[i * d + j] += (f64::from(a[t * d + i]) - ma[i]) * (f64::from(b[t * d + j]) - mb[j]);
+                }
+            }
+        }
+        s
+    };
+    Reference {
+        sxx: cross(x, &mx, x, &mx),
+        syx: cross(y, &my, x, &mx),
+        syy: cross(y, &my, y, &my),
+        mean_x: mx,
+        mean_y: my,
+    }
+}
+
+fn max_rel(got: &faer::Mat<f64>, want: &[f64]) -> f64 {
+    let d = got.nrows();
+    let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    (0..d * d).map(|k| (got[(k / d, k % d)] - want[k]).abs()).fold(0.0, f64::max) / scale
+}
+
+/// Activations like SmolLM2's: a massive common offset (|x| ≈ 2.4e4) with O(1) variation.
+fn massive_activations(n: usize, d: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut g = Gaussian::new(seed);
+    let x: Vec<f32> =
+        (0..n * d).map(|k| (if k % d == 5 { 2.4e4 } else { 0.0 } + g.sample()) as f32).collect();
+    let y: Vec<f32> = (0..n * d).map(|k| (0.3 * f64::from(x[k]) + g.sample()) as f32).collect();
+    (x, y)
+}
+
+#[test]
+fn batched_accumulation_matches_a_two_pass_reference_despite_massive_activations() {
+    let (n, d) = (3000, 12);
+    let (x, y) = massive_activations(n, d, 1);
+    let mut m = Moments::new(d);
+    for (xc, yc) in x.chunks(d * 256).zip(y.chunks(d * 256)) {
+        m.add_batch(xc, yc);
+    }
+    let Reference { sxx, syx, syy, mean_x: mx, mean_y: my } = two_pass(&x, &y, d);
+    assert_eq!(m.count, n as u64);
+    // Centred f64 accumulation: agreement to ~1e-12 of the largest entry.
+    for (got, want) in [(&m.sxx, &sxx), (&m.syx, &syx), (&m.syy, &syy)] {
+        assert!(max_rel(got, want) < 1e-10, "relative error {}", max_rel(got, want));
+    }
+    for j in 0..d {
+        assert!((m.mean_x[j] - mx[j]).abs() <= 1e-9 * mx[j].abs().max(1.0));
+        assert!((m.mean_y[j] - my[j]).abs() <= 1e-9 * my[j].abs().max(1.0));
+    }
+}
+
+#[test]
+fn merging_shards_equals_one_pass_over_all_tokens() {
+    let (n, d) = (2000, 10);
+    let (x, y) = massive_activations(n, d, 2);
+    let mut whole = Moments::new(d);
+    whole.add_batch(&x, &y);
+    let mut merged = Moments::new(d);
+    for (xc, yc) in x.chunks(d * 333).zip(y.chunks(d * 333)) {
+        let mut shard = Moments::new(d);
+        shard.add_batch(xc, yc);
+        merged.merge(&shard);
+    }
+    assert_eq!(merged.count, whole.count);
+    for (a, b) in [(&merged.sxx, &whole.sxx), (&merged.syx, &whole.syx), (&merged.syy, &whole.syy)] {
+        let flat: Vec<f64> = (0..d * d).map(|k| b[(k / d, k % d)]).collect();
+        assert!(max_rel(a, &flat) < 1e-12, "{}", max_rel(a, &flat));
+    }
+    assert!((merged.cos_sum - whole.cos_sum).abs() < 1e-9 * whole.cos_sum.abs());
+}
+
+#[test]
+fn statistics_survive_a_file_round_trip_exactly() {
+    let d = 6;
+    let mut g = Gaussian::new(4);
+    let moments: Vec<Moments> = (0..3)
+        .map(|_| {
+            let mut m = Moments::new(d);
+            let x: Vec<f32> = g.matrix(50, d).iter().map(|&v| v as f32).collect();
+            let y: Vec<f32> = g.matrix(50, d).iter().map(|&v| v as f32).collect();
+            m.add_batch(&x, &y);
+            m
+        })
+        .collect();
+    let stats = Stats {
+        fingerprint: "abc123".into(),
+        hidden_size: d,
+        layers: (0..3).map(|l| LayerTensors { layer: l, x: format!("x{l}"), y: format!("y{l}") }).collect(),
+        moments,
+        data: vec![DataSummary {
+            files: vec!["data.json".into()],
+            seq_len: 16,
+            blocks: 3,
+            shard: [0, 1],
+            engine: "test".into(),
+        }],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stats.safetensors");
+    stats.save(&path).unwrap();
+    let back = Stats::load(&path).unwrap();
+    assert_eq!(back.fingerprint, "abc123");
+    assert_eq!(back.layers, stats.layers);
+    assert_eq!(back.data, stats.data);
+    for (a, b) in back.moments.iter().zip(&stats.moments) {
+        assert_eq!(a.count, b.count);
+        assert_eq!(a.mean_x, b.mean_x);
+        assert_eq!(a.sxx, b.sxx);
+        assert_eq!(a.syx, b.syx);
+        assert_eq!(a.syy, b.syy);
+        assert_eq!(a.cos_sum, b.cos_sum);
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+}

@@ -1,0 +1,191 @@
+//! The NBL math against independent computations: analytic canonical correlations, an SVD of the
+//! whitened cross-covariance, and direct least squares. Tolerances are stated with each test.
+
+mod common;
+
+use common::Gaussian;
+use faer::linalg::solvers::SolveLstsq;
+use faer::{Mat, MatRef, Side};
+use nbl_onnx::nbl::{Criterion, fit_layer, ranking};
+use nbl_onnx::stats::Moments;
+
+/// `a · b` for row-major slices viewed as faer matrices.
+fn mat(rows: usize, cols: usize, v: &[f64]) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
+}
+
+/// Rows of `m` (n×d, faer) as a row-major f32 vector, the layout engines hand over.
+fn rows_f32(m: MatRef<'_, f64>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m.nrows() * m.ncols());
+    for i in 0..m.nrows() {
+        for j in 0..m.ncols() {
+            out.push(m[(i, j)] as f32);
+        }
+    }
+    out
+}
+
+/// Moments whose covariances are exactly the given population ones (n large, zero means).
+fn exact_moments(c_xx: &Mat<f64>, c_yx: &Mat<f64>, c_yy: &Mat<f64>) -> Moments {
+    let d = c_xx.nrows();
+    let n: u64 = 1_000_001;
+    let s = (n - 1) as f64;
+    let mut m = Moments::new(d);
+    m.count = n;
+    m.sxx = Mat::from_fn(d, d, |i, j| c_xx[(i, j)] * s);
+    m.syx = Mat::from_fn(d, d, |i, j| c_yx[(i, j)] * s);
+    m.syy = Mat::from_fn(d, d, |i, j| c_yy[(i, j)] * s);
+    m
+}
+
+/// `x = A u`, `z = B v` with `Cov(u) = Cov(v) = I`, `Cov(v, u) = diag(ρ)`: the canonical
+/// correlations of x and z are exactly `ρ`, whatever the invertible A and B.
+#[test]
+fn bound_equals_the_analytic_value_for_known_canonical_correlations() {
+    let d = 12;
+    let rho: Vec<f64> = (0..d).map(|i| 0.99 - 0.08 * i as f64).collect();
+    let mut g = Gaussian::new(7);
+    let a = mat(d, d, &g.matrix(d, d));
+    let b = mat(d, d, &g.matrix(d, d));
+    let r = Mat::from_fn(d, d, |i, j| if i == j { rho[i] } else { 0.0 });
+    let c_xx = &a * a.transpose();
+    let c_zz = &b * b.transpose();
+    let c_zx = &b * &r * a.transpose();
+    let c_yx = &c_zx - &c_xx;
+    let c_yy = &c_zz - &c_zx - c_zx.transpose() + &c_xx;
+
+    let fit = fit_layer(0, &exact_moments(&c_xx, &c_yx, &c_yy), 1e-12, true).unwrap();
+    let analytic: f64 = rho.iter().map(|r| 1.0 - r * r).sum();
+    // Only the 1e-12 ridge and f64 rounding separate them.
+    assert!((fit.bound - analytic).abs() < 1e-6, "bound {} vs analytic {analytic}", fit.bound);
+    let spectrum = fit.rho.unwrap();
+    for (got, want) in spectrum.iter().zip(&rho) {
+        assert!((got - want).abs() < 1e-6, "rho {got} vs {want}");
+    }
+    assert!(!fit.rank_deficient);
+}
+
+/// The Cholesky route gives the same Σρ² as the SVD of `C_zz^-½ C_zx C_xx^-½` built with
+/// eigendecompositions, on sampled data with correlated, unequally scaled features.
+#[test]
+fn cholesky_bound_matches_the_svd_of_the_whitened_cross_covariance() {
+    let (d, n) = (16, 4000);
+    let mut g = Gaussian::new(11);
+    let mix = mat(d, d, &g.matrix(d, d));
+    let x = &mat(n, d, &g.matrix(n, d)) * &mix;
+    let w0 = mat(d, d, &g.matrix(d, d)) * 0.3;
+    let noise = mat(n, d, &g.matrix(n, d));
+    let y = &x * w0.transpose() + noise;
+    let mut m = Moments::new(d);
+    m.add_batch(&rows_f32(x.as_ref()), &rows_f32(y.as_ref()));
+    let fit = fit_layer(0, &m, 1e-12, false).unwrap();
+
+    let (c_xx, c_yx, c_yy) = m.covariances();
+    let c_zx = &c_yx + &c_xx;
+    let c_zz = &c_yy + &c_yx + c_yx.transpose() + &c_xx;
+    let inv_sqrt = |c: &Mat<f64>| {
+        let eig = c.self_adjoint_eigen(Side::Lower).unwrap();
+        let u = eig.U();
+        let s = eig.S();
+        let dinv = Mat::from_fn(d, d, |i, j| if i == j { 1.0 / s[i].sqrt() } else { 0.0 });
+        u * dinv * u.transpose()
+    };
+    let k = inv_sqrt(&c_zz) * &c_zx * inv_sqrt(&c_xx);
+    let rho_sq: f64 = k.singular_values().unwrap().iter().map(|s| s * s).sum();
+    let svd_bound = d as f64 - rho_sq;
+    // Both in f64 from the same covariances; the ridge is 1e-12 of the trace scale.
+    assert!((fit.bound - svd_bound).abs() < 1e-7 * d as f64, "cholesky {} vs svd {svd_bound}", fit.bound);
+}
+
+/// W and b equal the ordinary least-squares fit of y on [x, 1], computed by QR from the raw data.
+#[test]
+fn lmmse_matches_a_direct_least_squares_fit() {
+    let (d, n) = (10, 3000);
+    let mut g = Gaussian::new(3);
+    let x = mat(n, d, &g.matrix(n, d)) + Mat::from_fn(n, d, |_, j| 5.0 + j as f64);
+    let w0 = mat(d, d, &g.matrix(d, d));
+    let b0: Vec<f64> = (0..d).map(|i| i as f64 - 4.0).collect();
+    let noise = mat(n, d, &g.matrix(n, d)) * 0.5;
+    let y = &x * w0.transpose() + Mat::from_fn(n, d, |_, j| b0[j]) + noise;
+    // Statistics see the data as f32, like activations: fit both on the same rounded values.
+    let (xf, yf) = (rows_f32(x.as_ref()), rows_f32(y.as_ref()));
+    let x = Mat::from_fn(n, d, |i, j| f64::from(xf[i * d + j]));
+    let y = Mat::from_fn(n, d, |i, j| f64::from(yf[i * d + j]));
+    let mut m = Moments::new(d);
+    for (xc, yc) in xf.chunks(d * 700).zip(yf.chunks(d * 700)) {
+        m.add_batch(xc, yc);
+    }
+    let fit = fit_layer(0, &m, 1e-14, false).unwrap();
+
+    let design = Mat::from_fn(n, d + 1, |i, j| if j < d { x[(i, j)] } else { 1.0 });
+    let coef = design.col_piv_qr().solve_lstsq(&y); // (d+1)×d: rows are W's columns, then b
+    let mut worst: f64 = 0.0;
+    for i in 0..d {
+        for j in 0..d {
+            worst = worst.max((fit.w[(i, j)] - coef[(j, i)]).abs());
+        }
+        worst = worst.max((fit.b[i] - coef[(d, i)]).abs());
+    }
+    // Normal equations vs QR in f64 on well-conditioned data: agreement to ~1e-9 absolute.
+    assert!(worst < 1e-8, "max |lmmse - lstsq| = {worst}");
+    assert!(fit.fit_residual > 0.0 && fit.fit_residual < 0.1, "noise share {}", fit.fit_residual);
+}
+
+#[test]
+fn lmmse_recovers_an_exact_affine_map() {
+    let (d, n) = (8, 500);
+    let mut g = Gaussian::new(5);
+    let x = mat(n, d, &g.matrix(n, d));
+    let w0 = mat(d, d, &g.matrix(d, d));
+    let xs: Vec<f32> = rows_f32(x.as_ref());
+    let x32 = Mat::from_fn(n, d, |i, j| f64::from(xs[i * d + j]));
+    let y = &x32 * w0.transpose() + Mat::from_fn(n, d, |_, j| j as f64);
+    let mut m = Moments::new(d);
+    m.add_batch(&xs, &rows_f32(y.as_ref()));
+    let fit = fit_layer(0, &m, 1e-14, false).unwrap();
+    for i in 0..d {
+        for j in 0..d {
+            // y was rounded to f32: relative 6e-8 of |y| ~ 3 gives ~1e-6 in W.
+            assert!((fit.w[(i, j)] - w0[(i, j)]).abs() < 1e-5, "W[{i},{j}]");
+        }
+        assert!((fit.b[i] - i as f64).abs() < 1e-5, "b[{i}] = {}", fit.b[i]);
+    }
+    assert!(fit.fit_residual < 1e-9, "{}", fit.fit_residual);
+}
+
+#[test]
+fn rank_deficient_statistics_give_finite_flagged_results() {
+    let d = 16;
+    let mut g = Gaussian::new(9);
+    // Fewer tokens than dimensions, and one dead dimension.
+    let mut x = g.matrix(5, d);
+    for t in 0..5 {
+        x[t * d + 3] = 0.0;
+    }
+    let y = g.matrix(5, d);
+    let to32 = |v: &[f64]| v.iter().map(|&e| e as f32).collect::<Vec<f32>>();
+    let mut m = Moments::new(d);
+    m.add_batch(&to32(&x), &to32(&y));
+    let fit = fit_layer(0, &m, 1e-6, true).unwrap();
+    assert!(fit.rank_deficient);
+    assert!(fit.bound.is_finite() && fit.fit_residual.is_finite() && fit.cosine.is_finite());
+    assert!(fit.w.norm_l2().is_finite() && fit.b.iter().all(|b| b.is_finite()));
+    assert!(fit.bound >= 0.0 && fit.bound <= d as f64);
+}
+
+#[test]
+fn ranking_orders_by_bound_or_by_cosine() {
+    let d = 4;
+    let mut g = Gaussian::new(1);
+    let mut fits = Vec::new();
+    for (layer, noise) in [(0, 2.0), (1, 0.01), (2, 0.5)] {
+        let x = g.matrix(400, d);
+        let y: Vec<f64> = x.iter().zip(g.matrix(400, d)).map(|(a, e)| 0.5 * a + noise * e).collect();
+        let to32 = |v: &[f64]| v.iter().map(|&e| e as f32).collect::<Vec<f32>>();
+        let mut m = Moments::new(d);
+        m.add_batch(&to32(&x), &to32(&y));
+        fits.push(fit_layer(layer, &m, 1e-6, false).unwrap());
+    }
+    assert_eq!(ranking(&fits, Criterion::Cca), vec![1, 2, 0]);
+    assert_eq!(ranking(&fits, Criterion::Cosine), vec![1, 2, 0]);
+}
