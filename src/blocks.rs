@@ -176,9 +176,9 @@ fn stream_start(graph: &GraphProto, index: &GraphIndex) -> Result<TensorId> {
         else {
             continue;
         };
-        if !is_gather || !index.is_initializer(table) {
+        let Some((rows, cols)) = is_gather.then(|| embedding_table(graph, index, table)).flatten() else {
             continue;
-        }
+        };
         // The ids must come from a graph input (possibly through casts): a gather of a constant
         // table by a computed index (rotary caches, shapes) is not an embedding.
         let ancestors = index.ancestors(&[ids]);
@@ -195,11 +195,9 @@ fn stream_start(graph: &GraphProto, index: &GraphIndex) -> Result<TensorId> {
         // Prefer the ids named `input_ids`, then the largest table (rotary caches are gathered by
         // position ids too, but the vocabulary table dwarfs them).
         let named_ids = inputs.iter().any(|&i| index.name(i) == "input_ids");
-        let table_size: i64 =
-            graph.initializer[index.initializer(table).expect("checked")].dims.iter().product();
-        candidates.push((named_ids, table_size, out));
+        candidates.push((named_ids, rows * cols, out));
     }
-    candidates.sort_by_key(|&(named, size, _)| (!named, -size));
+    candidates.sort_by_key(|&(named, size, _)| (!named, std::cmp::Reverse(size)));
     if let Some(&(_, _, out)) = candidates.first() {
         return Ok(out);
     }
@@ -215,6 +213,23 @@ fn stream_start(graph: &GraphProto, index: &GraphIndex) -> Result<TensorId> {
         "no token embedding found: expected a Gather of an embedding table by the token ids (input_ids), \
          or a float [batch, sequence, hidden] input"
     )
+}
+
+/// The `(rows, columns)` of an embedding table: a 2-D initializer, possibly through `Transpose`
+/// (tied embeddings: the GenAI builder gathers from `Transpose(lm_head.weight)`), `Cast` or
+/// `Identity`.
+fn embedding_table(graph: &GraphProto, index: &GraphIndex, table: TensorId) -> Option<(usize, usize)> {
+    if let Some(i) = index.initializer(table) {
+        let dims = &graph.initializer[i].dims;
+        return (dims.len() == 2).then(|| (dims[0] as usize, dims[1] as usize));
+    }
+    let (node, _) = index.producer(table)?;
+    let source = index.input(node, 0)?;
+    match graph.node[node].op_type() {
+        "Transpose" => embedding_table(graph, index, source).map(|(r, c)| (c, r)),
+        "Cast" | "Identity" => embedding_table(graph, index, source),
+        _ => None,
+    }
 }
 
 /// The tensors that carry the stream value `s` into a branch: `s` itself, the outputs of `Cast` and
@@ -434,10 +449,9 @@ fn hidden_size(model: &Model, index: &GraphIndex, x: TensorId, start: TensorId) 
     }
     if let Some((node, _)) = index.producer(start)
         && graph.node[node].op_type() == "Gather"
-        && let Some(table) = index.input(node, 0).and_then(|t| index.initializer(t))
-        && graph.initializer[table].dims.len() == 2
+        && let Some((_, cols)) = index.input(node, 0).and_then(|t| embedding_table(graph, index, t))
     {
-        return Ok(graph.initializer[table].dims[1] as usize);
+        return Ok(cols);
     }
     for &(c, _) in index.consumers(x) {
         let n = &graph.node[c];
@@ -455,9 +469,10 @@ fn hidden_size(model: &Model, index: &GraphIndex, x: TensorId, start: TensorId) 
 /// The number of rows of the embedding table the stream starts from.
 fn embedding_rows(graph: &GraphProto, index: &GraphIndex, start: TensorId) -> Option<usize> {
     let (node, _) = index.producer(start)?;
-    let table = index.initializer(index.input(node, 0)?)?;
-    let dims = &graph.initializer[table].dims;
-    (graph.node[node].op_type() == "Gather" && dims.len() == 2).then(|| dims[0] as usize)
+    if graph.node[node].op_type() != "Gather" {
+        return None;
+    }
+    embedding_table(graph, index, index.input(node, 0)?).map(|(rows, _)| rows)
 }
 
 /// Compares stream-order layer numbers with the ones in node and KV-cache names; returns warnings.
@@ -591,6 +606,19 @@ mod tests {
             ..Default::default()
         };
         Model { path: "sandwich.onnx".into(), proto }
+    }
+
+    /// Tied embeddings as the GenAI builder writes them: `Gather(Transpose(lm_head.weight), ids)`.
+    #[test]
+    fn a_tied_embedding_behind_a_transpose_starts_the_stream() {
+        let mut model = sandwich_model(false);
+        let graph = model.graph_mut();
+        graph.node[0] = node("Gather", &["embed_t", "input_ids"], "h0");
+        graph.node.insert(0, node("Transpose", &["lm_head"], "embed_t"));
+        graph.initializer.retain(|t| t.name() != "embed");
+        let blocks = find_blocks(&model).unwrap();
+        assert_eq!(blocks.layers[0].x, "h0");
+        assert_eq!((blocks.hidden_size, blocks.vocab_size), (8, Some(32)));
     }
 
     #[test]

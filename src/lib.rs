@@ -5,6 +5,7 @@
 //! measures every block into [`stats`], [`nbl`] turns statistics into bounds and linear maps, and
 //! [`inspect`] and [`report`] present the results.
 
+pub mod atomic;
 pub mod blocks;
 pub mod calibrate;
 pub mod data;

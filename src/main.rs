@@ -261,22 +261,13 @@ fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
     ensure!(args.lambda >= 0.0 && args.lambda.is_finite(), "--lambda must be a finite number ≥ 0");
     let analysis = analyze(&stats, args.criterion, count, args.lambda, args.spectrum)?;
     let chart = args.chart.clone().unwrap_or_else(|| args.stats.with_extension("svg"));
-    write_atomically(&chart, analysis.svg().as_bytes()).context("writing the chart")?;
+    nbl_onnx::atomic::write(&chart, analysis.svg().as_bytes()).context("writing the chart")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&analysis)?);
     } else {
         print!("{}", analysis.table());
         eprintln!("chart: {}", chart.display());
     }
-    Ok(())
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes)?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

@@ -217,16 +217,10 @@ impl Stats {
             ("layers".to_string(), serde_json::to_string(&self.layers)?),
             ("data".to_string(), serde_json::to_string(&self.data)?),
         ]);
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new()
-            .prefix(".stats.")
-            .suffix(".tmp")
-            .tempfile_in(dir)
-            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        let tmp = crate::atomic::temp_beside(path)?;
         safetensors::serialize_to_file(tensors, Some(metadata), tmp.path())
             .with_context(|| format!("writing {}", path.display()))?;
-        tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        crate::atomic::persist(tmp, path)
     }
 
     /// Reads a statistics file, checking its format and every tensor's shape.

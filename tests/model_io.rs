@@ -29,6 +29,11 @@ fn assert_round_trip(fixture: &str, data_file: Option<&str>) {
     expected.extend(data_file.map(str::to_string));
     assert_eq!(written, expected, "{fixture}: only the model and its data file, no temporary files");
 
+    for name in &written {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{name} is readable like any output");
+    }
     let copy = Model::load(&out).unwrap();
     for t in &copy.graph().initializer {
         if let Some(loc) = external_location(t).unwrap() {

@@ -12,6 +12,7 @@ use prost::Message;
 
 use super::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto, tensor_proto};
 use super::tensor::{DType, Tensor};
+use crate::atomic;
 
 /// Offsets in external data files are aligned to this, as ONNX Runtime expects for memory mapping.
 const EXTERNAL_ALIGNMENT: u64 = 4096;
@@ -202,24 +203,16 @@ impl Model {
 
         let data_file = match &data_name {
             Some(name) => {
-                let mut tmp = tempfile::Builder::new()
-                    .prefix(&format!(".{name}."))
-                    .suffix(".tmp")
-                    .tempfile_in(out_dir)
-                    .with_context(|| format!("cannot create a file in {}", out_dir.display()))?;
+                let data_path = out_dir.join(name);
+                let mut tmp = atomic::temp_beside(&data_path)?;
                 let graph = proto.graph.as_mut().expect("checked at load");
                 self.copy_external_data(graph, name, tmp.as_file_mut())
-                    .with_context(|| format!("writing {}", out_dir.join(name).display()))?;
-                tmp.as_file().sync_all()?;
-                Some((tmp, out_dir.join(name)))
+                    .with_context(|| format!("writing {}", data_path.display()))?;
+                Some((tmp, data_path))
             }
             None => None,
         };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&format!(".{out_name}."))
-            .suffix(".tmp")
-            .tempfile_in(out_dir)
-            .with_context(|| format!("cannot create a file in {}", out_dir.display()))?;
+        let mut tmp = atomic::temp_beside(out)?;
         let bytes = proto.encode_to_vec();
         ensure!(
             bytes.len() < (2usize << 30),
@@ -227,12 +220,11 @@ impl Model {
             bytes.len()
         );
         tmp.write_all(&bytes)?;
-        tmp.as_file().sync_all()?;
+        // The data file first: a model is never visible without the weights it points to.
         if let Some((data_tmp, data_path)) = data_file {
-            data_tmp.persist(&data_path).with_context(|| format!("cannot write {}", data_path.display()))?;
+            atomic::persist(data_tmp, &data_path)?;
         }
-        tmp.persist(out).with_context(|| format!("cannot write {}", out.display()))?;
-        Ok(())
+        atomic::persist(tmp, out)
     }
 
     /// The data-file name for a copy saved as `out_name`, following the input's convention; `None`

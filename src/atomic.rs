@@ -1,0 +1,37 @@
+//! Atomic output files: written under a temporary name in the destination directory, then renamed,
+//! so that an interrupted run never leaves a partial file and readers see the old or the new one.
+
+use std::fs::Permissions;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tempfile::NamedTempFile;
+
+/// A temporary file in the directory `path` will be written to.
+pub fn temp_beside(path: &Path) -> Result<NamedTempFile> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("output");
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))
+}
+
+/// Gives the finished temporary file its final name, readable by others like any output
+/// (temporary files are created private).
+pub fn persist(tmp: NamedTempFile, path: &Path) -> Result<()> {
+    tmp.as_file().sync_all().with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(tmp.path(), Permissions::from_mode(0o644))?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    persist(tmp, path)
+}
