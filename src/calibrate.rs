@@ -121,8 +121,11 @@ fn progress_bar(total: u64) -> ProgressBar {
     }
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("calibrating {bar:40} {pos}/{len} tokens  {per_sec}  ETA {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template("calibrating {bar:40} {pos}/{len} tokens  {rate}  ETA {eta}")
+            .expect("valid template")
+            .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} tokens/s", state.per_sec());
+            }),
     );
     bar
 }

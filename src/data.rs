@@ -275,6 +275,21 @@ mod tests {
     }
 
     #[test]
+    fn eos_comes_from_generation_config_then_tokenizer_config() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-optimum-past/tokenizer.json");
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = Some(fixture.as_path());
+        let err = TextEncoder::new(dir.path(), tokenizer, None).err().unwrap().to_string();
+        assert!(err.contains("pass --eos-id"), "{err}");
+        write(dir.path(), "tokenizer_config.json", r#"{"eos_token": {"content": "<|pad|>"}}"#);
+        assert_eq!(TextEncoder::new(dir.path(), tokenizer, None).unwrap().eos_id, 1);
+        write(dir.path(), "generation_config.json", r#"{"eos_token_id": [0, 1]}"#);
+        assert_eq!(TextEncoder::new(dir.path(), tokenizer, None).unwrap().eos_id, 0);
+        assert_eq!(TextEncoder::new(dir.path(), tokenizer, Some(7)).unwrap().eos_id, 7);
+    }
+
+    #[test]
     fn bad_data_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let short = write(dir.path(), "short.json", r#"[{"input_ids": [1]}]"#);
