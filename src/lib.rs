@@ -14,4 +14,5 @@ pub mod inspect;
 pub mod nbl;
 pub mod onnx;
 pub mod report;
+pub mod rewrite;
 pub mod stats;

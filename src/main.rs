@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 
-use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::blocks::{Blocks, find_blocks};
 use nbl_onnx::calibrate::{Shard, calibrate, fingerprint, layer_tensors};
 use nbl_onnx::data::{TextEncoder, pack};
 use nbl_onnx::engine::{self, EngineChoice, EngineOptions, ExecutionProvider};
@@ -15,6 +15,7 @@ use nbl_onnx::inspect::{inspect, trial_run};
 use nbl_onnx::nbl::{Criterion, DEFAULT_LAMBDA};
 use nbl_onnx::onnx::Model;
 use nbl_onnx::report::analyze;
+use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, rewrite};
 use nbl_onnx::stats::{DataSummary, Stats};
 
 #[derive(Parser)]
@@ -34,6 +35,8 @@ enum Command {
     MergeStats(MergeArgs),
     /// Rank layers by their CCA bound and fit the linear maps, from a statistics file
     Analyze(AnalyzeArgs),
+    /// Replace the most linear attention blocks by MatMul + Add and write the new model
+    Rewrite(RewriteArgs),
 }
 
 #[derive(clap::Args)]
@@ -78,8 +81,21 @@ impl EngineArgs {
 struct CalibrateArgs {
     /// The ONNX model to measure
     model: PathBuf,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
+    /// Calibrate slice I of N disjoint slices of the blocks (merge the results with merge-stats)
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
+    /// Output statistics file (.safetensors)
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// The calibration data and how it is run.
+#[derive(clap::Args)]
+struct CalibrationArgs {
     /// Calibration data: .json, .jsonl or .txt (documents, or records with input_ids)
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
     /// tokenizer.json (default: beside the model)
     #[arg(long)]
@@ -97,14 +113,46 @@ struct CalibrateArgs {
     /// Blocks per engine run
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Calibrate slice I of N disjoint slices of the blocks (merge the results with merge-stats)
-    #[arg(long, default_value = "0/1")]
-    shard: Shard,
     #[command(flatten)]
     engine: EngineArgs,
-    /// Output statistics file (.safetensors)
+}
+
+#[derive(clap::Args)]
+struct RewriteArgs {
+    /// The ONNX model to rewrite (never modified)
+    model: PathBuf,
+    /// Statistics from calibrate; without it the model is calibrated first (--data ...)
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
+    /// Number of layers to replace (default: a quarter of the layers, rounded down)
+    #[arg(long, conflicts_with_all = ["layer_ids", "max_bound"])]
+    layers: Option<usize>,
+    /// Exactly these layers, e.g. 3,7
+    #[arg(long, value_delimiter = ',', conflicts_with = "max_bound")]
+    layer_ids: Option<Vec<usize>>,
+    /// Every layer whose normalised bound (bound/d) is at most B
+    #[arg(long)]
+    max_bound: Option<f64>,
+    /// Ranking criterion
+    #[arg(long, value_enum, default_value_t = Criterion::Cca)]
+    criterion: Criterion,
+    /// linear: Y = X Wᵀ + b (NBL); drop: Y = 0 (attention dropping, for comparison)
+    #[arg(long, value_enum, default_value_t = Replacement::Linear)]
+    replace: Replacement,
+    /// drop: remove the replaced layers' KV cache from the interface; keep: leave it unchanged
+    #[arg(long, value_enum, default_value_t = KvCache::Drop)]
+    kv: KvCache,
+    /// Ridge λ for the linear maps
+    #[arg(long, default_value_t = DEFAULT_LAMBDA)]
+    lambda: f64,
+    /// Output model (default: <stem>.nbl.onnx beside the input)
     #[arg(short, long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
+    /// Report (default: <stem>.nbl.json beside the output)
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -169,11 +217,10 @@ fn check_output(output: &Path, input: &Path) -> Result<()> {
     Ok(())
 }
 
-fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
-    check_output(&args.output, &args.model)?;
+/// Calibrates `model` on the data of `args` (shard `shard` of it) into statistics.
+fn measure(model: &Model, blocks: &Blocks, args: &CalibrationArgs, shard: Shard) -> Result<Stats> {
+    ensure!(!args.data.is_empty(), "no calibration data: pass --data FILE (or --stats STATS)");
     ensure!(args.samples > 0, "--samples must be at least 1");
-    let model = Model::load(&args.model)?;
-    let blocks = find_blocks(&model)?;
     let encoder = TextEncoder::new(model.dir(), args.tokenizer.as_deref(), args.eos_id)?;
     if let (Some(tokens), Some(rows)) = (encoder.vocab_size(), blocks.vocab_size) {
         ensure!(
@@ -192,31 +239,155 @@ fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
             args.samples
         );
     }
-    let slice = args.shard.slice(&packed.blocks);
+    let slice = shard.slice(&packed.blocks);
     ensure!(
         !slice.is_empty(),
         "shard {}/{} has no blocks: the data gives only {}",
-        args.shard.index,
-        args.shard.count,
+        shard.index,
+        shard.count,
         packed.blocks.len()
     );
     let engine = args.engine.open()?;
-    let moments = calibrate(&model, &blocks, engine.as_ref(), slice, args.batch)?;
-    let stats = Stats {
-        fingerprint: fingerprint(&model, &blocks),
+    let moments = calibrate(model, blocks, engine.as_ref(), slice, args.batch)?;
+    Ok(Stats {
+        fingerprint: fingerprint(model, blocks),
         hidden_size: blocks.hidden_size,
-        layers: layer_tensors(&blocks),
+        layers: layer_tensors(blocks),
         moments,
         data: vec![DataSummary {
             files: args.data.iter().map(|p| p.display().to_string()).collect(),
             seq_len: args.seq_len,
             blocks: slice.len(),
-            shard: [args.shard.index, args.shard.count],
+            shard: [shard.index, shard.count],
             engine: engine.describe(),
         }],
-    };
+    })
+}
+
+fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
+    check_output(&args.output, &args.model)?;
+    let model = Model::load(&args.model)?;
+    let blocks = find_blocks(&model)?;
+    let stats = measure(&model, &blocks, &args.calibration, args.shard)?;
     stats.save(&args.output)?;
     eprintln!("wrote {} ({} layers, {} tokens)", args.output.display(), stats.layers.len(), stats.tokens());
+    Ok(())
+}
+
+/// Fails unless `stats` were measured on `model`.
+fn check_fingerprint(stats: &Stats, stats_path: &Path, model: &Model, blocks: &Blocks) -> Result<()> {
+    let expected = fingerprint(model, blocks);
+    ensure!(
+        expected == stats.fingerprint,
+        "{} was measured on another model (fingerprint {}, {} has {expected})",
+        stats_path.display(),
+        stats.fingerprint,
+        model.path.display()
+    );
+    Ok(())
+}
+
+fn run_rewrite(args: &RewriteArgs) -> Result<()> {
+    let stem = args.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
+    let output = args.output.clone().unwrap_or_else(|| args.model.with_file_name(format!("{stem}.nbl.onnx")));
+    let out_stem =
+        output.file_stem().and_then(|s| s.to_str()).unwrap_or("model").trim_end_matches(".nbl").to_string();
+    let report_path =
+        args.report.clone().unwrap_or_else(|| output.with_file_name(format!("{out_stem}.nbl.json")));
+    check_output(&output, &args.model)?;
+    check_output(&report_path, &args.model)?;
+    ensure!(args.lambda >= 0.0 && args.lambda.is_finite(), "--lambda must be a finite number ≥ 0");
+
+    let mut model = Model::load(&args.model)?;
+    let blocks = find_blocks(&model)?;
+    let n_layers = blocks.layers.len();
+    if let Some(k) = args.layers {
+        ensure!(
+            k <= n_layers,
+            "--layers {k} is more than the {n_layers} attention layers of {}",
+            args.model.display()
+        );
+    }
+    if let Some(ids) = &args.layer_ids {
+        for &id in ids {
+            ensure!(
+                id < n_layers,
+                "--layer-ids: layer {id} does not exist (the model has layers 0..{})",
+                n_layers - 1
+            );
+        }
+    }
+    let stats = match &args.stats {
+        Some(path) => {
+            let stats = Stats::load(path)?;
+            check_fingerprint(&stats, path, &model, &blocks)?;
+            stats
+        }
+        None => measure(&model, &blocks, &args.calibration, Shard::WHOLE)?,
+    };
+    let mut analysis = analyze(&stats, args.criterion, 0, args.lambda, false)?;
+    let selected: Vec<usize> = match (&args.layer_ids, args.max_bound) {
+        (Some(ids), _) => {
+            let mut ids = ids.clone();
+            ids.dedup();
+            ids
+        }
+        (None, Some(max)) => {
+            analysis.order.iter().copied().filter(|&l| analysis.fits[l].bound_normalized <= max).collect()
+        }
+        (None, None) => analysis.order.iter().copied().take(args.layers.unwrap_or(n_layers / 4)).collect(),
+    };
+    for row in &mut analysis.layers {
+        row.linearized = selected.contains(&row.layer);
+    }
+    analysis.selected = selected.clone();
+
+    let edits: Vec<LayerEdit<'_>> = selected
+        .iter()
+        .map(|&l| LayerEdit {
+            block: &blocks.layers[l],
+            map: Some((&analysis.fits[l].w, analysis.fits[l].b.as_slice())),
+        })
+        .collect();
+    let layer_list = selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
+    let provenance = [
+        ("nbl.version", env!("CARGO_PKG_VERSION").to_string()),
+        ("nbl.layers", layer_list),
+        ("nbl.replace", format!("{:?}", args.replace).to_lowercase()),
+        ("nbl.kv", format!("{:?}", args.kv).to_lowercase()),
+        ("nbl.criterion", format!("{:?}", args.criterion).to_lowercase()),
+        ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data}).to_string()),
+    ];
+    let summary = rewrite(&mut model, &blocks, &edits, args.replace, args.kv, &provenance)?;
+    model.save(&output)?;
+    let report = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "output": output.display().to_string(),
+        "analysis": analysis,
+        "rewrite": summary,
+    });
+    let mut flat = serde_json::to_value(&analysis)?;
+    if let (Some(obj), Some(extra)) = (flat.as_object_mut(), report.as_object()) {
+        for (k, v) in extra {
+            if k != "analysis" {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    nbl_onnx::atomic::write(&report_path, serde_json::to_string_pretty(&flat)?.as_bytes())?;
+    eprintln!(
+        "wrote {} ({:?} layers {:?}; nodes {} -> {}; parameters -{} +{}; KV cache {} -> {} bytes/token) and {}",
+        output.display(),
+        args.replace,
+        selected,
+        summary.nodes_before,
+        summary.nodes_after,
+        summary.params_removed,
+        summary.params_added,
+        summary.kv_bytes_per_token_before,
+        summary.kv_bytes_per_token_after,
+        report_path.display()
+    );
     Ok(())
 }
 
@@ -241,15 +412,7 @@ fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
     if let Some(path) = &args.model {
         let model = Model::load(path)?;
         let blocks = find_blocks(&model)?;
-        let expected = fingerprint(&model, &blocks);
-        if expected != stats.fingerprint {
-            bail!(
-                "{} was measured on another model (fingerprint {}, {} has {expected})",
-                args.stats.display(),
-                stats.fingerprint,
-                path.display()
-            );
-        }
+        check_fingerprint(&stats, &args.stats, &model, &blocks)?;
     }
     let count = args.layers.unwrap_or(stats.layers.len() / 4);
     ensure!(
@@ -278,6 +441,7 @@ fn main() -> ExitCode {
         Command::Calibrate(args) => run_calibrate(args),
         Command::MergeStats(args) => run_merge(args),
         Command::Analyze(args) => run_analyze(args),
+        Command::Rewrite(args) => run_rewrite(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,226 @@
+//! The rewrite on every fixture: linearised layers compute exactly `X Wᵀ + b` from the statistics,
+//! nothing else changes, zero layers changes nothing at all, and bad requests are refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::nbl::fit_layer;
+use nbl_onnx::onnx::Model;
+use nbl_onnx::stats::Stats;
+
+fn nbl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nbl-onnx")).args(args).output().expect("the binary runs")
+}
+
+fn ok(out: Output) -> Output {
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A copy of a fixture in a temporary directory, with statistics from 256 tokens of text.
+struct Workspace {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    stats: PathBuf,
+}
+
+fn workspace(fixture: &str) -> Workspace {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures_dir().join(fixture)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let corpus = dir.path().join("corpus.txt");
+    let text = "The river runs past the old mill, where children watch the water turn the wheel. \
+                Every market day the square fills with bread, cheese and the noise of traders. ";
+    std::fs::write(&corpus, text.repeat(40)).unwrap();
+    let model = dir.path().join("model.onnx");
+    let stats = dir.path().join("stats.safetensors");
+    ok(nbl(&[
+        "calibrate",
+        model.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--samples",
+        "8",
+        "--engine",
+        "ort",
+        "-o",
+        stats.to_str().unwrap(),
+    ]));
+    Workspace { dir, model, stats }
+}
+
+fn rewrite(ws: &Workspace, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["rewrite", ws.model.to_str().unwrap(), "--stats", ws.stats.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ok(nbl(&args));
+    ws.dir.path().join("model.nbl.onnx")
+}
+
+/// Runs a model on its fixture's reference inputs (restricted to the inputs the model still has),
+/// exposing `extra`.
+fn run(path: &Path, fixture: &str, extra: &[String]) -> (Vec<String>, Vec<nbl_onnx::onnx::Tensor>) {
+    let model = Model::load(path).unwrap();
+    let names: Vec<&str> = model.graph().input.iter().map(|v| v.name()).collect();
+    let inputs: Vec<_> = reference_inputs(&reference(fixture))
+        .into_iter()
+        .filter(|(n, _)| names.contains(&n.as_str()))
+        .collect();
+    let mut session = ort().load(&model, extra).unwrap();
+    let outputs = session.run(&inputs).unwrap();
+    (session.output_names().to_vec(), outputs)
+}
+
+#[test]
+fn linearised_layers_compute_x_w_plus_b_from_the_statistics() {
+    for fixture in ["llama-optimum-past", "llama-genai-fp32", "phi3-optimum-past"] {
+        let ws = workspace(fixture);
+        let out = rewrite(&ws, &["--layer-ids", "1,2"]);
+        let blocks = find_blocks(&Model::load(&ws.model).unwrap()).unwrap();
+        let stats = Stats::load(&ws.stats).unwrap();
+        let extra: Vec<String> =
+            [1, 2].iter().flat_map(|&l| [blocks.layers[l].x.clone(), format!("nbl.layers.{l}.y")]).collect();
+        let (names, outputs) = run(&out, fixture, &extra);
+        let get = |n: &str| outputs[names.iter().position(|o| o == n).unwrap()].to_f64().unwrap();
+        for l in [1usize, 2] {
+            // W and b recomputed here from the statistics, y = x Wᵀ + b evaluated in f64.
+            let fit = fit_layer(l, &stats.moments[l], nbl_onnx::nbl::DEFAULT_LAMBDA, false).unwrap();
+            let x = get(&blocks.layers[l].x);
+            let y = get(&format!("nbl.layers.{l}.y"));
+            let d = 64;
+            let x = x.as_slice().unwrap();
+            let y = y.as_slice().unwrap();
+            let mut worst: f64 = 0.0;
+            let mut scale: f64 = 0.0;
+            for (xt, yt) in x.chunks(d).zip(y.chunks(d)) {
+                for (i, got) in yt.iter().enumerate() {
+                    let want: f64 =
+                        fit.b[i] + xt.iter().enumerate().map(|(j, xj)| fit.w[(i, j)] * xj).sum::<f64>();
+                    worst = worst.max((got - want).abs());
+                    scale = scale.max(want.abs());
+                }
+            }
+            eprintln!("{fixture} layer {l}: max |y - (x Wᵀ + b)| = {worst:.2e} (max |y| {scale:.2})");
+            // f32 weights and an f32 dot product of length 64: a few ulps of the largest term.
+            assert!(worst <= 1e-5 * scale.max(1.0) * 8.0, "{fixture} layer {l}: {worst}");
+        }
+    }
+}
+
+#[test]
+fn zero_layers_leave_every_output_bit_for_bit() {
+    for fixture in fixture_names() {
+        let ws = workspace(&fixture);
+        let out = rewrite(&ws, &["--layers", "0"]);
+        let (_, before) = run(&ws.model, &fixture, &[]);
+        let (_, after) = run(&out, &fixture, &[]);
+        for (a, b) in before.iter().zip(&after) {
+            assert_eq!(a.to_le_bytes(), b.to_le_bytes(), "{fixture}");
+        }
+    }
+}
+
+#[test]
+fn layers_before_the_first_linearised_one_are_untouched_and_the_interface_only_loses_their_cache() {
+    for fixture in fixture_names() {
+        let ws = workspace(&fixture);
+        let out = rewrite(&ws, &["--layer-ids", "2"]);
+        let original = Model::load(&ws.model).unwrap();
+        let blocks = find_blocks(&original).unwrap();
+        let rewritten = Model::load(&out).unwrap();
+        let names = |m: &Model, outputs: bool| -> Vec<String> {
+            let list = if outputs { &m.graph().output } else { &m.graph().input };
+            list.iter().map(|v| v.name().to_string()).collect()
+        };
+        let kv_in = &blocks.layers[2].kv_inputs;
+        let kv_out = &blocks.layers[2].kv_outputs;
+        let expected_in: Vec<String> =
+            names(&original, false).into_iter().filter(|n| !kv_in.contains(n)).collect();
+        let expected_out: Vec<String> =
+            names(&original, true).into_iter().filter(|n| !kv_out.contains(n)).collect();
+        assert_eq!(names(&rewritten, false), expected_in, "{fixture}");
+        assert_eq!(names(&rewritten, true), expected_out, "{fixture}");
+        let meta: Vec<(&str, &str)> =
+            rewritten.proto.metadata_props.iter().map(|p| (p.key(), p.value())).collect();
+        assert!(meta.contains(&("nbl.layers", "2")), "{fixture}: {meta:?}");
+
+        let extra: Vec<String> =
+            [0, 1].iter().flat_map(|&l| [blocks.layers[l].x.clone(), blocks.layers[l].y.clone()]).collect();
+        let (names_a, a) = run(&ws.model, &fixture, &extra);
+        let (names_b, b) = run(&out, &fixture, &extra);
+        for name in &extra {
+            let ta = &a[names_a.iter().position(|n| n == name).unwrap()];
+            let tb = &b[names_b.iter().position(|n| n == name).unwrap()];
+            assert_eq!(ta.to_le_bytes(), tb.to_le_bytes(), "{fixture}: {name} changed");
+        }
+    }
+}
+
+#[test]
+fn every_fixture_rewrites_with_one_and_all_but_one_layer_and_still_runs() {
+    for fixture in fixture_names() {
+        let ws = workspace(&fixture);
+        for (k, replace) in [("1", "linear"), ("2", "linear"), ("2", "drop")] {
+            let out = rewrite(&ws, &["--layers", k, "--replace", replace]);
+            let (names, outputs) = run(&out, &fixture, &[]);
+            let logits = &outputs[names.iter().position(|n| n == "logits").unwrap()];
+            assert_eq!(logits.shape()[..2], [2, 7], "{fixture}");
+            assert!(logits.to_f32().unwrap().iter().all(|v| v.is_finite()), "{fixture} k={k} {replace}");
+            let rewritten = Model::load(&out).unwrap();
+            let blocks = find_blocks(&rewritten).unwrap();
+            assert_eq!(blocks.layers.len(), 3 - k.parse::<usize>().unwrap(), "{fixture}: attention left");
+            let report: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(ws.dir.path().join("model.nbl.json")).unwrap())
+                    .unwrap();
+            assert_eq!(report["selected"].as_array().unwrap().len(), k.parse::<usize>().unwrap());
+            let rw = &report["rewrite"];
+            assert!(rw["nodes_after"].as_u64() < rw["nodes_before"].as_u64(), "{fixture}: {rw}");
+            assert!(rw["params_removed"].as_u64().unwrap() > 0);
+            if fixture_json(&fixture)["has_kv_cache"].as_bool().unwrap() {
+                assert!(rw["kv_bytes_per_token_after"].as_u64() < rw["kv_bytes_per_token_before"].as_u64());
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_rewrite_requests_are_refused_and_the_input_is_untouched() {
+    let ws = workspace("llama-optimum-past");
+    let before = std::fs::read(&ws.model).unwrap();
+    let model = ws.model.to_str().unwrap();
+    let stats = ws.stats.to_str().unwrap();
+    let other = workspace("qwen2-optimum-past");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--stats", stats, "--layers", "4"], "--layers 4 is more than the 3 attention layers"),
+        (vec!["--stats", stats, "--layer-ids", "1,9"], "layer 9 does not exist"),
+        (vec!["--stats", other.stats.to_str().unwrap()], "was measured on another model"),
+        (vec!["--stats", stats, "-o", model], "over the input"),
+        (
+            vec!["--stats", stats, "-o", "/nonexistent-dir/out.onnx"],
+            "output directory /nonexistent-dir does not exist",
+        ),
+        (vec![], "no calibration data"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["rewrite", model];
+        args.extend(extra);
+        let out = nbl(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+    }
+    assert_eq!(std::fs::read(&ws.model).unwrap(), before, "the input model is never modified");
+    let leftovers: Vec<_> = std::fs::read_dir(ws.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("nbl") || n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "nothing written by refused requests: {leftovers:?}");
+}
