@@ -8,6 +8,7 @@
 pub mod atomic;
 pub mod blocks;
 pub mod calibrate;
+pub mod check;
 pub mod data;
 pub mod engine;
 pub mod inspect;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use nbl_onnx::blocks::{Blocks, find_blocks};
 use nbl_onnx::calibrate::{Shard, calibrate, fingerprint, layer_tensors};
+use nbl_onnx::check::{self, CheckReport, EngineRun};
 use nbl_onnx::data::{TextEncoder, pack};
 use nbl_onnx::engine::{self, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::inspect::{inspect, trial_run};
@@ -37,7 +38,49 @@ enum Command {
     Analyze(AnalyzeArgs),
     /// Replace the most linear attention blocks by MatMul + Add and write the new model
     Rewrite(RewriteArgs),
+    /// Validate a model, run it on ONNX Runtime and tract with a short KV-cache decode, and
+    /// compare it with a reference; exit code 1 on any failure or gate
+    Check(CheckArgs),
 }
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The model to check
+    model: PathBuf,
+    /// The original model, to measure logit differences, KL divergence and top-1 agreement
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Print JSON instead of text
+    #[arg(long)]
+    json: bool,
+    /// Fail if the mean KL divergence from the reference exceeds this
+    #[arg(long, requires = "reference")]
+    max_kl: Option<f64>,
+    /// Fail if top-1 agreement with the reference is below this (0..1)
+    #[arg(long, requires = "reference")]
+    min_top1: Option<f64>,
+    /// Prompt length of the sample input
+    #[arg(long, default_value_t = 16)]
+    prompt_len: usize,
+    /// Greedy decode steps with the KV cache after the prompt
+    #[arg(long, default_value_t = 2)]
+    decode_steps: usize,
+    /// ONNX Runtime execution provider
+    #[arg(long, value_enum, default_value_t = ExecutionProvider::Cpu)]
+    ep: ExecutionProvider,
+}
+
+/// A check or gate failed: exit code 1 (the report says why).
+#[derive(Debug)]
+struct CheckFailed;
+
+impl std::fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("check failed")
+    }
+}
+
+impl std::error::Error for CheckFailed {}
 
 #[derive(clap::Args)]
 struct InspectArgs {
@@ -391,6 +434,91 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_check(args: &CheckArgs) -> Result<()> {
+    let model = Model::load(&args.model)?;
+    let reference = args.reference.as_ref().map(Model::load).transpose()?;
+    ensure!(args.prompt_len > 0, "--prompt-len must be at least 1");
+    let mut report = CheckReport { model: args.model.display().to_string(), ..Default::default() };
+    report.problems = check::structure(&model);
+    let vocab = find_blocks(&model).ok().and_then(|b| b.vocab_size).unwrap_or(2);
+    let prompt = check::sample_prompt(args.prompt_len, vocab);
+
+    let ort = engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: args.ep, threads: None })?;
+    let tract = engine::open(&EngineOptions {
+        engine: EngineChoice::Tract,
+        ep: ExecutionProvider::Cpu,
+        threads: None,
+    })?;
+    let mut ort_logits = None;
+    for engine in [&ort, &tract] {
+        let (status, decoded) =
+            match check::run_and_decode(&model, engine.as_ref(), &prompt, args.decode_steps) {
+                Ok((logits, decoded)) => {
+                    if ort_logits.is_none() {
+                        ort_logits = Some(logits);
+                    }
+                    ("ok".to_string(), decoded)
+                }
+                // tract implements only part of the com.microsoft and newest ai.onnx operators: a model
+                // it cannot build is reported, not failed; a model it builds must run.
+                Err(e)
+                    if engine.describe().starts_with("tract") && !format!("{e:#}").contains("run failed") =>
+                {
+                    (format!("unsupported: {}", format!("{e:#}").lines().next().unwrap_or("")), vec![])
+                }
+                Err(e) => {
+                    report.problems.push(format!("{}: {e:#}", engine.describe()));
+                    (format!("failed: {e:#}"), vec![])
+                }
+            };
+        report.runs.push(EngineRun { engine: engine.describe(), status, decoded });
+    }
+    let decodes: Vec<&Vec<i64>> =
+        report.runs.iter().filter(|r| !r.decoded.is_empty()).map(|r| &r.decoded).collect();
+    if decodes.len() == 2 && decodes[0] != decodes[1] {
+        report
+            .problems
+            .push(format!("ONNX Runtime and tract decode differently: {:?} vs {:?}", decodes[0], decodes[1]));
+    }
+    if let (Some(reference), Some(path), Some(logits)) = (&reference, &args.reference, &ort_logits) {
+        let (ref_logits, _) = check::run_and_decode(reference, ort.as_ref(), &prompt, 0)?;
+        let agreement = check::agreement(&path.display().to_string(), &ref_logits, logits)?;
+        if let Some(max) = args.max_kl
+            && agreement.mean_kl > max
+        {
+            report.problems.push(format!("mean KL {:.4e} exceeds --max-kl {max}", agreement.mean_kl));
+        }
+        if let Some(min) = args.min_top1
+            && agreement.top1_agreement < min
+        {
+            report
+                .problems
+                .push(format!("top-1 agreement {:.4} is below --min-top1 {min}", agreement.top1_agreement));
+        }
+        report.reference = Some(agreement);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for run in &report.runs {
+            let decoded =
+                if run.decoded.is_empty() { String::new() } else { format!(", decoded {:?}", run.decoded) };
+            println!("{}: {}{decoded}", run.engine, run.status);
+        }
+        if let Some(a) = &report.reference {
+            println!(
+                "vs {}: {} positions, max |Δlogit| {:.4e}, mean KL {:.4e}, top-1 agreement {:.4}",
+                a.reference, a.positions, a.max_abs_logit_diff, a.mean_kl, a.top1_agreement
+            );
+        }
+        for p in &report.problems {
+            println!("FAIL: {p}");
+        }
+        println!("{}", if report.passed() { "check passed" } else { "check failed" });
+    }
+    if report.passed() { Ok(()) } else { Err(CheckFailed.into()) }
+}
+
 fn run_merge(args: &MergeArgs) -> Result<()> {
     for input in &args.stats {
         check_output(&args.output, input)?;
@@ -442,9 +570,11 @@ fn main() -> ExitCode {
         Command::MergeStats(args) => run_merge(args),
         Command::Analyze(args) => run_analyze(args),
         Command::Rewrite(args) => run_rewrite(args),
+        Command::Check(args) => run_check(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<CheckFailed>() => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
