@@ -402,7 +402,19 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data}).to_string()),
     ];
     let summary = rewrite(&mut model, &blocks, &edits, args.replace, args.kv, &provenance)?;
+    let genai = genai_files(&mut model, &args.model, &output)?;
     model.save(&output)?;
+    if let Some((config, files)) = genai {
+        let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        nbl_onnx::atomic::write(
+            &dir.join("genai_config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        for file in files {
+            std::fs::copy(&file, dir.join(file.file_name().expect("a file")))
+                .with_context(|| format!("copying {}", file.display()))?;
+        }
+    }
     let report = serde_json::json!({
         "model": args.model.display().to_string(),
         "output": output.display().to_string(),
@@ -517,6 +529,53 @@ fn run_check(args: &CheckArgs) -> Result<()> {
         println!("{}", if report.passed() { "check passed" } else { "check failed" });
     }
     if report.passed() { Ok(()) } else { Err(CheckFailed.into()) }
+}
+
+/// Files a runtime loads from the model's directory besides the model itself.
+const COMPANION_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+];
+
+/// For an ONNX Runtime GenAI model (a `genai_config.json` beside it): the config for the output
+/// (KV layers renumbered in `model`) and the tokenizer files to copy. The input's directory is
+/// never written to: a GenAI output there gets a note instead.
+fn genai_files(
+    model: &mut Model,
+    input: &Path,
+    output: &Path,
+) -> Result<Option<(serde_json::Value, Vec<PathBuf>)>> {
+    let in_dir = model.dir().to_path_buf();
+    let config_path = in_dir.join("genai_config.json");
+    if !config_path.is_file() {
+        return Ok(None);
+    }
+    let out_dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if std::fs::canonicalize(out_dir)? == std::fs::canonicalize(&in_dir)? {
+        eprintln!(
+            "note: {} is an ONNX Runtime GenAI model; its genai_config.json is left as it is. Write the \
+             rewritten model into its own directory (-o DIR/model.onnx) to get an updated config and the \
+             tokenizer files beside it",
+            input.display()
+        );
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    let filename = output.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx");
+    let config = nbl_onnx::rewrite::genai_config_for(model, &config, filename)?;
+    let files = COMPANION_FILES.iter().map(|f| in_dir.join(f)).filter(|p| p.is_file()).collect();
+    Ok(Some((config, files)))
 }
 
 fn run_merge(args: &MergeArgs) -> Result<()> {

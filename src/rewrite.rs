@@ -325,3 +325,74 @@ pub fn kv_bytes_per_token(model: &Model) -> Result<u64> {
         })
         .sum())
 }
+
+/// The KV-cache naming patterns of an ONNX Runtime GenAI `genai_config.json` (`%d` = layer).
+struct KvPatterns([String; 4]);
+
+impl KvPatterns {
+    fn from_config(config: &serde_json::Value) -> Option<KvPatterns> {
+        let decoder = &config["model"]["decoder"];
+        let get = |section: &str, key: &str| decoder[section][key].as_str().map(str::to_string);
+        Some(KvPatterns([
+            get("inputs", "past_key_names")?,
+            get("inputs", "past_value_names")?,
+            get("outputs", "present_key_names")?,
+            get("outputs", "present_value_names")?,
+        ]))
+    }
+
+    /// The layer number in `name` if it matches one of the patterns.
+    fn layer_of(&self, name: &str) -> Option<usize> {
+        self.0.iter().find_map(|p| {
+            let (head, tail) = p.split_once("%d")?;
+            name.strip_prefix(head)?.strip_suffix(tail)?.parse().ok()
+        })
+    }
+
+    fn rename(&self, name: &str, to: usize) -> Option<String> {
+        self.0.iter().find_map(|p| {
+            let (head, tail) = p.split_once("%d")?;
+            name.strip_prefix(head)?.strip_suffix(tail)?.parse::<usize>().ok()?;
+            Some(format!("{head}{to}{tail}"))
+        })
+    }
+}
+
+/// ONNX Runtime GenAI addresses the KV cache as layers `0..num_hidden_layers`: after layers'
+/// caches were dropped, the remaining ones are renumbered contiguously (in order) in the graph, and
+/// the returned config says how many there are and which file holds the model.
+pub fn genai_config_for(
+    model: &mut Model,
+    config: &serde_json::Value,
+    filename: &str,
+) -> Result<serde_json::Value> {
+    let patterns = KvPatterns::from_config(config)
+        .context("genai_config.json has no model.decoder inputs/outputs KV name patterns")?;
+    let graph = model.graph_mut();
+    let mut layers: Vec<usize> = graph.input.iter().filter_map(|v| patterns.layer_of(v.name())).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    let new_index: HashMap<usize, usize> = layers.iter().enumerate().map(|(new, &old)| (old, new)).collect();
+    let rename = |name: &mut String| {
+        if let Some(old) = patterns.layer_of(name)
+            && let Some(&new) = new_index.get(&old)
+            && let Some(renamed) = patterns.rename(name, new)
+        {
+            *name = renamed;
+        }
+    };
+    for node in &mut graph.node {
+        node.input.iter_mut().for_each(rename);
+        node.output.iter_mut().for_each(rename);
+    }
+    for v in graph.input.iter_mut().chain(graph.output.iter_mut()) {
+        let mut name = v.name().to_string();
+        rename(&mut name);
+        v.name = Some(name);
+    }
+    let mut config = config.clone();
+    let decoder = &mut config["model"]["decoder"];
+    decoder["num_hidden_layers"] = serde_json::json!(layers.len());
+    decoder["filename"] = serde_json::json!(filename);
+    Ok(config)
+}

@@ -309,3 +309,33 @@ fn check_finds_structural_defects() {
     assert!(text.contains("initializer \\\"orphan\\\" is not used"), "{text}");
     assert!(text.contains("before it is produced"), "{text}");
 }
+
+/// A GenAI model rewritten into its own directory gets a `genai_config.json` that matches the new
+/// graph (KV layers renumbered 0..n, `num_hidden_layers` = n) and its tokenizer files.
+#[test]
+fn genai_config_follows_the_rewritten_graph() {
+    let ws = workspace("llama-genai-fp32");
+    let out_dir = ws.dir.path().join("nbl");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("model.onnx");
+    rewrite(&ws, &["--layer-ids", "0,2", "-o", out.to_str().unwrap()]);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("genai_config.json")).unwrap()).unwrap();
+    let decoder = &config["model"]["decoder"];
+    assert_eq!(decoder["num_hidden_layers"], 1);
+    assert_eq!(decoder["filename"], "model.onnx");
+    let model = Model::load(&out).unwrap();
+    let inputs: Vec<&str> = model.graph().input.iter().map(|v| v.name()).collect();
+    let outputs: Vec<&str> = model.graph().output.iter().map(|v| v.name()).collect();
+    assert_eq!(inputs, ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"]);
+    assert_eq!(outputs, ["logits", "present.0.key", "present.0.value"]);
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.onnx.data"] {
+        assert!(out_dir.join(f).is_file(), "{f} beside the rewritten model");
+    }
+    let (code, report) = check(&out, &["--decode-steps", "3"]);
+    assert_eq!(code, Some(0), "{report}");
+    // The input's directory is left alone.
+    let original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ws.dir.path().join("genai_config.json")).unwrap()).unwrap();
+    assert_eq!(original["model"]["decoder"]["num_hidden_layers"], 3);
+}
