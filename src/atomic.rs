@@ -5,9 +5,27 @@ use std::fs::Permissions;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tempfile::NamedTempFile;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Turns Ctrl-C and SIGTERM into an error at the next [`check_interrupt`], so that long work stops
+/// cleanly and temporary files are removed as the error unwinds.
+pub fn install_interrupt_handler() {
+    // A second handler cannot be installed (tests call this more than once): ignore that.
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+}
+
+/// Fails once an interrupt was received.
+pub fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; no output was written");
+    }
+    Ok(())
+}
 
 /// A temporary file in the directory `path` will be written to.
 pub fn temp_beside(path: &Path) -> Result<NamedTempFile> {
@@ -23,6 +41,7 @@ pub fn temp_beside(path: &Path) -> Result<NamedTempFile> {
 /// Gives the finished temporary file its final name, readable by others like any output
 /// (temporary files are created private).
 pub fn persist(tmp: NamedTempFile, path: &Path) -> Result<()> {
+    check_interrupt()?;
     tmp.as_file().sync_all().with_context(|| format!("writing {}", path.display()))?;
     std::fs::set_permissions(tmp.path(), Permissions::from_mode(0o644))?;
     tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;

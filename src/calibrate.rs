@@ -69,6 +69,7 @@ pub fn calibrate(
 
     let mut moments: Vec<Moments> = blocks.layers.iter().map(|_| Moments::new(d)).collect();
     for (b, chunk) in data.chunks(batch).enumerate() {
+        crate::atomic::check_interrupt()?;
         let ids = Array2::from_shape_fn((chunk.len(), seq_len), |(i, t)| chunk[i][t]);
         let inputs = prefill_inputs(model, &ids)?;
         let outputs = session.run(&inputs).with_context(|| format!("calibration batch {b}"))?;

@@ -623,6 +623,7 @@ fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    nbl_onnx::atomic::install_interrupt_handler();
     let result = match &cli.command {
         Command::Inspect(args) => run_inspect(args),
         Command::Calibrate(args) => run_calibrate(args),

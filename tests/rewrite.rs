@@ -339,3 +339,37 @@ fn genai_config_follows_the_rewritten_graph() {
         serde_json::from_slice(&std::fs::read(ws.dir.path().join("genai_config.json")).unwrap()).unwrap();
     assert_eq!(original["model"]["decoder"]["num_hidden_layers"], 3);
 }
+
+/// An interrupted rewrite (Ctrl-C while the weights are copied) leaves neither the output nor a
+/// temporary file, and the input untouched.
+#[test]
+fn an_interrupted_rewrite_leaves_no_file_behind() {
+    use common::synthetic::{Shape, synthetic_model, synthetic_stats};
+    let shape = Shape { d: 256, layers: 4, vocab: 262_144, mlp: 4096 }; // ~0.3 GB of weights
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_model(dir.path(), shape);
+    let model = dir.path().join("model.onnx");
+    let stats = dir.path().join("stats.safetensors");
+    synthetic_stats(&Model::load(&model).unwrap(), &stats, shape);
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_nbl-onnx"))
+        .args(["rewrite", model.to_str().unwrap(), "--stats", stats.to_str().unwrap(), "--layers", "1", "-o"])
+        .arg(out_dir.join("model.onnx"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt as soon as the weights are being written.
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&out_dir).unwrap().next().is_none() && started.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}

@@ -17,6 +17,10 @@ use crate::atomic;
 /// Offsets in external data files are aligned to this, as ONNX Runtime expects for memory mapping.
 const EXTERNAL_ALIGNMENT: u64 = 4096;
 
+/// In a model with external data, tensors of at least this many bytes are stored externally (the
+/// threshold `onnx.save_model` uses).
+const EMBEDDED_LIMIT: usize = 1024;
+
 /// An ONNX model: the decoded protobuf and where it came from (external data is relative to it).
 pub struct Model {
     pub path: PathBuf,
@@ -247,6 +251,7 @@ impl Model {
         let mut offset = 0u64;
         let mut open: HashMap<String, File> = HashMap::new();
         for tensor in external_tensors_mut(graph) {
+            atomic::check_interrupt()?;
             let loc = external_location(tensor)?.expect("external tensors only");
             let length = match loc.length {
                 Some(length) => length,
@@ -268,6 +273,18 @@ impl Model {
             ensure!(copied == length, "external data of {:?} ends early", tensor.name());
             set_external_location(tensor, location, offset, length);
             offset += length;
+        }
+        // Large tensors stored in the model (e.g. added by a rewrite) join the data file too, so
+        // that the protobuf stays far below its 2 GiB limit.
+        for tensor in graph.initializer.iter_mut() {
+            let Some(raw) = tensor.raw_data.take_if(|r| r.len() >= EMBEDDED_LIMIT) else { continue };
+            let pad = offset.next_multiple_of(EXTERNAL_ALIGNMENT) - offset;
+            io::copy(&mut io::repeat(0).take(pad), &mut writer)?;
+            offset += pad;
+            writer.write_all(&raw)?;
+            tensor.data_location = Some(tensor_proto::DataLocation::External as i32);
+            set_external_location(tensor, location, offset, raw.len() as u64);
+            offset += raw.len() as u64;
         }
         writer.flush()?;
         Ok(())

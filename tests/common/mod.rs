@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: fixtures, their PyTorch references, engines.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod synthetic;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
