@@ -373,3 +373,50 @@ fn an_interrupted_rewrite_leaves_no_file_behind() {
     let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
+
+/// Layer 0's cache is also read outside the block (the past length for the causal mask): with it
+/// removed, those readers use a kept layer's cache and decoding still works.
+#[test]
+fn readers_of_a_removed_cache_are_redirected_to_a_kept_layer() {
+    let ws = workspace("llama-optimum-past");
+    let original = Model::load(&ws.model).unwrap();
+    let index = nbl_onnx::onnx::GraphIndex::new(original.graph()).unwrap();
+    let past0 = index.id("past_key_values.0.key").unwrap();
+    assert!(index.consumers(past0).len() > 1, "the fixture reads layer 0's cache outside the block");
+    let out = rewrite(&ws, &["--layer-ids", "0"]);
+    let rewritten = Model::load(&out).unwrap();
+    assert!(!rewritten.graph().input.iter().any(|v| v.name().starts_with("past_key_values.0.")));
+    let (code, report) = check(&out, &["--decode-steps", "4"]);
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(decoded(&report, "onnxruntime").len(), 4);
+    assert_eq!(decoded(&report, "tract"), decoded(&report, "onnxruntime"));
+}
+
+/// Without --stats the model is calibrated first, with the calibrate options.
+#[test]
+fn rewrite_calibrates_inline_without_statistics() {
+    let ws = workspace("qwen2-optimum-past");
+    let corpus = ws.dir.path().join("corpus.txt");
+    let out = nbl(&[
+        "rewrite",
+        ws.model.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--samples",
+        "8",
+        "--layers",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ws.dir.path().join("model.nbl.json")).unwrap()).unwrap();
+    assert_eq!(report["tokens"], 256);
+    assert_eq!(report["selected"].as_array().unwrap().len(), 1);
+    // The same statistics as calibrate's: the same choice as from the stats file.
+    let from_file = rewrite(&ws, &["--layers", "1", "-o", ws.dir.path().join("b.onnx").to_str().unwrap()]);
+    let report_b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(from_file.with_file_name("b.nbl.json")).unwrap()).unwrap();
+    assert_eq!(report["selected"], report_b["selected"]);
+}
