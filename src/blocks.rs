@@ -521,33 +521,8 @@ fn number_after(name: &str, marker: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::proto::{
-        ModelProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto, type_proto,
-    };
-
-    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
-        NodeProto {
-            name: Some(format!("/{output}")),
-            op_type: Some(op.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            ..Default::default()
-        }
-    }
-
-    fn value(name: &str, elem_type: i32) -> ValueInfoProto {
-        ValueInfoProto {
-            name: Some(name.into()),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: Some(elem_type),
-                    shape: None,
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    use crate::onnx::build::{node, tensor_value};
+    use crate::onnx::proto::{ModelProto, OperatorSetIdProto, TensorProto};
 
     /// A one-layer decoder with sandwich norms and a residual scale on the attention branch:
     /// `h1 = h0 + scale · norm(attn(norm(h0)))`, `h2 = h1 + mlp(h1)`; the junction's operands in
@@ -595,8 +570,8 @@ mod tests {
                 init("w2", &[16, 8]),
                 init("lm_head", &[8, 32]),
             ],
-            input: vec![value("input_ids", 7)],
-            output: vec![value("logits", 1)],
+            input: vec![tensor_value("input_ids", DType::I64, None)],
+            output: vec![tensor_value("logits", DType::F32, None)],
             ..Default::default()
         };
         let proto = ModelProto {

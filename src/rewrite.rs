@@ -16,7 +16,7 @@ use crate::blocks::{AttentionBlock, Blocks};
 use crate::engine::prefill_inputs;
 use crate::onnx::graph::eliminate_dead;
 use crate::onnx::proto::{GraphProto, NodeProto, StringStringEntryProto, TensorProto};
-use crate::onnx::{DType, GraphIndex, Model, Tensor};
+use crate::onnx::{DType, GraphIndex, Model, Tensor, build};
 
 /// What replaces a chosen attention block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -146,10 +146,8 @@ pub fn rewrite(
                 let b = Array1::from_iter(b.iter().map(|&v| v as f32)).into_dyn();
                 patch.new_initializers.push(initializer(&weight, Tensor::from_f32(dtype, w_t)?));
                 patch.new_initializers.push(initializer(&bias, Tensor::from_f32(dtype, b)?));
-                patch
-                    .new_nodes
-                    .push((junction, simple_node(&product, "MatMul", &[&block.x, &weight], &product)));
-                patch.new_nodes.push((junction, simple_node(&y, "Add", &[&product, &bias], &y)));
+                patch.new_nodes.push((junction, build::node("MatMul", &[&block.x, &weight], &product)));
+                patch.new_nodes.push((junction, build::node("Add", &[&product, &bias], &y)));
                 patch.rewire.push((junction, slot, y));
             }
             (Replacement::Linear, None) => bail!("layer {}: no linear map to write", block.layer),
@@ -270,16 +268,6 @@ fn drop_branch(
 
 fn find_node(graph: &GraphProto, name: &str) -> Result<usize> {
     graph.node.iter().position(|n| n.name() == name).with_context(|| format!("node {name:?} not found"))
-}
-
-fn simple_node(name: &str, op: &str, inputs: &[&str], output: &str) -> NodeProto {
-    NodeProto {
-        name: Some(name.to_string()),
-        op_type: Some(op.to_string()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.to_string()],
-        ..Default::default()
-    }
 }
 
 fn initializer(name: &str, tensor: Tensor) -> TensorProto {

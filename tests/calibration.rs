@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use nbl_onnx::blocks::find_blocks;
@@ -12,10 +12,6 @@ use nbl_onnx::calibrate::calibrate;
 use nbl_onnx::engine::Engine;
 use nbl_onnx::onnx::{Model, Tensor};
 use nbl_onnx::stats::{Moments, Stats};
-
-fn nbl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nbl-onnx")).args(args).output().expect("the binary runs")
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -4,18 +4,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
-use nbl_onnx::onnx::proto::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto,
-    tensor_proto, type_proto,
-};
+use nbl_onnx::onnx::DType;
+use nbl_onnx::onnx::build::{node, tensor_value};
+use nbl_onnx::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto, tensor_proto};
 use prost::Message;
-
-fn nbl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nbl-onnx")).args(args).output().expect("the binary runs")
-}
 
 /// Asserts a bad-input failure: exit 2, a message starting `error:` that contains `needle`.
 fn assert_bad_input(out: &Output, needle: &str) {
@@ -128,32 +123,6 @@ fn a_missing_file_is_named() {
     assert_bad_input(&nbl(&["inspect", "/nonexistent/model.onnx"]), "/nonexistent/model.onnx");
 }
 
-fn tensor_input(name: &str, elem_type: i32, rank: usize) -> ValueInfoProto {
-    let shape =
-        nbl_onnx::onnx::proto::TensorShapeProto { dim: (0..rank).map(|_| Default::default()).collect() };
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(elem_type),
-                shape: Some(shape),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
-    NodeProto {
-        name: Some(format!("/{output}")),
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        ..Default::default()
-    }
-}
-
 fn weight(name: &str, dims: &[i64]) -> TensorProto {
     let count: i64 = dims.iter().product();
     TensorProto {
@@ -189,8 +158,8 @@ fn mlp_only_model() -> ModelProto {
             weight("w_down1", &[32, 8]),
             weight("lm_head", &[8, 16]),
         ],
-        input: vec![tensor_input("input_ids", tensor_proto::DataType::Int64 as i32, 2)],
-        output: vec![tensor_input("logits", tensor_proto::DataType::Float as i32, 3)],
+        input: vec![tensor_value("input_ids", DType::I64, Some(2))],
+        output: vec![tensor_value("logits", DType::F32, Some(3))],
         ..Default::default()
     };
     ModelProto {
@@ -215,7 +184,7 @@ fn a_graph_without_attention_is_explained_branch_by_branch() {
     let out = nbl(&["inspect", &path]);
     assert_bad_input(&out, "no attention block found");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("branch 0: \"down0\" joins at node \"/h1\""), "{stderr}");
+    assert!(stderr.contains("branch 0: \"down0\" joins at node \"h1\""), "{stderr}");
     assert!(stderr.contains("branch 1: \"down1\""), "{stderr}");
     assert!(stderr.contains("no Softmax feeding a MatMul"), "{stderr}");
 }
@@ -225,7 +194,7 @@ fn a_graph_without_token_embedding_is_explained() {
     let mut model = mlp_only_model();
     let graph = model.graph.as_mut().unwrap();
     graph.node[0] = node("MatMul", &["features", "embed"], "h0");
-    graph.input = vec![tensor_input("features", tensor_proto::DataType::Float as i32, 2)];
+    graph.input = vec![tensor_value("features", DType::F32, Some(2))];
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "no-embedding.onnx", &model);
     assert_bad_input(&nbl(&["inspect", &path]), "no token embedding found");

@@ -12,10 +12,6 @@ use nbl_onnx::nbl::fit_layer;
 use nbl_onnx::onnx::Model;
 use nbl_onnx::stats::Stats;
 
-fn nbl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nbl-onnx")).args(args).output().expect("the binary runs")
-}
-
 fn ok(out: Output) -> Output {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     out

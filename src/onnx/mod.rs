@@ -1,6 +1,7 @@
 //! ONNX models as data: the protobuf types, loading/saving with external data, typed tensors and the
 //! graph index.
 
+pub mod build;
 pub mod graph;
 pub mod model;
 pub mod tensor;

@@ -11,6 +11,11 @@ use nbl_onnx::onnx::{DType, Tensor};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
+/// Runs the `nbl-onnx` binary.
+pub fn nbl(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nbl-onnx")).args(args).output().expect("the binary runs")
+}
+
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }

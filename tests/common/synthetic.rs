@@ -7,10 +7,11 @@ use std::path::Path;
 use faer::Mat;
 use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::calibrate::{fingerprint, layer_tensors};
+use nbl_onnx::onnx::DType;
 use nbl_onnx::onnx::Model;
+use nbl_onnx::onnx::build::{node, tensor_value};
 use nbl_onnx::onnx::proto::{
-    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TypeProto,
-    ValueInfoProto, tensor_proto, type_proto,
+    GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, tensor_proto,
 };
 use nbl_onnx::stats::{DataSummary, Moments, Stats};
 use prost::Message;
@@ -22,30 +23,6 @@ pub struct Shape {
     pub layers: usize,
     pub vocab: i64,
     pub mlp: i64,
-}
-
-fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
-    NodeProto {
-        name: Some(format!("/{output}")),
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        ..Default::default()
-    }
-}
-
-fn value(name: &str, elem_type: i32) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(elem_type),
-                shape: None,
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// Builds the model (Gather embedding, Softmax attention and ReLU mlp per layer) with every weight in `model.onnx_data`, a sparse file of zeros.
@@ -114,8 +91,8 @@ pub fn synthetic_model(dir: &Path, shape: Shape) -> u64 {
         graph: Some(GraphProto {
             node: nodes,
             initializer,
-            input: vec![value("input_ids", 7)],
-            output: vec![value("logits", 1)],
+            input: vec![tensor_value("input_ids", DType::I64, None)],
+            output: vec![tensor_value("logits", DType::F32, None)],
             ..Default::default()
         }),
         ..Default::default()
