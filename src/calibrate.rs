@@ -10,7 +10,7 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 use crate::blocks::Blocks;
-use crate::engine::{Engine, prefill_inputs};
+use crate::engine::{Engine, prefill_inputs, select};
 use crate::onnx::proto::tensor_proto;
 use crate::onnx::{Model, Tensor};
 use crate::stats::{LayerTensors, Moments};
@@ -61,7 +61,6 @@ pub fn calibrate(
     let d = blocks.hidden_size;
     let extra: Vec<String> = blocks.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
     let mut session = engine.load(model, &extra)?;
-    let first_extra = session.output_names().len() - extra.len();
     let seq_len = data[0].len();
     let total_tokens = (data.len() * seq_len) as u64;
     let progress = progress_bar(total_tokens);
@@ -73,11 +72,11 @@ pub fn calibrate(
         let ids = Array2::from_shape_fn((chunk.len(), seq_len), |(i, t)| chunk[i][t]);
         let inputs = prefill_inputs(model, &ids)?;
         let outputs = session.run(&inputs).with_context(|| format!("calibration batch {b}"))?;
-        let captured = &outputs[first_extra..];
+        let captured = select(session.as_ref(), &outputs, &extra)?;
         moments.par_iter_mut().zip(blocks.layers.par_iter()).zip(captured.par_chunks(2)).try_for_each(
             |((m, layer), xy)| -> Result<()> {
-                let x = activations(&xy[0], d, layer.layer, &layer.x, b)?;
-                let y = activations(&xy[1], d, layer.layer, &layer.y, b)?;
+                let x = activations(xy[0], d, layer.layer, &layer.x, b)?;
+                let y = activations(xy[1], d, layer.layer, &layer.y, b)?;
                 m.add_batch(&x, &y);
                 Ok(())
             },

@@ -176,7 +176,8 @@ pub fn run_and_decode(
         return Ok((prompt_logits, decoded));
     }
     let mut past: Vec<(String, Tensor)> = present_as_past(&names, &outputs);
-    let mut last = prompt_logits.index_axis(Axis(1), prompt.ncols() - 1).to_owned();
+    // Some exports return only the last position's logits.
+    let mut last = prompt_logits.index_axis(Axis(1), prompt_logits.shape()[1] - 1).to_owned();
     for (step, length) in (prompt.ncols()..prompt.ncols() + steps).enumerate() {
         let next = argmax(last.index_axis(Axis(0), 0).iter().copied()) as i64;
         decoded.push(next);

@@ -7,7 +7,7 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::blocks::{Blocks, find_blocks};
-use crate::engine::{Engine, prefill_inputs};
+use crate::engine::{Engine, prefill_inputs, select};
 use crate::onnx::Model;
 
 /// A model's attention blocks with enough context to recognise the model.
@@ -45,10 +45,10 @@ pub fn trial_run(model: &Model, blocks: &Blocks, engine: &dyn Engine) -> Result<
     let extra: Vec<String> = blocks.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
     let mut session = engine.load(model, &extra)?;
     let outputs = session.run(&inputs)?;
-    let first_extra = session.output_names().len() - extra.len();
+    let captured = select(session.as_ref(), &outputs, &extra)?;
     let mut shapes = Vec::new();
-    for (layer, pair) in blocks.layers.iter().zip(outputs[first_extra..].chunks(2)) {
-        for (name, t) in [(&layer.x, &pair[0]), (&layer.y, &pair[1])] {
+    for (layer, pair) in blocks.layers.iter().zip(captured.chunks(2)) {
+        for (name, t) in [(&layer.x, pair[0]), (&layer.y, pair[1])] {
             let expected = [BATCH, SEQUENCE, blocks.hidden_size];
             ensure!(
                 t.shape() == expected,

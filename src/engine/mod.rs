@@ -22,6 +22,22 @@ pub trait Session {
     fn run(&mut self, inputs: &[(String, Tensor)]) -> Result<Vec<Tensor>>;
 }
 
+/// Picks `names` out of a run's outputs (a requested tensor that is also a model output appears
+/// once, under the model's own position).
+pub fn select<'a>(session: &dyn Session, outputs: &'a [Tensor], names: &[String]) -> Result<Vec<&'a Tensor>> {
+    names
+        .iter()
+        .map(|name| {
+            let i = session
+                .output_names()
+                .iter()
+                .position(|o| o == name)
+                .ok_or_else(|| anyhow::anyhow!("the engine returned no tensor {name:?}"))?;
+            Ok(&outputs[i])
+        })
+        .collect()
+}
+
 /// A runtime able to load models.
 pub trait Engine {
     /// What actually runs, e.g. `onnxruntime 1.32.0 (CPU)` or `tract 0.23.9`.
