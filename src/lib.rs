@@ -11,6 +11,7 @@ pub mod calibrate;
 pub mod check;
 pub mod data;
 pub mod engine;
+pub mod eval;
 pub mod inspect;
 pub mod nbl;
 pub mod onnx;

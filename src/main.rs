@@ -41,6 +41,36 @@ enum Command {
     /// Validate a model, run it on ONNX Runtime and tract with a short KV-cache decode, and
     /// compare it with a reference; exit code 1 on any failure or gate
     Check(CheckArgs),
+    /// Perplexity of each model on held-out text, and KL divergence and top-1 agreement of every
+    /// model after the first with the first
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Models to score; the first is the reference for KL and top-1 agreement
+    #[arg(required = true, num_args = 1..)]
+    models: Vec<PathBuf>,
+    /// Evaluation data: .json, .jsonl or .txt
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// tokenizer.json (default: beside the first model)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// End-of-text token id (default: from the first model's configs)
+    #[arg(long)]
+    eos_id: Option<i64>,
+    /// Tokens per block
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Number of blocks (default: every block the data gives)
+    #[arg(long)]
+    samples: Option<usize>,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -578,6 +608,28 @@ fn genai_files(
     Ok(Some((config, files)))
 }
 
+fn run_eval(args: &EvalArgs) -> Result<()> {
+    let models = args.models.iter().map(Model::load).collect::<Result<Vec<_>>>()?;
+    let blocks = find_blocks(&models[0])?;
+    let encoder = TextEncoder::new(models[0].dir(), args.tokenizer.as_deref(), args.eos_id)?;
+    let packed = pack(&args.data, &encoder, args.seq_len, args.samples, blocks.vocab_size)?;
+    let engine = args.engine.open()?;
+    let scores = nbl_onnx::eval::evaluate(&models, engine.as_ref(), &packed.blocks)?;
+    if args.json {
+        let json = serde_json::json!({"engine": engine.describe(), "seq_len": args.seq_len, "blocks": packed.blocks.len(), "models": scores});
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!("{} blocks of {} tokens on {}", packed.blocks.len(), args.seq_len, engine.describe());
+        println!("{:>10}  {:>10}  {:>10}  {:>8}  model", "ppl", "tokens", "KL", "top-1");
+        for s in &scores {
+            let kl = s.kl_vs_first.map_or("-".to_string(), |v| format!("{v:.5}"));
+            let top1 = s.top1_vs_first.map_or("-".to_string(), |v| format!("{v:.4}"));
+            println!("{:>10.4}  {:>10}  {kl:>10}  {top1:>8}  {}", s.ppl, s.tokens, s.path);
+        }
+    }
+    Ok(())
+}
+
 fn run_merge(args: &MergeArgs) -> Result<()> {
     for input in &args.stats {
         check_output(&args.output, input)?;
@@ -631,6 +683,7 @@ fn main() -> ExitCode {
         Command::Analyze(args) => run_analyze(args),
         Command::Rewrite(args) => run_rewrite(args),
         Command::Check(args) => run_check(args),
+        Command::Eval(args) => run_eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,150 @@
+//! `nbl-onnx eval`: perplexity of each model on packed held-out blocks and, for every model after
+//! the first, how far its next-token distributions are from the first's (mean KL divergence and
+//! top-1 agreement), measured on the same tokens in the same run.
+
+use std::io::IsTerminal;
+
+use anyhow::{Context, Result, ensure};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::Array2;
+use serde::Serialize;
+
+use crate::engine::{Engine, Session, prefill_inputs};
+use crate::onnx::Model;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelScore {
+    pub path: String,
+    /// `exp(mean negative log-likelihood)` of every token after the first of each block.
+    pub ppl: f64,
+    /// Tokens scored.
+    pub tokens: u64,
+    /// Mean over positions of KL(first model ‖ this model); absent for the first model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl_vs_first: Option<f64>,
+    /// Share of positions where this model's most likely next token is the first model's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1_vs_first: Option<f64>,
+}
+
+/// Running sums for one model.
+#[derive(Default)]
+struct Tally {
+    nll: f64,
+    kl: f64,
+    agree: u64,
+    tokens: u64,
+    positions: u64,
+}
+
+/// Scores `models` on `blocks` (each a row of token ids), one block at a time.
+pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> Result<Vec<ModelScore>> {
+    ensure!(!models.is_empty(), "no models to evaluate");
+    ensure!(!blocks.is_empty() && blocks[0].len() >= 2, "evaluation needs blocks of at least 2 tokens");
+    let mut sessions: Vec<Box<dyn Session>> =
+        models.iter().map(|m| engine.load(m, &[])).collect::<Result<_>>()?;
+    let mut tallies: Vec<Tally> = models.iter().map(|_| Tally::default()).collect();
+    let progress = progress_bar((blocks.len() * models.len()) as u64);
+    for (b, block) in blocks.iter().enumerate() {
+        let ids = Array2::from_shape_vec((1, block.len()), block.clone()).expect("one row");
+        let mut reference: Option<Vec<Vec<f64>>> = None;
+        for (i, (model, session)) in models.iter().zip(&mut sessions).enumerate() {
+            crate::atomic::check_interrupt()?;
+            let log_probs = next_token_log_probs(model, session.as_mut(), &ids)
+                .with_context(|| format!("{}: block {b}", model.path.display()))?;
+            let tally = &mut tallies[i];
+            // Position t predicts token t+1.
+            for (t, lp) in log_probs.iter().take(block.len() - 1).enumerate() {
+                let next = block[t + 1] as usize;
+                ensure!(
+                    next < lp.len(),
+                    "token id {next} is outside the vocabulary of {}",
+                    model.path.display()
+                );
+                tally.nll -= lp[next];
+                tally.tokens += 1;
+            }
+            match &reference {
+                None => reference = Some(log_probs),
+                Some(first) => {
+                    ensure!(
+                        first[0].len() == log_probs[0].len(),
+                        "{} has another vocabulary size",
+                        model.path.display()
+                    );
+                    for (p, q) in first.iter().zip(&log_probs) {
+                        tally.kl += p.iter().zip(q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+                        tally.agree += u64::from(argmax(p) == argmax(q));
+                        tally.positions += 1;
+                    }
+                }
+            }
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    Ok(models
+        .iter()
+        .zip(&tallies)
+        .enumerate()
+        .map(|(i, (model, t))| ModelScore {
+            path: model.path.display().to_string(),
+            ppl: (t.nll / t.tokens as f64).exp(),
+            tokens: t.tokens,
+            kl_vs_first: (i > 0).then(|| t.kl / t.positions as f64),
+            top1_vs_first: (i > 0).then(|| t.agree as f64 / t.positions as f64),
+        })
+        .collect())
+}
+
+/// Log-softmax of the logits at every position of a one-row prompt, in f64.
+fn next_token_log_probs(
+    model: &Model,
+    session: &mut dyn Session,
+    ids: &Array2<i64>,
+) -> Result<Vec<Vec<f64>>> {
+    let outputs = session.run(&prefill_inputs(model, ids)?)?;
+    let i = session
+        .output_names()
+        .iter()
+        .position(|n| n == "logits")
+        .context("the model has no \"logits\" output")?;
+    let logits = outputs[i].to_f32()?;
+    ensure!(
+        logits.ndim() == 3 && logits.shape()[1] == ids.ncols(),
+        "logits have shape {:?}; expected [1, {}, vocabulary]",
+        logits.shape(),
+        ids.ncols()
+    );
+    let vocab = logits.shape()[2];
+    let flat = logits.as_standard_layout();
+    let flat = flat.as_slice().expect("standard layout");
+    flat.chunks(vocab)
+        .map(|row| {
+            ensure!(row.iter().all(|v| v.is_finite()), "logits hold NaN or Inf");
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let log_sum = row.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln() + max;
+            Ok(row.iter().map(|&v| f64::from(v) - log_sum).collect())
+        })
+        .collect()
+}
+
+fn argmax(values: &[f64]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("evaluating {bar:40} {pos}/{len} model-blocks  ETA {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
