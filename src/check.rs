@@ -8,7 +8,7 @@ use anyhow::{Result, anyhow};
 use ndarray::{Array2, ArrayD, Axis};
 use serde::Serialize;
 
-use crate::engine::{Engine, prefill_inputs};
+use crate::engine::{Engine, decode_inputs, prefill_inputs, present_as_past};
 use crate::onnx::model::{external_location, tensor_shape};
 use crate::onnx::{DType, GraphIndex, Model, Tensor};
 
@@ -181,19 +181,7 @@ pub fn run_and_decode(
     for (step, length) in (prompt.ncols()..prompt.ncols() + steps).enumerate() {
         let next = argmax(last.index_axis(Axis(0), 0).iter().copied()) as i64;
         decoded.push(next);
-        let ids = Array2::from_elem((1, 1), next);
-        let mut inputs = prefill_inputs(model, &ids)?;
-        for (name, tensor) in &mut inputs {
-            match name.as_str() {
-                "attention_mask" => *tensor = Tensor::I64(Array2::ones((1, length + 1)).into_dyn()),
-                "position_ids" => *tensor = Tensor::I64(Array2::from_elem((1, 1), length as i64).into_dyn()),
-                _ => {
-                    if let Some((_, p)) = past.iter().find(|(n, _)| n == name) {
-                        *tensor = p.clone();
-                    }
-                }
-            }
-        }
+        let inputs = decode_inputs(model, next, &past, length)?;
         let outputs = session.run(&inputs).map_err(|e| anyhow!("decode step {}: {e:#}", step + 1))?;
         let step_logits = logits(&names, &outputs)?;
         ensure_finite(&step_logits, &format!("decode step {} logits", step + 1))?;
@@ -203,22 +191,12 @@ pub fn run_and_decode(
     Ok((prompt_logits, decoded))
 }
 
-fn present_as_past(names: &[String], outputs: &[Tensor]) -> Vec<(String, Tensor)> {
-    names
-        .iter()
-        .zip(outputs)
-        .filter_map(|(n, t)| {
-            n.strip_prefix("present").map(|rest| (format!("past_key_values{rest}"), t.clone()))
-        })
-        .collect()
-}
-
 fn ensure_finite(a: &ArrayD<f32>, what: &str) -> Result<()> {
     anyhow::ensure!(a.iter().all(|v| v.is_finite()), "{what} hold NaN or Inf");
     Ok(())
 }
 
-fn argmax(values: impl Iterator<Item = f32>) -> usize {
+pub fn argmax(values: impl Iterator<Item = f32>) -> usize {
     values.enumerate().fold((0, f32::NEG_INFINITY), |best, (i, v)| if v > best.1 { (i, v) } else { best }).0
 }
 

@@ -6,6 +6,7 @@
 //! [`inspect`] and [`report`] present the results.
 
 pub mod atomic;
+pub mod bench;
 pub mod blocks;
 pub mod calibrate;
 pub mod check;

@@ -44,6 +44,34 @@ enum Command {
     /// Perplexity of each model on held-out text, and KL divergence and top-1 agreement of every
     /// model after the first with the first
     Eval(EvalArgs),
+    /// Prefill latency and greedy decode throughput with the KV cache (batch 1), models run
+    /// alternately, medians over runs
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Models to time
+    #[arg(required = true, num_args = 1..)]
+    models: Vec<PathBuf>,
+    /// Prompt tokens for the prefill
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Tokens generated greedily with the KV cache
+    #[arg(long = "gen", default_value_t = 128)]
+    new_tokens: usize,
+    /// Timed runs per model (after one warm-up run each)
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// ONNX Runtime execution provider
+    #[arg(long, value_enum, default_value_t = ExecutionProvider::Cpu)]
+    ep: ExecutionProvider,
+    /// Intra-op threads (default: ONNX Runtime's choice)
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -630,6 +658,45 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_bench(args: &BenchArgs) -> Result<()> {
+    let models = args.models.iter().map(Model::load).collect::<Result<Vec<_>>>()?;
+    let engine =
+        engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: args.ep, threads: args.threads })?;
+    eprintln!("engine: {}", engine.describe());
+    let options = nbl_onnx::bench::BenchOptions {
+        prompt_len: args.prompt_len,
+        new_tokens: args.new_tokens,
+        runs: args.runs,
+    };
+    let timings = nbl_onnx::bench::bench(&models, engine.as_ref(), &options)?;
+    if args.json {
+        let json = serde_json::json!({
+            "ep": args.ep.to_string(), "engine": engine.describe(), "threads": args.threads,
+            "prompt_len": args.prompt_len, "gen": args.new_tokens, "runs": args.runs, "models": timings,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!(
+            "prompt {} tokens, {} generated, median of {} runs on {}",
+            args.prompt_len,
+            args.new_tokens,
+            args.runs,
+            engine.describe()
+        );
+        println!(
+            "{:>11}  {:>12}  {:>9}  {:>13}  model",
+            "prefill ms", "decode tok/s", "peak MiB", "KV bytes/tok"
+        );
+        for t in &timings {
+            println!(
+                "{:>11.2}  {:>12.2}  {:>9.0}  {:>13}  {}",
+                t.prefill_ms, t.decode_tok_s, t.peak_mem_mb, t.kv_bytes_per_token, t.path
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run_merge(args: &MergeArgs) -> Result<()> {
     for input in &args.stats {
         check_output(&args.output, input)?;
@@ -684,6 +751,7 @@ fn main() -> ExitCode {
         Command::Rewrite(args) => run_rewrite(args),
         Command::Check(args) => run_check(args),
         Command::Eval(args) => run_eval(args),
+        Command::Bench(args) => run_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

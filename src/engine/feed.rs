@@ -42,6 +42,45 @@ pub fn prefill_inputs(model: &Model, ids: &Array2<i64>) -> Result<Vec<(String, T
     Ok(inputs)
 }
 
+/// The inputs of one decode step: token `next` at position `past_len`, attending to the cache
+/// `past` (the previous step's `present.*` renamed by [`present_as_past`]).
+pub fn decode_inputs(
+    model: &Model,
+    next: i64,
+    past: &[(String, Tensor)],
+    past_len: usize,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut inputs = prefill_inputs(model, &Array2::from_elem((1, 1), next))?;
+    for (name, tensor) in &mut inputs {
+        let dtype = tensor.dtype();
+        match name.as_str() {
+            "attention_mask" => {
+                *tensor = integer(dtype, Array2::<i64>::ones((1, past_len + 1)).into_dyn(), name)?
+            }
+            "position_ids" | "cache_position" => {
+                *tensor = integer(dtype, ndarray::Array::from_elem(tensor.shape(), past_len as i64), name)?
+            }
+            _ => {
+                if let Some((_, p)) = past.iter().find(|(n, _)| n == name) {
+                    *tensor = p.clone();
+                }
+            }
+        }
+    }
+    Ok(inputs)
+}
+
+/// A run's `present.*` outputs named as the next step's `past_key_values.*` inputs.
+pub fn present_as_past(names: &[String], outputs: &[Tensor]) -> Vec<(String, Tensor)> {
+    names
+        .iter()
+        .zip(outputs)
+        .filter_map(|(n, t)| {
+            n.strip_prefix("present").map(|rest| (format!("past_key_values{rest}"), t.clone()))
+        })
+        .collect()
+}
+
 fn integer(dtype: DType, values: ArrayD<i64>, name: &str) -> Result<Tensor> {
     Ok(match dtype {
         DType::I64 => Tensor::I64(values),

@@ -5,7 +5,7 @@ mod feed;
 mod ort;
 mod tract;
 
-pub use feed::prefill_inputs;
+pub use feed::{decode_inputs, prefill_inputs, present_as_past};
 
 use anyhow::{Result, bail};
 use clap::ValueEnum;
