@@ -25,6 +25,8 @@ pub struct ModelScore {
     /// Share of positions where this model's most likely next token is the first model's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top1_vs_first: Option<f64>,
+    /// Tokens run through the model per second of engine time (plain inference throughput).
+    pub tokens_per_s: f64,
 }
 
 /// Running sums for one model.
@@ -35,6 +37,7 @@ struct Tally {
     agree: u64,
     tokens: u64,
     positions: u64,
+    seconds: f64,
 }
 
 /// Scores `models` on `blocks` (each a row of token ids), one block at a time.
@@ -50,9 +53,10 @@ pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> R
         let mut reference: Option<Vec<Vec<f64>>> = None;
         for (i, (model, session)) in models.iter().zip(&mut sessions).enumerate() {
             crate::atomic::check_interrupt()?;
-            let log_probs = next_token_log_probs(model, session.as_mut(), &ids)
+            let (log_probs, seconds) = next_token_log_probs(model, session.as_mut(), &ids)
                 .with_context(|| format!("{}: block {b}", model.path.display()))?;
             let tally = &mut tallies[i];
+            tally.seconds += seconds;
             // Position t predicts token t+1.
             for (t, lp) in log_probs.iter().take(block.len() - 1).enumerate() {
                 let next = block[t + 1] as usize;
@@ -93,17 +97,22 @@ pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> R
             tokens: t.tokens,
             kl_vs_first: (i > 0).then(|| t.kl / t.positions as f64),
             top1_vs_first: (i > 0).then(|| t.agree as f64 / t.positions as f64),
+            tokens_per_s: (blocks.len() * blocks[0].len()) as f64 / t.seconds,
         })
         .collect())
 }
 
-/// Log-softmax of the logits at every position of a one-row prompt, in f64.
+/// Log-softmax of the logits at every position of a one-row prompt, in f64, and the seconds the
+/// engine run took (the scoring itself is not inference).
 fn next_token_log_probs(
     model: &Model,
     session: &mut dyn Session,
     ids: &Array2<i64>,
-) -> Result<Vec<Vec<f64>>> {
-    let outputs = session.run(&prefill_inputs(model, ids)?)?;
+) -> Result<(Vec<Vec<f64>>, f64)> {
+    let inputs = prefill_inputs(model, ids)?;
+    let started = std::time::Instant::now();
+    let outputs = session.run(&inputs)?;
+    let seconds = started.elapsed().as_secs_f64();
     let i = session
         .output_names()
         .iter()
@@ -119,14 +128,16 @@ fn next_token_log_probs(
     let vocab = logits.shape()[2];
     let flat = logits.as_standard_layout();
     let flat = flat.as_slice().expect("standard layout");
-    flat.chunks(vocab)
+    let log_probs = flat
+        .chunks(vocab)
         .map(|row| {
             ensure!(row.iter().all(|v| v.is_finite()), "logits hold NaN or Inf");
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let log_sum = row.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln() + max;
             Ok(row.iter().map(|&v| f64::from(v) - log_sum).collect())
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((log_probs, seconds))
 }
 
 fn argmax(values: &[f64]) -> usize {
