@@ -497,8 +497,8 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         summary.nodes_after,
         summary.params_removed,
         summary.params_added,
-        summary.kv_bytes_per_token_before,
-        summary.kv_bytes_per_token_after,
+        summary.kv_bytes_per_token_before.map_or("?".to_string(), |b| b.to_string()),
+        summary.kv_bytes_per_token_after.map_or("?".to_string(), |b| b.to_string()),
         report_path.display()
     );
     Ok(())

@@ -55,8 +55,9 @@ pub struct RewriteSummary {
     pub nodes_after: usize,
     pub params_removed: u64,
     pub params_added: u64,
-    pub kv_bytes_per_token_before: u64,
-    pub kv_bytes_per_token_after: u64,
+    /// `None` when the model has inputs whose shapes cannot be told (the rewrite still proceeds).
+    pub kv_bytes_per_token_before: Option<u64>,
+    pub kv_bytes_per_token_after: Option<u64>,
     pub removed_inputs: Vec<String>,
     pub removed_outputs: Vec<String>,
 }
@@ -121,7 +122,7 @@ pub fn rewrite(
         "bf16" => DType::BF16,
         other => bail!("cannot write the linear maps in the stream's element type {other}"),
     };
-    let kv_before = kv_bytes_per_token(model)?;
+    let kv_before = kv_bytes_per_token(model).ok();
     let params_before = initializer_params(model.graph(), |_| true);
     let nodes_before = model.graph().node.len();
     let graph = model.graph_mut();
@@ -201,7 +202,7 @@ pub fn rewrite(
     for (key, value) in provenance {
         set_metadata(&mut model.proto.metadata_props, key, value);
     }
-    let kv_after = kv_bytes_per_token(model)?;
+    let kv_after = kv_bytes_per_token(model).ok();
     let mut layers: Vec<usize> = chosen.into_iter().collect();
     layers.sort_unstable();
     Ok(RewriteSummary {

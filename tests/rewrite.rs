@@ -416,3 +416,24 @@ fn rewrite_calibrates_inline_without_statistics() {
         serde_json::from_slice(&std::fs::read(from_file.with_file_name("b.nbl.json")).unwrap()).unwrap();
     assert_eq!(report["selected"], report_b["selected"]);
 }
+
+/// `--kv keep` leaves the model's interface exactly as it was: the replaced layers' cache is still
+/// computed and returned, so runtimes with a fixed cache layout keep working.
+#[test]
+fn kv_keep_leaves_the_interface_unchanged() {
+    let ws = workspace("llama-optimum-past");
+    let out = rewrite(&ws, &["--layer-ids", "1", "--kv", "keep"]);
+    let names = |path: &Path| {
+        let m = Model::load(path).unwrap();
+        let inputs: Vec<String> = m.graph().input.iter().map(|v| v.name().to_string()).collect();
+        let outputs: Vec<String> = m.graph().output.iter().map(|v| v.name().to_string()).collect();
+        (inputs, outputs)
+    };
+    assert_eq!(names(&out), names(&ws.model));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ws.dir.path().join("model.nbl.json")).unwrap()).unwrap();
+    assert_eq!(report["rewrite"]["kv_bytes_per_token_after"], report["rewrite"]["kv_bytes_per_token_before"]);
+    let (code, check_report) = check(&out, &["--decode-steps", "3"]);
+    assert_eq!(code, Some(0), "{check_report}");
+    assert_eq!(decoded(&check_report, "onnxruntime").len(), 3);
+}
