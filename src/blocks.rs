@@ -431,7 +431,7 @@ fn stream_dtype(graph: &GraphProto, index: &GraphIndex, t: TensorId) -> Option<D
     let n = &graph.node[node];
     match n.op_type() {
         "Cast" => crate::onnx::attr_int(n, "to").map(|c| DType::from_onnx(c as i32)),
-        "Gather" => stream_dtype(graph, index, index.input(node, 0)?),
+        // Gather (the embedding's table), Add and the norms keep their first input's type.
         _ => stream_dtype(graph, index, index.input(node, 0)?),
     }
 }

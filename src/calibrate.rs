@@ -1,11 +1,9 @@
 //! Calibration: one instrumented copy of the graph exposes every layer's X and Y; one pass over the
 //! packed data feeds all layers' moments, batch by batch, without keeping activations.
 
-use std::io::IsTerminal;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::Array2;
 use rayon::prelude::*;
 
@@ -63,7 +61,11 @@ pub fn calibrate(
     let mut session = engine.load(model, &extra)?;
     let seq_len = data[0].len();
     let total_tokens = (data.len() * seq_len) as u64;
-    let progress = progress_bar(total_tokens);
+    let progress = crate::progress::bar(
+        total_tokens,
+        "calibrating {bar:40} {pos}/{len} tokens  {rate}  ETA {eta}",
+        "tokens",
+    );
     let started = Instant::now();
 
     let mut moments: Vec<Moments> = blocks.layers.iter().map(|_| Moments::new(d)).collect();
@@ -113,21 +115,6 @@ fn activations(t: &Tensor, d: usize, layer: usize, name: &str, batch: usize) -> 
         );
     }
     Ok(values)
-}
-
-fn progress_bar(total: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("calibrating {bar:40} {pos}/{len} tokens  {rate}  ETA {eta}")
-            .expect("valid template")
-            .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                let _ = write!(w, "{:.0} tokens/s", state.per_sec());
-            }),
-    );
-    bar
 }
 
 /// The tensors each layer's moments were measured on.

@@ -196,8 +196,15 @@ fn ensure_finite(a: &ArrayD<f32>, what: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn argmax(values: impl Iterator<Item = f32>) -> usize {
-    values.enumerate().fold((0, f32::NEG_INFINITY), |best, (i, v)| if v > best.1 { (i, v) } else { best }).0
+/// The position of the largest value (the first on ties; 0 when empty).
+pub fn argmax<T: PartialOrd + Copy>(values: impl IntoIterator<Item = T>) -> usize {
+    let mut best: Option<(usize, T)> = None;
+    for (i, v) in values.into_iter().enumerate() {
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map_or(0, |(i, _)| i)
 }
 
 /// Compares next-token distributions at every prompt position.
@@ -208,7 +215,8 @@ pub fn agreement(reference_name: &str, reference: &ArrayD<f32>, model: &ArrayD<f
         reference.shape(),
         model.shape()
     );
-    let vocab = *reference.shape().last().expect("rank 3");
+    let vocab =
+        reference.shape().last().copied().filter(|&v| v > 0).ok_or_else(|| anyhow!("empty logits"))?;
     let (r, m) = (reference.as_standard_layout(), model.as_standard_layout());
     let (r, m) = (r.as_slice().expect("standard layout"), m.as_slice().expect("standard layout"));
     let mut max_diff: f64 = 0.0;
@@ -231,7 +239,8 @@ pub fn agreement(reference_name: &str, reference: &ArrayD<f32>, model: &ArrayD<f
     })
 }
 
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
+/// `log softmax` of logits, in f64.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&v| (f64::from(v) - max).exp()).sum();
     let log_sum = sum.ln() + max;

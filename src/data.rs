@@ -136,7 +136,7 @@ fn find_eos(model_dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<i64> {
     };
     if let Some(config) = read("generation_config.json") {
         match &config["eos_token_id"] {
-            Value::Number(n) if n.as_i64().is_some() => return Ok(n.as_i64().expect("checked")),
+            Value::Number(n) if let Some(id) = n.as_i64() => return Ok(id),
             Value::Array(ids) if !ids.is_empty() => {
                 if let Some(id) = ids[0].as_i64() {
                     return Ok(id);

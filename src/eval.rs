@@ -2,13 +2,11 @@
 //! the first, how far its next-token distributions are from the first's (mean KL divergence and
 //! top-1 agreement), measured on the same tokens in the same run.
 
-use std::io::IsTerminal;
-
 use anyhow::{Context, Result, ensure};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::Array2;
 use serde::Serialize;
 
+use crate::check::{argmax, log_softmax};
 use crate::engine::{Engine, Session, prefill_inputs};
 use crate::onnx::Model;
 
@@ -47,7 +45,11 @@ pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> R
     let mut sessions: Vec<Box<dyn Session>> =
         models.iter().map(|m| engine.load(m, &[])).collect::<Result<_>>()?;
     let mut tallies: Vec<Tally> = models.iter().map(|_| Tally::default()).collect();
-    let progress = progress_bar((blocks.len() * models.len()) as u64);
+    let progress = crate::progress::bar(
+        (blocks.len() * models.len()) as u64,
+        "evaluating {bar:40} {pos}/{len} model-blocks  {rate}  ETA {eta}",
+        "blocks",
+    );
     for (b, block) in blocks.iter().enumerate() {
         let ids = Array2::from_shape_vec((1, block.len()), block.clone()).expect("one row");
         let mut reference: Option<Vec<Vec<f64>>> = None;
@@ -78,7 +80,7 @@ pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> R
                     );
                     for (p, q) in first.iter().zip(&log_probs) {
                         tally.kl += p.iter().zip(q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
-                        tally.agree += u64::from(argmax(p) == argmax(q));
+                        tally.agree += u64::from(argmax(p.iter().copied()) == argmax(q.iter().copied()));
                         tally.positions += 1;
                     }
                 }
@@ -128,34 +130,7 @@ fn next_token_log_probs(
     let vocab = logits.shape()[2];
     let flat = logits.as_standard_layout();
     let flat = flat.as_slice().expect("standard layout");
-    let log_probs = flat
-        .chunks(vocab)
-        .map(|row| {
-            ensure!(row.iter().all(|v| v.is_finite()), "logits hold NaN or Inf");
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let log_sum = row.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln() + max;
-            Ok(row.iter().map(|&v| f64::from(v) - log_sum).collect())
-        })
-        .collect::<Result<_>>()?;
+    ensure!(flat.iter().all(|v| v.is_finite()), "logits hold NaN or Inf");
+    let log_probs = flat.chunks(vocab).map(log_softmax).collect();
     Ok((log_probs, seconds))
-}
-
-fn argmax(values: &[f64]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
-        .0
-}
-
-fn progress_bar(total: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("evaluating {bar:40} {pos}/{len} model-blocks  ETA {eta}")
-            .expect("valid template"),
-    );
-    bar
 }

@@ -16,6 +16,7 @@ pub mod eval;
 pub mod inspect;
 pub mod nbl;
 pub mod onnx;
+pub mod progress;
 pub mod report;
 pub mod rewrite;
 pub mod stats;
