@@ -9,7 +9,8 @@ use rayon::prelude::*;
 
 use crate::blocks::Blocks;
 use crate::engine::{Engine, prefill_inputs, select};
-use crate::onnx::proto::tensor_proto;
+use crate::onnx::graph::eliminate_dead;
+use crate::onnx::proto::{ValueInfoProto, tensor_proto};
 use crate::onnx::{Model, Tensor};
 use crate::stats::{LayerTensors, Moments};
 
@@ -58,7 +59,7 @@ pub fn calibrate(
     ensure!(!data.is_empty(), "no calibration blocks to run");
     let d = blocks.hidden_size;
     let extra: Vec<String> = blocks.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
-    let mut session = engine.load(model, &extra)?;
+    let mut session = engine.load(&measuring_graph(model, &extra)?, &[])?;
     let seq_len = data[0].len();
     let total_tokens = (data.len() * seq_len) as u64;
     let progress = crate::progress::bar(
@@ -93,6 +94,20 @@ pub fn calibrate(
         total_tokens as f64 / seconds.max(1e-9)
     );
     Ok(moments)
+}
+
+/// `model` with the measured tensors as its only outputs: the final norm, the LM head (a fifth of
+/// a small model's work at 512 tokens), the last layer's MLP and the KV-cache outputs are never
+/// computed.
+fn measuring_graph(model: &Model, measured: &[String]) -> Result<Model> {
+    let mut copy = Model { path: model.path.clone(), proto: model.proto.clone() };
+    let graph = copy.graph_mut();
+    graph.output = measured
+        .iter()
+        .map(|name| ValueInfoProto { name: Some(name.clone()), ..Default::default() })
+        .collect();
+    eliminate_dead(graph)?;
+    Ok(copy)
 }
 
 /// A captured tensor as `n×d` f32 values, refusing NaN/Inf (which would poison every statistic).

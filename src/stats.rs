@@ -77,9 +77,9 @@ impl Moments {
         let total = na + nb;
         let delta_x: Vec<f64> = mean_x.iter().zip(&self.mean_x).map(|(b, a)| b - a).collect();
         let delta_y: Vec<f64> = mean_y.iter().zip(&self.mean_y).map(|(b, a)| b - a).collect();
-        matmul(self.sxx.as_mut(), Accum::Add, xc.transpose(), xc.as_ref(), 1.0, Par::Seq);
+        add_gram(self.sxx.as_mut(), xc.as_ref());
         matmul(self.syx.as_mut(), Accum::Add, yc.transpose(), xc.as_ref(), 1.0, Par::Seq);
-        matmul(self.syy.as_mut(), Accum::Add, yc.transpose(), yc.as_ref(), 1.0, Par::Seq);
+        add_gram(self.syy.as_mut(), yc.as_ref());
         self.add_mean_correction(&delta_x, &delta_y, na * nb / total);
         for (m, dlt) in self.mean_x.iter_mut().zip(&delta_x) {
             *m += dlt * nb / total;
@@ -140,6 +140,29 @@ impl Moments {
     /// Mean cosine similarity of a block's input and output, `cos(x, x + y)`.
     pub fn mean_cosine(&self) -> f64 {
         if self.count == 0 { f64::NAN } else { self.cos_sum / self.count as f64 }
+    }
+}
+
+/// `S += AᵀA` for symmetric `S`: only the lower triangle is multiplied (half a GEMM's work, the
+/// bulk of calibration's own cost), then mirrored to the upper.
+fn add_gram(mut s: faer::MatMut<'_, f64>, a: MatRef<'_, f64>) {
+    use faer::linalg::matmul::triangular::{BlockStructure, matmul as triangular_matmul};
+    let rect = BlockStructure::Rectangular;
+    triangular_matmul(
+        s.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Add,
+        a.transpose(),
+        rect,
+        a,
+        rect,
+        1.0,
+        Par::Seq,
+    );
+    for j in 0..s.ncols() {
+        for i in 0..j {
+            s[(i, j)] = s[(j, i)];
+        }
     }
 }
 
