@@ -1,6 +1,7 @@
 //! `nbl-onnx bench`: prefill latency and greedy decode throughput with the KV cache, batch 1, models
 //! run alternately after a warm-up so that machine noise falls on all of them alike; medians over
-//! runs. Peak memory is measured with each model loaded and run alone.
+//! runs. Peak memory is measured with each model loaded and run alone in a fresh process (memory a
+//! process has freed stays resident, so one process cannot measure several models).
 
 use std::time::Instant;
 
@@ -9,8 +10,9 @@ use ndarray::{Array2, Axis};
 use serde::Serialize;
 
 use crate::check::{argmax, sample_prompt};
+use crate::cost::Cost;
 use crate::engine::{Engine, Session, decode_inputs, prefill_inputs, present_as_past};
-use crate::onnx::Model;
+use crate::onnx::{Model, Tensor};
 use crate::rewrite::kv_bytes_per_token;
 
 #[derive(Clone, Debug, Serialize)]
@@ -20,9 +22,18 @@ pub struct ModelTiming {
     pub prefill_ms: f64,
     /// Median greedy decode throughput with the KV cache, in tokens per second.
     pub decode_tok_s: f64,
-    /// Peak resident memory of the process with this model alone loaded and run once, in MiB.
-    pub peak_mem_mb: f64,
+    /// Peak resident memory of a process that loads this model alone and runs it once, in MiB
+    /// (filled in by the caller, who runs [`peak_memory_mb`] in a fresh process).
+    pub peak_mem_mb: Option<f64>,
     pub kv_bytes_per_token: u64,
+    /// Multiply-adds of the prefill and of a mean decode step, counted from the graph.
+    pub prefill_gmacs: f64,
+    pub decode_mmacs_per_token: f64,
+    /// Speed-ups over the first model: measured, and predicted by the multiply-add counts.
+    pub prefill_speedup: f64,
+    pub decode_speedup: f64,
+    pub predicted_prefill_speedup: f64,
+    pub predicted_decode_speedup: f64,
 }
 
 pub struct BenchOptions {
@@ -31,7 +42,9 @@ pub struct BenchOptions {
     pub runs: usize,
 }
 
-/// One prefill and `gen` decode steps; returns (prefill seconds, decode seconds).
+/// One prefill and `gen` decode steps; returns (prefill seconds, decode seconds). The decode time
+/// includes what a serving loop must do between steps (argmax, moving the cache to the inputs) and
+/// nothing more: the cache is moved, never copied.
 fn one_run(
     model: &Model,
     session: &mut dyn Session,
@@ -40,26 +53,40 @@ fn one_run(
 ) -> Result<(f64, f64)> {
     let names = session.output_names().to_vec();
     let logits_at = names.iter().position(|n| n == "logits").context("the model has no \"logits\" output")?;
-    let inputs = prefill_inputs(model, prompt)?;
-    let start = Instant::now();
-    let outputs = session.run(&inputs)?;
-    let prefill = start.elapsed().as_secs_f64();
     ensure!(
         names.iter().any(|n| n.starts_with("present")),
         "{} has no KV cache: decode throughput needs one",
         model.path.display()
     );
-    let mut past = present_as_past(&names, &outputs);
-    let mut logits = outputs[logits_at].to_f32()?;
+    let inputs = prefill_inputs(model, prompt)?;
     let start = Instant::now();
+    let outputs = session.run(&inputs)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut next = last_argmax(&outputs[logits_at])?;
+    let mut past = present_as_past(&names, outputs);
     for length in prompt.ncols()..prompt.ncols() + new_tokens {
-        let last = logits.index_axis(Axis(1), logits.shape()[1] - 1);
-        let next = argmax(last.index_axis(Axis(0), 0).iter().copied()) as i64;
-        let outputs = session.run(&decode_inputs(model, next, &past, length)?)?;
-        past = present_as_past(&names, &outputs);
-        logits = outputs[logits_at].to_f32()?;
+        let outputs = session.run(&decode_inputs(model, next, past, length)?)?;
+        next = last_argmax(&outputs[logits_at])?;
+        past = present_as_past(&names, outputs);
     }
     Ok((prefill, start.elapsed().as_secs_f64()))
+}
+
+/// The greedy next token: argmax of the last position's logits ([batch, positions, vocab]).
+fn last_argmax(logits: &Tensor) -> Result<i64> {
+    ensure!(
+        logits.shape().len() == 3,
+        "logits have shape {:?}, expected [batch, positions, vocab]",
+        logits.shape()
+    );
+    let row = |a: &ndarray::ArrayD<f32>| {
+        argmax(a.index_axis(Axis(1), a.shape()[1] - 1).index_axis(Axis(0), 0).iter().copied())
+    };
+    Ok(match logits {
+        Tensor::F32(a) => row(a),
+        other => row(&other.to_f32()?),
+    } as i64)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -82,9 +109,13 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Resets the peak-RSS mark (`echo 5 > /proc/self/clear_refs`).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+/// Peak resident memory of this process after loading `model` and running a prefill and four
+/// decode steps, in MiB. Meant for a fresh process that has run nothing else.
+pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> Result<f64> {
+    let vocab = crate::blocks::find_blocks(model).ok().and_then(|b| b.vocab_size).unwrap_or(2);
+    let mut session = engine.load(model, &[])?;
+    one_run(model, session.as_mut(), &sample_prompt(prompt_len, vocab), 4)?;
+    peak_rss_mb().context("cannot read VmHWM from /proc/self/status")
 }
 
 pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> Result<Vec<ModelTiming>> {
@@ -94,16 +125,6 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
     );
     let vocab = crate::blocks::find_blocks(&models[0]).ok().and_then(|b| b.vocab_size).unwrap_or(2);
     let prompt = sample_prompt(options.prompt_len, vocab);
-
-    // Memory: each model alone, loaded and run once.
-    let mut peaks = Vec::new();
-    for model in models {
-        reset_peak_rss();
-        let mut session = engine.load(model, &[])?;
-        one_run(model, session.as_mut(), &prompt, options.new_tokens.min(4))?;
-        drop(session);
-        peaks.push(peak_rss_mb().unwrap_or(f64::NAN));
-    }
 
     // Timing: all loaded, a warm-up run each, then alternating runs.
     let mut sessions: Vec<Box<dyn Session>> =
@@ -129,16 +150,28 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
             );
         }
     }
+    let costs = models.iter().map(Cost::of).collect::<Result<Vec<_>>>()?;
+    let prefill_ms: Vec<f64> = prefill.into_iter().map(median).collect();
+    let decode_tok_s: Vec<f64> = decode.into_iter().map(median).collect();
+    let prefill_macs: Vec<f64> = costs.iter().map(|c| c.prefill(options.prompt_len)).collect();
+    let decode_macs: Vec<f64> =
+        costs.iter().map(|c| c.decode_step(options.prompt_len, options.new_tokens)).collect();
     models
         .iter()
         .enumerate()
         .map(|(i, model)| {
             Ok(ModelTiming {
                 path: model.path.display().to_string(),
-                prefill_ms: median(prefill[i].clone()),
-                decode_tok_s: median(decode[i].clone()),
-                peak_mem_mb: peaks[i],
+                prefill_ms: prefill_ms[i],
+                decode_tok_s: decode_tok_s[i],
+                peak_mem_mb: None,
                 kv_bytes_per_token: kv_bytes_per_token(model)?,
+                prefill_gmacs: prefill_macs[i] / 1e9,
+                decode_mmacs_per_token: decode_macs[i] / 1e6,
+                prefill_speedup: prefill_ms[0] / prefill_ms[i],
+                decode_speedup: decode_tok_s[i] / decode_tok_s[0],
+                predicted_prefill_speedup: prefill_macs[0] / prefill_macs[i],
+                predicted_decode_speedup: decode_macs[0] / decode_macs[i],
             })
         })
         .collect()

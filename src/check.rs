@@ -175,18 +175,18 @@ pub fn run_and_decode(
     if !has_cache {
         return Ok((prompt_logits, decoded));
     }
-    let mut past: Vec<(String, Tensor)> = present_as_past(&names, &outputs);
+    let mut past: Vec<(String, Tensor)> = present_as_past(&names, outputs);
     // Some exports return only the last position's logits.
     let mut last = prompt_logits.index_axis(Axis(1), prompt_logits.shape()[1] - 1).to_owned();
     for (step, length) in (prompt.ncols()..prompt.ncols() + steps).enumerate() {
         let next = argmax(last.index_axis(Axis(0), 0).iter().copied()) as i64;
         decoded.push(next);
-        let inputs = decode_inputs(model, next, &past, length)?;
+        let inputs = decode_inputs(model, next, past, length)?;
         let outputs = session.run(&inputs).map_err(|e| anyhow!("decode step {}: {e:#}", step + 1))?;
         let step_logits = logits(&names, &outputs)?;
         ensure_finite(&step_logits, &format!("decode step {} logits", step + 1))?;
         last = step_logits.index_axis(Axis(1), 0).to_owned();
-        past = present_as_past(&names, &outputs);
+        past = present_as_past(&names, outputs);
     }
     Ok((prompt_logits, decoded))
 }

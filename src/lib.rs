@@ -10,6 +10,7 @@ pub mod bench;
 pub mod blocks;
 pub mod calibrate;
 pub mod check;
+pub mod cost;
 pub mod data;
 pub mod engine;
 pub mod eval;

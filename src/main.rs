@@ -72,6 +72,10 @@ struct BenchArgs {
     /// Print JSON instead of a table
     #[arg(long)]
     json: bool,
+    /// Print only the peak memory of loading and running the one model given (what `bench` runs
+    /// in a fresh process per model)
+    #[arg(long, hide = true)]
+    peak_memory: bool,
 }
 
 #[derive(clap::Args)]
@@ -662,13 +666,21 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     let models = args.models.iter().map(Model::load).collect::<Result<Vec<_>>>()?;
     let engine =
         engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: args.ep, threads: args.threads })?;
+    if args.peak_memory {
+        anyhow::ensure!(models.len() == 1, "--peak-memory measures one model");
+        println!("{}", nbl_onnx::bench::peak_memory_mb(&models[0], engine.as_ref(), args.prompt_len)?);
+        return Ok(());
+    }
     eprintln!("engine: {}", engine.describe());
     let options = nbl_onnx::bench::BenchOptions {
         prompt_len: args.prompt_len,
         new_tokens: args.new_tokens,
         runs: args.runs,
     };
-    let timings = nbl_onnx::bench::bench(&models, engine.as_ref(), &options)?;
+    let mut timings = nbl_onnx::bench::bench(&models, engine.as_ref(), &options)?;
+    for (timing, path) in timings.iter_mut().zip(&args.models) {
+        timing.peak_mem_mb = Some(peak_memory_in_child(args, path)?);
+    }
     if args.json {
         let json = serde_json::json!({
             "ep": args.ep.to_string(), "engine": engine.describe(), "threads": args.threads,
@@ -684,17 +696,42 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
             engine.describe()
         );
         println!(
-            "{:>11}  {:>12}  {:>9}  {:>13}  model",
-            "prefill ms", "decode tok/s", "peak MiB", "KV bytes/tok"
+            "{:>10}  {:>12}  {:>17}  {:>17}  {:>8}  {:>12}  model",
+            "prefill ms", "decode tok/s", "prefill x (MACs)", "decode x (MACs)", "peak MiB", "KV bytes/tok"
         );
         for t in &timings {
             println!(
-                "{:>11.2}  {:>12.2}  {:>9.0}  {:>13}  {}",
-                t.prefill_ms, t.decode_tok_s, t.peak_mem_mb, t.kv_bytes_per_token, t.path
+                "{:>10.1}  {:>12.2}  {:>17}  {:>17}  {:>8.0}  {:>12}  {}",
+                t.prefill_ms,
+                t.decode_tok_s,
+                format!("{:.3} ({:.3})", t.prefill_speedup, t.predicted_prefill_speedup),
+                format!("{:.3} ({:.3})", t.decode_speedup, t.predicted_decode_speedup),
+                t.peak_mem_mb.unwrap_or(f64::NAN),
+                t.kv_bytes_per_token,
+                t.path
             );
         }
     }
     Ok(())
+}
+
+fn peak_memory_in_child(args: &BenchArgs, model: &Path) -> Result<f64> {
+    let exe = std::env::current_exe().context("cannot find this executable to measure memory")?;
+    let mut command = std::process::Command::new(exe);
+    command.arg("bench").arg(model).arg("--peak-memory").args(["--ep", &args.ep.to_string().to_lowercase()]);
+    command.args(["--prompt-len", &args.prompt_len.to_string()]);
+    if let Some(threads) = args.threads {
+        command.args(["--threads", &threads.to_string()]);
+    }
+    let out = command.output().context("cannot start the memory measurement")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "measuring the peak memory of {} failed: {}",
+        model.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().with_context(|| format!("unexpected peak-memory output {text:?}"))
 }
 
 fn run_merge(args: &MergeArgs) -> Result<()> {

@@ -1,5 +1,5 @@
-//! `bench` on a fixture: the documented JSON, positive timings, KV-cache bytes per token from the
-//! model's cache inputs (layers × 2 × kv_heads × head_dim × 4 bytes).
+//! `bench` on a fixture: the documented JSON, positive timings, multiply-add predictions, KV-cache
+//! bytes per token from the model's cache inputs (layers × 2 × kv_heads × head_dim × 4 bytes).
 
 mod common;
 
@@ -30,7 +30,12 @@ fn bench_reports_timings_memory_and_kv_bytes() {
         assert!(m["prefill_ms"].as_f64().unwrap() > 0.0, "{m}");
         assert!(m["decode_tok_s"].as_f64().unwrap() > 0.0, "{m}");
         assert!(m["peak_mem_mb"].as_f64().unwrap() > 1.0, "{m}");
+        // Both exports of the same configuration: the same multiply-adds, whatever the fusion.
+        assert_eq!(m["predicted_prefill_speedup"].as_f64(), Some(1.0), "{m}");
+        assert_eq!(m["predicted_decode_speedup"].as_f64(), Some(1.0), "{m}");
+        assert!(m["prefill_gmacs"].as_f64().unwrap() > 0.0, "{m}");
     }
+    assert_eq!(models[0]["prefill_speedup"].as_f64(), Some(1.0));
     // 3 layers × (key + value) × 2 KV heads × head_dim 16 × bytes per element.
     assert_eq!(models[0]["kv_bytes_per_token"], 3 * 2 * 2 * 16 * 4);
     assert_eq!(models[1]["kv_bytes_per_token"], 3 * 2 * 2 * 16 * 2, "an f16 cache");

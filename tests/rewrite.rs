@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 
 use common::*;
 use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::cost::Cost;
 use nbl_onnx::nbl::fit_layer;
 use nbl_onnx::onnx::Model;
 use nbl_onnx::stats::Stats;
@@ -163,6 +164,7 @@ fn layers_before_the_first_linearised_one_are_untouched_and_the_interface_only_l
 fn every_fixture_rewrites_with_one_and_all_but_one_layer_and_still_runs() {
     for fixture in fixture_names() {
         let ws = workspace(&fixture);
+        let original = Cost::of(&Model::load(&ws.model).unwrap()).unwrap();
         for (k, replace) in [("1", "linear"), ("2", "linear"), ("2", "drop")] {
             let out = rewrite(&ws, &["--layers", k, "--replace", replace]);
             let (names, outputs) = run(&out, &fixture, &[]);
@@ -172,6 +174,17 @@ fn every_fixture_rewrites_with_one_and_all_but_one_layer_and_still_runs() {
             let rewritten = Model::load(&out).unwrap();
             let blocks = find_blocks(&rewritten).unwrap();
             assert_eq!(blocks.layers.len(), 3 - k.parse::<usize>().unwrap(), "{fixture}: attention left");
+            // Each replaced layer loses its q, k, v and o projections (d·d + 2·d·d_kv + d·d with
+            // d = 64, d_kv = 32) and, when linearised, gains its d×d map.
+            let k_layers = k.parse::<u64>().unwrap();
+            let per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 - if replace == "linear" { 64 * 64 } else { 0 };
+            let cost = Cost::of(&rewritten).unwrap();
+            assert_eq!(
+                cost.weight_macs_per_token,
+                original.weight_macs_per_token - k_layers * per_layer,
+                "{fixture} k={k} {replace}"
+            );
+            assert_eq!(cost.attention_widths, vec![64; 3 - k_layers as usize], "{fixture} k={k} {replace}");
             let report: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(ws.dir.path().join("model.nbl.json")).unwrap())
                     .unwrap();

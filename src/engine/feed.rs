@@ -43,11 +43,12 @@ pub fn prefill_inputs(model: &Model, ids: &Array2<i64>) -> Result<Vec<(String, T
 }
 
 /// The inputs of one decode step: token `next` at position `past_len`, attending to the cache
-/// `past` (the previous step's `present.*` renamed by [`present_as_past`]).
+/// `past` (the previous step's `present.*` renamed by [`present_as_past`]), which is moved, not
+/// copied: at long contexts the cache is tens of megabytes per step.
 pub fn decode_inputs(
     model: &Model,
     next: i64,
-    past: &[(String, Tensor)],
+    mut past: Vec<(String, Tensor)>,
     past_len: usize,
 ) -> Result<Vec<(String, Tensor)>> {
     let mut inputs = prefill_inputs(model, &Array2::from_elem((1, 1), next))?;
@@ -61,8 +62,8 @@ pub fn decode_inputs(
                 *tensor = integer(dtype, ndarray::Array::from_elem(tensor.shape(), past_len as i64), name)?
             }
             _ => {
-                if let Some((_, p)) = past.iter().find(|(n, _)| n == name) {
-                    *tensor = p.clone();
+                if let Some(i) = past.iter().position(|(n, _)| n == name) {
+                    *tensor = past.swap_remove(i).1;
                 }
             }
         }
@@ -70,14 +71,13 @@ pub fn decode_inputs(
     Ok(inputs)
 }
 
-/// A run's `present.*` outputs named as the next step's `past_key_values.*` inputs.
-pub fn present_as_past(names: &[String], outputs: &[Tensor]) -> Vec<(String, Tensor)> {
+/// A run's `present.*` outputs named as the next step's `past_key_values.*` inputs (taking them
+/// out of `outputs`).
+pub fn present_as_past(names: &[String], outputs: Vec<Tensor>) -> Vec<(String, Tensor)> {
     names
         .iter()
         .zip(outputs)
-        .filter_map(|(n, t)| {
-            n.strip_prefix("present").map(|rest| (format!("past_key_values{rest}"), t.clone()))
-        })
+        .filter_map(|(n, t)| n.strip_prefix("present").map(|rest| (format!("past_key_values{rest}"), t)))
         .collect()
 }
 

@@ -8,8 +8,9 @@ use ndarray::ArrayD;
 use ort::environment::Environment;
 use ort::ep::{ExecutionProvider as _, ExecutionProviderDispatch};
 use ort::session::Session as OrtSession;
+use ort::session::SessionInputValue;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, ValueType};
 use prost::Message;
 
 use super::{EngineOptions, ExecutionProvider, Session};
@@ -173,9 +174,9 @@ impl Session for OrtRunner {
     }
 
     fn run(&mut self, inputs: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
-        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
+        let mut values: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
-            values.push((name.clone(), to_ort(tensor).with_context(|| format!("input {name:?}"))?));
+            values.push((name, to_ort(tensor).with_context(|| format!("input {name:?}"))?));
         }
         let outputs = self.session.run(values).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
         self.outputs
@@ -188,11 +189,18 @@ impl Session for OrtRunner {
     }
 }
 
-fn to_ort(tensor: &Tensor) -> Result<DynValue> {
+/// An input for ONNX Runtime: a view of the array's memory when it is contiguous (the KV cache is
+/// tens of megabytes at long contexts), a copy otherwise.
+fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>> {
     fn value<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
         a: &ArrayD<T>,
-    ) -> Result<DynValue> {
-        Ok(OrtTensor::from_array(a.to_owned()).map_err(|e| anyhow!("{e}"))?.into_dyn())
+    ) -> Result<SessionInputValue<'_>> {
+        let err = |e: ort::Error| anyhow!("{e}");
+        Ok(if a.is_standard_layout() {
+            TensorRef::from_array_view(a).map_err(err)?.into()
+        } else {
+            OrtTensor::from_array(a.as_standard_layout().into_owned()).map_err(err)?.into()
+        })
     }
     match tensor {
         Tensor::F32(a) => value(a),

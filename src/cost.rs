@@ -1,0 +1,119 @@
+//! Multiply-adds counted from the graph: every matrix product with a constant weight (attention
+//! projections, MLP, LM head, the NBL maps) and, per attention block, the scores `QKᵀ` and the
+//! weighted sum `PV` over the attended context. This is the speed-up a rewrite promises on paper;
+//! what it leaves out (norms, softmax, rotary embeddings, masks, copies, per-node overhead) is what
+//! a measured speed-up is compared against.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::blocks::find_blocks;
+use crate::onnx::model::tensor_shape;
+use crate::onnx::proto::TensorProto;
+use crate::onnx::{GraphIndex, Model, TensorId, attr_int};
+
+/// A model's multiply-add count, per token.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Cost {
+    /// Multiply-adds of every constant-weight product, per token.
+    pub weight_macs_per_token: u64,
+    /// Per attention block, the width of its attention (heads × head size): scores and weighted
+    /// sum cost `2 · width` multiply-adds per token per attended position.
+    pub attention_widths: Vec<u64>,
+}
+
+impl Cost {
+    /// Counts `model`'s multiply-adds. A model with no attention left has no attention term.
+    pub fn of(model: &Model) -> Result<Cost> {
+        let graph = model.graph();
+        let index = GraphIndex::new(graph)?;
+        let mut weight_macs_per_token = 0;
+        for (n, node) in graph.node.iter().enumerate() {
+            weight_macs_per_token += match node.op_type() {
+                "MatMul" | "Gemm" | "FusedMatMul" => index
+                    .input(n, 1)
+                    .and_then(|w| constant_weight(graph, &index, w))
+                    .map_or(0, |dims| dims.iter().product::<usize>() as u64),
+                "MatMulNBits" => match (attr_int(node, "K"), attr_int(node, "N")) {
+                    (Some(k), Some(n)) => (k * n) as u64,
+                    _ => 0,
+                },
+                _ => 0,
+            };
+        }
+        let attention_widths = match find_blocks(model) {
+            Ok(blocks) => blocks
+                .layers
+                .iter()
+                .map(|l| attention_width(graph, &index, &l.y).unwrap_or(blocks.hidden_size) as u64)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        Ok(Cost { weight_macs_per_token, attention_widths })
+    }
+
+    /// Multiply-adds of a prefill of `prompt` tokens, each attending to the whole prompt (what an
+    /// unfused graph computes before masking).
+    pub fn prefill(&self, prompt: usize) -> f64 {
+        prompt as f64 * self.per_token(prompt as f64)
+    }
+
+    /// Mean multiply-adds of one of `steps` decode steps after a `prompt`-token prefill: step `i`
+    /// attends to `prompt + i + 1` positions.
+    pub fn decode_step(&self, prompt: usize, steps: usize) -> f64 {
+        self.per_token(prompt as f64 + (steps as f64 + 1.0) / 2.0)
+    }
+
+    fn per_token(&self, context: f64) -> f64 {
+        let attention: u64 = self.attention_widths.iter().map(|w| 2 * w).sum();
+        self.weight_macs_per_token as f64 + attention as f64 * context
+    }
+}
+
+/// The shape of the initializer behind `tensor`, looking through the ops exporters put between a
+/// weight and its product (a transposed tied embedding, a cast, dequantisation).
+fn constant_weight<'g>(
+    graph: &'g crate::onnx::proto::GraphProto,
+    index: &GraphIndex,
+    tensor: TensorId,
+) -> Option<Vec<usize>> {
+    let mut tensor = tensor;
+    for _ in 0..4 {
+        if let Some(i) = index.initializer(tensor) {
+            let weight: &'g TensorProto = &graph.initializer[i];
+            return tensor_shape(weight).ok();
+        }
+        let (producer, _) = index.producer(tensor)?;
+        match graph.node[producer].op_type() {
+            "Transpose" | "Cast" | "Identity" | "DequantizeLinear" => tensor = index.input(producer, 0)?,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The input width of the projection that makes an attention block's output `y` (`o_proj`):
+/// heads × head size, whatever the grouping of the keys and values.
+fn attention_width(graph: &crate::onnx::proto::GraphProto, index: &GraphIndex, y: &str) -> Option<usize> {
+    let mut tensor = index.id(y)?;
+    for _ in 0..4 {
+        let (producer, _) = index.producer(tensor)?;
+        let node = &graph.node[producer];
+        match node.op_type() {
+            "MatMul" | "Gemm" => {
+                let dims = constant_weight(graph, index, index.input(producer, 1)?)?;
+                let trans_b = node.op_type() == "Gemm" && attr_int(node, "transB") == Some(1);
+                return if trans_b { dims.last().copied() } else { dims.first().copied() };
+            }
+            "MatMulNBits" => return attr_int(node, "K").map(|k| k as usize),
+            // A bias, or a reshape back to [batch, sequence, hidden]: look at what it is applied to.
+            "Add" | "Reshape" | "Cast" => {
+                tensor = (0..2)
+                    .filter_map(|slot| index.input(producer, slot))
+                    .find(|&t| !index.is_initializer(t))?
+            }
+            _ => return None,
+        }
+    }
+    None
+}
