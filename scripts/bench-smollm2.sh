@@ -2,13 +2,16 @@
 # The end-to-end benchmark on a real model: SmolLM2-135M-Instruct (Optimum export), calibrated on
 # C4 documents 0-199 and evaluated on documents 200-299 (../shared/data/c4_demo.json), for
 # k = 0, 4, 8, 12 replaced attention layers with NBL (--criterion cca), NBL ranked by cosine, and
-# attention dropping (--replace drop, ranked by cosine as LLM-Drop does).
+# attention dropping (--replace drop, ranked by cosine as LLM-Drop does). The ONNX Runtime GenAI export
+# of the same model is calibrated on the same data (its layer ranking must match the Optimum one's)
+# and its NBL rewrites are timed too: its attention is one fused GroupQueryAttention node, so its
+# speed-ups show what the multiply-add count predicts without the decomposed graph's overheads.
 # Writes bench/results.json, bench/results.md (the README's table) and bench/results.svg.
 #
 #   scripts/bench-smollm2.sh [--ep cpu|cuda|tensorrt] [--runs N]
 #
-# Needs models/smollm2-optimum (scripts/prepare-smollm2.sh makes it) and ONNX Runtime
-# (scripts/setup-ort.sh). Takes about half an hour on 2 CPU cores.
+# Needs models/smollm2-{optimum,genai} (scripts/prepare-smollm2.sh makes them) and ONNX Runtime
+# (scripts/setup-ort.sh). Takes about 45 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +26,11 @@ done
 
 data=../shared/data/c4_demo.json
 model=models/smollm2-optimum/model.onnx
+genai=models/smollm2-genai/model.onnx
 [[ -f $data ]] || { echo "error: $data not found" >&2; exit 2; }
-[[ -f $model ]] || { echo "error: $model not found: run scripts/prepare-smollm2.sh" >&2; exit 2; }
+for m in "$model" "$genai"; do
+  [[ -f $m ]] || { echo "error: $m not found: run scripts/prepare-smollm2.sh" >&2; exit 2; }
+done
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/nbl-onnx/target}"
 echo "==> building nbl-onnx (release)"
 cargo build --release --locked --quiet
@@ -40,12 +46,18 @@ json.dump(docs[:200], open(f"{sys.argv[2]}/calibration.json", "w"))
 json.dump(docs[200:300], open(f"{sys.argv[2]}/evaluation.json", "w"))
 PY
 
-echo "==> calibrating (seq-len $seq_len)"
+echo "==> calibrating the Optimum export (seq-len $seq_len)"
 "$nbl" calibrate "$model" --data "$work/calibration.json" --seq-len "$seq_len" --samples 256 --ep "$ep" \
   -o "$work/stats.safetensors" 2> >(tee "$work/calibrate.log" >&2)
+echo "==> calibrating the GenAI export on the same data"
+"$nbl" calibrate "$genai" --data "$work/calibration.json" --seq-len "$seq_len" --samples 256 --ep "$ep" \
+  -o "$work/stats-genai.safetensors" 2> >(tee "$work/calibrate-genai.log" >&2)
+"$nbl" analyze "$work/stats.safetensors" --json > "$work/analysis-optimum.json"
+"$nbl" analyze "$work/stats-genai.safetensors" --json > "$work/analysis-genai.json"
 
-models=("$model")
-labels=("original")
+# One line per model: label, export, method, k, path. The report reads it back.
+manifest="$work/models.tsv"
+printf 'original\toptimum\toriginal\t0\t%s\n' "$model" > "$manifest"
 for method in cca cosine drop; do
   for k in 4 8 12; do
     out="$work/$method-k$k/model.onnx"
@@ -58,17 +70,39 @@ for method in cca cosine drop; do
     echo "==> rewrite: $method, k=$k"
     "$nbl" rewrite "$model" --stats "$work/stats.safetensors" --layers "$k" "${flags[@]}" -o "$out" \
       --report "$work/$method-k$k/report.json"
-    models+=("$out")
-    labels+=("$method-k$k")
+    printf '%s\toptimum\t%s\t%s\t%s\n' "$method-k$k" "$method" "$k" "$out" >> "$manifest"
   done
 done
+# NBL by the CCA ranking with layer 0 kept: layer 0's attention reads the raw token embeddings, and
+# its bound (scale-free) does not see how large its error is next to that small stream.
+for k in 4 8 12; do
+  out="$work/cca-keep0-k$k/model.onnx"
+  mkdir -p "$(dirname "$out")"
+  ids=$(python3 -c 'import json, sys; o = json.load(open(sys.argv[1]))["order"]; print(",".join(map(str, [l for l in o if l != 0][: int(sys.argv[2])])))' \
+    "$work/analysis-optimum.json" "$k")
+  echo "==> rewrite: cca with layer 0 kept, k=$k (layers $ids)"
+  "$nbl" rewrite "$model" --stats "$work/stats.safetensors" --layer-ids "$ids" -o "$out" \
+    --report "$work/cca-keep0-k$k/report.json"
+  printf 'cca-keep0-k%s\toptimum\tcca-keep0\t%s\t%s\n' "$k" "$k" "$out" >> "$manifest"
+done
+printf 'genai-original\tgenai\toriginal\t0\t%s\n' "$genai" >> "$manifest"
+for k in 4 8 12; do
+  out="$work/genai-cca-k$k/model.onnx"
+  rm -rf "$(dirname "$out")" && mkdir -p "$(dirname "$out")"
+  echo "==> rewrite (GenAI export): cca, k=$k"
+  "$nbl" rewrite "$genai" --stats "$work/stats-genai.safetensors" --layers "$k" -o "$out" \
+    --report "$work/genai-cca-k$k/report.json"
+  printf 'genai-cca-k%s\tgenai\tcca\t%s\t%s\n' "$k" "$k" "$out" >> "$manifest"
+done
+mapfile -t models < <(cut -f5 "$manifest")
+mapfile -t optimum_models < <(awk -F'\t' '$2 == "optimum" { print $5 }' "$manifest")
 
 echo "==> plain inference throughput of the original (for calibration's share of it)"
 "$nbl" eval "$model" --data "$work/calibration.json" --seq-len "$seq_len" --samples 32 --engine ort --ep "$ep" \
   --json > "$work/inference.json"
 
-echo "==> evaluating ${#models[@]} models (perplexity, KL, top-1)"
-"$nbl" eval "${models[@]}" --data "$work/evaluation.json" --seq-len "$seq_len" --engine ort --ep "$ep" \
+echo "==> evaluating ${#optimum_models[@]} models (perplexity, KL, top-1)"
+"$nbl" eval "${optimum_models[@]}" --data "$work/evaluation.json" --seq-len "$seq_len" --engine ort --ep "$ep" \
   --json > "$work/eval.json"
 
 echo "==> timing ${#models[@]} models (prefill $prompt_len, decode $gen, $runs runs)"
@@ -76,4 +110,4 @@ echo "==> timing ${#models[@]} models (prefill $prompt_len, decode $gen, $runs r
   > "$work/bench.json"
 
 echo "==> writing bench/results.{json,md,svg}"
-python3 scripts/bench_report.py "$work" "${labels[@]}"
+python3 scripts/bench_report.py "$work"

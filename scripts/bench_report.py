@@ -7,76 +7,129 @@ import sys
 from pathlib import Path
 
 work = Path(sys.argv[1])
-labels = sys.argv[2:]
+manifest = [line.split("\t") for line in (work / "models.tsv").read_text().splitlines()]
 evaluation = json.loads((work / "eval.json").read_text())
 timing = json.loads((work / "bench.json").read_text())
-calibrate_log = (work / "calibrate.log").read_text()
 inference = json.loads((work / "inference.json").read_text())
+analyses = {export: json.loads((work / f"analysis-{export}.json").read_text()) for export in ("optimum", "genai")}
 
-calibration_tps = float(re.search(r"\(([\d.]+) tokens/s\)", calibrate_log).group(1))
+
+def tokens_per_s(log):
+    return float(re.search(r"\(([\d.]+) tokens/s\)", (work / log).read_text()).group(1))
+
+
+calibration_tps = tokens_per_s("calibrate.log")
 inference_tps = inference["models"][0]["tokens_per_s"]
 
+scores = iter(evaluation["models"])  # the Optimum models, in manifest order
+bases = {}
 rows = []
-base = timing["models"][0]
-for label, score, time in zip(labels, evaluation["models"], timing["models"]):
-    method, k = ("original", 0) if label == "original" else (label.rsplit("-k", 1)[0], int(label.rsplit("-k", 1)[1]))
-    report = {}
-    if label != "original":
-        report = json.loads((work / label / "report.json").read_text())
+for (label, export, method, k, path), time in zip(manifest, timing["models"]):
+    assert time["path"] == path, (time["path"], path)
+    base = bases.setdefault(export, time)
+    score = next(scores) if export == "optimum" else None
+    report = json.loads((work / label / "report.json").read_text()) if method != "original" else {}
     rows.append({
+        "export": export,
         "method": method,
-        "k": k,
-        "layers": report.get("selected", []),
-        "ppl": score["ppl"],
-        "kl": score.get("kl_vs_first", 0.0),
-        "top1": score.get("top1_vs_first", 1.0),
+        "k": int(k),
+        "layers": sorted(report.get("selected", [])),
+        "ppl": score and score["ppl"],
+        "kl": score and score.get("kl_vs_first", 0.0),
+        "top1": score and score.get("top1_vs_first", 1.0),
         "prefill_ms": time["prefill_ms"],
         "decode_tok_s": time["decode_tok_s"],
+        "prefill_ms_runs": time["prefill_ms_runs"],
+        "decode_tok_s_runs": time["decode_tok_s_runs"],
         "prefill_speedup": base["prefill_ms"] / time["prefill_ms"],
         "decode_speedup": time["decode_tok_s"] / base["decode_tok_s"],
+        "predicted_prefill_speedup": base["prefill_gmacs"] / time["prefill_gmacs"],
+        "predicted_decode_speedup": base["decode_mmacs_per_token"] / time["decode_mmacs_per_token"],
         "kv_bytes_per_token": time["kv_bytes_per_token"],
         "peak_mem_mb": time["peak_mem_mb"],
     })
 
+# Layer ranking of the two exports of the same model, calibrated on the same data.
+order = {e: a["order"] for e, a in analyses.items()}
+bound = {e: {r["layer"]: r["bound"] for r in a["layers"]} for e, a in analyses.items()}
+ranking = {
+    "same_order": order["optimum"] == order["genai"],
+    "same_top_k": {k: sorted(order["optimum"][:k]) == sorted(order["genai"][:k]) for k in (4, 8, 12)},
+    "max_relative_bound_difference": max(
+        abs(bound["optimum"][l] - bound["genai"][l]) / abs(bound["optimum"][l]) for l in bound["optimum"]
+    ),
+    "optimum_order": order["optimum"],
+    "genai_order": order["genai"],
+}
+
 results = {
-    "model": "SmolLM2-135M-Instruct (Optimum export, fp32)",
+    "model": "SmolLM2-135M-Instruct (fp32; Optimum and ONNX Runtime GenAI exports)",
     "engine": timing["engine"],
     "prompt_len": timing["prompt_len"],
     "gen": timing["gen"],
     "runs": timing["runs"],
     "eval_tokens": evaluation["models"][0]["tokens"],
     "calibration_tokens_per_s": calibration_tps,
+    "calibration_genai_tokens_per_s": tokens_per_s("calibrate-genai.log"),
     "inference_tokens_per_s": inference_tps,
     "calibration_share_of_inference": calibration_tps / inference_tps,
+    "ranking": ranking,
     "rows": rows,
 }
 Path("bench/results.json").write_text(json.dumps(results, indent=2) + "\n")
 
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
 lines = [
     f"SmolLM2-135M-Instruct, {results['engine']}; perplexity, KL and top-1 on C4 documents 200-299 "
     f"({results['eval_tokens']} tokens, blocks of 512); prefill of {results['prompt_len']} tokens and "
-    f"{results['gen']} decoded tokens, batch 1, median of {results['runs']} alternating runs.",
+    f"{results['gen']} decoded tokens, batch 1, median of {results['runs']} alternating runs. Speed-ups are "
+    "measured, with the multiply-add prediction in brackets, against the original of the same export.",
     "",
-    "| method | k | layers | perplexity | KL | top-1 | prefill ms | decode tok/s | prefill speed-up | decode speed-up | KV bytes/token |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "| export | method | k | layers | perplexity | KL | top-1 | prefill ms | decode tok/s | prefill speed-up (MACs) | decode speed-up (MACs) | KV bytes/token | peak MiB |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
     lines.append(
-        f"| {r['method']} | {r['k']} | {','.join(map(str, sorted(r['layers']))) or '-'} | {r['ppl']:.3f} | "
-        f"{r['kl']:.4f} | {r['top1']:.4f} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.2f} | "
-        f"{r['prefill_speedup']:.3f}x | {r['decode_speedup']:.3f}x | {r['kv_bytes_per_token']} |"
+        f"| {r['export']} | {r['method']} | {r['k']} | {','.join(map(str, r['layers'])) or '-'} | "
+        f"{fmt(r['ppl'], '.3f')} | {fmt(r['kl'], '.4f')} | {fmt(r['top1'], '.4f')} | {r['prefill_ms']:.1f} | "
+        f"{r['decode_tok_s']:.2f} | {r['prefill_speedup']:.3f}x ({r['predicted_prefill_speedup']:.3f}x) | "
+        f"{r['decode_speedup']:.3f}x ({r['predicted_decode_speedup']:.3f}x) | {r['kv_bytes_per_token']} | "
+        f"{r['peak_mem_mb']:.0f} |"
     )
-lines.append("")
-lines.append(
+spread = lambda key: sorted(max(r[key]) / min(r[key]) - 1 for r in rows)
+prefill_spread, decode_spread = spread("prefill_ms_runs"), spread("decode_tok_s_runs")
+lines += [
+    "",
+    f"Run-to-run spread (slowest over fastest run of a model): prefill median {100 * prefill_spread[len(rows) // 2]:.0f}%, "
+    f"largest {100 * prefill_spread[-1]:.0f}%; decode median {100 * decode_spread[len(rows) // 2]:.0f}%, "
+    f"largest {100 * decode_spread[-1]:.0f}%.",
+    "",
     f"Calibration ran at {calibration_tps:.0f} tokens/s, plain inference (eval) at {inference_tps:.0f} tokens/s "
-    f"on the same engine and data: {100 * calibration_tps / inference_tps:.0f}%."
-)
+    f"on the same engine and data: {100 * calibration_tps / inference_tps:.0f}%.",
+    "",
+    f"Layer ranking (CCA bound), Optimum export: {', '.join(map(str, order['optimum']))}; GenAI export: "
+    f"{', '.join(map(str, order['genai']))}; "
+    + ("identical" if ranking["same_order"] else "different")
+    + f"; largest relative difference of a bound {ranking['max_relative_bound_difference']:.1e}.",
+]
 Path("bench/results.md").write_text("\n".join(lines) + "\n")
+
+# The README shows the table between its results markers.
+readme = Path("README.md")
+begin, end = "<!-- results:begin -->\n", "<!-- results:end -->"
+text = readme.read_text()
+head, rest = text.split(begin, 1)
+readme.write_text(head + begin + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
 
 # Perplexity (left axis) and decode speed-up (right axis) against k, one line per method.
 width, height, m = 640, 360, 56
-colours = {"cca": "#e8891d", "cosine": "#4878a8", "drop": "#8a8a8a"}
+colours = {"cca": "#e8891d", "cca-keep0": "#c0392b", "cosine": "#4878a8", "drop": "#8a8a8a"}
 ks = [0, 4, 8, 12]
+rows = [r for r in rows if r["export"] == "optimum"]
 ppls = [r["ppl"] for r in rows]
 lo, hi = min(ppls), max(ppls)
 speed = [r["decode_speedup"] for r in rows]

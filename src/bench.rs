@@ -22,6 +22,9 @@ pub struct ModelTiming {
     pub prefill_ms: f64,
     /// Median greedy decode throughput with the KV cache, in tokens per second.
     pub decode_tok_s: f64,
+    /// Every timed run, in order (the spread shows how noisy the machine was).
+    pub prefill_ms_runs: Vec<f64>,
+    pub decode_tok_s_runs: Vec<f64>,
     /// Peak resident memory of a process that loads this model alone and runs it once, in MiB
     /// (filled in by the caller, who runs [`peak_memory_mb`] in a fresh process).
     pub peak_mem_mb: Option<f64>,
@@ -151,8 +154,8 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
         }
     }
     let costs = models.iter().map(Cost::of).collect::<Result<Vec<_>>>()?;
-    let prefill_ms: Vec<f64> = prefill.into_iter().map(median).collect();
-    let decode_tok_s: Vec<f64> = decode.into_iter().map(median).collect();
+    let prefill_ms: Vec<f64> = prefill.iter().cloned().map(median).collect();
+    let decode_tok_s: Vec<f64> = decode.iter().cloned().map(median).collect();
     let prefill_macs: Vec<f64> = costs.iter().map(|c| c.prefill(options.prompt_len)).collect();
     let decode_macs: Vec<f64> =
         costs.iter().map(|c| c.decode_step(options.prompt_len, options.new_tokens)).collect();
@@ -164,6 +167,8 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
                 path: model.path.display().to_string(),
                 prefill_ms: prefill_ms[i],
                 decode_tok_s: decode_tok_s[i],
+                prefill_ms_runs: prefill[i].clone(),
+                decode_tok_s_runs: decode[i].clone(),
                 peak_mem_mb: None,
                 kv_bytes_per_token: kv_bytes_per_token(model)?,
                 prefill_gmacs: prefill_macs[i] / 1e9,

@@ -375,3 +375,36 @@ fn statistics_of_another_model_are_refused() {
     let out = nbl(&["analyze", stats.to_str().unwrap(), "--layers", "7"]);
     assert_bad_input(&out, "--layers 7 is more than the 3 layers");
 }
+
+/// Calibrates a fixture on `corpus` (8 blocks of 32 tokens) and returns `analyze --json`.
+fn analysis_of(fixture: &str, corpus: &Path, dir: &Path) -> serde_json::Value {
+    let stats = dir.join(format!("{fixture}.safetensors"));
+    let model = model_path(fixture);
+    let mut args = calibrate_args(model.to_str().unwrap(), corpus.to_str().unwrap(), stats.to_str().unwrap());
+    let at = args.iter().position(|a| *a == "--seq-len").unwrap();
+    args.splice(at..at + 4, ["--seq-len", "32", "--samples", "8"]);
+    let out = nbl(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = nbl(&["analyze", stats.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn optimum_and_genai_exports_of_one_model_rank_layers_alike() {
+    // The Llama fixtures share their weights; the exports differ in everything else (decomposed vs
+    // GroupQueryAttention, Add vs SkipSimplifiedLayerNormalization junctions, fused QKV).
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    let optimum = analysis_of("llama-optimum-past", &corpus, dir.path());
+    let genai = analysis_of("llama-genai-fp32", &corpus, dir.path());
+    assert_eq!(optimum["tokens"], genai["tokens"]);
+    assert_eq!(optimum["order"], genai["order"], "layer ranking");
+    let bounds = |a: &serde_json::Value| -> Vec<f64> {
+        a["layers"].as_array().unwrap().iter().map(|r| r["bound"].as_f64().unwrap()).collect()
+    };
+    for (l, (o, g)) in bounds(&optimum).iter().zip(bounds(&genai)).enumerate() {
+        eprintln!("layer {l}: bound {o:.6} (Optimum) vs {g:.6} (GenAI)");
+        assert!((o - g).abs() <= 1e-4 * o.abs().max(1.0), "layer {l}: {o} vs {g}");
+    }
+}
