@@ -46,8 +46,8 @@ pub struct BenchOptions {
 }
 
 /// One prefill and `gen` decode steps; returns (prefill seconds, decode seconds). The decode time
-/// includes what a serving loop must do between steps (argmax, moving the cache to the inputs) and
-/// nothing more: the cache is moved, never copied.
+/// includes what a serving loop must do between steps (argmax, handing the cache to the inputs) and
+/// nothing more: the cache is copied once out of the engine's outputs, then moved.
 fn one_run(
     model: &Model,
     session: &mut dyn Session,
