@@ -112,12 +112,17 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The benchmark prompt: `len` ids drawn from the model's vocabulary (2 when it cannot be told).
+fn prompt_for(model: &Model, len: usize) -> Array2<i64> {
+    let vocab = crate::blocks::find_blocks(model).ok().and_then(|b| b.vocab_size).unwrap_or(2);
+    sample_prompt(len, vocab)
+}
+
 /// Peak resident memory of this process after loading `model` and running a prefill and four
 /// decode steps, in MiB. Meant for a fresh process that has run nothing else.
 pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> Result<f64> {
-    let vocab = crate::blocks::find_blocks(model).ok().and_then(|b| b.vocab_size).unwrap_or(2);
     let mut session = engine.load(model, &[])?;
-    one_run(model, session.as_mut(), &sample_prompt(prompt_len, vocab), 4)?;
+    one_run(model, session.as_mut(), &prompt_for(model, prompt_len), 4)?;
     peak_rss_mb().context("cannot read VmHWM from /proc/self/status")
 }
 
@@ -126,8 +131,7 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
         options.runs > 0 && options.new_tokens > 0 && options.prompt_len > 0,
         "--runs, --gen and --prompt-len must be positive"
     );
-    let vocab = crate::blocks::find_blocks(&models[0]).ok().and_then(|b| b.vocab_size).unwrap_or(2);
-    let prompt = sample_prompt(options.prompt_len, vocab);
+    let prompt = prompt_for(&models[0], options.prompt_len);
 
     // Timing: all loaded, a warm-up run each, then alternating runs.
     let mut sessions: Vec<Box<dyn Session>> =

@@ -1,6 +1,7 @@
 //! Calibration: one instrumented copy of the graph exposes every layer's X and Y; one pass over the
 //! packed data feeds all layers' moments, batch by batch, without keeping activations.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -110,16 +111,26 @@ fn measuring_graph(model: &Model, measured: &[String]) -> Result<Model> {
     Ok(copy)
 }
 
-/// A captured tensor as `n×d` f32 values, refusing NaN/Inf (which would poison every statistic).
-fn activations(t: &Tensor, d: usize, layer: usize, name: &str, batch: usize) -> Result<Vec<f32>> {
+/// A captured tensor as `n×d` f32 values (borrowed when it already is contiguous f32), refusing
+/// NaN/Inf (which would poison every statistic).
+fn activations<'t>(
+    t: &'t Tensor,
+    d: usize,
+    layer: usize,
+    name: &str,
+    batch: usize,
+) -> Result<Cow<'t, [f32]>> {
     ensure!(
         t.shape().last() == Some(&d),
         "layer {layer}: tensor {name:?} has shape {:?}, expected [..., {d}]",
         t.shape()
     );
     let values = match t {
-        Tensor::F32(a) => a.as_standard_layout().into_owned().into_raw_vec_and_offset().0,
-        other => other.to_f32()?.into_raw_vec_and_offset().0,
+        Tensor::F32(a) => match a.as_slice() {
+            Some(contiguous) => Cow::Borrowed(contiguous),
+            None => Cow::Owned(a.as_standard_layout().into_owned().into_raw_vec_and_offset().0),
+        },
+        other => Cow::Owned(other.to_f32()?.into_raw_vec_and_offset().0),
     };
     if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
         bail!(

@@ -96,9 +96,7 @@ pub fn structure(model: &Model) -> Vec<String> {
         }
     }
     for t in &graph.initializer {
-        let used =
-            index.id(t.name()).is_some_and(|id| !index.consumers(id).is_empty() || index.is_graph_output(id));
-        if !used {
+        if !index.id(t.name()).is_some_and(|id| index.is_read(id)) {
             problems.push(format!("initializer {:?} is not used", t.name()));
         }
         let Ok(shape) = tensor_shape(t) else {
@@ -124,9 +122,7 @@ pub fn structure(model: &Model) -> Vec<String> {
         }
     }
     for v in &graph.input {
-        let used =
-            index.id(v.name()).is_some_and(|id| !index.consumers(id).is_empty() || index.is_graph_output(id));
-        if !used {
+        if !index.id(v.name()).is_some_and(|id| index.is_read(id)) {
             problems.push(format!("graph input {:?} is not used", v.name()));
         }
     }

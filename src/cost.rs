@@ -9,7 +9,6 @@ use serde::Serialize;
 
 use crate::blocks::find_blocks;
 use crate::onnx::model::tensor_shape;
-use crate::onnx::proto::TensorProto;
 use crate::onnx::{GraphIndex, Model, TensorId, attr_int};
 
 /// A model's multiply-add count, per token.
@@ -72,16 +71,15 @@ impl Cost {
 
 /// The shape of the initializer behind `tensor`, looking through the ops exporters put between a
 /// weight and its product (a transposed tied embedding, a cast, dequantisation).
-fn constant_weight<'g>(
-    graph: &'g crate::onnx::proto::GraphProto,
+fn constant_weight(
+    graph: &crate::onnx::proto::GraphProto,
     index: &GraphIndex,
     tensor: TensorId,
 ) -> Option<Vec<usize>> {
     let mut tensor = tensor;
     for _ in 0..4 {
         if let Some(i) = index.initializer(tensor) {
-            let weight: &'g TensorProto = &graph.initializer[i];
-            return tensor_shape(weight).ok();
+            return tensor_shape(&graph.initializer[i]).ok();
         }
         let (producer, _) = index.producer(tensor)?;
         match graph.node[producer].op_type() {

@@ -169,6 +169,11 @@ impl GraphIndex {
         self.graph_outputs.contains(&id)
     }
 
+    /// Whether anything reads the tensor: a node, a subgraph, or the graph's outputs.
+    pub fn is_read(&self, id: TensorId) -> bool {
+        !self.consumers(id).is_empty() || self.is_graph_output(id)
+    }
+
     /// Node indices in dependency order (Kahn's algorithm, ties by position). Fails on a cycle or on
     /// a tensor that nothing provides, naming the node.
     pub fn topological_order(&self, graph: &GraphProto) -> Result<Vec<usize>> {
@@ -270,9 +275,7 @@ pub fn eliminate_dead(graph: &mut GraphProto) -> Result<Removed> {
         keep
     });
     let index = GraphIndex::new(graph)?;
-    let used = |name: &str| {
-        index.id(name).is_some_and(|id| !index.consumers(id).is_empty() || index.is_graph_output(id))
-    };
+    let used = |name: &str| index.id(name).is_some_and(|id| index.is_read(id));
     let before_inits = graph.initializer.len();
     graph.initializer.retain(|t| used(t.name()));
     let produced = |name: &str| index.id(name).is_some_and(|id| index.producer(id).is_some());
