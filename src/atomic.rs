@@ -27,9 +27,29 @@ pub fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
+/// The directory a file path lies in: its parent, or `.` for a bare file name.
+pub fn dir_of(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Fails early, before any long work, if `output` cannot be written: its directory is missing, or
+/// it is the same file as one of `inputs`.
+pub fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
+    let dir = dir_of(output);
+    anyhow::ensure!(dir.is_dir(), "output directory {} does not exist", dir.display());
+    if let Ok(out) = std::fs::canonicalize(output) {
+        for input in inputs {
+            if std::fs::canonicalize(input).is_ok_and(|i| i == out) {
+                bail!("refusing to write {} over the input", output.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A temporary file in the directory `path` will be written to.
 pub fn temp_beside(path: &Path) -> Result<NamedTempFile> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = dir_of(path);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("output");
     tempfile::Builder::new()
         .prefix(&format!(".{name}."))

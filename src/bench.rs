@@ -3,17 +3,19 @@
 //! runs. Peak memory is measured with each model loaded and run alone in a fresh process (memory a
 //! process has freed stays resident, so one process cannot measure several models).
 
+use std::fmt::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use ndarray::{Array2, Axis};
 use serde::Serialize;
 
-use crate::check::{argmax, sample_prompt};
+use crate::blocks::{Blocks, find_blocks};
 use crate::cost::Cost;
-use crate::engine::{Engine, Session, decode_inputs, prefill_inputs, present_as_past};
-use crate::onnx::{Model, Tensor};
-use crate::rewrite::kv_bytes_per_token;
+use crate::data::sample_prompt;
+use crate::engine::{Engine, ExecutionProvider, Session};
+use crate::logits::{self, argmax};
+use crate::onnx::{Interface, Model, Tensor, present_as_past};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelTiming {
@@ -26,8 +28,8 @@ pub struct ModelTiming {
     pub prefill_ms_runs: Vec<f64>,
     pub decode_tok_s_runs: Vec<f64>,
     /// Peak resident memory of a process that loads this model alone and runs it once, in MiB
-    /// (filled in by the caller, who runs [`peak_memory_mb`] in a fresh process).
-    pub peak_mem_mb: Option<f64>,
+    /// (measured by [`peak_memory_mb`] in a fresh process).
+    pub peak_mem_mb: f64,
     pub kv_bytes_per_token: u64,
     /// Multiply-adds of the prefill and of a mean decode step, counted from the graph.
     pub prefill_gmacs: f64,
@@ -43,25 +45,49 @@ pub struct BenchOptions {
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub runs: usize,
+    /// Where the engine runs and with how many threads: what the fresh process measuring peak
+    /// memory is given too.
+    pub ep: ExecutionProvider,
+    pub threads: Option<usize>,
+}
+
+/// A model to time, with what is read off it once.
+struct Subject<'m> {
+    model: &'m Model,
+    blocks: Option<Blocks>,
+    interface: Interface,
+}
+
+impl Subject<'_> {
+    fn of(model: &Model) -> Result<Subject<'_>> {
+        let blocks = find_blocks(model).ok();
+        let interface = Interface::of(model, blocks.as_ref().map(|b| b.hidden_size))?;
+        ensure!(
+            interface.has_cache(),
+            "{} has no KV cache: decode throughput needs one",
+            model.path.display()
+        );
+        Ok(Subject { model, blocks, interface })
+    }
+
+    /// The benchmark prompt: `len` ids drawn from the model's vocabulary (2 when it cannot be told).
+    fn prompt(&self, len: usize) -> Array2<i64> {
+        sample_prompt(len, self.blocks.as_ref().and_then(|b| b.vocab_size).unwrap_or(2))
+    }
 }
 
 /// One prefill and `gen` decode steps; returns (prefill seconds, decode seconds). The decode time
 /// includes what a serving loop must do between steps (argmax, handing the cache to the inputs) and
 /// nothing more: the cache is copied once out of the engine's outputs, then moved.
 fn one_run(
-    model: &Model,
+    interface: &Interface,
     session: &mut dyn Session,
     prompt: &Array2<i64>,
     new_tokens: usize,
 ) -> Result<(f64, f64)> {
     let names = session.output_names().to_vec();
-    let logits_at = names.iter().position(|n| n == "logits").context("the model has no \"logits\" output")?;
-    ensure!(
-        names.iter().any(|n| n.starts_with("present")),
-        "{} has no KV cache: decode throughput needs one",
-        model.path.display()
-    );
-    let inputs = prefill_inputs(model, prompt)?;
+    let logits_at = logits::position(&names)?;
+    let inputs = interface.prefill(prompt)?;
     let start = Instant::now();
     let outputs = session.run(&inputs)?;
     let prefill = start.elapsed().as_secs_f64();
@@ -69,7 +95,7 @@ fn one_run(
     let mut next = last_argmax(&outputs[logits_at])?;
     let mut past = present_as_past(&names, outputs);
     for length in prompt.ncols()..prompt.ncols() + new_tokens {
-        let outputs = session.run(&decode_inputs(model, next, past, length)?)?;
+        let outputs = session.run(&interface.decode(next, past, length)?)?;
         next = last_argmax(&outputs[logits_at])?;
         past = present_as_past(&names, outputs);
     }
@@ -112,69 +138,89 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The benchmark prompt: `len` ids drawn from the model's vocabulary (2 when it cannot be told).
-fn prompt_for(model: &Model, len: usize) -> Array2<i64> {
-    let vocab = crate::blocks::find_blocks(model).ok().and_then(|b| b.vocab_size).unwrap_or(2);
-    sample_prompt(len, vocab)
-}
-
 /// Peak resident memory of this process after loading `model` and running a prefill and four
-/// decode steps, in MiB. Meant for a fresh process that has run nothing else.
+/// decode steps, in MiB. Meant for a fresh process that has run nothing else: the hidden
+/// `bench --peak-memory` that [`peak_memory_in_child`] starts.
 pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> Result<f64> {
+    let subject = Subject::of(model)?;
     let mut session = engine.load(model, &[])?;
-    one_run(model, session.as_mut(), &prompt_for(model, prompt_len), 4)?;
+    one_run(&subject.interface, session.as_mut(), &subject.prompt(prompt_len), 4)?;
     peak_rss_mb().context("cannot read VmHWM from /proc/self/status")
 }
 
+/// Runs this executable's `bench MODEL --peak-memory` in a fresh process and reads its answer.
+fn peak_memory_in_child(model: &Model, options: &BenchOptions) -> Result<f64> {
+    let exe = std::env::current_exe().context("cannot find this executable to measure memory")?;
+    let mut command = std::process::Command::new(exe);
+    command.arg("bench").arg(&model.path).arg("--peak-memory");
+    command.args(["--ep", &options.ep.to_string().to_lowercase()]);
+    command.args(["--prompt-len", &options.prompt_len.to_string()]);
+    if let Some(threads) = options.threads {
+        command.args(["--threads", &threads.to_string()]);
+    }
+    let out = command.output().context("cannot start the memory measurement")?;
+    ensure!(
+        out.status.success(),
+        "measuring the peak memory of {} failed: {}",
+        model.path.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().with_context(|| format!("unexpected peak-memory output {text:?}"))
+}
+
+/// Times every model (alternately, after a warm-up run each), then measures each one's peak
+/// memory in a fresh process.
 pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> Result<Vec<ModelTiming>> {
     ensure!(
         options.runs > 0 && options.new_tokens > 0 && options.prompt_len > 0,
         "--runs, --gen and --prompt-len must be positive"
     );
-    let prompt = prompt_for(&models[0], options.prompt_len);
+    let subjects = models.iter().map(Subject::of).collect::<Result<Vec<_>>>()?;
+    let prompt = subjects[0].prompt(options.prompt_len);
 
     // Timing: all loaded, a warm-up run each, then alternating runs.
     let mut sessions: Vec<Box<dyn Session>> =
         models.iter().map(|m| engine.load(m, &[])).collect::<Result<_>>()?;
-    for (model, session) in models.iter().zip(&mut sessions) {
-        one_run(model, session.as_mut(), &prompt, options.new_tokens)?;
+    for (subject, session) in subjects.iter().zip(&mut sessions) {
+        one_run(&subject.interface, session.as_mut(), &prompt, options.new_tokens)?;
     }
     let mut prefill: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
     let mut decode: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
     for run in 0..options.runs {
-        for (i, (model, session)) in models.iter().zip(&mut sessions).enumerate() {
+        for (i, (subject, session)) in subjects.iter().zip(&mut sessions).enumerate() {
             crate::atomic::check_interrupt()?;
-            let (p, d) = one_run(model, session.as_mut(), &prompt, options.new_tokens)?;
+            let (p, d) = one_run(&subject.interface, session.as_mut(), &prompt, options.new_tokens)?;
             prefill[i].push(p * 1e3);
             decode[i].push(options.new_tokens as f64 / d);
             eprintln!(
                 "run {}/{}: {} prefill {:.1} ms, decode {:.1} tokens/s",
                 run + 1,
                 options.runs,
-                model.path.display(),
+                subject.model.path.display(),
                 p * 1e3,
                 options.new_tokens as f64 / d
             );
         }
     }
-    let costs = models.iter().map(Cost::of).collect::<Result<Vec<_>>>()?;
+    let costs = subjects.iter().map(|s| Cost::of(s.model, s.blocks.as_ref())).collect::<Result<Vec<_>>>()?;
     let prefill_ms: Vec<f64> = prefill.iter().cloned().map(median).collect();
     let decode_tok_s: Vec<f64> = decode.iter().cloned().map(median).collect();
     let prefill_macs: Vec<f64> = costs.iter().map(|c| c.prefill(options.prompt_len)).collect();
     let decode_macs: Vec<f64> =
         costs.iter().map(|c| c.decode_step(options.prompt_len, options.new_tokens)).collect();
-    models
+    subjects
         .iter()
         .enumerate()
-        .map(|(i, model)| {
+        .map(|(i, subject)| {
             Ok(ModelTiming {
-                path: model.path.display().to_string(),
+                path: subject.model.path.display().to_string(),
                 prefill_ms: prefill_ms[i],
                 decode_tok_s: decode_tok_s[i],
                 prefill_ms_runs: prefill[i].clone(),
                 decode_tok_s_runs: decode[i].clone(),
-                peak_mem_mb: None,
-                kv_bytes_per_token: kv_bytes_per_token(model)?,
+                peak_mem_mb: peak_memory_in_child(subject.model, options)?,
+                kv_bytes_per_token: subject.interface.kv_bytes_per_token(),
                 prefill_gmacs: prefill_macs[i] / 1e9,
                 decode_mmacs_per_token: decode_macs[i] / 1e6,
                 prefill_speedup: prefill_ms[0] / prefill_ms[i],
@@ -184,4 +230,33 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
             })
         })
         .collect()
+}
+
+/// The readable table of a bench run.
+pub fn table(timings: &[ModelTiming], options: &BenchOptions, engine: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "prompt {} tokens, {} generated, median of {} runs on {engine}",
+        options.prompt_len, options.new_tokens, options.runs
+    );
+    let _ = writeln!(
+        out,
+        "{:>10}  {:>12}  {:>17}  {:>17}  {:>8}  {:>12}  model",
+        "prefill ms", "decode tok/s", "prefill x (MACs)", "decode x (MACs)", "peak MiB", "KV bytes/tok"
+    );
+    for t in timings {
+        let _ = writeln!(
+            out,
+            "{:>10.1}  {:>12.2}  {:>17}  {:>17}  {:>8.0}  {:>12}  {}",
+            t.prefill_ms,
+            t.decode_tok_s,
+            format!("{:.3} ({:.3})", t.prefill_speedup, t.predicted_prefill_speedup),
+            format!("{:.3} ({:.3})", t.decode_speedup, t.predicted_decode_speedup),
+            t.peak_mem_mb,
+            t.kv_bytes_per_token,
+            t.path
+        );
+    }
+    out
 }

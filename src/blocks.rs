@@ -15,20 +15,83 @@ use serde::Serialize;
 use crate::onnx::proto::{GraphProto, NodeProto};
 use crate::onnx::{DType, GraphIndex, Model, TensorId, value_type};
 
-/// Fused attention operators, by ONNX op type (ai.onnx and com.microsoft).
-const FUSED_ATTENTION_OPS: &[&str] = &[
-    "Attention",
-    "MultiHeadAttention",
-    "GroupQueryAttention",
-    "PagedAttention",
-    "SparseAttention",
-    "PackedAttention",
-    "PackedMultiHeadAttention",
-    "DecoderMaskedMultiHeadAttention",
-];
-
 /// Junctions that fuse the residual add with the next norm; the sum is on output 3.
 const SKIP_NORM_OPS: &[&str] = &["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"];
+
+/// The attention a branch holds: decomposed (`Softmax` into a `MatMul`, or a KV-cache input), or a
+/// fused operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKind {
+    Decomposed,
+    Fused(FusedAttention),
+}
+
+/// Fused attention operators (ai.onnx and com.microsoft).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedAttention {
+    Attention,
+    MultiHeadAttention,
+    GroupQueryAttention,
+    PagedAttention,
+    SparseAttention,
+    PackedAttention,
+    PackedMultiHeadAttention,
+    DecoderMaskedMultiHeadAttention,
+}
+
+impl FusedAttention {
+    const ALL: [FusedAttention; 8] = [
+        FusedAttention::Attention,
+        FusedAttention::MultiHeadAttention,
+        FusedAttention::GroupQueryAttention,
+        FusedAttention::PagedAttention,
+        FusedAttention::SparseAttention,
+        FusedAttention::PackedAttention,
+        FusedAttention::PackedMultiHeadAttention,
+        FusedAttention::DecoderMaskedMultiHeadAttention,
+    ];
+
+    pub fn from_op(op: &str) -> Option<FusedAttention> {
+        FusedAttention::ALL.into_iter().find(|f| f.op_type() == op)
+    }
+
+    pub fn op_type(self) -> &'static str {
+        match self {
+            FusedAttention::Attention => "Attention",
+            FusedAttention::MultiHeadAttention => "MultiHeadAttention",
+            FusedAttention::GroupQueryAttention => "GroupQueryAttention",
+            FusedAttention::PagedAttention => "PagedAttention",
+            FusedAttention::SparseAttention => "SparseAttention",
+            FusedAttention::PackedAttention => "PackedAttention",
+            FusedAttention::PackedMultiHeadAttention => "PackedMultiHeadAttention",
+            FusedAttention::DecoderMaskedMultiHeadAttention => "DecoderMaskedMultiHeadAttention",
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttentionKind::Decomposed => f.pad("decomposed"),
+            AttentionKind::Fused(op) => f.pad(op.op_type()),
+        }
+    }
+}
+
+/// Written as in `inspect --json`: `decomposed` or the fused operator's type.
+impl Serialize for AttentionKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Where a branch joins the stream: input `slot` of node `node` (a position in the graph the
+/// blocks were found in) reads the branch tensor `Y`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Junction {
+    pub node: usize,
+    pub slot: usize,
+}
 
 /// One decoder layer's attention block: what enters it and what it adds back to the stream.
 #[derive(Clone, Debug, Serialize)]
@@ -38,26 +101,46 @@ pub struct AttentionBlock {
     pub x: String,
     /// The attention output entering the residual junction.
     pub y: String,
-    /// `decomposed`, or the fused operator's type (`GroupQueryAttention`, `MultiHeadAttention`, ...).
-    pub kind: String,
+    pub kind: AttentionKind,
     /// Nodes that no output needs any more once the block and its KV cache are removed.
     pub nodes: usize,
     pub kv_inputs: Vec<String>,
     pub kv_outputs: Vec<String>,
-    /// The node where `Y` joins the stream.
     #[serde(skip)]
-    pub junction: String,
+    pub junction: Junction,
+}
+
+/// Whether a residual branch was taken as attention, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Attention(AttentionKind),
+    /// No Softmax feeding a MatMul, no fused attention op, no KV-cache input; `ops` summarises
+    /// what the branch holds instead.
+    NotAttention {
+        ops: String,
+    },
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Attention(kind) => write!(f, "attention ({kind})"),
+            Verdict::NotAttention { ops } => write!(
+                f,
+                "not attention: no Softmax feeding a MatMul, no fused attention op, no KV-cache input (ops: {ops})"
+            ),
+        }
+    }
 }
 
 /// Every residual branch found on the walk, with the reason it was or was not taken as attention.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct Branch {
-    pub stream: String,
+    /// The branch tensor and the name of the node where it joins the stream (for messages).
     pub branch: String,
     pub junction: String,
     pub nodes: usize,
-    /// `attention (<kind>)`, or why not.
-    pub verdict: String,
+    pub verdict: Verdict,
 }
 
 /// The decoder's structure as far as NBL needs it.
@@ -65,14 +148,38 @@ pub struct Branch {
 pub struct Blocks {
     pub layers: Vec<AttentionBlock>,
     pub hidden_size: usize,
-    pub dtype: String,
+    /// The stream's element type, where it can be told.
+    #[serde(serialize_with = "dtype_or_unknown")]
+    pub dtype: Option<DType>,
     /// Rows of the token embedding table, where the stream starts from one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vocab_size: Option<usize>,
     #[serde(skip)]
     pub branches: Vec<Branch>,
-    #[serde(skip)]
+    /// Where the layer numbers in names disagree with the stream order.
     pub warnings: Vec<String>,
+}
+
+fn dtype_or_unknown<S: serde::Serializer>(
+    dtype: &Option<DType>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match dtype {
+        Some(d) => s.collect_str(d),
+        None => s.serialize_str("unknown"),
+    }
+}
+
+impl Blocks {
+    /// Every layer's X and Y tensor names, in layer order: `[x0, y0, x1, y1, ...]`.
+    pub fn xy_tensors(&self) -> Vec<String> {
+        self.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect()
+    }
+
+    /// The block of layer `layer`.
+    pub fn layer(&self, layer: usize) -> Option<&AttentionBlock> {
+        self.layers.iter().find(|l| l.layer == layer)
+    }
 }
 
 /// Finds every attention block of a decoder-only LLM graph.
@@ -100,18 +207,13 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
             }
         };
         let analysis = analyse_branch(graph, &index, &live, &junction);
-        let verdict = match &analysis.attention {
-            Some(kind) => format!("attention ({kind})"),
-            None => analysis.why_not.clone(),
-        };
         branches.push(Branch {
-            stream: index.name(stream).to_string(),
             branch: index.name(junction.branch).to_string(),
             junction: graph.node[junction.node].name().to_string(),
             nodes: analysis.dying.len(),
-            verdict,
+            verdict: analysis.verdict.clone(),
         });
-        if let Some(kind) = analysis.attention {
+        if let Verdict::Attention(kind) = analysis.verdict {
             layers.push(AttentionBlock {
                 layer: layers.len(),
                 x: index.name(stream).to_string(),
@@ -120,7 +222,7 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
                 nodes: analysis.dying.len(),
                 kv_inputs: analysis.kv_inputs.iter().map(|&t| index.name(t).to_string()).collect(),
                 kv_outputs: analysis.kv_outputs.iter().map(|&t| index.name(t).to_string()).collect(),
-                junction: graph.node[junction.node].name().to_string(),
+                junction: Junction { node: junction.node, slot: junction.branch_slot },
             });
         }
         match junction.out {
@@ -148,16 +250,16 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
     }
 
     let first_x = index.id(&layers[0].x).expect("indexed");
-    let dtype =
-        stream_dtype(graph, &index, first_x).map(|d| d.to_string()).unwrap_or_else(|| "unknown".to_string());
+    let dtype = stream_dtype(graph, &index, first_x);
     let hidden_size = hidden_size(model, &index, first_x, start)?;
     let warnings = cross_check(graph, &index, &layers);
     let vocab_size = embedding_rows(graph, &index, start);
     Ok(Blocks { layers, hidden_size, dtype, vocab_size, branches, warnings })
 }
 
-/// `s' = s + t` at node `node`; `out` is `s'` (absent for a final Skip norm whose sum is unused).
-struct Junction {
+/// A residual junction found on the walk: `s' = s + t` at node `node`; `out` is `s'` (absent for a
+/// final Skip norm whose sum is unused).
+struct Join {
     node: usize,
     branch: TensorId,
     branch_slot: usize,
@@ -253,9 +355,9 @@ fn stream_views(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Vec<Tens
 
 /// The residual junction that consumes stream tensor `s`, choosing the widest branch when there
 /// are several candidates.
-fn next_junction(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<Junction> {
+fn next_junction(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<Join> {
     let views = stream_views(graph, index, s);
-    let mut best: Option<Junction> = None;
+    let mut best: Option<Join> = None;
     for &(node, slot) in views.iter().flat_map(|&v| index.consumers(v)) {
         let n = &graph.node[node];
         let (branch_slot, out) = match n.op_type() {
@@ -272,7 +374,7 @@ fn next_junction(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<
             continue; // `t` does not depend on `s`: an Add of a constant or of another stream.
         }
         if best.as_ref().is_none_or(|b| region.len() > b.region.len()) {
-            best = Some(Junction { node, branch, branch_slot, out, region });
+            best = Some(Join { node, branch, branch_slot, out, region });
         }
     }
     best
@@ -305,8 +407,7 @@ fn passthrough_successor(graph: &GraphProto, index: &GraphIndex, s: TensorId) ->
 }
 
 struct BranchAnalysis {
-    attention: Option<String>,
-    why_not: String,
+    verdict: Verdict,
     dying: Vec<usize>,
     kv_inputs: Vec<TensorId>,
     kv_outputs: Vec<TensorId>,
@@ -314,7 +415,7 @@ struct BranchAnalysis {
 
 /// Classifies a branch and measures what removing it frees: the nodes that die when the junction
 /// stops reading the branch and the branch's graph outputs (its KV cache) are dropped.
-fn analyse_branch(graph: &GraphProto, index: &GraphIndex, live: &[bool], j: &Junction) -> BranchAnalysis {
+fn analyse_branch(graph: &GraphProto, index: &GraphIndex, live: &[bool], j: &Join) -> BranchAnalysis {
     let kv_outputs: Vec<TensorId> = index
         .graph_outputs
         .iter()
@@ -368,25 +469,17 @@ fn analyse_branch(graph: &GraphProto, index: &GraphIndex, live: &[bool], j: &Jun
     kv_inputs.sort_by_key(|t| index.graph_inputs.iter().position(|g| g == t));
 
     let nodes: Vec<&NodeProto> = dying.iter().map(|&n| &graph.node[n]).collect();
-    let fused = nodes.iter().find(|n| FUSED_ATTENTION_OPS.contains(&n.op_type()));
+    let fused = nodes.iter().find_map(|n| FusedAttention::from_op(n.op_type()));
     let softmax_into_matmul =
         dying.iter().any(|&n| graph.node[n].op_type() == "Softmax" && feeds_matmul(graph, index, n, 3));
-    let attention = if let Some(op) = fused {
-        Some(op.op_type().to_string())
+    let verdict = if let Some(op) = fused {
+        Verdict::Attention(AttentionKind::Fused(op))
     } else if softmax_into_matmul || !kv_inputs.is_empty() {
-        Some("decomposed".to_string())
+        Verdict::Attention(AttentionKind::Decomposed)
     } else {
-        None
+        Verdict::NotAttention { ops: op_histogram(&nodes) }
     };
-    let why_not = if attention.is_some() {
-        String::new()
-    } else {
-        format!(
-            "not attention: no Softmax feeding a MatMul, no fused attention op, no KV-cache input (ops: {})",
-            op_histogram(&nodes)
-        )
-    };
-    BranchAnalysis { attention, why_not, dying, kv_inputs, kv_outputs }
+    BranchAnalysis { verdict, dying, kv_inputs, kv_outputs }
 }
 
 /// Whether node `n`'s output reaches a MatMul through at most `depth` cheap elementwise ops.
@@ -603,12 +696,16 @@ mod tests {
             assert_eq!(blocks.layers.len(), 1);
             let layer = &blocks.layers[0];
             assert_eq!((layer.x.as_str(), layer.y.as_str()), ("h0", "ys"), "Y is what enters the junction");
-            assert_eq!(layer.kind, "decomposed");
+            assert_eq!(layer.kind, AttentionKind::Decomposed);
             // n, q, k, v, kt, scores, probs, a, o, pn, ys
             assert_eq!(layer.nodes, 11);
-            assert_eq!((blocks.hidden_size, blocks.dtype.as_str()), (8, "f32"));
+            assert_eq!((blocks.hidden_size, blocks.dtype), (8, Some(DType::F32)));
             assert_eq!(blocks.branches.len(), 2);
-            assert!(blocks.branches[1].verdict.starts_with("not attention"), "{:?}", blocks.branches[1]);
+            assert!(
+                matches!(blocks.branches[1].verdict, Verdict::NotAttention { .. }),
+                "{:?}",
+                blocks.branches[1]
+            );
         }
     }
 

@@ -9,11 +9,11 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 use crate::blocks::Blocks;
-use crate::engine::{Engine, prefill_inputs, select};
-use crate::onnx::graph::eliminate_dead;
-use crate::onnx::proto::{ValueInfoProto, tensor_proto};
-use crate::onnx::{Model, Tensor};
-use crate::stats::{LayerTensors, Moments};
+use crate::data::DataSpec;
+use crate::engine::{Engine, select};
+use crate::onnx::proto::tensor_proto;
+use crate::onnx::{Interface, Model, Patch, Tensor};
+use crate::stats::{DataSummary, LayerTensors, Moments, Stats};
 
 /// Which slice of the data this run calibrates: blocks `[index·B/count, (index+1)·B/count)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +47,51 @@ impl Shard {
     }
 }
 
+/// Calibrates `model` on shard `shard` of the blocks `data` gives into statistics, `batch` blocks
+/// per engine run.
+pub fn run(
+    model: &Model,
+    blocks: &Blocks,
+    engine: &dyn Engine,
+    data: &DataSpec,
+    batch: usize,
+    shard: Shard,
+) -> Result<Stats> {
+    ensure!(!data.files.is_empty(), "no calibration data: pass --data FILE (or --stats STATS)");
+    let samples = data.samples.unwrap_or(usize::MAX);
+    ensure!(samples > 0, "--samples must be at least 1");
+    let packed = data.pack(model.dir(), blocks.vocab_size)?;
+    if packed.blocks.len() < samples && data.samples.is_some() {
+        eprintln!(
+            "note: the data gives {} blocks of {} tokens, fewer than --samples {samples}",
+            packed.blocks.len(),
+            data.seq_len,
+        );
+    }
+    let slice = shard.slice(&packed.blocks);
+    ensure!(
+        !slice.is_empty(),
+        "shard {}/{} has no blocks: the data gives only {}",
+        shard.index,
+        shard.count,
+        packed.blocks.len()
+    );
+    let moments = calibrate(model, blocks, engine, slice, batch)?;
+    Ok(Stats {
+        fingerprint: fingerprint(model, blocks),
+        hidden_size: blocks.hidden_size,
+        layers: layer_tensors(blocks),
+        moments,
+        data: vec![DataSummary {
+            files: data.files.iter().map(|p| p.display().to_string()).collect(),
+            seq_len: data.seq_len,
+            blocks: slice.len(),
+            shard: [shard.index, shard.count],
+            engine: engine.describe(),
+        }],
+    })
+}
+
 /// Runs `model` over `blocks` (each `seq_len` ids), `batch` blocks at a time, and returns every
 /// attention block's moments. Shows progress on a terminal.
 pub fn calibrate(
@@ -59,8 +104,10 @@ pub fn calibrate(
     ensure!(batch > 0, "--batch must be at least 1");
     ensure!(!data.is_empty(), "no calibration blocks to run");
     let d = blocks.hidden_size;
-    let extra: Vec<String> = blocks.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
-    let mut session = engine.load(&measuring_graph(model, &extra)?, &[])?;
+    let extra = blocks.xy_tensors();
+    let measuring = measuring_graph(model, &extra)?;
+    let interface = Interface::of(model, Some(d))?;
+    let mut session = engine.load(&measuring, &[])?;
     let seq_len = data[0].len();
     let total_tokens = (data.len() * seq_len) as u64;
     let progress = crate::progress::bar(
@@ -74,7 +121,7 @@ pub fn calibrate(
     for (b, chunk) in data.chunks(batch).enumerate() {
         crate::atomic::check_interrupt()?;
         let ids = Array2::from_shape_fn((chunk.len(), seq_len), |(i, t)| chunk[i][t]);
-        let inputs = prefill_inputs(model, &ids)?;
+        let inputs = interface.prefill(&ids)?;
         let outputs = session.run(&inputs).with_context(|| format!("calibration batch {b}"))?;
         let captured = select(session.as_ref(), &outputs, &extra)?;
         moments.par_iter_mut().zip(blocks.layers.par_iter()).zip(captured.par_chunks(2)).try_for_each(
@@ -101,14 +148,16 @@ pub fn calibrate(
 /// a small model's work at 512 tokens), the last layer's MLP and the KV-cache outputs are never
 /// computed.
 fn measuring_graph(model: &Model, measured: &[String]) -> Result<Model> {
-    let mut copy = Model { path: model.path.clone(), proto: model.proto.clone() };
-    let graph = copy.graph_mut();
-    graph.output = measured
-        .iter()
-        .map(|name| ValueInfoProto { name: Some(name.clone()), ..Default::default() })
-        .collect();
-    eliminate_dead(graph)?;
-    Ok(copy)
+    let mut patch = Patch::new(model.graph())?;
+    for output in &model.graph().output {
+        patch.remove_output(output.name())?;
+    }
+    for name in measured {
+        patch.add_output(name)?;
+    }
+    let mut proto = model.proto.clone();
+    proto.graph = Some(patch.apply()?.graph);
+    Ok(Model { path: model.path.clone(), proto })
 }
 
 /// A captured tensor as `n×d` f32 values (borrowed when it already is contiguous f32), refusing
@@ -175,4 +224,22 @@ pub fn fingerprint(model: &Model, blocks: &Blocks) -> String {
         }
     }
     format!("{hash:016x}")
+}
+
+/// Fails unless `stats` (read from `stats_path`) were measured on `model`.
+pub fn check_fingerprint(
+    stats: &Stats,
+    stats_path: &std::path::Path,
+    model: &Model,
+    blocks: &Blocks,
+) -> Result<()> {
+    let expected = fingerprint(model, blocks);
+    ensure!(
+        expected == stats.fingerprint,
+        "{} was measured on another model (fingerprint {}, {} has {expected})",
+        stats_path.display(),
+        stats.fingerprint,
+        model.path.display()
+    );
+    Ok(())
 }

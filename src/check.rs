@@ -3,14 +3,18 @@
 //! reference model's. Made to gate CI: failures are listed, and any failure is exit code 1.
 
 use std::collections::HashSet;
+use std::fmt::Write;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow, ensure};
 use ndarray::{Array2, ArrayD, Axis};
 use serde::Serialize;
 
-use crate::engine::{Engine, decode_inputs, prefill_inputs, present_as_past};
+use crate::blocks::Blocks;
+use crate::data::sample_prompt;
+use crate::engine::{Engine, Unsupported};
+use crate::logits::{self, Divergence, argmax, log_softmax};
 use crate::onnx::model::{external_location, tensor_shape};
-use crate::onnx::{DType, GraphIndex, Model, Tensor};
+use crate::onnx::{DType, GraphIndex, Interface, Model, present_as_past};
 
 /// What `check` found: problems (any makes it fail) and measurements.
 #[derive(Debug, Default, Serialize)]
@@ -42,6 +46,18 @@ pub struct Agreement {
     pub mean_kl: f64,
     pub top1_agreement: f64,
 }
+
+/// A check or gate failed (the report says why): what `main` turns into exit code 1.
+#[derive(Debug)]
+pub struct Failed;
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("check failed")
+    }
+}
+
+impl std::error::Error for Failed {}
 
 impl CheckReport {
     pub fn passed(&self) -> bool {
@@ -82,12 +98,7 @@ pub fn structure(model: &Model) -> Vec<String> {
         }
         available.extend(node.output.iter().filter(|o| !o.is_empty()).map(String::as_str));
         let domain = node.domain();
-        let imported = model
-            .proto
-            .opset_import
-            .iter()
-            .any(|o| o.domain() == domain || (domain.is_empty() && o.domain() == "ai.onnx"));
-        if !imported {
+        if model.opset(domain).is_none() {
             problems.push(format!(
                 "node {:?} ({}) uses domain {domain:?}, which is not imported",
                 node.name(),
@@ -137,75 +148,154 @@ pub fn structure(model: &Model) -> Vec<String> {
     problems
 }
 
-/// A fixed prompt of `len` ids below `vocab` (a deterministic mix, not a repeated token).
-pub fn sample_prompt(len: usize, vocab: usize) -> Array2<i64> {
-    let vocab = vocab.max(2) as u64;
-    Array2::from_shape_fn((1, len), |(_, t)| ((t as u64 * 7919 + 13) % vocab) as i64)
+/// What `check` runs and gates on.
+pub struct CheckOptions {
+    pub prompt_len: usize,
+    pub decode_steps: usize,
+    /// Fail if the mean KL divergence from the reference exceeds this.
+    pub max_kl: Option<f64>,
+    /// Fail if top-1 agreement with the reference is below this.
+    pub min_top1: Option<f64>,
 }
 
-/// The logits output of a run, as f32 `[batch, seq, vocab]`.
-fn logits(session_outputs: &[String], outputs: &[Tensor]) -> Result<ArrayD<f32>> {
-    let i = session_outputs
-        .iter()
-        .position(|n| n == "logits")
-        .ok_or_else(|| anyhow!("the model has no \"logits\" output"))?;
-    outputs[i].to_f32()
+/// Checks `model` (whose blocks are `blocks`, where any are left): its structure, a prompt and a
+/// greedy decode on ONNX Runtime (`ort`) and tract, and, with a `reference`, the agreement of
+/// their next-token distributions. tract lacks some operators: a model it cannot build is
+/// reported, not failed, unless tract runs the reference (then the rewrite broke portability).
+pub fn run(
+    model: &Model,
+    blocks: Option<&Blocks>,
+    reference: Option<&Model>,
+    ort: &dyn Engine,
+    tract: &dyn Engine,
+    options: &CheckOptions,
+) -> Result<CheckReport> {
+    ensure!(options.prompt_len > 0, "--prompt-len must be at least 1");
+    for (gate, value) in [("--max-kl", options.max_kl), ("--min-top1", options.min_top1)] {
+        if let Some(v) = value {
+            ensure!(v.is_finite(), "{gate} must be a finite number, not {v}");
+        }
+    }
+    let mut report = CheckReport { model: model.path.display().to_string(), ..Default::default() };
+    report.problems = structure(model);
+    let hidden_size = blocks.map(|b| b.hidden_size);
+    let prompt = sample_prompt(options.prompt_len, blocks.and_then(|b| b.vocab_size).unwrap_or(2));
+
+    let mut ort_logits = None;
+    for engine in [ort, tract] {
+        let (status, decoded) =
+            match run_and_decode(model, hidden_size, engine, &prompt, options.decode_steps) {
+                Ok((logits, decoded)) => {
+                    ort_logits.get_or_insert(logits);
+                    ("ok".to_string(), decoded)
+                }
+                Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
+                    let reference_runs =
+                        reference.is_some_and(|r| run_and_decode(r, hidden_size, engine, &prompt, 0).is_ok());
+                    if reference_runs {
+                        report.problems.push(format!(
+                            "{} runs the reference but not this model: {e:#}",
+                            engine.describe()
+                        ));
+                    }
+                    (format!("unsupported: {}", format!("{e:#}").lines().next().unwrap_or("")), vec![])
+                }
+                Err(e) => {
+                    report.problems.push(format!("{}: {e:#}", engine.describe()));
+                    (format!("failed: {e:#}"), vec![])
+                }
+            };
+        report.runs.push(EngineRun { engine: engine.describe(), status, decoded });
+    }
+    let decodes: Vec<&Vec<i64>> =
+        report.runs.iter().filter(|r| !r.decoded.is_empty()).map(|r| &r.decoded).collect();
+    if decodes.len() == 2 && decodes[0] != decodes[1] {
+        report
+            .problems
+            .push(format!("ONNX Runtime and tract decode differently: {:?} vs {:?}", decodes[0], decodes[1]));
+    }
+    if let (Some(reference), Some(logits)) = (reference, &ort_logits) {
+        let (ref_logits, _) = run_and_decode(reference, hidden_size, ort, &prompt, 0)?;
+        let agreement = agreement(&reference.path.display().to_string(), &ref_logits, logits)?;
+        if let Some(max) = options.max_kl
+            && agreement.mean_kl > max
+        {
+            report.problems.push(format!("mean KL {:.4e} exceeds --max-kl {max}", agreement.mean_kl));
+        }
+        if let Some(min) = options.min_top1
+            && agreement.top1_agreement < min
+        {
+            report
+                .problems
+                .push(format!("top-1 agreement {:.4} is below --min-top1 {min}", agreement.top1_agreement));
+        }
+        report.reference = Some(agreement);
+    }
+    Ok(report)
+}
+
+impl CheckReport {
+    /// The readable report: one line per engine, the agreement, every problem, the verdict.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for run in &self.runs {
+            let decoded =
+                if run.decoded.is_empty() { String::new() } else { format!(", decoded {:?}", run.decoded) };
+            let _ = writeln!(out, "{}: {}{decoded}", run.engine, run.status);
+        }
+        if let Some(a) = &self.reference {
+            let _ = writeln!(
+                out,
+                "vs {}: {} positions, max |Δlogit| {:.4e}, mean KL {:.4e}, top-1 agreement {:.4}",
+                a.reference, a.positions, a.max_abs_logit_diff, a.mean_kl, a.top1_agreement
+            );
+        }
+        for p in &self.problems {
+            let _ = writeln!(out, "FAIL: {p}");
+        }
+        let _ = writeln!(out, "{}", if self.passed() { "check passed" } else { "check failed" });
+        out
+    }
 }
 
 /// Runs the prompt and then `steps` greedy decode steps feeding the KV cache back (`present.*` as
 /// `past_key_values.*`). Returns the prompt's logits and the decoded ids.
 pub fn run_and_decode(
     model: &Model,
+    hidden_size: Option<usize>,
     engine: &dyn Engine,
     prompt: &Array2<i64>,
     steps: usize,
 ) -> Result<(ArrayD<f32>, Vec<i64>)> {
+    let interface = Interface::of(model, hidden_size)?;
     let mut session = engine.load(model, &[])?;
     let names = session.output_names().to_vec();
-    let inputs = prefill_inputs(model, prompt)?;
-    let has_cache = inputs.iter().any(|(n, _)| n.starts_with("past_key_values"));
-    let outputs = session.run(&inputs)?;
-    let prompt_logits = logits(&names, &outputs)?;
-    ensure_finite(&prompt_logits, "prompt logits")?;
+    let outputs = session.run(&interface.prefill(prompt)?)?;
+    let prompt_logits = logits::logits(&names, &outputs).context("prompt")?;
     let mut decoded = Vec::new();
-    if !has_cache {
+    if !interface.has_cache() {
         return Ok((prompt_logits, decoded));
     }
-    let mut past: Vec<(String, Tensor)> = present_as_past(&names, outputs);
+    let mut past = present_as_past(&names, outputs);
     // Some exports return only the last position's logits.
     let mut last = prompt_logits.index_axis(Axis(1), prompt_logits.shape()[1] - 1).to_owned();
     for (step, length) in (prompt.ncols()..prompt.ncols() + steps).enumerate() {
         let next = argmax(last.index_axis(Axis(0), 0).iter().copied()) as i64;
         decoded.push(next);
-        let inputs = decode_inputs(model, next, past, length)?;
-        let outputs = session.run(&inputs).map_err(|e| anyhow!("decode step {}: {e:#}", step + 1))?;
-        let step_logits = logits(&names, &outputs)?;
-        ensure_finite(&step_logits, &format!("decode step {} logits", step + 1))?;
+        let outputs = session
+            .run(&interface.decode(next, past, length)?)
+            .with_context(|| format!("decode step {}", step + 1))?;
+        let step_logits =
+            logits::logits(&names, &outputs).with_context(|| format!("decode step {}", step + 1))?;
         last = step_logits.index_axis(Axis(1), 0).to_owned();
         past = present_as_past(&names, outputs);
     }
     Ok((prompt_logits, decoded))
 }
 
-fn ensure_finite(a: &ArrayD<f32>, what: &str) -> Result<()> {
-    anyhow::ensure!(a.iter().all(|v| v.is_finite()), "{what} hold NaN or Inf");
-    Ok(())
-}
-
-/// The position of the largest value (the first on ties; 0 when empty).
-pub fn argmax<T: PartialOrd + Copy>(values: impl IntoIterator<Item = T>) -> usize {
-    let mut best: Option<(usize, T)> = None;
-    for (i, v) in values.into_iter().enumerate() {
-        if best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    best.map_or(0, |(i, _)| i)
-}
-
 /// Compares next-token distributions at every prompt position.
 pub fn agreement(reference_name: &str, reference: &ArrayD<f32>, model: &ArrayD<f32>) -> Result<Agreement> {
-    anyhow::ensure!(
+    ensure!(
         reference.shape() == model.shape(),
         "logits shapes differ: {:?} vs {:?}",
         reference.shape(),
@@ -216,31 +306,20 @@ pub fn agreement(reference_name: &str, reference: &ArrayD<f32>, model: &ArrayD<f
     let (r, m) = (reference.as_standard_layout(), model.as_standard_layout());
     let (r, m) = (r.as_slice().expect("standard layout"), m.as_slice().expect("standard layout"));
     let mut max_diff: f64 = 0.0;
-    let (mut kl_sum, mut agree) = (0.0, 0usize);
-    let positions = r.len() / vocab;
+    let mut divergence = Divergence::default();
     for (p, q) in r.chunks(vocab).zip(m.chunks(vocab)) {
         for (a, b) in p.iter().zip(q) {
             max_diff = max_diff.max(f64::from((a - b).abs()));
         }
-        let (lp, lq) = (log_softmax(p), log_softmax(q));
-        kl_sum += lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
-        agree += usize::from(argmax(p.iter().copied()) == argmax(q.iter().copied()));
+        divergence.add(&log_softmax(p), &log_softmax(q));
     }
     Ok(Agreement {
         reference: reference_name.to_string(),
-        positions,
+        positions: divergence.positions() as usize,
         max_abs_logit_diff: max_diff,
-        mean_kl: kl_sum / positions as f64,
-        top1_agreement: agree as f64 / positions as f64,
+        mean_kl: divergence.mean_kl(),
+        top1_agreement: divergence.top1_agreement(),
     })
-}
-
-/// `log softmax` of logits, in f64.
-pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&v| (f64::from(v) - max).exp()).sum();
-    let log_sum = sum.ln() + max;
-    logits.iter().map(|&v| f64::from(v) - log_sum).collect()
 }
 
 #[cfg(test)]
@@ -248,7 +327,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn identical_logits_agree_fully_and_kl_matches_a_hand_computation() {
+    fn identical_logits_agree_fully_and_different_ones_do_not() {
         let a = ArrayD::from_shape_vec(vec![1, 2, 3], vec![1.0, 2.0, 3.0, 0.0, 0.0, 0.0]).unwrap();
         let same = agreement("ref", &a, &a).unwrap();
         assert_eq!((same.mean_kl, same.top1_agreement, same.max_abs_logit_diff), (0.0, 1.0, 0.0));

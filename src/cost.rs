@@ -7,7 +7,7 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::blocks::find_blocks;
+use crate::blocks::Blocks;
 use crate::onnx::model::tensor_shape;
 use crate::onnx::{GraphIndex, Model, TensorId, attr_int};
 
@@ -22,8 +22,9 @@ pub struct Cost {
 }
 
 impl Cost {
-    /// Counts `model`'s multiply-adds. A model with no attention left has no attention term.
-    pub fn of(model: &Model) -> Result<Cost> {
+    /// Counts `model`'s multiply-adds; `blocks` are its attention blocks (`None` when it has no
+    /// attention left, which then has no attention term).
+    pub fn of(model: &Model, blocks: Option<&Blocks>) -> Result<Cost> {
         let graph = model.graph();
         let index = GraphIndex::new(graph)?;
         let mut weight_macs_per_token = 0;
@@ -40,14 +41,13 @@ impl Cost {
                 _ => 0,
             };
         }
-        let attention_widths = match find_blocks(model) {
-            Ok(blocks) => blocks
+        let attention_widths = blocks.map_or_else(Vec::new, |blocks| {
+            blocks
                 .layers
                 .iter()
                 .map(|l| attention_width(graph, &index, &l.y).unwrap_or(blocks.hidden_size) as u64)
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+                .collect()
+        });
         Ok(Cost { weight_macs_per_token, attention_widths })
     }
 

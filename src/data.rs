@@ -162,6 +162,36 @@ fn find_eos(model_dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<i64> {
     )
 }
 
+/// Which text, tokenized how, cut into which blocks: what `calibrate`, `rewrite` and `eval` read.
+#[derive(Clone, Debug)]
+pub struct DataSpec {
+    pub files: Vec<PathBuf>,
+    /// `tokenizer.json` (default: beside the model).
+    pub tokenizer: Option<PathBuf>,
+    /// End-of-text id appended to each document (default: from the model's configs).
+    pub eos_id: Option<i64>,
+    pub seq_len: usize,
+    /// Blocks to keep (default: all the data gives).
+    pub samples: Option<usize>,
+}
+
+impl DataSpec {
+    /// Tokenizes and packs the data for `model_dir`'s model, whose embedding table has `vocab`
+    /// rows when known; a tokenizer with more tokens than that belongs to another model.
+    pub fn pack(&self, model_dir: &Path, vocab: Option<usize>) -> Result<Packed> {
+        let encoder = TextEncoder::new(model_dir, self.tokenizer.as_deref(), self.eos_id)?;
+        if let (Some(tokens), Some(rows)) = (encoder.vocab_size(), vocab) {
+            ensure!(
+                tokens <= rows,
+                "tokenizer {} has {tokens} tokens, more than the model's embedding table ({rows} rows): \
+                 it belongs to another model",
+                encoder.tokenizer_path.display()
+            );
+        }
+        pack(&self.files, &encoder, self.seq_len, self.samples, vocab)
+    }
+}
+
 /// What the packed data holds, for reports.
 #[derive(Clone, Debug)]
 pub struct Packed {
@@ -220,6 +250,13 @@ pub fn pack(
         blocks.truncate(samples);
     }
     Ok(Packed { blocks, documents, tokens })
+}
+
+/// A fixed prompt of `len` ids below `vocab` (a deterministic mix, not a repeated token), for runs
+/// that need tokens but no text.
+pub fn sample_prompt(len: usize, vocab: usize) -> ndarray::Array2<i64> {
+    let vocab = vocab.max(2) as u64;
+    ndarray::Array2::from_shape_fn((1, len), |(_, t)| ((t as u64 * 7919 + 13) % vocab) as i64)
 }
 
 #[cfg(test)]

@@ -6,9 +6,9 @@ use anyhow::{Context, Result, ensure};
 use ndarray::Array2;
 use serde::Serialize;
 
-use crate::check::{argmax, log_softmax};
-use crate::engine::{Engine, Session, prefill_inputs};
-use crate::onnx::Model;
+use crate::engine::{Engine, Session};
+use crate::logits::{self, Divergence, log_softmax};
+use crate::onnx::{Interface, Model};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelScore {
@@ -27,21 +27,50 @@ pub struct ModelScore {
     pub tokens_per_s: f64,
 }
 
+/// The eval JSON: `{"engine","seq_len","blocks","models":[...]}`.
+#[derive(Serialize)]
+pub struct Report {
+    pub engine: String,
+    pub seq_len: usize,
+    pub blocks: usize,
+    pub models: Vec<ModelScore>,
+}
+
+impl Report {
+    /// The readable table: one line per model.
+    pub fn table(&self) -> String {
+        let mut out = format!("{} blocks of {} tokens on {}\n", self.blocks, self.seq_len, self.engine);
+        out.push_str(&format!("{:>10}  {:>10}  {:>10}  {:>8}  model\n", "ppl", "tokens", "KL", "top-1"));
+        for s in &self.models {
+            let kl = s.kl_vs_first.map_or("-".to_string(), |v| format!("{v:.5}"));
+            let top1 = s.top1_vs_first.map_or("-".to_string(), |v| format!("{v:.4}"));
+            out.push_str(&format!("{:>10.4}  {:>10}  {kl:>10}  {top1:>8}  {}\n", s.ppl, s.tokens, s.path));
+        }
+        out
+    }
+}
+
 /// Running sums for one model.
 #[derive(Default)]
 struct Tally {
     nll: f64,
-    kl: f64,
-    agree: u64,
+    divergence: Divergence,
     tokens: u64,
-    positions: u64,
     seconds: f64,
 }
 
-/// Scores `models` on `blocks` (each a row of token ids), one block at a time.
-pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> Result<Vec<ModelScore>> {
+/// Scores `models` (of one architecture, hidden size `hidden_size` where known) on `blocks` (each a
+/// row of token ids), one block at a time.
+pub fn evaluate(
+    models: &[Model],
+    hidden_size: Option<usize>,
+    engine: &dyn Engine,
+    blocks: &[Vec<i64>],
+) -> Result<Vec<ModelScore>> {
     ensure!(!models.is_empty(), "no models to evaluate");
     ensure!(!blocks.is_empty() && blocks[0].len() >= 2, "evaluation needs blocks of at least 2 tokens");
+    let interfaces: Vec<Interface> =
+        models.iter().map(|m| Interface::of(m, hidden_size)).collect::<Result<_>>()?;
     let mut sessions: Vec<Box<dyn Session>> =
         models.iter().map(|m| engine.load(m, &[])).collect::<Result<_>>()?;
     let mut tallies: Vec<Tally> = models.iter().map(|_| Tally::default()).collect();
@@ -55,7 +84,7 @@ pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> R
         let mut reference: Option<Vec<Vec<f64>>> = None;
         for (i, (model, session)) in models.iter().zip(&mut sessions).enumerate() {
             crate::atomic::check_interrupt()?;
-            let (log_probs, seconds) = next_token_log_probs(model, session.as_mut(), &ids)
+            let (log_probs, seconds) = next_token_log_probs(&interfaces[i], session.as_mut(), &ids)
                 .with_context(|| format!("{}: block {b}", model.path.display()))?;
             let tally = &mut tallies[i];
             tally.seconds += seconds;
@@ -79,9 +108,7 @@ pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> R
                         model.path.display()
                     );
                     for (p, q) in first.iter().zip(&log_probs) {
-                        tally.kl += p.iter().zip(q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
-                        tally.agree += u64::from(argmax(p.iter().copied()) == argmax(q.iter().copied()));
-                        tally.positions += 1;
+                        tally.divergence.add(p, q);
                     }
                 }
             }
@@ -97,8 +124,8 @@ pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> R
             path: model.path.display().to_string(),
             ppl: (t.nll / t.tokens as f64).exp(),
             tokens: t.tokens,
-            kl_vs_first: (i > 0).then(|| t.kl / t.positions as f64),
-            top1_vs_first: (i > 0).then(|| t.agree as f64 / t.positions as f64),
+            kl_vs_first: (i > 0).then(|| t.divergence.mean_kl()),
+            top1_vs_first: (i > 0).then(|| t.divergence.top1_agreement()),
             tokens_per_s: (blocks.len() * blocks[0].len()) as f64 / t.seconds,
         })
         .collect())
@@ -107,22 +134,17 @@ pub fn evaluate(models: &[Model], engine: &dyn Engine, blocks: &[Vec<i64>]) -> R
 /// Log-softmax of the logits at every position of a one-row prompt, in f64, and the seconds the
 /// engine run took (the scoring itself is not inference).
 fn next_token_log_probs(
-    model: &Model,
+    interface: &Interface,
     session: &mut dyn Session,
     ids: &Array2<i64>,
 ) -> Result<(Vec<Vec<f64>>, f64)> {
-    let inputs = prefill_inputs(model, ids)?;
+    let inputs = interface.prefill(ids)?;
     let started = std::time::Instant::now();
     let outputs = session.run(&inputs)?;
     let seconds = started.elapsed().as_secs_f64();
-    let i = session
-        .output_names()
-        .iter()
-        .position(|n| n == "logits")
-        .context("the model has no \"logits\" output")?;
-    let logits = outputs[i].to_f32()?;
+    let logits = logits::logits(session.output_names(), &outputs)?;
     ensure!(
-        logits.ndim() == 3 && logits.shape()[1] == ids.ncols(),
+        logits.shape()[1] == ids.ncols(),
         "logits have shape {:?}; expected [1, {}, vocabulary]",
         logits.shape(),
         ids.ncols()
@@ -130,7 +152,6 @@ fn next_token_log_probs(
     let vocab = logits.shape()[2];
     let flat = logits.as_standard_layout();
     let flat = flat.as_slice().expect("standard layout");
-    ensure!(flat.iter().all(|v| v.is_finite()), "logits hold NaN or Inf");
     let log_probs = flat.chunks(vocab).map(log_softmax).collect();
     Ok((log_probs, seconds))
 }

@@ -6,9 +6,9 @@ use anyhow::{Result, ensure};
 use ndarray::Array2;
 use serde::Serialize;
 
-use crate::blocks::{Blocks, find_blocks};
-use crate::engine::{Engine, prefill_inputs, select};
-use crate::onnx::Model;
+use crate::blocks::{Blocks, Verdict};
+use crate::engine::{Engine, select};
+use crate::onnx::{Interface, Model};
 
 /// A model's attention blocks with enough context to recognise the model.
 #[derive(Serialize)]
@@ -20,7 +20,6 @@ pub struct Inspection {
     pub external_data: Vec<String>,
     #[serde(flatten)]
     pub blocks: Blocks,
-    pub warnings: Vec<String>,
     /// Present when the blocks were also computed on an engine (`inspect --run`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run: Option<TrialRun>,
@@ -41,8 +40,8 @@ pub fn trial_run(model: &Model, blocks: &Blocks, engine: &dyn Engine) -> Result<
     const BATCH: usize = 1;
     const SEQUENCE: usize = 8;
     let ids = Array2::from_shape_fn((BATCH, SEQUENCE), |(_, s)| 1 + s as i64);
-    let inputs = prefill_inputs(model, &ids)?;
-    let extra: Vec<String> = blocks.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
+    let inputs = Interface::of(model, Some(blocks.hidden_size))?.prefill(&ids)?;
+    let extra = blocks.xy_tensors();
     let mut session = engine.load(model, &extra)?;
     let outputs = session.run(&inputs)?;
     let captured = select(session.as_ref(), &outputs, &extra)?;
@@ -67,9 +66,9 @@ pub fn trial_run(model: &Model, blocks: &Blocks, engine: &dyn Engine) -> Result<
     Ok(TrialRun { engine: engine.describe(), tokens: [BATCH, SEQUENCE], shapes })
 }
 
-pub fn inspect(model: &Model) -> Result<Inspection> {
-    let blocks = find_blocks(model)?;
-    Ok(Inspection {
+/// What `inspect` reports of `model`, whose blocks are `blocks`.
+pub fn inspect(model: &Model, blocks: Blocks) -> Inspection {
+    Inspection {
         model: model.path.display().to_string(),
         producer: format!("{} {}", model.proto.producer_name(), model.proto.producer_version())
             .trim()
@@ -77,10 +76,9 @@ pub fn inspect(model: &Model) -> Result<Inspection> {
         opset: model.opset("").unwrap_or(0),
         graph_nodes: model.graph().node.len(),
         external_data: model.external_files(),
-        warnings: blocks.warnings.clone(),
         blocks,
         run: None,
-    })
+    }
 }
 
 impl Inspection {
@@ -94,7 +92,7 @@ impl Inspection {
             self.model,
             b.layers.len(),
             b.hidden_size,
-            b.dtype,
+            b.dtype.map_or("unknown element type".to_string(), |d| d.to_string()),
             self.graph_nodes,
             self.opset,
             if self.producer.is_empty() { "unknown producer" } else { &self.producer }
@@ -121,7 +119,8 @@ impl Inspection {
                 l.layer, l.kind, l.nodes, l.x, l.y
             );
         }
-        let others = b.branches.iter().filter(|br| !br.verdict.starts_with("attention")).count();
+        let others =
+            b.branches.iter().filter(|br| matches!(br.verdict, Verdict::NotAttention { .. })).count();
         let _ = writeln!(out, "{others} other residual branches (MLP)");
         if let Some(run) = &self.run {
             let _ = writeln!(
@@ -130,7 +129,7 @@ impl Inspection {
                 run.tokens[0], run.tokens[1], run.engine, b.hidden_size
             );
         }
-        for w in &self.warnings {
+        for w in &b.warnings {
             let _ = writeln!(out, "warning: {w}");
         }
         out

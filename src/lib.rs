@@ -1,9 +1,11 @@
 //! nbl-onnx: Neural Block Linearization for ONNX exports of decoder-only LLMs.
 //!
-//! The data flows through one module per stage: [`onnx`] reads models, [`blocks`] finds the
-//! attention blocks, [`engine`] runs models, [`data`] turns text into token blocks, [`calibrate`]
-//! measures every block into [`stats`], [`nbl`] turns statistics into bounds and linear maps, and
-//! [`inspect`] and [`report`] present the results.
+//! The data flows through one module per stage: [`onnx`] reads, edits ([`onnx::Patch`]) and writes
+//! models; [`blocks`] finds the attention blocks; [`engine`] runs models; [`data`] turns text into
+//! token blocks; [`calibrate`] measures every block into [`stats`]; [`nbl`] turns statistics into
+//! bounds, linear maps and the chosen layers; [`rewrite`] splices the maps in (with [`genai`] for
+//! ONNX Runtime GenAI's companion files); [`check`], [`eval`] and [`bench`] validate and measure the
+//! result, with [`logits`] and [`cost`]; [`inspect`] and [`report`] present what was found and done.
 
 pub mod atomic;
 pub mod bench;
@@ -14,7 +16,9 @@ pub mod cost;
 pub mod data;
 pub mod engine;
 pub mod eval;
+pub mod genai;
 pub mod inspect;
+pub mod logits;
 pub mod nbl;
 pub mod onnx;
 pub mod progress;

@@ -7,7 +7,7 @@
 //! `L_x L_xᵀ = C_xx + ε_x I` and `L_z L_zᵀ = C_zz + ε_z I`, `M = L_z⁻¹ C_zx L_x⁻ᵀ` has the same
 //! singular values, so `Σ ρ_i² = ‖M‖_F²` without an SVD.
 
-use anyhow::{Result, bail};
+use anyhow::{Result, bail, ensure};
 use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
 use faer::{Mat, MatRef, Par, Side};
 use serde::Serialize;
@@ -35,6 +35,7 @@ pub struct LayerFit {
     pub ridge_x: f64,
     pub ridge_z: f64,
     /// Fewer tokens than dimensions, or a covariance that needed a larger ridge than asked for.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub rank_deficient: bool,
     /// The canonical correlations, largest first, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -157,4 +158,117 @@ pub fn ranking(fits: &[LayerFit], criterion: Criterion) -> Vec<usize> {
         Criterion::Cosine => order.sort_by(|a, b| b.cosine.total_cmp(&a.cosine).then(a.layer.cmp(&b.layer))),
     }
     order.iter().map(|f| f.layer).collect()
+}
+
+/// The fits of `layers`, in that order.
+fn fits_in<'f>(layers: &[usize], fits: &'f [LayerFit]) -> impl Iterator<Item = &'f LayerFit> {
+    layers.iter().filter_map(|&l| fits.iter().find(|f| f.layer == l))
+}
+
+/// Which layers to linearise.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Selection {
+    /// The first `K` of the ranking.
+    Count(usize),
+    /// Exactly these layers (each once, whatever the repeats given).
+    Layers(Vec<usize>),
+    /// Every layer whose normalised bound (`bound/d`) is at most this, in ranking order.
+    MaxBound(f64),
+}
+
+impl Selection {
+    /// Fails unless the selection makes sense for `layers` layers; `what` names them in the
+    /// message (`attention layers of model.onnx`).
+    pub fn check(&self, layers: usize, what: &str) -> Result<()> {
+        match self {
+            Selection::Count(k) if *k > layers => bail!("--layers {k} is more than the {layers} {what}"),
+            Selection::Layers(ids) => {
+                if let Some(id) = ids.iter().find(|&&id| id >= layers) {
+                    bail!(
+                        "--layer-ids: layer {id} does not exist (the {what} are 0..{})",
+                        layers.saturating_sub(1)
+                    );
+                }
+            }
+            Selection::MaxBound(b) if !b.is_finite() || *b < 0.0 => {
+                bail!("--max-bound must be a finite number ≥ 0, not {b}")
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The layers to linearise, in the order they were chosen: the ranking's best first, or the
+/// layers named, in the order named without repeats.
+pub fn select(fits: &[LayerFit], criterion: Criterion, selection: &Selection) -> Result<Vec<usize>> {
+    if !matches!(selection, Selection::Layers(_)) {
+        selection.check(fits.len(), "layers")?;
+    }
+    let order = ranking(fits, criterion);
+    Ok(match selection {
+        Selection::Count(k) => order.into_iter().take(*k).collect(),
+        Selection::Layers(ids) => {
+            let mut chosen = Vec::with_capacity(ids.len());
+            for &id in ids {
+                ensure!(
+                    fits.iter().any(|f| f.layer == id),
+                    "--layer-ids: layer {id} does not exist (the statistics hold layers {})",
+                    order.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", ")
+                );
+                if !chosen.contains(&id) {
+                    chosen.push(id);
+                }
+            }
+            chosen
+        }
+        Selection::MaxBound(max) => {
+            fits_in(&order, fits).filter(|f| f.bound_normalized <= *max).map(|f| f.layer).collect()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fit(layer: usize, bound: f64) -> LayerFit {
+        LayerFit {
+            layer,
+            bound,
+            bound_normalized: bound / 10.0,
+            mse_bound: 0.0,
+            fit_residual: 0.0,
+            cosine: 0.0,
+            ridge_x: 0.0,
+            ridge_z: 0.0,
+            rank_deficient: false,
+            rho: None,
+            w: Mat::zeros(0, 0),
+            b: Vec::new(),
+        }
+    }
+
+    fn fits() -> Vec<LayerFit> {
+        [5.0, 1.0, 3.0, 2.0, 4.0].iter().enumerate().map(|(l, &b)| fit(l, b)).collect()
+    }
+
+    #[test]
+    fn named_layers_are_selected_exactly_once_each() {
+        let select_ids =
+            |ids: &[usize]| select(&fits(), Criterion::Cca, &Selection::Layers(ids.to_vec())).unwrap();
+        assert_eq!(select_ids(&[3, 1, 3]), [3, 1]);
+        assert_eq!(select_ids(&[1, 0]), [1, 0]);
+        assert_eq!(select_ids(&[4, 4, 4]), [4]);
+        let err = select(&fits(), Criterion::Cca, &Selection::Layers(vec![2, 5])).unwrap_err().to_string();
+        assert!(err.contains("layer 5 does not exist"), "{err}");
+    }
+
+    #[test]
+    fn counts_and_bounds_follow_the_ranking() {
+        assert_eq!(select(&fits(), Criterion::Cca, &Selection::Count(3)).unwrap(), [1, 3, 2]);
+        assert_eq!(select(&fits(), Criterion::Cca, &Selection::MaxBound(0.3)).unwrap(), [1, 3, 2]);
+        assert!(select(&fits(), Criterion::Cca, &Selection::Count(6)).is_err());
+        assert!(select(&fits(), Criterion::Cca, &Selection::MaxBound(f64::NAN)).is_err());
+    }
 }

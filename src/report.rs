@@ -1,5 +1,5 @@
-//! The analysis of calibration statistics: per-layer fits, the suggested order of linearisation,
-//! a table for people, JSON for scripts and an SVG chart.
+//! The analysis of calibration statistics: per-layer fits, the suggested order of linearisation and
+//! the chosen layers, as a table for people, JSON for scripts and an SVG chart.
 
 use std::fmt::Write;
 
@@ -7,22 +7,15 @@ use anyhow::Result;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::nbl::{Criterion, LayerFit, fit_layer, ranking};
+use crate::nbl::{Criterion, LayerFit, Selection, fit_layer, ranking, select};
 use crate::stats::Stats;
 
+/// One layer of the analysis: its fit (the map itself is not serialised) and whether it was chosen.
 #[derive(Serialize)]
 pub struct LayerRow {
-    pub layer: usize,
-    pub bound: f64,
-    pub bound_normalized: f64,
-    pub mse_bound: f64,
-    pub fit_residual: f64,
-    pub cosine: f64,
+    #[serde(flatten)]
+    pub fit: LayerFit,
     pub linearized: bool,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub rank_deficient: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rho: Option<Vec<f64>>,
 }
 
 /// The analyze JSON: `{"tokens","criterion","selected","order","lambda","layers":[...]}`.
@@ -36,18 +29,17 @@ pub struct Analysis {
     pub order: Vec<usize>,
     pub lambda: f64,
     pub layers: Vec<LayerRow>,
-    #[serde(skip)]
-    pub fits: Vec<LayerFit>,
 }
 
-/// Fits every layer (in parallel) and selects the first `count` of the ranking.
+/// Fits every layer (in parallel), ranks them by `criterion` and chooses by `selection`.
 pub fn analyze(
     stats: &Stats,
     criterion: Criterion,
-    count: usize,
+    selection: &Selection,
     lambda: f64,
     spectrum: bool,
 ) -> Result<Analysis> {
+    anyhow::ensure!(lambda >= 0.0 && lambda.is_finite(), "--lambda must be a finite number ≥ 0");
     let fits: Vec<LayerFit> = stats
         .layers
         .par_iter()
@@ -58,22 +50,17 @@ pub fn analyze(
         })
         .collect::<Result<_>>()?;
     let order = ranking(&fits, criterion);
-    let selected: Vec<usize> = order.iter().copied().take(count).collect();
-    let layers = fits
-        .iter()
-        .map(|f| LayerRow {
-            layer: f.layer,
-            bound: f.bound,
-            bound_normalized: f.bound_normalized,
-            mse_bound: f.mse_bound,
-            fit_residual: f.fit_residual,
-            cosine: f.cosine,
-            linearized: selected.contains(&f.layer),
-            rank_deficient: f.rank_deficient,
-            rho: f.rho.clone(),
-        })
-        .collect();
-    Ok(Analysis { tokens: stats.tokens(), criterion, selected, order, lambda, layers, fits })
+    let selected = select(&fits, criterion, selection)?;
+    let layers =
+        fits.into_iter().map(|fit| LayerRow { linearized: selected.contains(&fit.layer), fit }).collect();
+    Ok(Analysis { tokens: stats.tokens(), criterion, selected, order, lambda, layers })
+}
+
+impl Analysis {
+    /// The fit of layer `layer`.
+    pub fn fit(&self, layer: usize) -> Option<&LayerFit> {
+        self.layers.iter().map(|row| &row.fit).find(|f| f.layer == layer)
+    }
 }
 
 impl Analysis {
@@ -96,14 +83,14 @@ impl Analysis {
             let _ = writeln!(
                 out,
                 "{:>5}  {:>10.4}  {:>8.5}  {:>12.4e}  {:>8.5}  {:>8.5}  {}{}",
-                row.layer,
-                row.bound,
-                row.bound_normalized,
-                row.mse_bound,
-                row.fit_residual,
-                row.cosine,
+                row.fit.layer,
+                row.fit.bound,
+                row.fit.bound_normalized,
+                row.fit.mse_bound,
+                row.fit.fit_residual,
+                row.fit.cosine,
                 if row.linearized { "yes" } else { "" },
-                if row.rank_deficient { "  (rank-deficient statistics)" } else { "" }
+                if row.fit.rank_deficient { "  (rank-deficient statistics)" } else { "" }
             );
         }
         out
@@ -140,7 +127,7 @@ impl Analysis {
         let mut line = String::new();
         for (i, row) in self.layers.iter().enumerate() {
             let x = margin + step * i as f64;
-            let top = y_of(row.bound_normalized);
+            let top = y_of(row.fit.bound_normalized);
             let colour = if row.linearized { "#e8891d" } else { "#4878a8" };
             let _ = writeln!(
                 s,
@@ -148,18 +135,18 @@ impl Analysis {
                 x + step * 0.1,
                 step * 0.8,
                 height - margin - top,
-                row.layer,
-                row.bound_normalized,
-                row.cosine
+                row.fit.layer,
+                row.fit.bound_normalized,
+                row.fit.cosine
             );
             let _ = writeln!(
                 s,
                 r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
                 x + step / 2.0,
                 height - margin + 14.0,
-                row.layer
+                row.fit.layer
             );
-            let _ = write!(line, "{:.1},{:.1} ", x + step / 2.0, y_of(row.cosine));
+            let _ = write!(line, "{:.1},{:.1} ", x + step / 2.0, y_of(row.fit.cosine));
         }
         let _ = writeln!(s, r##"<polyline points="{line}" fill="none" stroke="#333" stroke-width="1.5"/>"##);
         let _ = writeln!(

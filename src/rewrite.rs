@@ -2,9 +2,10 @@
 //! by nothing (attention dropping), the KV cache of those layers leaves the model's interface, and
 //! whatever no output needs any more is eliminated by reference count.
 //!
-//! All edits of one rewrite are collected in a [`Patch`] first and applied at once.
+//! All edits of one rewrite are collected in one [`Patch`] and applied at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::ValueEnum;
@@ -12,11 +13,11 @@ use faer::Mat;
 use ndarray::{Array1, Array2};
 use serde::Serialize;
 
-use crate::blocks::{AttentionBlock, Blocks};
-use crate::engine::prefill_inputs;
-use crate::onnx::graph::eliminate_dead;
+use crate::blocks::{AttentionBlock, Blocks, Junction};
 use crate::onnx::proto::{GraphProto, NodeProto, StringStringEntryProto, TensorProto};
-use crate::onnx::{DType, GraphIndex, Model, Tensor, build};
+use crate::onnx::{DType, Interface, Model, Patch, Tensor, build};
+use crate::report::Analysis;
+use crate::stats::Stats;
 
 /// What replaces a chosen attention block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -62,52 +63,62 @@ pub struct RewriteSummary {
     pub removed_outputs: Vec<String>,
 }
 
-/// Every edit of one rewrite, built before anything changes.
-#[derive(Default)]
-struct Patch {
-    new_nodes: Vec<(usize, NodeProto)>,
-    new_initializers: Vec<TensorProto>,
-    /// (node, input slot, tensor it reads from now on).
-    rewire: Vec<(usize, usize, String)>,
-    /// Every read of a tensor is redirected to another.
-    redirect: HashMap<String, String>,
-    /// Nodes replaced by another node.
-    replace: Vec<(usize, NodeProto)>,
-    remove_inputs: HashSet<String>,
-    remove_outputs: HashSet<String>,
+/// The rewrite report (`<stem>.nbl.json`): the analysis that chose the layers, with the models and
+/// what the rewrite changed.
+#[derive(Serialize)]
+pub struct RewriteReport {
+    #[serde(flatten)]
+    pub analysis: Analysis,
+    pub model: String,
+    pub output: String,
+    pub rewrite: RewriteSummary,
 }
 
-impl Patch {
-    fn apply(self, graph: &mut GraphProto) {
-        for (node, slot, name) in self.rewire {
-            graph.node[node].input[slot] = name;
-        }
-        for (node, replacement) in self.replace {
-            graph.node[node] = replacement;
-        }
-        if !self.redirect.is_empty() {
-            for node in &mut graph.node {
-                for input in &mut node.input {
-                    if let Some(to) = self.redirect.get(input) {
-                        *input = to.clone();
-                    }
-                }
-            }
-        }
-        // Insert from the back so that earlier positions stay valid.
-        let mut inserts = self.new_nodes;
-        inserts.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
-        for (at, node) in inserts {
-            graph.node.insert(at, node);
-        }
-        graph.initializer.extend(self.new_initializers);
-        graph.input.retain(|v| !self.remove_inputs.contains(v.name()));
-        graph.output.retain(|v| !self.remove_outputs.contains(v.name()));
-    }
+/// Where a rewrite of `model` goes: `output` or `<stem>.nbl.onnx` beside the input, and `report`
+/// or `<stem>.nbl.json` beside the output.
+pub fn output_paths(model: &Path, output: Option<&Path>, report: Option<&Path>) -> (PathBuf, PathBuf) {
+    let stem = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let output = output.map_or_else(|| model.with_file_name(format!("{stem}.nbl.onnx")), Path::to_path_buf);
+    let out_stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("model").trim_end_matches(".nbl");
+    let report =
+        report.map_or_else(|| output.with_file_name(format!("{out_stem}.nbl.json")), Path::to_path_buf);
+    (output, report)
+}
+
+/// Rewrites the layers `analysis` selected, with the maps it fitted from `stats`, and records
+/// where they came from in the model's metadata.
+pub fn rewrite_selected(
+    model: &mut Model,
+    blocks: &Blocks,
+    analysis: &Analysis,
+    stats: &Stats,
+    replace: Replacement,
+    kv: KvCache,
+) -> Result<RewriteSummary> {
+    let edits = analysis
+        .selected
+        .iter()
+        .map(|&l| {
+            let block = blocks.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
+            let fit = analysis.fit(l).context("a fit per selected layer")?;
+            Ok(LayerEdit { block, map: Some((&fit.w, fit.b.as_slice())) })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let layer_list = analysis.selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
+    let lowercase = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+    let provenance = [
+        ("nbl.version", env!("CARGO_PKG_VERSION").to_string()),
+        ("nbl.layers", layer_list),
+        ("nbl.replace", lowercase(&replace)),
+        ("nbl.kv", lowercase(&kv)),
+        ("nbl.criterion", lowercase(&analysis.criterion)),
+        ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data}).to_string()),
+    ];
+    rewrite(model, blocks, &edits, replace, kv, &provenance)
 }
 
 /// Rewrites `model` in memory: the chosen layers' attention replaced, dead nodes and initializers
-/// removed. Provenance goes into `metadata_props` under `provenance`.
+/// removed, in one [`Patch`]. Provenance goes into `metadata_props` under `provenance`.
 pub fn rewrite(
     model: &mut Model,
     blocks: &Blocks,
@@ -116,81 +127,60 @@ pub fn rewrite(
     kv: KvCache,
     provenance: &[(&str, String)],
 ) -> Result<RewriteSummary> {
-    let dtype = match blocks.dtype.as_str() {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("cannot write the linear maps in the stream's element type {other}"),
+    let dtype = match blocks.dtype {
+        Some(dtype @ (DType::F32 | DType::F16 | DType::BF16)) => dtype,
+        Some(other) => bail!("cannot write the linear maps in the stream's element type {other}"),
+        None => bail!("cannot tell the stream's element type, so the linear maps cannot be written in it"),
     };
-    let kv_before = kv_bytes_per_token(model).ok();
+    let mut chosen = HashSet::new();
+    for edit in edits {
+        ensure!(chosen.insert(edit.block.layer), "layer {} is chosen twice", edit.block.layer);
+    }
+    let hidden_size = Some(blocks.hidden_size);
+    let kv_before = Interface::of(model, hidden_size).ok().map(|i| i.kv_bytes_per_token());
     let params_before = initializer_params(model.graph(), |_| true);
     let nodes_before = model.graph().node.len();
-    let graph = model.graph_mut();
-    let index = GraphIndex::new(graph)?;
-    let mut patch = Patch::default();
-    let chosen: HashSet<usize> = edits.iter().map(|e| e.block.layer).collect();
 
+    let mut patch = Patch::new(model.graph())?;
     for edit in edits {
-        let block = edit.block;
-        let junction = find_node(graph, &block.junction)?;
-        let slot = graph.node[junction].input.iter().position(|i| *i == block.y).with_context(|| {
-            format!("layer {}: {:?} does not read {:?}", block.layer, block.junction, block.y)
-        })?;
         match (replace, edit.map) {
             (Replacement::Linear, Some((w, b))) => {
-                let n = block.layer;
-                let (weight, bias) = (format!("nbl.layers.{n}.weight"), format!("nbl.layers.{n}.bias"));
-                let (product, y) = (format!("nbl.layers.{n}.matmul"), format!("nbl.layers.{n}.y"));
                 let d = w.nrows();
                 // MatMul(X, Wᵀ): the initializer holds Wᵀ, row-major [d_in, d_out].
                 let w_t = Array2::from_shape_fn((d, d), |(i, j)| w[(j, i)] as f32).into_dyn();
                 let b = Array1::from_iter(b.iter().map(|&v| v as f32)).into_dyn();
-                patch.new_initializers.push(initializer(&weight, Tensor::from_f32(dtype, w_t)?));
-                patch.new_initializers.push(initializer(&bias, Tensor::from_f32(dtype, b)?));
-                patch.new_nodes.push((junction, build::node("MatMul", &[&block.x, &weight], &product)));
-                patch.new_nodes.push((junction, build::node("Add", &[&product, &bias], &y)));
-                patch.rewire.push((junction, slot, y));
+                let n = edit.block.layer;
+                let weight = initializer(&format!("nbl.layers.{n}.weight"), Tensor::from_f32(dtype, w_t)?);
+                let bias = initializer(&format!("nbl.layers.{n}.bias"), Tensor::from_f32(dtype, b)?);
+                patch.replace_with_affine(edit.block, weight, bias)?;
             }
-            (Replacement::Linear, None) => bail!("layer {}: no linear map to write", block.layer),
-            (Replacement::Drop, _) => drop_branch(graph, &index, junction, slot, block, &mut patch)?,
+            (Replacement::Linear, None) => bail!("layer {}: no linear map to write", edit.block.layer),
+            (Replacement::Drop, _) => patch.remove_branch(edit.block)?,
         }
     }
-
     let mut removed_inputs = Vec::new();
     let mut removed_outputs = Vec::new();
     if kv == KvCache::Drop {
-        let kept: Vec<&AttentionBlock> =
-            blocks.layers.iter().filter(|l| !chosen.contains(&l.layer) && !l.kv_inputs.is_empty()).collect();
+        let kept = blocks.layers.iter().find(|l| !chosen.contains(&l.layer) && !l.kv_inputs.is_empty());
         for edit in edits {
             for (i, name) in edit.block.kv_inputs.iter().enumerate() {
-                patch.remove_inputs.insert(name.clone());
-                removed_inputs.push(name.clone());
                 // Readers outside the block (the past length read off layer 0's cache) read the
                 // same tensor of a kept layer; with no layer kept, nothing may still need it.
-                if let Some(other) = kept.first().and_then(|k| k.kv_inputs.get(i)) {
-                    patch.redirect.insert(name.clone(), other.clone());
+                if let Some(other) = kept.and_then(|k| k.kv_inputs.get(i)) {
+                    patch.shunt(name, other)?;
                 }
+                patch.remove_input(name)?;
+                removed_inputs.push(name.clone());
             }
             for name in &edit.block.kv_outputs {
-                patch.remove_outputs.insert(name.clone());
+                patch.remove_output(name)?;
                 removed_outputs.push(name.clone());
             }
         }
     }
-    patch.apply(graph);
-    eliminate_dead(graph)?;
-    sort_topologically(graph)?;
-    let index = GraphIndex::new(graph)?;
-    for name in &removed_inputs {
-        if let Some(id) = index.id(name) {
-            ensure!(
-                index.consumers(id).is_empty(),
-                "graph input {name:?} is still read after removing its layer's cache"
-            );
-        }
-    }
+    *model.graph_mut() = patch.apply()?.graph;
 
-    let nodes_after = graph.node.len();
+    let graph = model.graph();
     let new_names: HashSet<String> = edits
         .iter()
         .flat_map(|e| {
@@ -199,10 +189,11 @@ pub fn rewrite(
         .collect();
     let params_added = initializer_params(graph, |t| new_names.contains(t.name()));
     let params_kept = initializer_params(graph, |t| !new_names.contains(t.name()));
+    let nodes_after = graph.node.len();
     for (key, value) in provenance {
         set_metadata(&mut model.proto.metadata_props, key, value);
     }
-    let kv_after = kv_bytes_per_token(model).ok();
+    let kv_after = Interface::of(model, hidden_size).ok().map(|i| i.kv_bytes_per_token());
     let mut layers: Vec<usize> = chosen.into_iter().collect();
     layers.sort_unstable();
     Ok(RewriteSummary {
@@ -220,55 +211,81 @@ pub fn rewrite(
     })
 }
 
-/// `Y := 0`. An `Add` junction becomes the stream itself (its readers read `X`); a
-/// `SkipSimplifiedLayerNormalization` becomes a plain `SimplifiedLayerNormalization` of `X`, its sum
-/// output read as `X`.
-fn drop_branch(
-    graph: &GraphProto,
-    index: &GraphIndex,
-    junction: usize,
-    slot: usize,
-    block: &AttentionBlock,
-    patch: &mut Patch,
-) -> Result<()> {
-    let node = &graph.node[junction];
-    let stream = node.input[1 - slot].clone();
-    match node.op_type() {
-        "Add" => {
-            patch.redirect.insert(node.output[0].clone(), stream);
-        }
-        "SkipSimplifiedLayerNormalization" => {
-            let mut norm = node.clone();
-            norm.op_type = Some("SimplifiedLayerNormalization".into());
-            // ONNX Runtime registers SimplifiedLayerNormalization in the default domain.
-            norm.domain = Some(String::new());
-            norm.input = vec![stream.clone(), node.input[2].clone()];
-            // Output 0 is the normalised sum; outputs 1 and 2 (statistics) are optional.
-            let sum = node.output.get(3).cloned().unwrap_or_default();
-            norm.output.truncate(1);
-            for (i, out) in node.output.iter().enumerate().skip(1).take(2) {
-                let used = index.id(out).is_some_and(|id| !index.consumers(id).is_empty());
-                ensure!(
-                    !used || out.is_empty(),
-                    "layer {}: output {i} of {:?} is read",
+/// The edits a rewrite makes to a decoder graph, as named constructors on [`Patch`].
+impl Patch<'_> {
+    /// The junction node of `block`, checked to read `Y` where detection found it.
+    fn junction(&self, block: &AttentionBlock) -> Result<&NodeProto> {
+        let Junction { node, slot } = block.junction;
+        let n = self
+            .graph()
+            .node
+            .get(node)
+            .with_context(|| format!("layer {}: no junction node", block.layer))?;
+        ensure!(
+            n.input.get(slot) == Some(&block.y),
+            "layer {}: node {:?} ({}) does not read {:?} at input {slot}; were the blocks found in another graph?",
+            block.layer,
+            n.name(),
+            n.op_type(),
+            block.y
+        );
+        Ok(n)
+    }
+
+    /// `Y := MatMul(X, Wᵀ) + b`: the junction reads `nbl.layers.N.y` instead of the attention
+    /// output, and the attention dies. `w_t` holds `Wᵀ` (`[d_in, d_out]`), `b` the bias (`[d]`).
+    pub fn replace_with_affine(
+        &mut self,
+        block: &AttentionBlock,
+        w_t: TensorProto,
+        b: TensorProto,
+    ) -> Result<()> {
+        self.junction(block)?;
+        let n = block.layer;
+        let (product, y) = (format!("nbl.layers.{n}.matmul"), format!("nbl.layers.{n}.y"));
+        self.add_node(build::node("MatMul", &[&block.x, w_t.name()], &product))?;
+        self.add_node(build::node("Add", &[&product, b.name()], &y))?;
+        self.add_initializer(w_t)?;
+        self.add_initializer(b)?;
+        self.rewire(block.junction.node, block.junction.slot, &y)
+    }
+
+    /// `Y := 0`. An `Add` junction becomes the stream itself (its readers read the stream); a
+    /// `SkipSimplifiedLayerNormalization` becomes a plain `SimplifiedLayerNormalization` of the
+    /// stream, its sum output read as the stream.
+    pub fn remove_branch(&mut self, block: &AttentionBlock) -> Result<()> {
+        let node = self.junction(block)?.clone();
+        let slot = block.junction.slot;
+        let stream = node.input[1 - slot].clone();
+        match node.op_type() {
+            "Add" => self.shunt(&node.output[0], &stream),
+            "SkipSimplifiedLayerNormalization" => {
+                // Output 0 is the normalised sum; outputs 1 and 2 (statistics) are optional.
+                for (i, out) in node.output.iter().enumerate().skip(1).take(2) {
+                    let read = self.index().id(out).is_some_and(|id| self.index().is_read(id));
+                    ensure!(!read, "layer {}: output {i} of {:?} is read", block.layer, node.name());
+                }
+                let mut norm = node.clone();
+                norm.op_type = Some("SimplifiedLayerNormalization".into());
+                // ONNX Runtime registers SimplifiedLayerNormalization in the default domain.
+                norm.domain = Some(String::new());
+                norm.input = vec![stream.clone(), node.input[2].clone()];
+                norm.output.truncate(1);
+                self.replace_node(block.junction.node, norm)?;
+                match node.output.get(3).filter(|s| !s.is_empty()) {
+                    Some(sum) => self.shunt(sum, &stream),
+                    None => Ok(()),
+                }
+            }
+            op => {
+                bail!(
+                    "layer {}: --replace drop does not handle a {op} junction ({:?})",
                     block.layer,
                     node.name()
-                );
+                )
             }
-            if !sum.is_empty() {
-                patch.redirect.insert(sum, stream);
-            }
-            patch.replace.push((junction, norm));
-        }
-        op => {
-            bail!("layer {}: --replace drop does not handle a {op} junction ({:?})", block.layer, node.name())
         }
     }
-    Ok(())
-}
-
-fn find_node(graph: &GraphProto, name: &str) -> Result<usize> {
-    graph.node.iter().position(|n| n.name() == name).with_context(|| format!("node {name:?} not found"))
 }
 
 fn initializer(name: &str, tensor: Tensor) -> TensorProto {
@@ -288,100 +305,4 @@ fn initializer_params(graph: &GraphProto, keep: impl Fn(&TensorProto) -> bool) -
 fn set_metadata(props: &mut Vec<StringStringEntryProto>, key: &str, value: &str) {
     props.retain(|p| p.key() != key);
     props.push(StringStringEntryProto { key: Some(key.to_string()), value: Some(value.to_string()) });
-}
-
-/// Reorders nodes into a topological order if the edits left them out of one.
-fn sort_topologically(graph: &mut GraphProto) -> Result<()> {
-    let index = GraphIndex::new(graph)?;
-    let order = index.topological_order(graph)?;
-    if order.windows(2).all(|w| w[0] < w[1]) {
-        return Ok(());
-    }
-    let mut nodes: Vec<Option<NodeProto>> = std::mem::take(&mut graph.node).into_iter().map(Some).collect();
-    graph.node = order.into_iter().map(|i| nodes[i].take().expect("each node once")).collect();
-    Ok(())
-}
-
-/// KV-cache bytes per token and batch element: the per-token size of every past input.
-pub fn kv_bytes_per_token(model: &Model) -> Result<u64> {
-    let inputs = prefill_inputs(model, &Array2::zeros((1, 1)))?;
-    Ok(inputs
-        .iter()
-        .filter(|(_, t)| t.dtype().is_float() && t.shape().len() == 4)
-        .map(|(_, t)| {
-            let s = t.shape();
-            (s[1] * s[3] * t.dtype().size().unwrap_or(0)) as u64
-        })
-        .sum())
-}
-
-/// The KV-cache naming patterns of an ONNX Runtime GenAI `genai_config.json` (`%d` = layer).
-struct KvPatterns([String; 4]);
-
-impl KvPatterns {
-    fn from_config(config: &serde_json::Value) -> Option<KvPatterns> {
-        let decoder = &config["model"]["decoder"];
-        let get = |section: &str, key: &str| decoder[section][key].as_str().map(str::to_string);
-        Some(KvPatterns([
-            get("inputs", "past_key_names")?,
-            get("inputs", "past_value_names")?,
-            get("outputs", "present_key_names")?,
-            get("outputs", "present_value_names")?,
-        ]))
-    }
-
-    /// The layer number in `name` if it matches one of the patterns.
-    fn layer_of(&self, name: &str) -> Option<usize> {
-        self.0.iter().find_map(|p| {
-            let (head, tail) = p.split_once("%d")?;
-            name.strip_prefix(head)?.strip_suffix(tail)?.parse().ok()
-        })
-    }
-
-    fn rename(&self, name: &str, to: usize) -> Option<String> {
-        self.0.iter().find_map(|p| {
-            let (head, tail) = p.split_once("%d")?;
-            name.strip_prefix(head)?.strip_suffix(tail)?.parse::<usize>().ok()?;
-            Some(format!("{head}{to}{tail}"))
-        })
-    }
-}
-
-/// ONNX Runtime GenAI addresses the KV cache as layers `0..num_hidden_layers`: after layers'
-/// caches were dropped, the remaining ones are renumbered contiguously (in order) in the graph, and
-/// the returned config says how many there are and which file holds the model.
-pub fn genai_config_for(
-    model: &mut Model,
-    config: &serde_json::Value,
-    filename: &str,
-) -> Result<serde_json::Value> {
-    let patterns = KvPatterns::from_config(config)
-        .context("genai_config.json has no model.decoder inputs/outputs KV name patterns")?;
-    let graph = model.graph_mut();
-    let mut layers: Vec<usize> = graph.input.iter().filter_map(|v| patterns.layer_of(v.name())).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    let new_index: HashMap<usize, usize> = layers.iter().enumerate().map(|(new, &old)| (old, new)).collect();
-    let rename = |name: &mut String| {
-        if let Some(old) = patterns.layer_of(name)
-            && let Some(&new) = new_index.get(&old)
-            && let Some(renamed) = patterns.rename(name, new)
-        {
-            *name = renamed;
-        }
-    };
-    for node in &mut graph.node {
-        node.input.iter_mut().for_each(rename);
-        node.output.iter_mut().for_each(rename);
-    }
-    for v in graph.input.iter_mut().chain(graph.output.iter_mut()) {
-        let mut name = v.name().to_string();
-        rename(&mut name);
-        v.name = Some(name);
-    }
-    let mut config = config.clone();
-    let decoder = &mut config["model"]["decoder"];
-    decoder["num_hidden_layers"] = serde_json::json!(layers.len());
-    decoder["filename"] = serde_json::json!(filename);
-    Ok(config)
 }

@@ -73,22 +73,10 @@ impl Moments {
         let cos_sum: f64 =
             x.chunks_exact(d).zip(y.chunks_exact(d)).map(|(xt, yt)| cosine_with_sum(xt, yt)).sum();
 
-        let (na, nb) = (self.count as f64, n as f64);
-        let total = na + nb;
-        let delta_x: Vec<f64> = mean_x.iter().zip(&self.mean_x).map(|(b, a)| b - a).collect();
-        let delta_y: Vec<f64> = mean_y.iter().zip(&self.mean_y).map(|(b, a)| b - a).collect();
         add_gram(self.sxx.as_mut(), xc.as_ref());
         matmul(self.syx.as_mut(), Accum::Add, yc.transpose(), xc.as_ref(), 1.0, Par::Seq);
         add_gram(self.syy.as_mut(), yc.as_ref());
-        self.add_mean_correction(&delta_x, &delta_y, na * nb / total);
-        for (m, dlt) in self.mean_x.iter_mut().zip(&delta_x) {
-            *m += dlt * nb / total;
-        }
-        for (m, dlt) in self.mean_y.iter_mut().zip(&delta_y) {
-            *m += dlt * nb / total;
-        }
-        self.count += n as u64;
-        self.cos_sum += cos_sum;
+        self.absorb(n as u64, &mean_x, &mean_y, cos_sum);
     }
 
     /// Merges the moments of a disjoint set of tokens:
@@ -98,13 +86,20 @@ impl Moments {
         if other.count == 0 {
             return;
         }
-        let (na, nb) = (self.count as f64, other.count as f64);
-        let total = na + nb;
-        let delta_x: Vec<f64> = other.mean_x.iter().zip(&self.mean_x).map(|(b, a)| b - a).collect();
-        let delta_y: Vec<f64> = other.mean_y.iter().zip(&self.mean_y).map(|(b, a)| b - a).collect();
         self.sxx += &other.sxx;
         self.syx += &other.syx;
         self.syy += &other.syy;
+        self.absorb(other.count, &other.mean_x, &other.mean_y, other.cos_sum);
+    }
+
+    /// Counts in `n` more tokens with means `mean_x`, `mean_y`, whose own centred cross-products
+    /// were just added: corrects the cross-products for the shift of the mean
+    /// (`δ δᵀ · n_a n_b / n`), then updates the means, the count and the cosine sum.
+    fn absorb(&mut self, n: u64, mean_x: &[f64], mean_y: &[f64], cos_sum: f64) {
+        let (na, nb) = (self.count as f64, n as f64);
+        let total = na + nb;
+        let delta_x: Vec<f64> = mean_x.iter().zip(&self.mean_x).map(|(b, a)| b - a).collect();
+        let delta_y: Vec<f64> = mean_y.iter().zip(&self.mean_y).map(|(b, a)| b - a).collect();
         self.add_mean_correction(&delta_x, &delta_y, na * nb / total);
         for (m, dlt) in self.mean_x.iter_mut().zip(&delta_x) {
             *m += dlt * nb / total;
@@ -112,8 +107,8 @@ impl Moments {
         for (m, dlt) in self.mean_y.iter_mut().zip(&delta_y) {
             *m += dlt * nb / total;
         }
-        self.count += other.count;
-        self.cos_sum += other.cos_sum;
+        self.count += n;
+        self.cos_sum += cos_sum;
     }
 
     fn add_mean_correction(&mut self, delta_x: &[f64], delta_y: &[f64], weight: f64) {

@@ -4,23 +4,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 
 use common::*;
 use nbl_onnx::onnx::DType;
 use nbl_onnx::onnx::build::{node, tensor_value};
 use nbl_onnx::onnx::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto, tensor_proto};
 use prost::Message;
-
-/// Asserts a bad-input failure: exit 2, a message starting `error:` that contains `needle`.
-fn assert_bad_input(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-    assert!(out.stdout.is_empty(), "nothing on stdout on failure");
-}
 
 #[test]
 fn inspect_prints_a_table_of_every_layer() {

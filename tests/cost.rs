@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::cost::Cost;
 use nbl_onnx::onnx::Model;
 
@@ -24,7 +25,8 @@ fn every_fixture_counts_the_textbook_multiply_adds() {
         let per_layer = d * q_width + 2 * d * kv_width + q_width * d + 3 * d * d_ff;
         let expected = layers * per_layer + d * vocab;
 
-        let cost = Cost::of(&Model::load(model_path(&fixture)).unwrap()).unwrap();
+        let model = Model::load(model_path(&fixture)).unwrap();
+        let cost = Cost::of(&model, find_blocks(&model).ok().as_ref()).unwrap();
         assert_eq!(cost.weight_macs_per_token, expected, "{fixture}");
         assert_eq!(cost.attention_widths, vec![q_width; layers as usize], "{fixture}");
 

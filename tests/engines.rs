@@ -6,8 +6,8 @@ mod common;
 use std::process::{Command, Output};
 
 use common::*;
-use nbl_onnx::engine::prefill_inputs;
-use nbl_onnx::onnx::Model;
+use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::onnx::{Interface, Model};
 use ndarray::Array2;
 
 fn inspect_run(env: &[(&str, &str)], extra: &[&str]) -> Output {
@@ -18,10 +18,6 @@ fn inspect_run(env: &[(&str, &str)], extra: &[&str]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The real library, as scripts/setup-ort.sh installs it.
@@ -115,7 +111,10 @@ fn prefill_inputs_match_the_reference_inputs_of_every_fixture() {
         let ids = reference["inputs.input_ids"].clone();
         let nbl_onnx::onnx::Tensor::I64(ids) = ids else { panic!("{name}: int64 ids") };
         let ids: Array2<i64> = ids.into_dimensionality().unwrap();
-        let mut built = prefill_inputs(&model, &ids).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let hidden_size = find_blocks(&model).unwrap().hidden_size;
+        let mut built = Interface::of(&model, Some(hidden_size))
+            .and_then(|i| i.prefill(&ids))
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let mut expected = expected.clone();
         built.sort_by(|a, b| a.0.cmp(&b.0));
         expected.sort_by(|a, b| a.0.cmp(&b.0));
@@ -126,4 +125,39 @@ fn prefill_inputs_match_the_reference_inputs_of_every_fixture() {
             assert_eq!(got, want, "{name}: input {n}");
         }
     }
+}
+
+/// An edit made in memory is what both engines run: here layer 1's attention dropped (the model is
+/// never written), which changes the logits, and ONNX Runtime and tract agree on the new ones.
+#[test]
+fn a_model_edited_in_memory_runs_alike_on_both_engines() {
+    use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, rewrite};
+    let fixture = "llama-optimum-past";
+    let original = Model::load(model_path(fixture)).unwrap();
+    let blocks = find_blocks(&original).unwrap();
+    let mut edited = Model::load(model_path(fixture)).unwrap();
+    let edits = [LayerEdit { block: &blocks.layers[1], map: None }];
+    rewrite(&mut edited, &blocks, &edits, Replacement::Drop, KvCache::Drop, &[]).unwrap();
+
+    let reference = reference(fixture);
+    let logits = |model: &Model, engine: &dyn nbl_onnx::engine::Engine| {
+        let declared: Vec<&str> = model.graph().input.iter().map(|v| v.name()).collect();
+        let inputs: Vec<_> = reference_inputs(&reference)
+            .into_iter()
+            .filter(|(n, _)| declared.contains(&n.as_str()))
+            .collect();
+        let mut session = engine.load(model, &[]).unwrap();
+        let outputs = session.run(&inputs).unwrap();
+        let at = session.output_names().iter().position(|n| n == "logits").unwrap();
+        outputs[at].clone()
+    };
+    let before = logits(&original, ort().as_ref());
+    let (on_ort, on_tract) = (logits(&edited, ort().as_ref()), logits(&edited, tract().as_ref()));
+    let (changed, scale) = max_abs_diff(&on_ort, &before);
+    let (apart, _) = max_abs_diff(&on_tract, &on_ort);
+    eprintln!(
+        "edited vs original: max |Δlogit| {changed:.3e}; tract vs ONNX Runtime: {apart:.3e} (scale {scale:.2})"
+    );
+    assert!(changed > 1e-3 * scale, "the edit changes the logits");
+    assert!(apart <= 1e-4 * scale.max(1.0), "both engines run the edited model: {apart}");
 }

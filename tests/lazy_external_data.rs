@@ -6,6 +6,7 @@ mod common;
 use std::fs::OpenOptions;
 
 use common::*;
+use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::inspect::inspect;
 use nbl_onnx::onnx::Model;
 
@@ -30,7 +31,7 @@ fn inspect_reads_no_weight_bytes() {
 
     let before = bytes_read();
     let model = Model::load(&model_file).unwrap();
-    let report = inspect(&model).unwrap();
+    let report = inspect(&model, find_blocks(&model).unwrap());
     let read = bytes_read() - before;
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
 

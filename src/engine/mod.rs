@@ -1,11 +1,8 @@
 //! Engines that run ONNX models behind one trait: ONNX Runtime (production; CPU, CUDA, TensorRT) and
 //! tract (embedded, pure Rust; always available and the independent second runtime in checks).
 
-mod feed;
 mod ort;
 mod tract;
-
-pub use feed::{decode_inputs, prefill_inputs, present_as_past};
 
 use anyhow::{Result, bail};
 use clap::ValueEnum;
@@ -14,8 +11,6 @@ use crate::onnx::{Model, Tensor};
 
 /// A loaded model, ready to run.
 pub trait Session {
-    /// The model's input names, in declaration order.
-    fn input_names(&self) -> &[String];
     /// The output names: the model's own, then the extra outputs asked for at load.
     fn output_names(&self) -> &[String];
     /// Runs the model; returns one tensor per `output_names()` entry, in that order.
@@ -42,8 +37,39 @@ pub fn select<'a>(session: &dyn Session, outputs: &'a [Tensor], names: &[String]
 pub trait Engine {
     /// What actually runs, e.g. `onnxruntime 1.32.0 (CPU)` or `tract 0.23.9`.
     fn describe(&self) -> String;
-    /// Loads `model`, exposing the intermediate tensors `extra_outputs` after the model's outputs.
+    /// Loads `model` as it is in memory, exposing the intermediate tensors `extra_outputs` after
+    /// the model's outputs. A model the engine has no implementation for fails with
+    /// [`Unsupported`].
     fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>>;
+}
+
+/// The engine does not implement something the model uses (an operator, an element type): the
+/// model may be fine, this engine cannot run it. Callers that try several engines branch on it.
+#[derive(Debug)]
+pub struct Unsupported {
+    pub engine: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} cannot run this model: {}", self.engine, self.reason)
+    }
+}
+
+impl std::error::Error for Unsupported {}
+
+/// The model `extra_outputs` are exposed in, through a [`Patch`](crate::onnx::Patch).
+fn with_outputs(model: &Model, extra_outputs: &[String]) -> Result<crate::onnx::proto::ModelProto> {
+    let mut proto = model.proto.clone();
+    if !extra_outputs.is_empty() {
+        let mut patch = crate::onnx::Patch::new(model.graph())?;
+        for name in extra_outputs {
+            patch.add_output(name)?;
+        }
+        proto.graph = Some(patch.apply()?.graph);
+    }
+    Ok(proto)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -79,12 +105,6 @@ pub struct EngineOptions {
     pub ep: ExecutionProvider,
     /// Intra-op threads; `None` lets the engine decide.
     pub threads: Option<usize>,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions { engine: EngineChoice::Auto, ep: ExecutionProvider::Cpu, threads: None }
-    }
 }
 
 /// Opens the engine asked for. `auto` falls back to tract only for the CPU provider, and says so in

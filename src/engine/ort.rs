@@ -14,7 +14,6 @@ use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, Va
 use prost::Message;
 
 use super::{EngineOptions, ExecutionProvider, Session};
-use crate::onnx::proto::ValueInfoProto;
 use crate::onnx::{Model, Tensor};
 
 /// The process's one ONNX Runtime environment (the library can be loaded only once).
@@ -125,14 +124,7 @@ impl super::Engine for OrtEngine {
     }
 
     fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>> {
-        let mut proto = model.proto.clone();
-        let graph = proto.graph.as_mut().expect("checked at load");
-        for name in extra_outputs {
-            if !graph.output.iter().any(|o| o.name() == name) {
-                graph.output.push(ValueInfoProto { name: Some(name.clone()), ..Default::default() });
-            }
-        }
-        let bytes = proto.encode_to_vec();
+        let bytes = super::with_outputs(model, extra_outputs)?.encode_to_vec();
         let err = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow!("{e}");
         let mut builder = OrtSession::builder(self.environment)
             .map_err(|e| anyhow!("{e}"))?
@@ -152,23 +144,17 @@ impl super::Engine for OrtEngine {
         let session = builder
             .commit_from_memory(&bytes)
             .map_err(|e| anyhow!("ONNX Runtime cannot load {}: {e}", model.path.display()))?;
-        let inputs = session.inputs().iter().map(|o| o.name().to_string()).collect();
         let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
-        Ok(Box::new(OrtRunner { session, inputs, outputs }))
+        Ok(Box::new(OrtRunner { session, outputs }))
     }
 }
 
 struct OrtRunner {
     session: OrtSession,
-    inputs: Vec<String>,
     outputs: Vec<String>,
 }
 
 impl Session for OrtRunner {
-    fn input_names(&self) -> &[String] {
-        &self.inputs
-    }
-
     fn output_names(&self) -> &[String] {
         &self.outputs
     }

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail, ensure};
+use prost::Message;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
@@ -12,7 +13,7 @@ use tract_onnx::prelude::{
     Tensor as TractTensor, TypedRunnableModel,
 };
 
-use super::Session;
+use super::{Session, Unsupported};
 use crate::onnx::{Model, Tensor};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -37,20 +38,37 @@ impl super::Engine for TractEngine {
         }
     }
 
+    /// Loads the model as it is in memory (encoded, then parsed by tract like a file), with external
+    /// data read from the model's directory.
     fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>> {
         let path = &model.path;
+        let bytes = super::with_outputs(model, extra_outputs)?.encode_to_vec();
         // Exporters' value_info carries symbolic dims that conflict with the concrete shapes each plan
         // is built for; tract infers every intermediate shape itself.
-        let mut inference = tract_onnx::onnx()
-            .with_ignore_value_info(true)
-            .model_for_path(path)
-            .map_err(|e| anyhow!("tract cannot load {}: {}", path.display(), unsupported_reason(&e)))?;
-        let mut outputs: Vec<String> = model.graph().output.iter().map(|o| o.name().to_string()).collect();
-        for extra in extra_outputs {
-            if !outputs.contains(extra) {
-                outputs.push(extra.clone());
-            }
-        }
+        let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+        let proto = onnx
+            .proto_model_for_read(&mut bytes.as_slice())
+            .map_err(|e| anyhow!("tract cannot decode {}: {e}", path.display()))?;
+        let parsed = onnx.parse(&proto, model.dir().to_str()).map_err(|e| self.unsupported(&e))?;
+        ensure!(
+            parsed.unresolved_inputs.is_empty(),
+            "tract: {} reads tensors nothing provides: {:?}",
+            path.display(),
+            parsed.unresolved_inputs
+        );
+        let mut inference = parsed.model;
+        let outputs: Vec<String> = model
+            .graph()
+            .output
+            .iter()
+            .map(|o| o.name().to_string())
+            .chain(extra_outputs.iter().cloned())
+            .fold(Vec::new(), |mut names, n| {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+                names
+            });
         inference
             .select_outputs_by_name(&outputs)
             .map_err(|e| anyhow!("tract: cannot expose outputs of {}: {e}", path.display()))?;
@@ -60,12 +78,24 @@ impl super::Engine for TractEngine {
             .iter()
             .map(|o| inference.node(o.node).name.clone())
             .collect();
-        Ok(Box::new(TractRunner { model: inference, inputs, outputs, plans: HashMap::new() }))
+        Ok(Box::new(TractRunner {
+            model: inference,
+            inputs,
+            outputs,
+            plans: HashMap::new(),
+            engine: self.describe(),
+        }))
     }
 }
 
-/// tract reports an unknown operator deep in its error chain; surface it.
-fn unsupported_reason(e: &anyhow::Error) -> String {
+impl TractEngine {
+    /// tract reports an unknown operator deep in its error chain; surface it.
+    fn unsupported(&self, e: &anyhow::Error) -> anyhow::Error {
+        Unsupported { engine: super::Engine::describe(self), reason: error_chain(e) }.into()
+    }
+}
+
+fn error_chain(e: &anyhow::Error) -> String {
     let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
     chain.join(": ")
 }
@@ -75,13 +105,10 @@ struct TractRunner {
     inputs: Vec<String>,
     outputs: Vec<String>,
     plans: HashMap<Vec<(DatumType, Vec<usize>)>, Plan>,
+    engine: String,
 }
 
 impl Session for TractRunner {
-    fn input_names(&self) -> &[String] {
-        &self.inputs
-    }
-
     fn output_names(&self) -> &[String] {
         &self.outputs
     }
@@ -104,16 +131,16 @@ impl Session for TractRunner {
                     .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
                     .map_err(|e| anyhow!("tract: input {:?}: {e}", self.inputs[i]))?;
             }
-            let plan = model
-                .into_optimized()
-                .and_then(|m| m.into_runnable())
-                .map_err(|e| anyhow!("tract cannot prepare the model: {}", unsupported_reason(&e)))?;
+            // What tract cannot type or optimise, it has no implementation for.
+            let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(|e| Unsupported {
+                engine: self.engine.clone(),
+                reason: format!("cannot prepare the model: {}", error_chain(&e)),
+            })?;
             self.plans.insert(signature.clone(), plan);
         }
         let plan = &self.plans[&signature];
         let values: tract_onnx::prelude::TVec<TValue> = ordered.into_iter().map(TValue::from).collect();
-        let results =
-            plan.run(values).map_err(|e| anyhow!("tract run failed: {}", unsupported_reason(&e)))?;
+        let results = plan.run(values).map_err(|e| anyhow!("tract run failed: {}", error_chain(&e)))?;
         results.into_iter().map(|t| from_tract(t.into_tensor())).collect()
     }
 }
@@ -128,7 +155,11 @@ fn to_tract(tensor: &Tensor) -> Result<TractTensor> {
         Tensor::I8(a) => a.clone().into(),
         Tensor::U8(a) => a.clone().into(),
         Tensor::Bool(a) => a.clone().into(),
-        Tensor::BF16(_) => bail!("tract has no bf16 tensors"),
+        Tensor::BF16(_) => {
+            return Err(
+                Unsupported { engine: "tract".into(), reason: "it has no bf16 tensors".into() }.into()
+            );
+        }
     })
 }
 

@@ -1,9 +1,11 @@
-//! ONNX models as data: the protobuf types, loading/saving with external data, typed tensors and the
-//! graph index.
+//! ONNX models as data: the protobuf types, loading/saving with external data, typed tensors, the
+//! graph index, the one way to edit a graph ([`Patch`]) and a decoder's input interface.
 
 pub mod build;
 pub mod graph;
+pub mod interface;
 pub mod model;
+pub mod patch;
 pub mod tensor;
 
 #[allow(clippy::all, missing_docs)]
@@ -13,7 +15,9 @@ pub mod proto {
 }
 
 pub use graph::{GraphIndex, TensorId};
+pub use interface::{Interface, present_as_past};
 pub use model::Model;
+pub use patch::{Patch, Patched};
 pub use tensor::{DType, Tensor};
 
 use proto::{NodeProto, ValueInfoProto, type_proto};

@@ -70,7 +70,7 @@ impl Model {
 
     /// The directory external data locations are relative to.
     pub fn dir(&self) -> &Path {
-        self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+        atomic::dir_of(&self.path)
     }
 
     pub fn graph(&self) -> &GraphProto {
@@ -185,7 +185,7 @@ impl Model {
     /// streaming, into one data file beside the output (named like the input's: `<out>_data` for the
     /// Optimum style, `<out>.data` otherwise), aligned to 4096 bytes. Never writes over the input.
     pub fn save(&self, out: &Path) -> Result<()> {
-        let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let out_dir = atomic::dir_of(out);
         ensure!(out_dir.is_dir(), "output directory {} does not exist", out_dir.display());
         let out_name = out
             .file_name()

@@ -11,6 +11,67 @@ use nbl_onnx::onnx::{DType, Tensor};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
+/// What a run of the binary wrote on stderr.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a bad-input failure: exit 2, no panic, nothing on stdout, and one message starting
+/// `error:` containing `needle` after whatever the command announced (`engine: ...`, `note: ...`).
+pub fn assert_bad_input(out: &std::process::Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let message: Vec<&str> =
+        err.lines().skip_while(|l| l.starts_with("engine: ") || l.starts_with("note: ")).collect();
+    assert!(message.first().is_some_and(|l| l.starts_with("error: ")), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(out.stdout.is_empty(), "nothing on stdout on failure");
+}
+
+/// Plain English text for the CLI runs, enough for a few blocks of the fixtures' tokenizer.
+pub fn write_corpus(dir: &Path) -> PathBuf {
+    let sentences = [
+        "The committee met on Tuesday to discuss the budget for the coming year.",
+        "Rain is expected across the region for most of the weekend, with sunshine returning on Monday.",
+        "She opened the old book and found a letter that had been hidden between its pages.",
+        "Local farmers say the harvest was better than last year despite the dry summer.",
+        "The new library will open to the public next month after two years of construction.",
+    ];
+    let docs: Vec<serde_json::Value> = (0..24)
+        .map(
+            |i| serde_json::json!({ "text": format!("{} {}", sentences[i % 5], sentences[(i * 3 + 1) % 5]) }),
+        )
+        .collect();
+    let path = dir.join("corpus.json");
+    std::fs::write(&path, serde_json::to_string(&docs).unwrap()).unwrap();
+    path
+}
+
+/// `calibrate MODEL --data DATA` on ONNX Runtime into `out`, `samples` blocks of `seq_len`.
+pub fn calibrate_args<'a>(
+    model: &'a str,
+    data: &'a str,
+    seq_len: &'a str,
+    samples: &'a str,
+    out: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "calibrate",
+        model,
+        "--data",
+        data,
+        "--seq-len",
+        seq_len,
+        "--samples",
+        samples,
+        "--engine",
+        "ort",
+        "-o",
+        out,
+    ]
+}
+
 /// Runs the `nbl-onnx` binary.
 pub fn nbl(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_nbl-onnx")).args(args).output().expect("the binary runs")

@@ -1,0 +1,136 @@
+//! ONNX Runtime GenAI models: a `genai_config.json` beside the model names its KV-cache tensors by
+//! layer number (`past_key_values.%d.key`) and says how many layers there are. After a rewrite has
+//! dropped layers' caches, the remaining ones are renumbered contiguously in the graph, the config
+//! is updated to match, and the tokenizer files are copied beside the new model.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::atomic::dir_of;
+use crate::onnx::{Model, Patch};
+
+/// Files a runtime loads from the model's directory besides the model itself.
+const COMPANION_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+];
+
+/// What goes beside a rewritten GenAI model: its config and the tokenizer files to copy.
+pub struct Companion {
+    dir: PathBuf,
+    config: serde_json::Value,
+    files: Vec<PathBuf>,
+}
+
+impl Companion {
+    /// Writes the config and copies the files into the output model's directory.
+    pub fn write(&self) -> Result<()> {
+        crate::atomic::write(
+            &self.dir.join("genai_config.json"),
+            serde_json::to_string_pretty(&self.config)?.as_bytes(),
+        )?;
+        for file in &self.files {
+            let name = file.file_name().context("a companion file has a name")?;
+            std::fs::copy(file, self.dir.join(name))
+                .with_context(|| format!("copying {}", file.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// For an ONNX Runtime GenAI model (a `genai_config.json` beside it) to be written at `output`:
+/// renumbers the KV cache in `model` and returns what to write beside it. The input's directory is
+/// never written to: a GenAI output there gets a note instead.
+pub fn prepare(model: &mut Model, output: &Path) -> Result<Option<Companion>> {
+    let in_dir = model.dir().to_path_buf();
+    let config_path = in_dir.join("genai_config.json");
+    if !config_path.is_file() {
+        return Ok(None);
+    }
+    let out_dir = dir_of(output).to_path_buf();
+    if std::fs::canonicalize(&out_dir)? == std::fs::canonicalize(&in_dir)? {
+        eprintln!(
+            "note: {} is an ONNX Runtime GenAI model; its genai_config.json is left as it is. Write the \
+             rewritten model into its own directory (-o DIR/model.onnx) to get an updated config and the \
+             tokenizer files beside it",
+            model.path.display()
+        );
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    let filename = output.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx");
+    let config = config_for(model, &config, filename)?;
+    let files = COMPANION_FILES.iter().map(|f| in_dir.join(f)).filter(|p| p.is_file()).collect();
+    Ok(Some(Companion { dir: out_dir, config, files }))
+}
+
+/// The KV-cache naming patterns of a `genai_config.json` (`%d` = layer).
+struct KvPatterns([String; 4]);
+
+impl KvPatterns {
+    fn from_config(config: &serde_json::Value) -> Option<KvPatterns> {
+        let decoder = &config["model"]["decoder"];
+        let get = |section: &str, key: &str| decoder[section][key].as_str().map(str::to_string);
+        Some(KvPatterns([
+            get("inputs", "past_key_names")?,
+            get("inputs", "past_value_names")?,
+            get("outputs", "present_key_names")?,
+            get("outputs", "present_value_names")?,
+        ]))
+    }
+
+    /// The pattern `name` matches, split at `%d`, and the layer number in it.
+    fn parse<'p>(&'p self, name: &str) -> Option<(&'p str, &'p str, usize)> {
+        self.0.iter().find_map(|p| {
+            let (head, tail) = p.split_once("%d")?;
+            let layer = name.strip_prefix(head)?.strip_suffix(tail)?.parse().ok()?;
+            Some((head, tail, layer))
+        })
+    }
+}
+
+/// ONNX Runtime GenAI addresses the KV cache as layers `0..num_hidden_layers`: the remaining
+/// caches are renumbered contiguously (in order) in the graph, and the returned config says how
+/// many there are and which file holds the model.
+pub fn config_for(
+    model: &mut Model,
+    config: &serde_json::Value,
+    filename: &str,
+) -> Result<serde_json::Value> {
+    let patterns = KvPatterns::from_config(config)
+        .context("genai_config.json has no model.decoder inputs/outputs KV name patterns")?;
+    let graph = model.graph();
+    let mut layers: Vec<usize> =
+        graph.input.iter().filter_map(|v| patterns.parse(v.name()).map(|(_, _, l)| l)).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    let new_index: HashMap<usize, usize> = layers.iter().enumerate().map(|(new, &old)| (old, new)).collect();
+    let mut patch = Patch::new(graph)?;
+    for v in graph.input.iter().chain(&graph.output) {
+        if let Some((head, tail, old)) = patterns.parse(v.name())
+            && let Some(&new) = new_index.get(&old)
+            && new != old
+        {
+            patch.rename(v.name(), &format!("{head}{new}{tail}"))?;
+        }
+    }
+    *model.graph_mut() = patch.apply()?.graph;
+    let mut config = config.clone();
+    let decoder = &mut config["model"]["decoder"];
+    decoder["num_hidden_layers"] = serde_json::json!(layers.len());
+    decoder["filename"] = serde_json::json!(filename);
+    Ok(config)
+}
