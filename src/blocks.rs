@@ -102,6 +102,9 @@ pub struct AttentionBlock {
     /// The attention output entering the residual junction.
     pub y: String,
     pub kind: AttentionKind,
+    /// Attention and the MLP read the same stream and are both added to it (GPT-NeoX, Phi-2,
+    /// Falcon, Cohere): `Y` is the attention term alone.
+    pub parallel: bool,
     /// Nodes that no output needs any more once the block and its KV cache are removed.
     pub nodes: usize,
     pub kv_inputs: Vec<String>,
@@ -193,39 +196,57 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
     let mut branches = Vec::new();
     let mut layers: Vec<AttentionBlock> = Vec::new();
     let mut stream = start;
-    let mut steps = 0;
+    let mut prologue = 0;
     loop {
-        let Some(junction) = next_junction(graph, &index, stream) else {
-            // Exporters may scale or cast the embedding before the first layer (Gemma's `* sqrt(d)`).
-            match passthrough_successor(graph, &index, stream) {
-                Some(next) if branches.is_empty() && steps < 3 => {
+        let Some(join) = next_join(graph, &index, stream) else {
+            // Before the first block, the stream may pass through a prologue: a scale (Gemma's
+            // `× √d`), an added position embedding (GPT-2), a Cast, an embedding norm (BLOOM). A
+            // block's input is read at least twice (by its branch and its junction), a prologue
+            // step's only once.
+            match prologue_step(graph, &index, stream) {
+                Some(next) if branches.is_empty() && prologue < MAX_PROLOGUE => {
                     stream = next;
-                    steps += 1;
+                    prologue += 1;
                     continue;
                 }
                 _ => break,
             }
         };
-        let analysis = analyse_branch(graph, &index, &live, &junction);
-        branches.push(Branch {
-            branch: index.name(junction.branch).to_string(),
-            junction: graph.node[junction.node].name().to_string(),
-            nodes: analysis.dying.len(),
-            verdict: analysis.verdict.clone(),
-        });
-        if let Verdict::Attention(kind) = analysis.verdict {
-            layers.push(AttentionBlock {
-                layer: layers.len(),
-                x: index.name(stream).to_string(),
-                y: index.name(junction.branch).to_string(),
-                kind,
+        let mut attention_y: Option<TensorId> = None;
+        for term in &join.terms {
+            let analysis = analyse_branch(graph, &index, &live, term)?;
+            branches.push(Branch {
+                branch: index.name(term.tensor).to_string(),
+                junction: graph.node[term.port.0].name().to_string(),
                 nodes: analysis.dying.len(),
-                kv_inputs: analysis.kv_inputs.iter().map(|&t| index.name(t).to_string()).collect(),
-                kv_outputs: analysis.kv_outputs.iter().map(|&t| index.name(t).to_string()).collect(),
-                junction: Junction { node: junction.node, slot: junction.branch_slot },
+                verdict: analysis.verdict.clone(),
             });
+            if let Verdict::Attention(kind) = analysis.verdict {
+                if let Some(first) = attention_y {
+                    bail!(
+                        "{}: the block after stream tensor {:?} adds two attention branches to the stream \
+                         ({:?} and {:?}); which one to linearise cannot be told",
+                        model.path.display(),
+                        index.name(stream),
+                        index.name(first),
+                        index.name(term.tensor)
+                    );
+                }
+                attention_y = Some(term.tensor);
+                layers.push(AttentionBlock {
+                    layer: layers.len(),
+                    x: index.name(stream).to_string(),
+                    y: index.name(term.tensor).to_string(),
+                    kind,
+                    parallel: join.terms.len() > 1,
+                    nodes: analysis.dying.len(),
+                    kv_inputs: analysis.kv_inputs.iter().map(|&t| index.name(t).to_string()).collect(),
+                    kv_outputs: analysis.kv_outputs.iter().map(|&t| index.name(t).to_string()).collect(),
+                    junction: Junction { node: term.port.0, slot: term.port.1 },
+                });
+            }
         }
-        match junction.out {
+        match join.out {
             Some(out) => stream = out,
             None => break,
         }
@@ -238,7 +259,12 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
             index.name(start)
         );
         if branches.is_empty() {
-            msg.push_str(", but no node adds a branch computed from it back into it (no residual junction)");
+            msg.push_str(&format!(
+                " to {:?}, but no node adds a branch computed from it back into it (no residual junction); \
+                 it is read by {}",
+                index.name(stream),
+                readers(graph, &index, stream)
+            ));
         }
         for (i, b) in branches.iter().enumerate() {
             msg.push_str(&format!(
@@ -257,16 +283,25 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
     Ok(Blocks { layers, hidden_size, dtype, vocab_size, branches, warnings })
 }
 
-/// A residual junction found on the walk: `s' = s + t` at node `node`; `out` is `s'` (absent for a
-/// final Skip norm whose sum is unused).
+/// One residual block found on the walk from stream tensor `s`: the terms added to the stream
+/// (one for a sequential block; several for a parallel one, where attention and MLP read the same
+/// stream and both are added), and the stream after them (absent for a final Skip norm whose sum is
+/// unused).
 struct Join {
-    node: usize,
-    branch: TensorId,
-    branch_slot: usize,
+    terms: Vec<Term>,
     out: Option<TensorId>,
+}
+
+/// A branch tensor computed from the stream and added into it at input `port` = (node, slot).
+struct Term {
+    tensor: TensorId,
+    port: (usize, usize),
     /// Nodes computed from the stream on the way to the branch tensor.
     region: Vec<usize>,
 }
+
+/// Prologue steps allowed between the token embedding and the first block.
+const MAX_PROLOGUE: usize = 16;
 
 /// The tensor the residual stream starts from: the token embedding (a `Gather` of an initializer by
 /// integer ids), or a float `inputs_embeds` input.
@@ -334,10 +369,11 @@ fn embedding_table(graph: &GraphProto, index: &GraphIndex, table: TensorId) -> O
     }
 }
 
-/// The tensors that carry the stream value `s` into a branch: `s` itself, the outputs of `Cast` and
-/// `Identity` nodes reading it (TorchScript exports keep the norm's `x.to(float32)` on the residual
-/// path even when it is a no-op), and, when `s` is the sum output of a fused Skip norm, that node's
-/// normalised outputs (the norm is fused into the junction).
+/// The tensors that carry the stream value `s` into a branch: `s` itself, the outputs of `Identity`
+/// nodes and of `Cast`s that keep its type reading it (TorchScript exports keep the norm's
+/// `x.to(float32)` on the residual path even when it is a no-op), and, when `s` is the sum output
+/// of a fused Skip norm, that node's normalised outputs (the norm is fused into the junction). A
+/// Cast to another type is a step of its own: the stream's type changes there.
 fn stream_views(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Vec<TensorId> {
     let mut views = vec![s];
     if let Some((node, 3)) = index.producer(s)
@@ -345,19 +381,29 @@ fn stream_views(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Vec<Tens
     {
         views.extend((0..3).filter_map(|slot| index.output(node, slot)));
     }
+    let dtype = stream_dtype(graph, index, s);
     for &(c, _) in index.consumers(s) {
-        if matches!(graph.node[c].op_type(), "Cast" | "Identity") {
+        let n = &graph.node[c];
+        let same_type = || {
+            let to = crate::onnx::attr_int(n, "to").map(|code| DType::from_onnx(code as i32));
+            to.is_none() || dtype.is_none() || to == dtype
+        };
+        if n.op_type() == "Identity" || (n.op_type() == "Cast" && same_type()) {
             views.extend(index.output(c, 0));
         }
     }
     views
 }
 
-/// The residual junction that consumes stream tensor `s`, choosing the widest branch when there
-/// are several candidates.
-fn next_junction(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<Join> {
+/// The block that adds branches computed from stream tensor `s` back into it.
+///
+/// The junction is `s' = Add(s, t)` or a Skip norm, where `t` is computed from `s` (by value, not
+/// only by shape); the widest such branch is taken. `t` is split into terms where it is itself a
+/// sum of branches of `s` (`t = attn + mlp`, GPT-NeoX/Phi-2/Falcon), and the block goes on while
+/// its sum feeds only another `Add` of a branch of `s` (`s' = (s + attn) + mlp`, Cohere).
+fn next_join(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<Join> {
     let views = stream_views(graph, index, s);
-    let mut best: Option<Join> = None;
+    let mut best: Option<(Term, Option<TensorId>)> = None;
     for &(node, slot) in views.iter().flat_map(|&v| index.consumers(v)) {
         let n = &graph.node[node];
         let (branch_slot, out) = match n.op_type() {
@@ -369,26 +415,74 @@ fn next_junction(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<
         if views.contains(&branch) {
             continue; // s + s
         }
-        let region = forward_region(index, &views, branch);
+        let region = forward_region(graph, index, &views, branch);
         if region.is_empty() {
             continue; // `t` does not depend on `s`: an Add of a constant or of another stream.
         }
-        if best.as_ref().is_none_or(|b| region.len() > b.region.len()) {
-            best = Some(Join { node, branch, branch_slot, out, region });
+        if best.as_ref().is_none_or(|(b, _)| region.len() > b.region.len()) {
+            best = Some((Term { tensor: branch, port: (node, branch_slot), region }, out));
         }
     }
-    best
+    let (branch, mut out) = best?;
+    let mut terms = Vec::new();
+    split_terms(graph, index, &views, branch, &mut terms);
+    // `s' = (s + a) + b` with `b` computed from `s`, not from `s + a`: one parallel block.
+    while let Some(sum) = out {
+        let readers: Vec<(usize, usize)> =
+            index.consumers(sum).iter().copied().filter(|&(c, _)| !is_shape_only(graph, c)).collect();
+        let &[(next, slot)] = readers.as_slice() else { break };
+        let n = &graph.node[next];
+        let next_out = match n.op_type() {
+            "Add" if slot < 2 && n.input.len() == 2 => index.output(next, 0),
+            op if SKIP_NORM_OPS.contains(&op) && slot < 2 => index.output(next, 3),
+            _ => break,
+        };
+        let Some(other) = index.input(next, 1 - slot) else { break };
+        let region = forward_region(graph, index, &views, other);
+        if region.is_empty()
+            || !forward_region(graph, index, &stream_views(graph, index, sum), other).is_empty()
+        {
+            break;
+        }
+        split_terms(graph, index, &views, Term { tensor: other, port: (next, 1 - slot), region }, &mut terms);
+        out = next_out;
+    }
+    Some(Join { terms, out })
 }
 
-/// Nodes reachable forward from `from` that `to` depends on.
-fn forward_region(index: &GraphIndex, from: &[TensorId], to: TensorId) -> Vec<usize> {
+/// Splits a branch that is a sum of branches of the stream (`Add(a, b)`, both computed from the
+/// stream, read only by the sum) into its terms.
+fn split_terms(graph: &GraphProto, index: &GraphIndex, views: &[TensorId], term: Term, out: &mut Vec<Term>) {
+    if let Some((node, _)) = index.producer(term.tensor)
+        && graph.node[node].op_type() == "Add"
+        && index.consumers(term.tensor).len() == 1
+        && let (Some(a), Some(b)) = (index.input(node, 0), index.input(node, 1))
+    {
+        let (region_a, region_b) =
+            (forward_region(graph, index, views, a), forward_region(graph, index, views, b));
+        if !region_a.is_empty() && !region_b.is_empty() {
+            split_terms(graph, index, views, Term { tensor: a, port: (node, 0), region: region_a }, out);
+            split_terms(graph, index, views, Term { tensor: b, port: (node, 1), region: region_b }, out);
+            return;
+        }
+    }
+    out.push(term);
+}
+
+/// Ops that read only a tensor's shape: what they compute does not depend on its values.
+fn is_shape_only(graph: &GraphProto, node: usize) -> bool {
+    matches!(graph.node[node].op_type(), "Shape" | "Size")
+}
+
+/// Nodes reachable forward from `from`, by value (not through `Shape`), that `to` depends on.
+fn forward_region(graph: &GraphProto, index: &GraphIndex, from: &[TensorId], to: TensorId) -> Vec<usize> {
     let needed = index.ancestors(&[to]);
     let mut in_region = vec![false; index.node_count()];
     let mut stack: Vec<TensorId> = from.to_vec();
     let mut region = Vec::new();
     while let Some(t) = stack.pop() {
         for &(c, _) in index.consumers(t) {
-            if needed[c] && !in_region[c] {
+            if needed[c] && !in_region[c] && !is_shape_only(graph, c) {
                 in_region[c] = true;
                 region.push(c);
                 stack.extend(index.outputs(c).iter().flatten());
@@ -399,11 +493,45 @@ fn forward_region(index: &GraphIndex, from: &[TensorId], to: TensorId) -> Vec<us
     region
 }
 
-/// A single elementwise successor (`Mul`/`Div` by a constant, `Cast`) through which the stream passes.
-fn passthrough_successor(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<TensorId> {
-    let consumers = index.consumers(s);
-    let &[(node, _)] = consumers else { return None };
-    matches!(graph.node[node].op_type(), "Mul" | "Div" | "Cast").then(|| index.output(node, 0))?
+/// Ops through which the stream may pass before the first block, keeping its meaning: elementwise
+/// scales and shifts by something not computed from the stream, casts, dropout, an embedding norm.
+const PROLOGUE_OPS: &[&str] = &[
+    "Mul",
+    "Div",
+    "Add",
+    "Sub",
+    "Cast",
+    "Identity",
+    "Dropout",
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+];
+
+/// The next stream tensor of the prologue: `s` read by exactly one node (besides shape reads) of
+/// [`PROLOGUE_OPS`], whose other operands are not computed from `s`.
+fn prologue_step(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<TensorId> {
+    let readers: Vec<(usize, usize)> =
+        index.consumers(s).iter().copied().filter(|&(c, _)| !is_shape_only(graph, c)).collect();
+    let &[(node, slot)] = readers.as_slice() else { return None };
+    if !PROLOGUE_OPS.contains(&graph.node[node].op_type()) {
+        return None;
+    }
+    let others_constant = index.inputs(node).iter().enumerate().all(|(i, input)| {
+        i == slot || input.is_none_or(|t| forward_region(graph, index, &[s], t).is_empty() && t != s)
+    });
+    others_constant.then(|| index.output(node, 0))?
+}
+
+/// The nodes reading `t`, for messages.
+fn readers(graph: &GraphProto, index: &GraphIndex, t: TensorId) -> String {
+    let names: Vec<String> = index
+        .consumers(t)
+        .iter()
+        .take(4)
+        .map(|&(c, _)| format!("node {:?} ({})", graph.node[c].name(), graph.node[c].op_type()))
+        .collect();
+    if names.is_empty() { "nothing".to_string() } else { names.join(", ") }
 }
 
 struct BranchAnalysis {
@@ -414,13 +542,20 @@ struct BranchAnalysis {
 }
 
 /// Classifies a branch and measures what removing it frees: the nodes that die when the junction
-/// stops reading the branch and the branch's graph outputs (its KV cache) are dropped.
-fn analyse_branch(graph: &GraphProto, index: &GraphIndex, live: &[bool], j: &Join) -> BranchAnalysis {
+/// stops reading the branch and the branch's graph outputs (its KV cache) are dropped. Refuses an
+/// attention branch that cannot be replaced alone: one that computes an MLP after its attention,
+/// or that produces a graph output other than a KV cache.
+fn analyse_branch(
+    graph: &GraphProto,
+    index: &GraphIndex,
+    live: &[bool],
+    term: &Term,
+) -> Result<BranchAnalysis> {
     let kv_outputs: Vec<TensorId> = index
         .graph_outputs
         .iter()
         .copied()
-        .filter(|&o| index.producer(o).is_some_and(|(p, _)| j.region.binary_search(&p).is_ok()))
+        .filter(|&o| index.producer(o).is_some_and(|(p, _)| term.region.binary_search(&p).is_ok()))
         .collect();
 
     // Liveness without the branch: roots are the other graph outputs, and the junction no longer
@@ -437,7 +572,7 @@ fn analyse_branch(graph: &GraphProto, index: &GraphIndex, live: &[bool], j: &Joi
         still_live[node] = true;
         for (slot, input) in index.inputs(node).iter().enumerate() {
             let Some(input) = *input else { continue };
-            let cut = node == j.node && slot == j.branch_slot;
+            let cut = (node, slot) == term.port;
             if !cut && seen.insert(input) {
                 stack.push(input);
             }
@@ -479,7 +614,59 @@ fn analyse_branch(graph: &GraphProto, index: &GraphIndex, live: &[bool], j: &Joi
     } else {
         Verdict::NotAttention { ops: op_histogram(&nodes) }
     };
-    BranchAnalysis { verdict, dying, kv_inputs, kv_outputs }
+    if matches!(verdict, Verdict::Attention(_)) {
+        let branch = index.name(term.tensor);
+        for &o in &kv_outputs {
+            let declared = graph.output.iter().find(|v| v.name() == index.name(o)).and_then(value_type);
+            if let Some((dtype, dims)) = declared
+                && !(dtype.is_float() && dims.len() == 4)
+            {
+                bail!(
+                    "the attention branch {branch:?} produces graph output {:?} ({dtype}, {} dims), which is \
+                     not a KV cache: replacing the branch would remove it",
+                    index.name(o),
+                    dims.len()
+                );
+            }
+        }
+        let products = weight_products_after_attention(graph, index, &dying, term.tensor);
+        if products > 1 {
+            bail!(
+                "the attention branch {branch:?} (joining at node {:?}) multiplies by {products} weight matrices \
+                 after its attention, where an output projection is one: it holds more than attention (an MLP?) \
+                 and cannot be replaced alone",
+                graph.node[term.port.0].name()
+            );
+        }
+    }
+    Ok(BranchAnalysis { verdict, dying, kv_inputs, kv_outputs })
+}
+
+/// The constant-weight products on the way from a branch's attention (its Softmax or fused
+/// attention op) to the branch tensor `y`: the output projection, and whatever else follows.
+fn weight_products_after_attention(
+    graph: &GraphProto,
+    index: &GraphIndex,
+    dying: &[usize],
+    y: TensorId,
+) -> usize {
+    let cores: Vec<TensorId> = dying
+        .iter()
+        .filter(|&&n| {
+            let op = graph.node[n].op_type();
+            op == "Softmax" || FusedAttention::from_op(op).is_some()
+        })
+        .flat_map(|&n| index.outputs(n).iter().flatten().copied())
+        .collect();
+    forward_region(graph, index, &cores, y)
+        .into_iter()
+        .filter(|&n| {
+            matches!(
+                graph.node[n].op_type(),
+                "MatMul" | "Gemm" | "FusedMatMul" | "MatMulNBits" | "MatMulInteger"
+            ) && index.input(n, 1).is_some_and(|w| index.constant_source(graph, w).is_some())
+        })
+        .count()
 }
 
 /// Whether node `n`'s output reaches a MatMul through at most `depth` cheap elementwise ops.
@@ -674,6 +861,209 @@ mod tests {
             ..Default::default()
         };
         Model { path: "sandwich.onnx".into(), proto }
+    }
+
+    /// A model of `nodes`; every tensor they read that no node produces (but the ids) is an
+    /// initializer, sized by its name (`*embed`/`*wpe` [32, 8], `lm_head` [8, 32], `*w1` [8, 16],
+    /// `*w2` [16, 8], other `*w*` [8, 8], `*g*` [8], anything else a scalar).
+    fn model_of(nodes: Vec<NodeProto>) -> Model {
+        let produced: HashSet<&str> =
+            nodes.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
+        let mut inits: Vec<TensorProto> = Vec::new();
+        for input in nodes.iter().flat_map(|n| &n.input) {
+            let name = input.as_str();
+            if produced.contains(name) || name.ends_with("_ids") || inits.iter().any(|t| t.name() == name) {
+                continue;
+            }
+            let last = name.rsplit('.').next().unwrap();
+            let dims: Vec<i64> = match last {
+                "embed" | "wpe" => vec![32, 8],
+                "lm_head" => vec![8, 32],
+                "w1" => vec![8, 16],
+                "w2" => vec![16, 8],
+                l if l.starts_with('w') => vec![8, 8],
+                l if l.starts_with('g') => vec![8],
+                _ => vec![],
+            };
+            inits.push(TensorProto {
+                name: Some(name.into()),
+                dims,
+                data_type: Some(1),
+                ..Default::default()
+            });
+        }
+        let graph = GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: vec![
+                tensor_value("input_ids", DType::I64, None),
+                tensor_value("position_ids", DType::I64, None),
+            ],
+            output: vec![tensor_value("logits", DType::F32, None)],
+            ..Default::default()
+        };
+        let proto = ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+            graph: Some(graph),
+            ..Default::default()
+        };
+        Model { path: "synthetic.onnx".into(), proto }
+    }
+
+    /// `p.o = MatMul(softmax(q kᵀ) v, p.wo)` of `p.n = x · p.g`.
+    fn attention(p: &str, x: &str) -> Vec<NodeProto> {
+        let t = |s: &str| format!("{p}.{s}");
+        vec![
+            node("Mul", &[x, &t("g")], &t("n")),
+            node("MatMul", &[&t("n"), &t("wq")], &t("q")),
+            node("MatMul", &[&t("n"), &t("wk")], &t("k")),
+            node("MatMul", &[&t("n"), &t("wv")], &t("v")),
+            node("Transpose", &[&t("k")], &t("kt")),
+            node("MatMul", &[&t("q"), &t("kt")], &t("scores")),
+            node("Softmax", &[&t("scores")], &t("probs")),
+            node("MatMul", &[&t("probs"), &t("v")], &t("a")),
+            node("MatMul", &[&t("a"), &t("wo")], &t("o")),
+        ]
+    }
+
+    /// `p.down = MatMul(Relu(MatMul(x · p.g, p.w1)), p.w2)`.
+    fn mlp(p: &str, x: &str) -> Vec<NodeProto> {
+        let t = |s: &str| format!("{p}.{s}");
+        vec![
+            node("Mul", &[x, &t("g")], &t("n")),
+            node("MatMul", &[&t("n"), &t("w1")], &t("up")),
+            node("Relu", &[&t("up")], &t("act")),
+            node("MatMul", &[&t("act"), &t("w2")], &t("down")),
+        ]
+    }
+
+    /// Two layers from `h0`, each built by `layer(prefix, input, output)`, then the LM head.
+    fn two_layers(prologue: Vec<NodeProto>, layer: impl Fn(&str, &str, &str) -> Vec<NodeProto>) -> Model {
+        let mut nodes = prologue;
+        nodes.extend(layer("l0", "h0", "h1"));
+        nodes.extend(layer("l1", "h1", "h2"));
+        nodes.push(node("MatMul", &["h2", "lm_head"], "logits"));
+        model_of(nodes)
+    }
+
+    fn embedding() -> Vec<NodeProto> {
+        vec![node("Gather", &["embed", "input_ids"], "h0")]
+    }
+
+    /// GPT-NeoX, Phi-2, Falcon: `h' = h + (mlp(h) + attn(h))`.
+    fn parallel_sum_layer(p: &str, x: &str, out: &str) -> Vec<NodeProto> {
+        let mut nodes = attention(&format!("{p}.attn"), x);
+        nodes.extend(mlp(&format!("{p}.mlp"), x));
+        nodes.push(node(
+            "Add",
+            &[&format!("{p}.mlp.down"), &format!("{p}.attn.o")],
+            &format!("{p}.branches"),
+        ));
+        nodes.push(node("Add", &[&format!("{p}.branches"), x], out));
+        nodes
+    }
+
+    /// Cohere: `h' = (h + attn(h)) + mlp(h)`.
+    fn parallel_chain_layer(p: &str, x: &str, out: &str) -> Vec<NodeProto> {
+        let mut nodes = attention(&format!("{p}.attn"), x);
+        nodes.extend(mlp(&format!("{p}.mlp"), x));
+        nodes.push(node("Add", &[x, &format!("{p}.attn.o")], &format!("{p}.mid")));
+        nodes.push(node("Add", &[&format!("{p}.mid"), &format!("{p}.mlp.down")], out));
+        nodes
+    }
+
+    /// Llama: `m = h + attn(h)`, `h' = m + mlp(m)`.
+    fn sequential_layer(p: &str, x: &str, out: &str) -> Vec<NodeProto> {
+        let mid = format!("{p}.mid");
+        let mut nodes = attention(&format!("{p}.attn"), x);
+        nodes.push(node("Add", &[x, &format!("{p}.attn.o")], &mid));
+        nodes.extend(mlp(&format!("{p}.mlp"), &mid));
+        nodes.push(node("Add", &[&mid, &format!("{p}.mlp.down")], out));
+        nodes
+    }
+
+    #[test]
+    fn in_parallel_blocks_y_is_the_attention_term_alone() {
+        for layer in [parallel_sum_layer, parallel_chain_layer] {
+            let blocks = find_blocks(&two_layers(embedding(), layer)).unwrap();
+            assert_eq!(blocks.layers.len(), 2);
+            for (l, block) in blocks.layers.iter().enumerate() {
+                assert_eq!(
+                    (block.x.as_str(), block.y.as_str()),
+                    (["h0", "h1"][l], format!("l{l}.attn.o").as_str())
+                );
+                assert!(block.parallel);
+                // Only the attention dies: Mul (its own norm), q, k, v, Transpose, scores, Softmax, PV, o.
+                assert_eq!(block.nodes, 9, "layer {l}");
+            }
+            let mlps =
+                blocks.branches.iter().filter(|b| matches!(b.verdict, Verdict::NotAttention { .. })).count();
+            assert_eq!(mlps, 2, "each block's MLP is a branch of its own");
+        }
+        let sequential = find_blocks(&two_layers(embedding(), sequential_layer)).unwrap();
+        assert!(sequential.layers.iter().all(|b| !b.parallel));
+        assert_eq!(sequential.layers[1].x, "h1");
+    }
+
+    fn to_f16(mut cast: NodeProto) -> NodeProto {
+        cast.attribute.push(crate::onnx::proto::AttributeProto {
+            name: Some("to".into()),
+            i: Some(DType::F16.onnx_code().into()),
+            ..Default::default()
+        });
+        cast
+    }
+
+    #[test]
+    fn a_prologue_of_scales_casts_and_position_embeddings_leads_to_the_first_block() {
+        let gemma = vec![
+            node("Gather", &["embed", "input_ids"], "tok"),
+            node("Mul", &["tok", "normalizer"], "scaled"),
+            to_f16(node("Cast", &["scaled"], "h0")),
+        ];
+        let gpt2 = vec![
+            node("Gather", &["embed", "input_ids"], "tok"),
+            node("Shape", &["tok"], "tok_shape"),
+            node("Gather", &["wpe", "position_ids"], "pos"),
+            node("Add", &["tok", "pos"], "h0"),
+        ];
+        let bloom = vec![
+            node("Gather", &["embed", "input_ids"], "tok"),
+            node("LayerNormalization", &["tok", "g_emb", "b_emb"], "h0"),
+        ];
+        for prologue in [gemma, gpt2, bloom] {
+            let blocks = find_blocks(&two_layers(prologue, sequential_layer)).unwrap();
+            assert_eq!(blocks.layers.len(), 2);
+            assert_eq!(blocks.layers[0].x, "h0");
+            assert_eq!(blocks.vocab_size, Some(32));
+        }
+    }
+
+    #[test]
+    fn an_attention_branch_that_also_computes_an_mlp_is_refused() {
+        // `h' = h + mlp(attn(h))`: replacing the branch would replace the MLP too.
+        let layer = |p: &str, x: &str, out: &str| {
+            let mut nodes = attention(&format!("{p}.attn"), x);
+            nodes.extend(mlp(&format!("{p}.mlp"), &format!("{p}.attn.o")));
+            nodes.push(node("Add", &[x, &format!("{p}.mlp.down")], out));
+            nodes
+        };
+        let err = find_blocks(&two_layers(embedding(), layer)).unwrap_err().to_string();
+        assert!(err.contains("multiplies by 3 weight matrices after its attention"), "{err}");
+    }
+
+    #[test]
+    fn a_block_adding_two_attention_branches_is_refused() {
+        let layer = |p: &str, x: &str, out: &str| {
+            let mut nodes = attention(&format!("{p}.a"), x);
+            nodes.extend(attention(&format!("{p}.b"), x));
+            nodes.push(node("Add", &[&format!("{p}.a.o"), &format!("{p}.b.o")], &format!("{p}.sum")));
+            nodes.push(node("Add", &[x, &format!("{p}.sum")], out));
+            nodes
+        };
+        let err = find_blocks(&two_layers(embedding(), layer)).unwrap_err().to_string();
+        assert!(err.contains("adds two attention branches"), "{err}");
     }
 
     /// Tied embeddings as the GenAI builder writes them: `Gather(Transpose(lm_head.weight), ids)`.

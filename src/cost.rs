@@ -69,25 +69,13 @@ impl Cost {
     }
 }
 
-/// The shape of the initializer behind `tensor`, looking through the ops exporters put between a
-/// weight and its product (a transposed tied embedding, a cast, dequantisation).
+/// The shape of the initializer behind `tensor` (see [`GraphIndex::constant_source`]).
 fn constant_weight(
     graph: &crate::onnx::proto::GraphProto,
     index: &GraphIndex,
     tensor: TensorId,
 ) -> Option<Vec<usize>> {
-    let mut tensor = tensor;
-    for _ in 0..4 {
-        if let Some(i) = index.initializer(tensor) {
-            return tensor_shape(&graph.initializer[i]).ok();
-        }
-        let (producer, _) = index.producer(tensor)?;
-        match graph.node[producer].op_type() {
-            "Transpose" | "Cast" | "Identity" | "DequantizeLinear" => tensor = index.input(producer, 0)?,
-            _ => return None,
-        }
-    }
-    None
+    tensor_shape(index.constant_source(graph, tensor)?).ok()
 }
 
 /// The input width of the projection that makes an attention block's output `y` (`o_proj`):

@@ -219,6 +219,29 @@ impl GraphIndex {
         Ok(order)
     }
 
+    /// The initializer behind `tensor`, looking through the ops exporters put between a weight and
+    /// its use (a transposed tied embedding, a cast, dequantisation, an identity, a reshape).
+    pub fn constant_source<'g>(
+        &self,
+        graph: &'g GraphProto,
+        tensor: TensorId,
+    ) -> Option<&'g super::proto::TensorProto> {
+        let mut tensor = tensor;
+        for _ in 0..4 {
+            if let Some(i) = self.initializer(tensor) {
+                return Some(&graph.initializer[i]);
+            }
+            let (producer, _) = self.producer(tensor)?;
+            match graph.node[producer].op_type() {
+                "Transpose" | "Cast" | "Identity" | "DequantizeLinear" | "Reshape" => {
+                    tensor = self.input(producer, 0)?
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+
     /// Nodes that some graph output needs: the one meaning of "live".
     pub fn live_nodes(&self) -> Vec<bool> {
         let mut live = vec![false; self.node_count()];
