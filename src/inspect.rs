@@ -122,6 +122,13 @@ impl Inspection {
         let others =
             b.branches.iter().filter(|br| matches!(br.verdict, Verdict::NotAttention { .. })).count();
         let _ = writeln!(out, "{others} other residual branches (MLP)");
+        let parallel = b.layers.iter().filter(|l| l.parallel).count();
+        if parallel > 0 {
+            let _ = writeln!(
+                out,
+                "{parallel} parallel blocks: attention and MLP read the same stream; Y is the attention term alone"
+            );
+        }
         if let Some(run) = &self.run {
             let _ = writeln!(
                 out,
