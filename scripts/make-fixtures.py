@@ -78,15 +78,33 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,7 +138,8 @@ BATCH, SEQ = 2, 7
 INPUT_SEED = 1234
 # One weight seed per architecture: Llama and Mistral have identical parameter shapes, so a shared seed
 # would give them identical weights and a test could not tell the fixtures apart.
-WEIGHT_SEEDS = {"llama": 0, "mistral": 1, "qwen2": 2, "phi3": 3}
+WEIGHT_SEEDS = {"llama": 0, "mistral": 1, "qwen2": 2, "phi3": 3, "gpt_neox": 4, "gpt2": 5, "gemma2": 6, "phi": 7,
+                "qwen3": 8, "granite": 9, "olmo2": 10, "cohere": 11, "mistral_sw": 12, "mixtral": 13}
 
 # Files copied from the Hugging Face checkpoint into every fixture directory.
 HF_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -181,6 +200,13 @@ def common_config() -> dict:
     )
 
 
+def no_gqa_config() -> dict:
+    """common_config() for families without grouped key/value heads (GPT-2, GPT-NeoX, Phi-2)."""
+    config = common_config()
+    config["num_key_value_heads"] = HEADS
+    return config
+
+
 # Architecture name -> function building the randomly initialised model.
 ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**common_config())),
@@ -191,7 +217,103 @@ ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
     # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj.
     "phi3": lambda: Phi3ForCausalLM(
         Phi3Config(**common_config(), original_max_position_embeddings=MAX_POSITIONS)),
+    # Parallel residual (attention and MLP read the same stream, both added), partial rotary (25%).
+    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+        **{k: v for k, v in no_gqa_config().items() if k != "num_key_value_heads"},
+        rotary_pct=0.25, use_parallel_residual=True)),
+    # Learned position embeddings added to the token embedding, LayerNorm with bias, fused c_attn
+    # (Conv1D), tied embeddings.
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+        n_inner=INTERMEDIATE, initializer_range=INIT_RANGE, bos_token_id=EOS_ID, eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID, use_cache=True, tie_word_embeddings=True)),
+    # Embedding scaled by sqrt(d), sandwich norms (pre- and post-attention), final logit soft-capping,
+    # sliding-window layers (window 4 < the 7-token reference) alternating with global ones. Attention
+    # soft-capping is off: Optimum exports Gemma2 with SDPA attention, which drops it (logits 0.27 off).
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(
+        **common_config(), head_dim=HEAD_DIM, sliding_window=4, query_pre_attn_scalar=HEAD_DIM,
+        attn_logit_softcapping=None, final_logit_softcapping=30.0)),
+    # Phi-2: parallel residual with one shared input norm, partial rotary (50%).
+    "phi": lambda: PhiForCausalLM(PhiConfig(
+        **{k: v for k, v in no_gqa_config().items() if k != "num_key_value_heads"},
+        partial_rotary_factor=0.5)),
+    # RMSNorm on q and k per head.
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**common_config(), head_dim=HEAD_DIM)),
+    # Multipliers on the embedding, the residual branches, the attention scores and the logits.
+    "granite": lambda: GraniteForCausalLM(GraniteConfig(
+        **common_config(), embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3,
+        logits_scaling=4.0)),
+    # No input norms: norms after attention and after the MLP, inside the branches.
+    "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**common_config())),
+    # Parallel residual written as one Add chain: h + attn(norm(h)) + mlp(norm(h)).
+    "cohere": lambda: CohereForCausalLM(CohereConfig(**common_config(), logit_scale=0.5)),
+    # Sliding-window attention (window 4 < the 7-token reference) in every layer.
+    "mistral_sw": lambda: MistralForCausalLM(MistralConfig(**common_config(), sliding_window=4)),
+    # Mixture of experts: the MLP branch routes each token to 2 of 4 experts; attention as Mistral's.
+    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(
+        **common_config(), num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
 }
+
+
+@dataclasses.dataclass
+class Taps:
+    """Where X and Y of a family's decoder layers are read in PyTorch.
+
+    X is always the decoder layer's input (the residual stream). Y is the output of `y_module` (a path
+    below the layer) times `y_scale`: the attention term as it is added to the stream.
+    """
+    layers: str = "model.layers"
+    attention: str = "self_attn"
+    y_module: str | None = None  # default: the attention module itself
+    y_scale: Callable[[object], float] = lambda config: 1.0
+
+
+TAPS: dict[str, Taps] = {
+    "gpt_neox": Taps(layers="gpt_neox.layers", attention="attention"),
+    "gpt2": Taps(layers="transformer.h", attention="attn"),
+    # Sandwich norms belong to the branch: Y is the post-attention norm's output.
+    "gemma2": Taps(y_module="post_attention_layernorm"),
+    "olmo2": Taps(y_module="post_attention_layernorm"),
+    "granite": Taps(y_scale=lambda config: config.residual_multiplier),
+}
+
+
+def taps(arch: str) -> Taps:
+    return TAPS.get(arch, Taps())
+
+
+def attribute(obj: object, path: str) -> object:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def weight_counts(hf_dir: Path, arch: str) -> dict:
+    """Multiply-adds per token of every weight matrix (Linear and GPT-2's Conv1D, the LM head included,
+    embedding lookups not), and of one layer's attention projections: what a graph-side count must find."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = load_reference_model(hf_dir)
+
+    def matrices(module: torch.nn.Module) -> int:
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+
+    tap = taps(arch)
+    layers = attribute(model, tap.layers)
+    heads = model.config.num_attention_heads if hasattr(model.config, "num_attention_heads") else model.config.n_head
+    return {
+        "weight_macs_per_token": matrices(model),
+        "attention_weights_per_layer": matrices(attribute(layers[0], tap.attention)),
+        "attention_width": heads * kv_shape(model.config)[1],
+    }
+
+
+def kv_shape(config) -> tuple[int, int]:
+    """(key/value heads, head size) of a checkpoint's config."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or HIDDEN // heads
+    return kv_heads, head_dim
 
 
 def randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
@@ -199,7 +321,8 @@ def randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            # Norm scales: *norm.weight in most families, ln_1/ln_2/ln_f in GPT-2 (1-D either way).
+            if name.endswith("norm.weight") or (".ln_" in name and name.endswith(".weight")):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
             elif name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
@@ -229,29 +352,77 @@ def load_reference_model(hf_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def torch_reference(hf_dir: Path, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Reference activations of the checkpoint (see `model_reference`)."""
-    return model_reference(load_reference_model(hf_dir), input_ids)
+def torch_reference(hf_dir: Path, input_ids: np.ndarray, arch: str = "llama") -> dict[str, np.ndarray]:
+    """Reference activations of the checkpoint (see `model_reference`), and the logits of the model with
+    one layer's attention replaced by a linear map (see `patched_reference`)."""
+    model = load_reference_model(hf_dir)
+    return {**model_reference(model, input_ids, taps(arch)), **patched_reference(model, input_ids, taps(arch))}
 
 
-def model_reference(model: torch.nn.Module, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+# The layer whose attention term `patched_reference` replaces, and the seed of its map.
+PATCHED_LAYER, PATCH_SEED = 1, 4321
+
+
+def patched_reference(model: torch.nn.Module, input_ids: np.ndarray, tap: Taps) -> dict[str, np.ndarray]:
+    """What a rewrite must compute, in PyTorch terms: `model` with layer PATCHED_LAYER's attention term
+    (as `Taps` defines it) replaced by `h W^T + b` of the layer's input `h`, for a seeded random W, b.
+
+    patched.layer: the layer; patched.weight [d, d] and patched.bias [d]: W and b; patched.logits.
+    For a parallel block this is `h + mlp(norm(h)) + W h + b`; the attention still runs, its term is
+    overwritten.
+    """
+    gen = torch.Generator().manual_seed(PATCH_SEED)
+    weight = 0.1 * torch.randn(HIDDEN, HIDDEN, generator=gen)
+    bias = 0.1 * torch.randn(HIDDEN, generator=gen)
+    layer = attribute(model, tap.layers)[PATCHED_LAYER]
+    scale = tap.y_scale(model.config)
+    stream: dict[str, torch.Tensor] = {}
+
+    def take_input(_module, args, kwargs):
+        stream["h"] = args[0] if args else kwargs["hidden_states"]
+
+    def replace_term(_module, _args, output):
+        term = (stream["h"] @ weight.T + bias) / scale
+        return (term, *output[1:]) if isinstance(output, tuple) else term
+
+    hooks = [layer.register_forward_pre_hook(take_input, with_kwargs=True),
+             attribute(layer, tap.y_module or tap.attention).register_forward_hook(replace_term)]
+    ids = torch.from_numpy(input_ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       position_ids=torch.arange(SEQ).expand(BATCH, SEQ), use_cache=False).logits
+    for h in hooks:
+        h.remove()
+    return {
+        "patched.layer": np.array([PATCHED_LAYER], dtype=np.int64),
+        "patched.weight": weight.numpy(),
+        "patched.bias": bias.numpy(),
+        "patched.logits": logits.detach().float().numpy().copy(),
+    }
+
+
+def model_reference(model: torch.nn.Module, input_ids: np.ndarray, tap: Taps = Taps()) -> dict[str, np.ndarray]:
     """Per-layer attention input/output and logits of `model`, in float32.
 
-    layers.<i>.x: argument of layer i's input_layernorm (forward pre-hook), [batch, seq, hidden];
-    layers.<i>.y: output[0] of layer i's self_attn (forward hook), [batch, seq, hidden]. For Phi-3 the
-                  decoder layer applies resid_attn_dropout to it, an identity in eval mode.
+    layers.<i>.x: the input of decoder layer i (forward pre-hook): the residual stream, [batch, seq, hidden]
+                  (for the Llama family, the argument of its input_layernorm);
+    layers.<i>.y: the attention term layer i adds to the stream (see `Taps`), [batch, seq, hidden]. For
+                  Phi-3 the decoder layer applies resid_attn_dropout to it, an identity in eval mode.
     """
     captured: dict[str, np.ndarray] = {}
     hooks = []
-    for i, layer in enumerate(model.model.layers):
-        def pre_hook(_module, args, i=i):
-            captured[f"layers.{i}.x"] = args[0].detach().float().numpy().copy()
+    scale = tap.y_scale(model.config)
+    for i, layer in enumerate(attribute(model, tap.layers)):
+        def pre_hook(_module, args, kwargs, i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            captured[f"layers.{i}.x"] = x.detach().float().numpy().copy()
 
         def post_hook(_module, _args, output, i=i):
-            captured[f"layers.{i}.y"] = output[0].detach().float().numpy().copy()
+            y = output[0] if isinstance(output, tuple) else output
+            captured[f"layers.{i}.y"] = (y * scale).detach().float().numpy().copy()
 
-        hooks.append(layer.input_layernorm.register_forward_pre_hook(pre_hook))
-        hooks.append(layer.self_attn.register_forward_hook(post_hook))
+        hooks.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        hooks.append(attribute(layer, tap.y_module or tap.attention).register_forward_hook(post_hook))
     ids = torch.from_numpy(input_ids)
     with torch.no_grad():
         out = model(
@@ -480,6 +651,11 @@ def _optimum_extdata(hf_dir: Path, out: Path, _args: argparse.Namespace) -> tupl
     return exporter
 
 
+def _optimum(notes: str = "", **kwargs) -> dict:
+    return dict(export=lambda h, o, a: export_optimum(h, o, with_past=True), notes=notes, optional=True,
+                **kwargs)
+
+
 FIXTURES = [
     Fixture("llama-optimum-past", "llama", lambda h, o, a: export_optimum(h, o, with_past=True),
             notes="KV cache inputs past_key_values.N.key/value, outputs present.N.key/value."),
@@ -526,6 +702,38 @@ FIXTURES = [
             dtype="float16", tolerance=5e-2, optional=True,
             notes="-p fp16 -e cuda (graph only; runs on the CPU provider): float16 GroupQueryAttention, "
                   "float16 KV cache and logits."),
+    # Other decoder families, each as Optimum exports it (see ARCHITECTURES for what each one adds).
+    Fixture("gptneox-optimum-past", "gpt_neox", **_optimum(
+        "Parallel residual: h + attn(ln1(h)) + mlp(ln2(h)); partial rotary (25%); 4 KV heads.")),
+    Fixture("gpt2-optimum-past", "gpt2", **_optimum(
+        "Learned position embeddings added to the token embedding; LayerNorm with bias; fused c_attn "
+        "(Conv1D); tied embeddings; 4 KV heads.")),
+    Fixture("gemma2-optimum-past", "gemma2", **_optimum(
+        "Embedding scaled by sqrt(d); sandwich norms (Y is the post-attention norm's output); final logit "
+        "soft-capping; sliding-window layers (window 4) alternate with global ones. Attention soft-capping "
+        "off: the export (SDPA attention) drops it.")),
+    Fixture("phi2-optimum-past", "phi", **_optimum(
+        "Phi-2: parallel residual with one shared LayerNorm; partial rotary (50%); 4 KV heads.")),
+    Fixture("qwen3-optimum-past", "qwen3", **_optimum("RMSNorm on q and k per head.")),
+    Fixture("granite-optimum-past", "granite", **_optimum(
+        "Multipliers: embedding 2.0, residual 0.5 (Y is the attention output times 0.5), attention 0.3, "
+        "logits 1/4.")),
+    Fixture("olmo2-optimum-past", "olmo2", **_optimum(
+        "No input norms; norms after attention and MLP inside the branches (Y is the post-attention "
+        "norm's output).")),
+    Fixture("cohere-optimum-past", "cohere", **_optimum(
+        "Parallel residual as one Add chain: h + attn(ln(h)) + mlp(ln(h)); tied embeddings; logit scale.")),
+    Fixture("mistral-sw-optimum-past", "mistral_sw", **_optimum("sliding_window=4 in every layer.")),
+    Fixture("gptneox-dynamo", "gpt_neox", lambda h, o, a: export_dynamo(h, o, opset=None), optional=True,
+            notes="As gptneox-optimum-past, exported by torch.onnx (dynamo), no KV cache."),
+    Fixture("mixtral-dynamo", "mixtral", lambda h, o, a: export_dynamo(h, o, opset=None), optional=True,
+            notes="Mixture of experts (4 experts, 2 per token) in the MLP branch; no KV cache."),
+    *[Fixture(f"{name}-genai-fp32", arch,
+              lambda h, o, a: export_genai(h, o, "fp32", "cpu", a.genai_python, []), optional=True,
+              notes=f"As {name}-optimum-past, built by the ONNX Runtime GenAI builder (fp32, CPU).")
+      for name, arch in [("gemma2", "gemma2"), ("qwen3", "qwen3"), ("phi2", "phi"), ("granite", "granite"),
+                         ("olmo2", "olmo2"), ("mistral-sw", "mistral_sw"), ("gptneox", "gpt_neox"),
+                         ("gpt2", "gpt2"), ("cohere", "cohere")]],
 ]
 
 
@@ -574,8 +782,10 @@ def attention_kind(graph: dict) -> str:
     return "decomposed"
 
 
-def make_feeds(graph: dict, input_ids: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+def make_feeds(graph: dict, input_ids: np.ndarray, kv: tuple[int, int] = (KV_HEADS, HEAD_DIM)
+               ) -> tuple[dict[str, np.ndarray], int]:
     """Feeds for a prompt of SEQ tokens with an empty KV cache; returns (feeds, past length)."""
+    kv_heads, head_dim = kv
     past = 0
     feeds = {}
     for inp in graph["inputs"]:
@@ -590,9 +800,9 @@ def make_feeds(graph: dict, input_ids: np.ndarray) -> tuple[dict[str, np.ndarray
             # [batch, kv_heads, past, head_dim]; a dimension is either the expected number or symbolic.
             shape = inp["shape"]
             assert len(shape) == 4, (name, shape)
-            for dim, expected in ((shape[1], KV_HEADS), (shape[3], HEAD_DIM)):
+            for dim, expected in ((shape[1], kv_heads), (shape[3], head_dim)):
                 assert dim == expected or isinstance(dim, str), (name, shape)
-            feeds[name] = np.zeros((BATCH, KV_HEADS, past, HEAD_DIM), dtype=dtype)
+            feeds[name] = np.zeros((BATCH, kv_heads, past, head_dim), dtype=dtype)
         else:
             raise ValueError(f"unexpected graph input {name!r}")
     return feeds, past
@@ -654,7 +864,9 @@ def build_fixture(fx: Fixture, hf_dir: Path, reference: dict[str, np.ndarray], i
         shutil.copy(hf_dir / name, out / name)
 
     graph = inspect_graph(out / "model.onnx")
-    feeds, _past = make_feeds(graph, input_ids)
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    kv = kv_shape(config)
+    feeds, _past = make_feeds(graph, input_ids, kv)
     logits = run_onnx(out / "model.onnx", feeds)
     # Keys added to fixture.json for a dequantised reference only (the other fixtures' files stay as before).
     extra_info: dict = {}
@@ -663,7 +875,8 @@ def build_fixture(fx: Fixture, hf_dir: Path, reference: dict[str, np.ndarray], i
         # with every weight that the graph quantised replaced by the graph's dequantised value.
         model = load_reference_model(hf_dir)
         replaced = load_dequantised_weights(model, out / "model.onnx")
-        reference = model_reference(model, input_ids)
+        reference = {**model_reference(model, input_ids, taps(fx.arch)),
+                     **patched_reference(model, input_ids, taps(fx.arch))}
         del model
         as_written_diff = float(np.max(np.abs(logits - reference["logits"])))
         # Compare with ONNX Runtime computing MatMulNBits in float32, logits and per-layer x / y.
@@ -713,8 +926,9 @@ def build_fixture(fx: Fixture, hf_dir: Path, reference: dict[str, np.ndarray], i
         "num_layers": LAYERS,
         "hidden_size": HIDDEN,
         "num_heads": HEADS,
-        "num_kv_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
+        "num_kv_heads": kv[0],
+        "head_dim": kv[1],
+        **weight_counts(hf_dir, fx.arch),
         "vocab_size": VOCAB,
         "has_kv_cache": any(i["name"].startswith("past_key_values.") for i in graph["inputs"]),
         "external_data": external[0] if external else False,
@@ -838,7 +1052,7 @@ def main() -> int:
         if fx.arch not in checkpoints:
             hf_dir = work / f"hf-{fx.arch}"
             make_checkpoint(fx.arch, tokenizer, hf_dir)
-            checkpoints[fx.arch] = (hf_dir, torch_reference(hf_dir, input_ids))
+            checkpoints[fx.arch] = (hf_dir, torch_reference(hf_dir, input_ids, fx.arch))
         hf_dir, reference = checkpoints[fx.arch]
         try:
             info = build_fixture(fx, hf_dir, reference, input_ids, args.out, args)

@@ -1,6 +1,6 @@
-//! Multiply-add counts against the fixtures' configurations: every exporter's graph (decomposed or
-//! fused attention, fused QKV, int4 MatMulNBits, transposed or f16 weights) gives the textbook
-//! count of a Llama decoder.
+//! Multiply-add counts against the fixtures' PyTorch models: every exporter's graph (decomposed or
+//! fused attention, fused QKV, Conv1D as Gemm, int4 MatMulNBits, transposed, tied or f16 weights)
+//! gives the count of the weight matrices the PyTorch model multiplies by.
 
 mod common;
 
@@ -10,20 +10,14 @@ use nbl_onnx::cost::Cost;
 use nbl_onnx::onnx::Model;
 
 #[test]
-fn every_fixture_counts_the_textbook_multiply_adds() {
+fn every_fixture_counts_the_multiply_adds_of_its_pytorch_model() {
     for fixture in fixture_names() {
-        let config: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(fixtures_dir().join(&fixture).join("config.json")).unwrap(),
-        )
-        .unwrap();
-        let get = |key: &str| config[key].as_u64().unwrap();
-        let (d, d_ff, vocab, layers) =
-            (get("hidden_size"), get("intermediate_size"), get("vocab_size"), get("num_hidden_layers"));
-        let head = config["head_dim"].as_u64().unwrap_or(d / get("num_attention_heads"));
-        let (q_width, kv_width) = (get("num_attention_heads") * head, get("num_key_value_heads") * head);
-        // q, k, v and o projections; gate, up and down; the LM head.
-        let per_layer = d * q_width + 2 * d * kv_width + q_width * d + 3 * d * d_ff;
-        let expected = layers * per_layer + d * vocab;
+        let meta = fixture_json(&fixture);
+        let get =
+            |key: &str| meta[key].as_u64().unwrap_or_else(|| panic!("{fixture}: {key} in fixture.json"));
+        // Every Linear (and Conv1D) weight of the PyTorch model, the LM head included.
+        let expected = get("weight_macs_per_token");
+        let (q_width, layers) = (get("attention_width"), get("num_layers"));
 
         let model = Model::load(model_path(&fixture)).unwrap();
         let cost = Cost::of(&model, find_blocks(&model).ok().as_ref()).unwrap();

@@ -166,10 +166,11 @@ fn every_fixture_rewrites_with_one_and_all_but_one_layer_and_still_runs() {
             let rewritten = Model::load(&out).unwrap();
             let blocks = find_blocks(&rewritten).unwrap();
             assert_eq!(blocks.layers.len(), 3 - k.parse::<usize>().unwrap(), "{fixture}: attention left");
-            // Each replaced layer loses its q, k, v and o projections (d·d + 2·d·d_kv + d·d with
-            // d = 64, d_kv = 32) and, when linearised, gains its d×d map.
+            // Each replaced layer loses its attention's projections (q, k, v and o, as PyTorch
+            // counts them) and, when linearised, gains its d×d map.
             let k_layers = k.parse::<u64>().unwrap();
-            let per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 - if replace == "linear" { 64 * 64 } else { 0 };
+            let projections = fixture_json(&fixture)["attention_weights_per_layer"].as_u64().unwrap();
+            let per_layer = projections - if replace == "linear" { 64 * 64 } else { 0 };
             let cost = Cost::of(&rewritten, Some(&blocks)).unwrap();
             assert_eq!(
                 cost.weight_macs_per_token,
@@ -471,5 +472,49 @@ fn layer_ids_select_exactly_the_layers_named() {
             model.proto.metadata_props.iter().map(|p| (p.key(), p.value())).collect();
         assert!(meta.contains(&("nbl.layers", metadata)), "{ids}: {meta:?}");
         assert_eq!(find_blocks(&model).unwrap().layers.len(), 3 - selected.len(), "{ids}");
+    }
+}
+
+/// The rewrite computes what PyTorch computes with the same layer's attention term replaced by
+/// `h Wᵀ + b` of the layer input `h` (saved with each fixture as `patched.*`): in a parallel block
+/// `h + mlp(norm(h)) + W h + b`, with sandwich norms and residual multipliers where the family has
+/// them. A wrong X, a wrong Y (an MLP replaced with the attention) or a wrong junction shows here.
+#[test]
+fn every_rewrite_computes_what_the_patched_pytorch_model_computes() {
+    use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, rewrite as rewrite_in_memory};
+    for fixture in fixture_names() {
+        let reference = reference(&fixture);
+        let patched = |key: &str| {
+            reference.get(&format!("patched.{key}")).unwrap_or_else(|| panic!("{fixture}: no patched.{key}"))
+        };
+        let layer = patched("layer").to_f64().unwrap()[0] as usize;
+        let w = patched("weight").to_f64().unwrap();
+        let b: Vec<f64> = patched("bias").to_f64().unwrap().iter().copied().collect();
+        let w = faer::Mat::from_fn(w.shape()[0], w.shape()[1], |i, j| w[[i, j]]);
+
+        let mut model = Model::load(model_path(&fixture)).unwrap();
+        let blocks = find_blocks(&model).unwrap();
+        let edit = LayerEdit { block: blocks.layer(layer).unwrap(), map: Some((&w, b.as_slice())) };
+        rewrite_in_memory(&mut model, &blocks, &[edit], Replacement::Linear, KvCache::Drop, &[]).unwrap();
+        // As in the X/Y test: the builder's int4 graph computes in f32 against its f32 reference.
+        for node in &mut model.graph_mut().node {
+            for attr in node.attribute.iter_mut().filter(|a| a.name() == "accuracy_level") {
+                attr.i = Some(1);
+            }
+        }
+        let declared: Vec<&str> = model.graph().input.iter().map(|v| v.name()).collect();
+        let inputs: Vec<_> = reference_inputs(&reference)
+            .into_iter()
+            .filter(|(n, _)| declared.contains(&n.as_str()))
+            .collect();
+        let mut session = ort().load(&model, &[]).unwrap();
+        let outputs = session.run(&inputs).unwrap();
+        let logits = &outputs[session.output_names().iter().position(|n| n == "logits").unwrap()];
+        let (diff, scale) = max_abs_diff(logits, patched("logits"));
+        let tolerance = if fixture.contains("fp16") { 5e-3 } else { 1e-4 };
+        eprintln!(
+            "{fixture}: layer {layer} replaced, logits max abs diff {diff:.2e} from patched PyTorch (max {scale:.2})"
+        );
+        assert!(diff <= tolerance * scale.max(1.0), "{fixture}: {diff} (max |logit| {scale})");
     }
 }
