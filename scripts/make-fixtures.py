@@ -47,8 +47,9 @@ Usage (from the repository root; about a minute on two cores)::
     nice -n 10 /root/.cache/nbl-fixtures/export/bin/python scripts/make-fixtures.py
     nice -n 10 /root/.cache/nbl-fixtures/export/bin/python scripts/make-fixtures.py --only llama-dynamo
 
-``--only`` regenerates some fixtures and leaves the others (and ``fixtures/README.md``) alone; a full run
-rewrites ``fixtures/README.md`` from the ``fixture.json`` files.
+``--only`` regenerates some fixtures and leaves the others alone. Every run records why an exporter could
+not make a fixture in ``fixtures/unsupported.json`` and rewrites ``fixtures/README.md`` from the
+``fixture.json`` files and it (``--readme-only`` does only that).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     Olmo2Config,
@@ -139,7 +142,8 @@ INPUT_SEED = 1234
 # One weight seed per architecture: Llama and Mistral have identical parameter shapes, so a shared seed
 # would give them identical weights and a test could not tell the fixtures apart.
 WEIGHT_SEEDS = {"llama": 0, "mistral": 1, "qwen2": 2, "phi3": 3, "gpt_neox": 4, "gpt2": 5, "gemma2": 6, "phi": 7,
-                "qwen3": 8, "granite": 9, "olmo2": 10, "cohere": 11, "mistral_sw": 12, "mixtral": 13}
+                "qwen3": 8, "granite": 9, "olmo2": 10, "cohere": 11, "mistral_sw": 12, "mixtral": 13,
+                "phi_rotary": 14, "gpt_oss": 15}
 
 # Files copied from the Hugging Face checkpoint into every fixture directory.
 HF_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -237,6 +241,15 @@ ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
     "phi": lambda: PhiForCausalLM(PhiConfig(
         **{k: v for k, v in no_gqa_config().items() if k != "num_key_value_heads"},
         partial_rotary_factor=0.5)),
+    # Mixture of experts (4 experts, 2 per token) with attention sinks and alternating sliding-window
+    # (window 4) and global layers.
+    "gpt_oss": lambda: GptOssForCausalLM(GptOssConfig(
+        **common_config(), head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)),
+    # Phi-2 with rotary embeddings on the whole head: the GenAI builder's GroupQueryAttention needs a
+    # rotary width that is a multiple of 16, which 50% of a 16-wide head is not.
+    "phi_rotary": lambda: PhiForCausalLM(PhiConfig(
+        **{k: v for k, v in no_gqa_config().items() if k != "num_key_value_heads"},
+        partial_rotary_factor=1.0)),
     # RMSNorm on q and k per head.
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**common_config(), head_dim=HEAD_DIM)),
     # Multipliers on the embedding, the residual branches, the attention scores and the logits.
@@ -300,9 +313,13 @@ def weight_counts(hf_dir: Path, arch: str) -> dict:
 
     tap = taps(arch)
     layers = attribute(model, tap.layers)
+    # Weights used outside Linear modules (stacked experts of a mixture of experts) have no per-token
+    # count: a token runs through a data-dependent share of them.
+    in_linears = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    moe = any(p.dim() >= 3 and id(p) not in in_linears for p in model.parameters())
     heads = model.config.num_attention_heads if hasattr(model.config, "num_attention_heads") else model.config.n_head
     return {
-        "weight_macs_per_token": matrices(model),
+        "weight_macs_per_token": None if moe else matrices(model),
         "attention_weights_per_layer": matrices(attribute(layers[0], tap.attention)),
         "attention_width": heads * kv_shape(model.config)[1],
     }
@@ -612,7 +629,11 @@ def export_genai(hf_dir: Path, out: Path, precision: str, provider: str, genai_p
         if extra_options:
             cmd += ["--extra_options", *extra_options]
         print("  $", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        print(run.stdout + run.stderr, flush=True)
+        if run.returncode != 0:  # the builder's own reason, e.g. "The ... model is not currently supported."
+            lines = [line for line in run.stderr.splitlines() if "Error" in line] or ["exit status"]
+            raise RuntimeError(f"the builder failed: {lines[-1].split('Error: ')[-1].strip()}")
     ver = subprocess.run(
         [str(genai_python), "-c",
          "from importlib.metadata import version as v; "
@@ -724,16 +745,22 @@ FIXTURES = [
     Fixture("cohere-optimum-past", "cohere", **_optimum(
         "Parallel residual as one Add chain: h + attn(ln(h)) + mlp(ln(h)); tied embeddings; logit scale.")),
     Fixture("mistral-sw-optimum-past", "mistral_sw", **_optimum("sliding_window=4 in every layer.")),
+    Fixture("gptoss-optimum-past", "gpt_oss", **_optimum(
+        "GPT-OSS: mixture of experts (4 experts, 2 per token) in the MLP branch, attention sinks, sliding "
+        "window 4 on every other layer.")),
     Fixture("gptneox-dynamo", "gpt_neox", lambda h, o, a: export_dynamo(h, o, opset=None), optional=True,
             notes="As gptneox-optimum-past, exported by torch.onnx (dynamo), no KV cache."),
     Fixture("mixtral-dynamo", "mixtral", lambda h, o, a: export_dynamo(h, o, opset=None), optional=True,
             notes="Mixture of experts (4 experts, 2 per token) in the MLP branch; no KV cache."),
     *[Fixture(f"{name}-genai-fp32", arch,
               lambda h, o, a: export_genai(h, o, "fp32", "cpu", a.genai_python, []), optional=True,
-              notes=f"As {name}-optimum-past, built by the ONNX Runtime GenAI builder (fp32, CPU).")
+              tolerance=1e-3 if arch == "phi_rotary" else 1e-4,
+              notes=f"Built by the ONNX Runtime GenAI builder (fp32, CPU)." + (
+                  " Logits within 1e-3 of PyTorch (its GELU differs slightly)." if arch == "phi_rotary" else ""))
       for name, arch in [("gemma2", "gemma2"), ("qwen3", "qwen3"), ("phi2", "phi"), ("granite", "granite"),
                          ("olmo2", "olmo2"), ("mistral-sw", "mistral_sw"), ("gptneox", "gpt_neox"),
-                         ("gpt2", "gpt2"), ("cohere", "cohere")]],
+                         ("gpt2", "gpt2"), ("cohere", "cohere"), ("phi2-rotary", "phi_rotary"),
+                         ("mixtral", "mixtral")]],
 ]
 
 
@@ -992,6 +1019,52 @@ the graph as written (`accuracy_level=4`) lets ONNX Runtime quantise activations
 """
 
 
+def exporter_kind(name: str) -> str:
+    for key, kind in (("-optimum-", "Optimum"), ("-dynamo", "torch.onnx (dynamo)"), ("-genai-", "GenAI builder")):
+        if key in name:
+            return kind
+    raise ValueError(name)
+
+
+# Families in the order of the table, by architecture key, with what each one adds to the stream.
+FAMILIES = {
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi-3", "gpt_neox": "GPT-NeoX (parallel)",
+    "gpt2": "GPT-2 (learned positions)", "gemma2": "Gemma2 (scaled embedding, sandwich norms)",
+    "phi": "Phi-2 (parallel, shared norm)", "qwen3": "Qwen3 (q/k norms)", "granite": "Granite (multipliers)",
+    "olmo2": "OLMo2 (post-norms)", "cohere": "Cohere (parallel Add chain)",
+    "mistral_sw": "Mistral, sliding window", "mixtral": "Mixtral (mixture of experts)",
+    "phi_rotary": "Phi-2, full rotary", "gpt_oss": "GPT-OSS (mixture of experts, sinks)",
+}
+
+
+FAMILIES_HEAD = """Every fixture below is found by `inspect` layer by layer with its PyTorch X and Y (on ONNX
+Runtime, and on tract where tract runs the graph), and rewritten, it computes what PyTorch computes with
+the same attention term replaced by `h W^T + b` (`patched.*`), and passes `check`; the tests assert it
+for every fixture directory, so no family is named in them. Where a cell names no fixture, that exporter
+could not make a graph that matches PyTorch, for the reason given: these are the exporters' limits.
+
+"""
+
+
+def family_table(out_root: Path, failures: dict[str, str]) -> str:
+    """Family x exporter: the fixtures that exist, or why the exporter could not make one."""
+    kinds = ["Optimum", "torch.onnx (dynamo)", "GenAI builder"]
+    rows = ["| family | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for arch, family in FAMILIES.items():
+        cells = []
+        for kind in kinds:
+            names = [fx.name for fx in FIXTURES if fx.arch == arch and exporter_kind(fx.name) == kind]
+            parts = []
+            for name in names:
+                if (out_root / name / "fixture.json").exists():
+                    parts.append(f"`{name}`: ok")
+                elif name in failures:
+                    parts.append(f"`{name}`: the exporter made no faithful graph ({failures[name]})")
+            cells.append("<br>".join(parts) or "-")
+        rows.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def write_readme(out_root: Path, failures: dict[str, str]) -> None:
     rows = ["| fixture | exporter + version | opset | attention kind | KV cache | external data | "
             "logits diff | notes |",
@@ -1014,7 +1087,8 @@ def write_readme(out_root: Path, failures: dict[str, str]) -> None:
         rows.append(f"| `{fx.name}` | {info['exporter_version']} | {info['opset']} | "
                     f"{info['attention_kind']} ({ops}) | {'yes' if info['has_kv_cache'] else 'no'} | {ext} | "
                     f"{info['logits_max_abs_diff_onnx_vs_torch']:.2g} | {' '.join(notes)} |")
-    text = README_HEAD + "\n".join(rows) + "\n"
+    text = README_HEAD + "## Families\n\n" + FAMILIES_HEAD + family_table(out_root, failures) + "\n## Fixtures\n\n"
+    text += "\n".join(rows) + "\n"
     if failures:
         text += "\n## Fixtures that the exporters could not produce\n\n"
         for name, reason in failures.items():
@@ -1031,7 +1105,15 @@ def main() -> int:
                         help="python of the virtualenv with onnxruntime-genai and transformers 5")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="regenerate only these fixtures")
     parser.add_argument("--keep-work", type=Path, help="keep the Hugging Face checkpoints in this directory")
+    parser.add_argument("--readme-only", action="store_true",
+                        help="only rewrite README.md from the fixtures and unsupported.json")
     args = parser.parse_args()
+    # Why an exporter could not make a fixture, kept across partial (--only) runs.
+    unsupported_path = args.out / "unsupported.json"
+    unsupported: dict[str, str] = (json.loads(unsupported_path.read_text()) if unsupported_path.exists() else {})
+    if args.readme_only:
+        write_readme(args.out, unsupported)
+        return 0
 
     selected = [fx for fx in FIXTURES if not args.only or fx.name in args.only]
     unknown = set(args.only or []) - {fx.name for fx in FIXTURES}
@@ -1064,12 +1146,19 @@ def main() -> int:
                 raise
             traceback.print_exc()
             shutil.rmtree(args.out / fx.name, ignore_errors=True)
-            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            # The innermost cause says what went wrong (torch.export wraps it in a generic error).
+            while err.__cause__ is not None:
+                err = err.__cause__
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = reason.replace(str(work), "WORK")  # the temporary checkpoint directory
             failures[fx.name] = f"{type(err).__name__}: {reason}"
             summary.append(f"{fx.name:24s} FAILED ({failures[fx.name]})")
 
-    if not args.only:
-        write_readme(args.out, failures)
+    for fx in selected:
+        unsupported.pop(fx.name, None)
+    unsupported.update(failures)
+    unsupported_path.write_text(json.dumps(dict(sorted(unsupported.items())), indent=2) + "\n")
+    write_readme(args.out, unsupported)
     print("\nSummary:")
     print("\n".join(summary))
     work_ctx.cleanup()

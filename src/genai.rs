@@ -1,15 +1,17 @@
 //! ONNX Runtime GenAI models: a `genai_config.json` beside the model names its KV-cache tensors by
 //! layer number (`past_key_values.%d.key`) and says how many layers there are. After a rewrite has
-//! dropped layers' caches, the remaining ones are renumbered contiguously in the graph, the config
-//! is updated to match, and the tokenizer files are copied beside the new model.
+//! dropped layers' caches, the remaining ones keep their names: onnxruntime-genai (0.18) takes the
+//! KV layers the model declares, gaps included, and per-layer settings (`sliding_window.layers`)
+//! keep meaning the layers they meant. Renumbering them would change the model's interface for
+//! nothing and shift those settings onto other layers. The config is written beside the new model
+//! with its file name, with the tokenizer files.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::atomic::dir_of;
-use crate::onnx::{Model, Patch};
+use crate::onnx::Model;
 
 /// Files a runtime loads from the model's directory besides the model itself.
 const COMPANION_FILES: &[&str] = &[
@@ -49,9 +51,9 @@ impl Companion {
 }
 
 /// For an ONNX Runtime GenAI model (a `genai_config.json` beside it) to be written at `output`:
-/// renumbers the KV cache in `model` and returns what to write beside it. The input's directory is
-/// never written to: a GenAI output there gets a note instead.
-pub fn prepare(model: &mut Model, output: &Path) -> Result<Option<Companion>> {
+/// what to write beside it. The input's directory is never written to: a GenAI output there gets a
+/// note instead.
+pub fn prepare(model: &Model, output: &Path) -> Result<Option<Companion>> {
     let in_dir = model.dir().to_path_buf();
     let config_path = in_dir.join("genai_config.json");
     if !config_path.is_file() {
@@ -92,45 +94,34 @@ impl KvPatterns {
         ]))
     }
 
-    /// The pattern `name` matches, split at `%d`, and the layer number in it.
-    fn parse<'p>(&'p self, name: &str) -> Option<(&'p str, &'p str, usize)> {
+    /// The layer number in `name` if it matches one of the patterns.
+    fn layer_of(&self, name: &str) -> Option<usize> {
         self.0.iter().find_map(|p| {
             let (head, tail) = p.split_once("%d")?;
-            let layer = name.strip_prefix(head)?.strip_suffix(tail)?.parse().ok()?;
-            Some((head, tail, layer))
+            name.strip_prefix(head)?.strip_suffix(tail)?.parse().ok()
         })
     }
 }
 
-/// ONNX Runtime GenAI addresses the KV cache as layers `0..num_hidden_layers`: the remaining
-/// caches are renumbered contiguously (in order) in the graph, and the returned config says how
-/// many there are and which file holds the model.
-pub fn config_for(
-    model: &mut Model,
-    config: &serde_json::Value,
-    filename: &str,
-) -> Result<serde_json::Value> {
+/// The config for `model` saved as `filename`: the KV tensors the graph still declares must be named
+/// as the config's patterns say, for layers the config counts.
+pub fn config_for(model: &Model, config: &serde_json::Value, filename: &str) -> Result<serde_json::Value> {
     let patterns = KvPatterns::from_config(config)
         .context("genai_config.json has no model.decoder inputs/outputs KV name patterns")?;
+    let layers = config["model"]["decoder"]["num_hidden_layers"]
+        .as_u64()
+        .context("genai_config.json has no model.decoder.num_hidden_layers")?;
     let graph = model.graph();
-    let mut layers: Vec<usize> =
-        graph.input.iter().filter_map(|v| patterns.parse(v.name()).map(|(_, _, l)| l)).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    let new_index: HashMap<usize, usize> = layers.iter().enumerate().map(|(new, &old)| (old, new)).collect();
-    let mut patch = Patch::new(graph)?;
     for v in graph.input.iter().chain(&graph.output) {
-        if let Some((head, tail, old)) = patterns.parse(v.name())
-            && let Some(&new) = new_index.get(&old)
-            && new != old
-        {
-            patch.rename(v.name(), &format!("{head}{new}{tail}"))?;
+        if let Some(layer) = patterns.layer_of(v.name()) {
+            anyhow::ensure!(
+                (layer as u64) < layers,
+                "{} is KV layer {layer}, but genai_config.json counts {layers} layers",
+                v.name()
+            );
         }
     }
-    *model.graph_mut() = patch.apply()?.graph;
     let mut config = config.clone();
-    let decoder = &mut config["model"]["decoder"];
-    decoder["num_hidden_layers"] = serde_json::json!(layers.len());
-    decoder["filename"] = serde_json::json!(filename);
+    config["model"]["decoder"]["filename"] = serde_json::json!(filename);
     Ok(config)
 }

@@ -107,7 +107,7 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
     };
     let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, false)?;
     let summary = rewrite_selected(&mut model, &blocks, &analysis, &stats, args.replace, args.kv)?;
-    let companion = genai::prepare(&mut model, &output)?;
+    let companion = genai::prepare(&model, &output)?;
     model.save(&output)?;
     if let Some(companion) = companion {
         companion.write()?;

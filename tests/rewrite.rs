@@ -261,12 +261,17 @@ fn status<'r>(report: &'r serde_json::Value, engine: &str) -> &'r str {
 #[test]
 fn rewritten_fixtures_pass_check_and_decode_with_their_kv_cache() {
     for fixture in fixture_names() {
-        // The GenAI builder's `-p fp16 -e cpu` graph (a combination the builder does not list as
-        // valid) declares a past+sequence-long tensor with the `sequence_length` dim: ONNX Runtime's
-        // memory planner fails on it at the first decode step, in the original model already.
-        let steps = if fixture == "llama-genai-fp16" { "0" } else { "4" };
         let ws = workspace(&fixture);
-        let (code, original) = check(&ws.model, &["--decode-steps", steps]);
+        // What the original decodes, the rewrite must. One export cannot decode at all: the GenAI
+        // builder's `-p fp16 -e cpu` graph (a combination the builder does not list as valid)
+        // declares a past+sequence-long tensor with the `sequence_length` dim, and ONNX Runtime's
+        // memory planner fails on it at the first decode step; its prompt must still pass.
+        let (mut steps, (mut code, mut original)) = ("4", check(&ws.model, &["--decode-steps", "4"]));
+        if code != Some(0) {
+            assert!(original.to_string().contains("decode step 1"), "{fixture}: {original}");
+            steps = "0";
+            (code, original) = check(&ws.model, &["--decode-steps", steps]);
+        }
         assert_eq!(code, Some(0), "{fixture}: {original}");
         let tract_ran_the_original = status(&original, "tract") == "ok";
         for k in ["0", "1", "2"] {
@@ -323,8 +328,9 @@ fn check_finds_structural_defects() {
     assert!(text.contains("before it is produced"), "{text}");
 }
 
-/// A GenAI model rewritten into its own directory gets a `genai_config.json` that matches the new
-/// graph (KV layers renumbered 0..n, `num_hidden_layers` = n) and its tokenizer files.
+/// A GenAI model rewritten into its own directory gets its `genai_config.json` (the remaining KV
+/// layers keep their numbers, which onnxruntime-genai takes as the model declares them) and its
+/// tokenizer files.
 #[test]
 fn genai_config_follows_the_rewritten_graph() {
     let ws = workspace("llama-genai-fp32");
@@ -335,13 +341,13 @@ fn genai_config_follows_the_rewritten_graph() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("genai_config.json")).unwrap()).unwrap();
     let decoder = &config["model"]["decoder"];
-    assert_eq!(decoder["num_hidden_layers"], 1);
+    assert_eq!(decoder["num_hidden_layers"], 3, "the model still has three layers");
     assert_eq!(decoder["filename"], "model.onnx");
     let model = Model::load(&out).unwrap();
     let inputs: Vec<&str> = model.graph().input.iter().map(|v| v.name()).collect();
     let outputs: Vec<&str> = model.graph().output.iter().map(|v| v.name()).collect();
-    assert_eq!(inputs, ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"]);
-    assert_eq!(outputs, ["logits", "present.0.key", "present.0.value"]);
+    assert_eq!(inputs, ["input_ids", "attention_mask", "past_key_values.1.key", "past_key_values.1.value"]);
+    assert_eq!(outputs, ["logits", "present.1.key", "present.1.value"]);
     for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.onnx.data"] {
         assert!(out_dir.join(f).is_file(), "{f} beside the rewritten model");
     }
@@ -511,7 +517,7 @@ fn every_rewrite_computes_what_the_patched_pytorch_model_computes() {
         let outputs = session.run(&inputs).unwrap();
         let logits = &outputs[session.output_names().iter().position(|n| n == "logits").unwrap()];
         let (diff, scale) = max_abs_diff(logits, patched("logits"));
-        let tolerance = if fixture.contains("fp16") { 5e-3 } else { 1e-4 };
+        let tolerance = tolerance(&fixture);
         eprintln!(
             "{fixture}: layer {layer} replaced, logits max abs diff {diff:.2e} from patched PyTorch (max {scale:.2})"
         );
