@@ -376,6 +376,22 @@ def torch_reference(hf_dir: Path, input_ids: np.ndarray, arch: str = "llama") ->
     return {**model_reference(model, input_ids, taps(arch)), **patched_reference(model, input_ids, taps(arch))}
 
 
+# Tokens generated greedily from the first reference row, by PyTorch, for generation checks.
+GENERATED = 8
+
+
+def greedy_tokens(model: torch.nn.Module, input_ids: np.ndarray, hooks: Callable[[], list]) -> np.ndarray:
+    """GENERATED tokens that `model` (with `hooks()` registered meanwhile) picks greedily after the first
+    row of `input_ids`, with its KV cache."""
+    handles = hooks()
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(input_ids[:1]), max_new_tokens=GENERATED, min_new_tokens=GENERATED,
+                             do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
+    for h in handles:
+        h.remove()
+    return out[0, input_ids.shape[1]:].numpy().astype(np.int64)
+
+
 # The layer whose attention term `patched_reference` replaces, and the seed of its map.
 PATCHED_LAYER, PATCH_SEED = 1, 4321
 
@@ -410,7 +426,12 @@ def patched_reference(model: torch.nn.Module, input_ids: np.ndarray, tap: Taps) 
                        position_ids=torch.arange(SEQ).expand(BATCH, SEQ), use_cache=False).logits
     for h in hooks:
         h.remove()
+    generated = greedy_tokens(model, input_ids, hooks=lambda: [
+        layer.register_forward_pre_hook(take_input, with_kwargs=True),
+        attribute(layer, tap.y_module or tap.attention).register_forward_hook(replace_term)])
     return {
+        "patched.generated": generated,
+        "generated": greedy_tokens(model, input_ids, hooks=list),
         "patched.layer": np.array([PATCHED_LAYER], dtype=np.int64),
         "patched.weight": weight.numpy(),
         "patched.bias": bias.numpy(),
@@ -780,6 +801,8 @@ def value_infos(values) -> list[dict]:
 
 def inspect_graph(path: Path) -> dict:
     model = onnx.load(path, load_external_data=False)
+    windows = [a.i for n in model.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+               if a.name == "local_window_size" and a.i > 0]
     initializers = {i.name for i in model.graph.initializer}
     nodes = list(model.graph.node)
     for function in model.functions:  # count nodes of local functions too (none expected)
@@ -794,6 +817,8 @@ def inspect_graph(path: Path) -> dict:
         "op_counts": {op: counts[op] for op in ATTENTION_OPS if counts[op]},
         "non_standard_ops": dict(sorted(domains.items())),
         "num_nodes": len(nodes),
+        # A GroupQueryAttention with a sliding window takes a static cache at least that long.
+        "static_cache": max(windows) if windows else None,
         "num_functions": len(model.functions),
     }
 
@@ -814,6 +839,8 @@ def make_feeds(graph: dict, input_ids: np.ndarray, kv: tuple[int, int] = (KV_HEA
     """Feeds for a prompt of SEQ tokens with an empty KV cache; returns (feeds, past length)."""
     kv_heads, head_dim = kv
     past = 0
+    # A static cache (see inspect_graph) is a buffer of capacity max(window, tokens), empty or not.
+    capacity = max(graph["static_cache"], SEQ) if graph["static_cache"] else past
     feeds = {}
     for inp in graph["inputs"]:
         name, dtype = inp["name"], np.dtype(inp["dtype"])
@@ -829,7 +856,7 @@ def make_feeds(graph: dict, input_ids: np.ndarray, kv: tuple[int, int] = (KV_HEA
             assert len(shape) == 4, (name, shape)
             for dim, expected in ((shape[1], kv_heads), (shape[3], head_dim)):
                 assert dim == expected or isinstance(dim, str), (name, shape)
-            feeds[name] = np.zeros((BATCH, kv_heads, past, head_dim), dtype=dtype)
+            feeds[name] = np.zeros((BATCH, kv_heads, capacity, head_dim), dtype=dtype)
         else:
             raise ValueError(f"unexpected graph input {name!r}")
     return feeds, past

@@ -2,8 +2,10 @@
 # Installs the ONNX Runtime shared library that nbl-onnx loads at run time, from the PyPI wheel
 # (the only place it can come from without a download of prebuilt binaries from elsewhere).
 #
-#   scripts/setup-ort.sh          # CPU: onnxruntime
-#   scripts/setup-ort.sh --gpu    # CUDA/TensorRT: onnxruntime-gpu with the NVIDIA runtime wheels
+#   scripts/setup-ort.sh               # CPU: onnxruntime
+#   scripts/setup-ort.sh --gpu         # CUDA/TensorRT: onnxruntime-gpu with the NVIDIA runtime wheels
+#   scripts/setup-ort.sh --with-genai  # also onnxruntime-genai in the same virtualenv (the tests run
+#                                      # rewritten GenAI models with it: scripts/genai_generate.py)
 #
 # The library ends up at $NBL_ORT_DIR/{cpu,gpu}/libonnxruntime.so (default
 # NBL_ORT_DIR=$HOME/.cache/nbl-onnx/onnxruntime), where nbl-onnx looks for it; ORT_DYLIB_PATH overrides.
@@ -11,23 +13,35 @@
 set -euo pipefail
 
 ORT_VERSION="${ORT_VERSION:-1.32.0}"
+GENAI_VERSION="${GENAI_VERSION:-0.18.0}"
 flavour=cpu
 requirement="onnxruntime==$ORT_VERSION"
-if [[ "${1:-}" == "--gpu" ]]; then
-  flavour=gpu
-  requirement="onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION"
-elif [[ -n "${1:-}" ]]; then
-  echo "usage: $0 [--gpu]" >&2
-  exit 2
-fi
+with_genai=false
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) flavour=gpu; requirement="onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION" ;;
+    --with-genai) with_genai=true ;;
+    *) echo "usage: $0 [--gpu] [--with-genai]" >&2; exit 2 ;;
+  esac
+done
 
 root="${NBL_ORT_DIR:-$HOME/.cache/nbl-onnx/onnxruntime}"
 dest="$root/$flavour"
 venv="$dest/venv"
 link="$dest/libonnxruntime.so"
 
+install_genai() {
+  if "$venv/bin/python" -c "import onnxruntime_genai" 2>/dev/null; then
+    return
+  fi
+  echo "==> installing onnxruntime-genai==$GENAI_VERSION into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "onnxruntime-genai==$GENAI_VERSION" \
+    "$requirement"
+}
+
 if [[ -e "$link" && -f "$dest/version" && "$(cat "$dest/version")" == "$ORT_VERSION" ]]; then
   echo "ONNX Runtime $ORT_VERSION ($flavour) already installed: $(readlink -f "$link")"
+  if $with_genai; then install_genai; fi
   exit 0
 fi
 
@@ -44,4 +58,5 @@ lib=$(find "$venv" -path '*/onnxruntime/capi/libonnxruntime.so.*' -type f | head
 [[ -n "$lib" ]] || { echo "error: the wheel has no libonnxruntime.so.*" >&2; exit 1; }
 ln -sfn "$lib" "$link"
 echo "$ORT_VERSION" > "$dest/version"
+if $with_genai; then install_genai; fi
 echo "==> ONNX Runtime $ORT_VERSION ($flavour): $link -> $lib"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: installs ONNX Runtime from its PyPI wheel if missing, then runs every test.
+# The test command: installs ONNX Runtime (and onnxruntime-genai, which runs rewritten GenAI models
+# in the tests) from their PyPI wheels if missing, then runs every test.
 # Per-layer X/Y differences against PyTorch are printed (hence --nocapture).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup-ort.sh
+scripts/setup-ort.sh --with-genai
 cargo test --locked -- --nocapture

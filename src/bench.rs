@@ -59,9 +59,10 @@ struct Subject<'m> {
 }
 
 impl Subject<'_> {
-    fn of(model: &Model) -> Result<Subject<'_>> {
+    fn of(model: &Model, decode_steps: usize) -> Result<Subject<'_>> {
         let blocks = find_blocks(model).ok();
-        let interface = Interface::of(model, blocks.as_ref().map(|b| b.hidden_size))?;
+        let interface =
+            Interface::of(model, blocks.as_ref().map(|b| b.hidden_size))?.with_decode_room(decode_steps);
         ensure!(
             interface.has_cache(),
             "{} has no KV cache: decode throughput needs one",
@@ -142,7 +143,7 @@ fn peak_rss_mb() -> Option<f64> {
 /// decode steps, in MiB. Meant for a fresh process that has run nothing else: the hidden
 /// `bench --peak-memory` that [`peak_memory_in_child`] starts.
 pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> Result<f64> {
-    let subject = Subject::of(model)?;
+    let subject = Subject::of(model, 4)?;
     let mut session = engine.load(model, &[])?;
     one_run(&subject.interface, session.as_mut(), &subject.prompt(prompt_len), 4)?;
     peak_rss_mb().context("cannot read VmHWM from /proc/self/status")
@@ -176,7 +177,7 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
         options.runs > 0 && options.new_tokens > 0 && options.prompt_len > 0,
         "--runs, --gen and --prompt-len must be positive"
     );
-    let subjects = models.iter().map(Subject::of).collect::<Result<Vec<_>>>()?;
+    let subjects = models.iter().map(|m| Subject::of(m, options.new_tokens)).collect::<Result<Vec<_>>>()?;
     let prompt = subjects[0].prompt(options.prompt_len);
 
     // Timing: all loaded, a warm-up run each, then alternating runs.

@@ -267,7 +267,7 @@ pub fn run_and_decode(
     prompt: &Array2<i64>,
     steps: usize,
 ) -> Result<(ArrayD<f32>, Vec<i64>)> {
-    let interface = Interface::of(model, hidden_size)?;
+    let interface = Interface::of(model, hidden_size)?.with_decode_room(steps);
     let mut session = engine.load(model, &[])?;
     let names = session.output_names().to_vec();
     let outputs = session.run(&interface.prefill(prompt)?)?;

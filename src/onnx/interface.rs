@@ -37,6 +37,12 @@ struct Input {
 #[derive(Clone, Debug)]
 pub struct Interface {
     inputs: Vec<Input>,
+    /// A static cache: the past inputs are buffers of a fixed capacity (at least this many tokens)
+    /// that the model fills, as onnxruntime-genai feeds a `GroupQueryAttention` with a sliding
+    /// window (which refuses a cache shorter than its window). `None`: the past grows step by step.
+    static_cache: Option<usize>,
+    /// Tokens to be decoded after the prefill, which a static cache must have room for.
+    decode_room: usize,
 }
 
 impl Interface {
@@ -71,7 +77,23 @@ impl Interface {
             }
             inputs.push(Input { name: name.to_string(), dtype, role });
         }
-        Ok(Interface { inputs })
+        // A window of `local_window_size` tokens needs a cache at least that long, from the start.
+        let static_cache = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type() == "GroupQueryAttention")
+            .filter_map(|n| attr_int(n, "local_window_size"))
+            .filter_map(|w| usize::try_from(w).ok())
+            .filter(|&w| w > 0)
+            .max();
+        Ok(Interface { inputs, static_cache, decode_room: 0 })
+    }
+
+    /// The same interface, with room for `steps` decode steps after a prefill (what a static cache
+    /// must hold besides the prompt).
+    pub fn with_decode_room(mut self, steps: usize) -> Interface {
+        self.decode_room = steps;
+        self
     }
 
     /// Whether the model takes a KV cache.
@@ -97,6 +119,7 @@ impl Interface {
     /// Every input for a prefill of `ids` (`[batch, sequence]`) with nothing cached.
     pub fn prefill(&self, ids: &Array2<i64>) -> Result<Vec<(String, Tensor)>> {
         let (batch, seq) = ids.dim();
+        let past = self.static_cache.map_or(0, |min| min.max(seq + self.decode_room));
         self.inputs
             .iter()
             .map(|input| {
@@ -113,7 +136,7 @@ impl Interface {
                             .iter()
                             .map(|a| match a {
                                 CacheAxis::Batch => batch,
-                                CacheAxis::Past => 0,
+                                CacheAxis::Past => past,
                                 CacheAxis::Fixed(n) => *n,
                             })
                             .collect();
@@ -136,19 +159,29 @@ impl Interface {
     ) -> Result<Vec<(String, Tensor)>> {
         let mut inputs = self.prefill(&Array2::from_elem((1, 1), next))?;
         for ((name, tensor), input) in inputs.iter_mut().zip(&self.inputs) {
-            match input.role {
+            match &input.role {
                 Role::AttentionMask => {
                     *tensor = integer(input.dtype, Array2::<i64>::ones((1, past_len + 1)).into_dyn())
                 }
                 Role::PositionIds | Role::CachePosition => {
                     *tensor = integer(input.dtype, ArrayD::from_elem(tensor.shape(), past_len as i64))
                 }
-                Role::Cache(_) => {
+                Role::Cache(axes) => {
                     let i = past
                         .iter()
                         .position(|(n, _)| n == name)
                         .with_context(|| format!("the previous step returned no {name:?}"))?;
-                    *tensor = past.swap_remove(i).1;
+                    let cache = past.swap_remove(i).1;
+                    if self.static_cache.is_some() {
+                        let at = axes.iter().position(|a| matches!(a, CacheAxis::Past)).unwrap_or(2);
+                        let capacity = cache.shape().get(at).copied().unwrap_or(0);
+                        anyhow::ensure!(
+                            past_len < capacity,
+                            "the static KV cache of {name:?} holds {capacity} tokens; decoding token {} needs more",
+                            past_len + 1
+                        );
+                    }
+                    *tensor = cache;
                 }
                 Role::Ids => {}
             }
