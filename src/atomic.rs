@@ -47,6 +47,29 @@ pub fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// As [`check_output`], for an output whose missing directories will be created: the nearest
+/// existing ancestor must be a directory. [`create_dir`] makes them once the work is done.
+pub fn check_output_creating_dir(output: &Path, inputs: &[&Path]) -> Result<()> {
+    let dir = dir_of(output);
+    if !dir.exists() {
+        let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("."));
+        anyhow::ensure!(
+            existing.is_dir(),
+            "cannot create output directory {}: {} is not a directory",
+            dir.display(),
+            existing.display()
+        );
+        return Ok(());
+    }
+    check_output(output, inputs)
+}
+
+/// Creates the directory `output` goes into, with its parents.
+pub fn create_dir(output: &Path) -> Result<()> {
+    let dir = dir_of(output);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))
+}
+
 /// A temporary file in the directory `path` will be written to.
 pub fn temp_beside(path: &Path) -> Result<NamedTempFile> {
     let dir = dir_of(path);

@@ -15,6 +15,11 @@ use crate::onnx::proto::tensor_proto;
 use crate::onnx::{Interface, Model, Patch, Tensor};
 use crate::stats::{DataSummary, LayerTensors, Moments, Stats};
 
+/// Calibration tokens per hidden dimension below which the fitted maps overfit noticeably: on
+/// SmolLM2-135M (d = 576), 2,048 tokens (3.6 per dimension) give +0.5% perplexity at k = 4 on the
+/// calibration text and +15% on held-out text.
+const FEW_TOKENS_PER_DIMENSION: f64 = 20.0;
+
 /// Which slice of the data this run calibrates: blocks `[index·B/count, (index+1)·B/count)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
@@ -57,7 +62,6 @@ pub fn run(
     batch: usize,
     shard: Shard,
 ) -> Result<Stats> {
-    ensure!(!data.files.is_empty(), "no calibration data: pass --data FILE (or --stats STATS)");
     let samples = data.samples.unwrap_or(usize::MAX);
     ensure!(samples > 0, "--samples must be at least 1");
     let packed = data.pack(model.dir(), blocks.vocab_size)?;
@@ -76,6 +80,18 @@ pub fn run(
         shard.count,
         packed.blocks.len()
     );
+    let tokens = slice.len() * data.seq_len;
+    let per_dimension = tokens as f64 / blocks.hidden_size as f64;
+    if per_dimension < FEW_TOKENS_PER_DIMENSION {
+        eprintln!(
+            "note: {tokens} tokens for hidden size {d}: {per_dimension:.1} per dimension. Each map has d² = {} \
+             weights, fitted here on fewer than {FEW_TOKENS_PER_DIMENSION} tokens per dimension: it will fit \
+             these tokens better than new text, and the bounds will look better than held-out quality is. \
+             Calibrate on more text (--samples, --seq-len, --data).",
+            blocks.hidden_size * blocks.hidden_size,
+            d = blocks.hidden_size,
+        );
+    }
     let moments = calibrate(model, blocks, engine, slice, batch)?;
     Ok(Stats {
         fingerprint: fingerprint(model, blocks),
@@ -83,7 +99,7 @@ pub fn run(
         layers: layer_tensors(blocks),
         moments,
         data: vec![DataSummary {
-            files: data.files.iter().map(|p| p.display().to_string()).collect(),
+            files: data.describe(),
             seq_len: data.seq_len,
             blocks: slice.len(),
             shard: [shard.index, shard.count],

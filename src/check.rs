@@ -24,6 +24,11 @@ pub struct CheckReport {
     pub runs: Vec<EngineRun>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<Agreement>,
+    /// What was not checked, and why (steps skipped; no quality gate set).
+    pub notes: Vec<String>,
+    /// Whether a quality gate (`--max-kl`, `--min-top1`) was set: without one, passing says only that
+    /// the model is well formed and runs.
+    pub gated: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -179,6 +184,20 @@ pub fn run(
     let mut report = CheckReport { model: model.path.display().to_string(), ..Default::default() };
     report.problems = structure(model);
     let hidden_size = blocks.map(|b| b.hidden_size);
+    if options.decode_steps > 0 && Interface::of(model, hidden_size).is_ok_and(|i| !i.has_cache()) {
+        report.notes.push(format!(
+            "the model has no KV cache: the {} decode steps were skipped",
+            options.decode_steps
+        ));
+    }
+    report.gated = options.max_kl.is_some() || options.min_top1.is_some();
+    if !report.gated {
+        report.notes.push(
+            "no quality gate set (--max-kl, --min-top1): passing says the model is well formed and runs, not that \
+             it agrees with its reference"
+                .to_string(),
+        );
+    }
     let prompt = sample_prompt(options.prompt_len, blocks.and_then(|b| b.vocab_size).unwrap_or(2));
 
     let mut ort_logits = None;
@@ -250,10 +269,18 @@ impl CheckReport {
                 a.reference, a.positions, a.max_abs_logit_diff, a.mean_kl, a.top1_agreement
             );
         }
+        for note in &self.notes {
+            let _ = writeln!(out, "note: {note}");
+        }
         for p in &self.problems {
             let _ = writeln!(out, "FAIL: {p}");
         }
-        let _ = writeln!(out, "{}", if self.passed() { "check passed" } else { "check failed" });
+        let verdict = match (self.passed(), self.gated) {
+            (false, _) => "check failed",
+            (true, true) => "check passed",
+            (true, false) => "check passed (no quality gate set)",
+        };
+        let _ = writeln!(out, "{verdict}");
         out
     }
 }

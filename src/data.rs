@@ -1,9 +1,14 @@
 //! Calibration and evaluation text → token ids → packed blocks of `seq_len` tokens.
 //!
 //! Files: `.json` (an array of strings, or of objects with `text` or `input_ids`), `.jsonl` (one
-//! such value per line), `.txt` (one document). Documents are tokenized without special tokens,
-//! each followed by EOS, concatenated and cut into blocks; records with `input_ids` are taken as
-//! already tokenized.
+//! such value per line), `.txt` (one document). Without files, the built-in C4 sample is read
+//! (`data/c4_demo.json.gz`, ODC-BY 1.0): documents 0–199 to calibrate, 200–299 to evaluate.
+//!
+//! Packing, in data order: a record of exactly `seq_len` `input_ids` is a block as it is (data that
+//! was tokenized and packed on purpose is used as given). Everything else joins one stream that is
+//! cut into blocks of `seq_len`, the remainder dropped: text documents are tokenized without
+//! special tokens and followed by EOS; `input_ids` records of other lengths are appended as they
+//! are, with no EOS added.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +23,68 @@ pub enum Document {
     Ids(Vec<i64>),
 }
 
+/// The built-in C4 sample, gzipped JSON (see `data/README.md`).
+const BUILT_IN: &[u8] = include_bytes!("../data/c4_demo.json.gz");
+
+/// Which part of the built-in C4 sample to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Documents 0–199.
+    Calibration,
+    /// Documents 200–299, held out from calibration.
+    Evaluation,
+}
+
+impl Split {
+    /// What the data is, for messages and reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Split::Calibration => "built-in C4 sample, documents 0-199 (ODC-BY 1.0)",
+            Split::Evaluation => "built-in C4 sample, documents 200-299 (ODC-BY 1.0)",
+        }
+    }
+}
+
+/// The documents of the built-in C4 sample in `split`.
+pub fn built_in(split: Split) -> Result<Vec<Document>> {
+    use std::io::Read;
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(BUILT_IN)
+        .read_to_string(&mut json)
+        .context("the built-in C4 sample is corrupt")?;
+    let docs = parse_json(&json, "the built-in C4 sample")?;
+    ensure!(docs.len() == 300, "the built-in C4 sample holds {} documents, not 300", docs.len());
+    let range = match split {
+        Split::Calibration => 0..200,
+        Split::Evaluation => 200..300,
+    };
+    Ok(docs[range].to_vec())
+}
+
+fn parse_json(text: &str, what: &str) -> Result<Vec<Document>> {
+    let value: Value = serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON"))?;
+    let Value::Array(items) = value else {
+        bail!("{what}: expected a JSON array of strings or of objects with \"text\" or \"input_ids\"");
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| document(v).with_context(|| format!("{what}: record {i}")))
+        .collect()
+}
+
+/// Every document of each file, with the file's name, for [`pack`].
+pub fn read_sources(files: &[PathBuf]) -> Result<Vec<(String, Vec<Document>)>> {
+    files
+        .iter()
+        .map(|f| {
+            let docs = read_documents(f)?;
+            ensure!(!docs.is_empty(), "{} holds no documents", f.display());
+            Ok((f.display().to_string(), docs))
+        })
+        .collect()
+}
+
 /// Reads every document of a data file.
 pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
     let text =
@@ -25,21 +92,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let docs = match ext {
         "txt" => vec![Document::Text(text)],
-        "json" => {
-            let value: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", path.display()))?;
-            let Value::Array(items) = value else {
-                bail!(
-                    "{}: expected a JSON array of strings or of objects with \"text\" or \"input_ids\"",
-                    path.display()
-                );
-            };
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| document(v).with_context(|| format!("{}: record {i}", path.display())))
-                .collect::<Result<_>>()?
-        }
+        "json" => parse_json(&text, &path.display().to_string())?,
         "jsonl" => text
             .lines()
             .enumerate()
@@ -165,7 +218,9 @@ fn find_eos(model_dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<i64> {
 /// Which text, tokenized how, cut into which blocks: what `calibrate`, `rewrite` and `eval` read.
 #[derive(Clone, Debug)]
 pub struct DataSpec {
+    /// Data files; none: the built-in C4 sample's `built_in` split.
     pub files: Vec<PathBuf>,
+    pub built_in: Split,
     /// `tokenizer.json` (default: beside the model).
     pub tokenizer: Option<PathBuf>,
     /// End-of-text id appended to each document (default: from the model's configs).
@@ -188,7 +243,21 @@ impl DataSpec {
                 encoder.tokenizer_path.display()
             );
         }
-        pack(&self.files, &encoder, self.seq_len, self.samples, vocab)
+        let sources = if self.files.is_empty() {
+            vec![(self.built_in.describe().to_string(), built_in(self.built_in)?)]
+        } else {
+            read_sources(&self.files)?
+        };
+        pack(&sources, &encoder, self.seq_len, self.samples, vocab)
+    }
+
+    /// What the data is, for messages and reports: the files, or the built-in sample.
+    pub fn describe(&self) -> Vec<String> {
+        if self.files.is_empty() {
+            vec![self.built_in.describe().to_string()]
+        } else {
+            self.files.iter().map(|p| p.display().to_string()).collect()
+        }
     }
 }
 
@@ -202,50 +271,56 @@ pub struct Packed {
     pub tokens: usize,
 }
 
-/// Tokenizes every document of `files`, appends EOS to each, concatenates and cuts into blocks of
-/// `seq_len`; keeps the first `samples` blocks. Ids must be below `vocab` (the model's embedding
-/// rows) when it is known.
+/// Packs the documents of `sources` (a name for messages, and its documents) into blocks of
+/// `seq_len` by the rule in the module documentation; keeps the first `samples` blocks. Ids must be
+/// below `vocab` (the model's embedding rows) when it is known.
 pub fn pack(
-    files: &[PathBuf],
+    sources: &[(String, Vec<Document>)],
     encoder: &TextEncoder,
     seq_len: usize,
     samples: Option<usize>,
     vocab: Option<usize>,
 ) -> Result<Packed> {
     ensure!(seq_len > 0, "--seq-len must be at least 1");
-    ensure!(!files.is_empty(), "no data files given (--data FILE)");
+    ensure!(!sources.is_empty(), "no data given (--data FILE)");
+    let mut blocks: Vec<Vec<i64>> = Vec::new();
     let mut stream: Vec<i64> = Vec::new();
-    let mut documents = 0;
-    let wanted = samples.map(|s| s * seq_len);
-    'files: for file in files {
-        let docs = read_documents(file)?;
-        ensure!(!docs.is_empty(), "{} holds no documents", file.display());
+    let (mut documents, mut tokens) = (0, 0);
+    let full = |blocks: &Vec<Vec<i64>>| samples.is_some_and(|s| blocks.len() >= s);
+    'sources: for (name, docs) in sources {
         for doc in docs {
-            let ids = match doc {
+            let (ids, verbatim) = match doc {
                 Document::Text(text) => {
-                    encoder.encode(&text).with_context(|| format!("{}", file.display()))?
+                    let mut ids = encoder.encode(text).with_context(|| name.clone())?;
+                    ids.push(encoder.eos_id);
+                    (ids, false)
                 }
-                Document::Ids(ids) => ids,
+                Document::Ids(ids) => (ids.clone(), ids.len() == seq_len),
             };
             if let Some(vocab) = vocab
                 && let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab)
             {
-                bail!("{}: token id {bad} is outside the model's vocabulary of {vocab}", file.display());
+                bail!("{name}: token id {bad} is outside the model's vocabulary of {vocab}");
             }
-            stream.extend(ids);
-            stream.push(encoder.eos_id);
             documents += 1;
-            if wanted.is_some_and(|w| stream.len() >= w) {
-                break 'files;
+            tokens += ids.len();
+            if verbatim {
+                blocks.push(ids);
+            } else {
+                stream.extend(ids);
+                while stream.len() >= seq_len && !full(&blocks) {
+                    blocks.push(stream.drain(..seq_len).collect());
+                }
+            }
+            if full(&blocks) {
+                break 'sources;
             }
         }
     }
-    let tokens = stream.len();
     ensure!(
-        tokens >= seq_len,
+        !blocks.is_empty(),
         "the data gives {tokens} tokens ({documents} documents), fewer than one block of --seq-len {seq_len}"
     );
-    let mut blocks: Vec<Vec<i64>> = stream.chunks_exact(seq_len).map(<[i64]>::to_vec).collect();
     if let Some(samples) = samples {
         blocks.truncate(samples);
     }
@@ -290,25 +365,48 @@ mod tests {
         assert_eq!(read_documents(&txt).unwrap(), vec![Document::Text("whole file".into())]);
     }
 
+    fn packed(dir: &Path, json: &str, seq_len: usize, samples: Option<usize>) -> Packed {
+        let f = write(dir, "ids.json", json);
+        pack(&read_sources(&[f]).unwrap(), &ids_only(), seq_len, samples, Some(10)).unwrap()
+    }
+
     #[test]
-    fn documents_are_followed_by_eos_and_cut_into_blocks() {
+    fn id_records_of_one_block_are_taken_as_they_are_and_others_joined_without_eos() {
         let dir = tempfile::tempdir().unwrap();
-        let f = write(
-            dir.path(),
-            "ids.json",
-            r#"[{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}, {"input_ids": [6]}]"#,
-        );
-        let packed = pack(&[f], &ids_only(), 3, None, Some(10)).unwrap();
-        assert_eq!(packed.blocks, vec![vec![1, 2, 3], vec![0, 4, 5], vec![0, 6, 0]]);
-        assert_eq!((packed.documents, packed.tokens), (3, 9));
+        let json = r#"[{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}, {"input_ids": [6, 7, 8]}, {"input_ids": [9]}]"#;
+        let packed = packed(dir.path(), json, 3, None);
+        assert_eq!(packed.blocks, vec![vec![1, 2, 3], vec![6, 7, 8], vec![4, 5, 9]]);
+        assert_eq!((packed.documents, packed.tokens), (4, 9));
+    }
+
+    #[test]
+    fn text_documents_are_followed_by_eos() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-optimum-past");
+        let encoder = TextEncoder::new(&dir, None, Some(0)).unwrap();
+        let text = "The river runs past the old mill.";
+        let ids = encoder.encode(text).unwrap();
+        let docs = vec![Document::Text(text.into()), Document::Text(text.into())];
+        let packed = pack(&[("text".into(), docs)], &encoder, ids.len() + 1, None, None).unwrap();
+        let mut block = ids.clone();
+        block.push(0);
+        assert_eq!(packed.blocks, vec![block.clone(), block]);
     }
 
     #[test]
     fn samples_limit_the_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let f = write(dir.path(), "ids.jsonl", "{\"input_ids\": [1, 2, 3, 4, 5, 6, 7]}\n");
-        let packed = pack(&[f], &ids_only(), 2, Some(2), None).unwrap();
+        let packed = packed(dir.path(), r#"[{"input_ids": [1, 2, 3, 4, 5, 6, 7]}]"#, 2, Some(2));
         assert_eq!(packed.blocks, vec![vec![1, 2], vec![3, 4]]);
+    }
+
+    #[test]
+    fn the_built_in_sample_splits_into_calibration_and_held_out_documents() {
+        let (calibration, evaluation) =
+            (built_in(Split::Calibration).unwrap(), built_in(Split::Evaluation).unwrap());
+        assert_eq!((calibration.len(), evaluation.len()), (200, 100));
+        assert!(calibration.iter().all(|d| !evaluation.contains(d)), "no held-out document is calibrated on");
+        let Document::Text(first) = &calibration[0] else { panic!("text documents") };
+        assert!(first.len() > 100, "{first}");
     }
 
     #[test]
@@ -330,13 +428,14 @@ mod tests {
     fn bad_data_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let short = write(dir.path(), "short.json", r#"[{"input_ids": [1]}]"#);
-        let err = pack(&[short], &ids_only(), 8, None, None).unwrap_err().to_string();
+        let err = pack(&read_sources(&[short]).unwrap(), &ids_only(), 8, None, None).unwrap_err().to_string();
         assert!(err.contains("fewer than one block of --seq-len 8"), "{err}");
         let empty = write(dir.path(), "empty.json", "[]");
-        let err = pack(&[empty], &ids_only(), 8, None, None).unwrap_err().to_string();
+        let err = read_sources(&[empty]).unwrap_err().to_string();
         assert!(err.contains("empty.json holds no documents"), "{err}");
         let big = write(dir.path(), "big.json", r#"[{"input_ids": [1, 700]}]"#);
-        let err = pack(&[big], &ids_only(), 1, None, Some(512)).unwrap_err().to_string();
+        let err =
+            pack(&read_sources(&[big]).unwrap(), &ids_only(), 1, None, Some(512)).unwrap_err().to_string();
         assert!(err.contains("token id 700 is outside the model's vocabulary of 512"), "{err}");
         let csv = write(dir.path(), "data.csv", "a,b");
         let err = read_documents(&csv).unwrap_err().to_string();

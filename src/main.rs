@@ -10,10 +10,11 @@ use anyhow::{Context, Result, ensure};
 use clap::Parser;
 
 use cli::*;
-use nbl_onnx::atomic::check_output;
+use nbl_onnx::atomic::{check_output, check_output_creating_dir};
 use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::calibrate::{self, Shard, check_fingerprint};
 use nbl_onnx::check::{self, CheckOptions};
+use nbl_onnx::data::Split;
 use nbl_onnx::engine::{self, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::inspect::{inspect, trial_run};
 use nbl_onnx::onnx::Model;
@@ -47,7 +48,7 @@ fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
     let model = Model::load(&args.model)?;
     let blocks = find_blocks(&model)?;
     let engine = args.engine.open()?;
-    let data = args.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES));
+    let data = args.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
     let stats = calibrate::run(&model, &blocks, engine.as_ref(), &data, args.batch, args.shard)?;
     stats.save(&args.output)?;
     eprintln!("wrote {} ({} layers, {} tokens)", args.output.display(), stats.layers.len(), stats.tokens());
@@ -87,8 +88,8 @@ fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
 
 fn run_rewrite(args: &RewriteArgs) -> Result<()> {
     let (output, report_path) = output_paths(&args.model, args.output.as_deref(), args.report.as_deref());
-    check_output(&output, &[&args.model])?;
-    check_output(&report_path, &[&args.model])?;
+    check_output_creating_dir(&output, &[&args.model])?;
+    check_output_creating_dir(&report_path, &[&args.model])?;
     let mut model = Model::load(&args.model)?;
     let blocks = find_blocks(&model)?;
     let selection = args.select.selection(blocks.layers.len());
@@ -101,12 +102,15 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         }
         None => {
             let engine = args.engine.open()?;
-            let data = args.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES));
+            let data = args.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
             calibrate::run(&model, &blocks, engine.as_ref(), &data, args.batch, Shard::WHOLE)?
         }
     };
     let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, false)?;
+    eprintln!("{}", analysis.choice());
     let summary = rewrite_selected(&mut model, &blocks, &analysis, &stats, args.replace, args.kv)?;
+    nbl_onnx::atomic::create_dir(&output)?;
+    nbl_onnx::atomic::create_dir(&report_path)?;
     let companion = genai::prepare(&model, &output)?;
     model.save(&output)?;
     if let Some(companion) = companion {
@@ -157,10 +161,9 @@ fn run_check(args: &CheckArgs) -> Result<()> {
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {
-    ensure!(!args.data.data.is_empty(), "no evaluation data: pass --data FILE");
     let models = args.models.iter().map(Model::load).collect::<Result<Vec<_>>>()?;
     let blocks = find_blocks(&models[0])?;
-    let packed = args.data.spec(None).pack(models[0].dir(), blocks.vocab_size)?;
+    let packed = args.data.spec(None, Split::Evaluation).pack(models[0].dir(), blocks.vocab_size)?;
     let engine = args.engine.open()?;
     let scores = eval::evaluate(&models, Some(blocks.hidden_size), engine.as_ref(), &packed.blocks)?;
     let report = eval::Report {

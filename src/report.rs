@@ -57,6 +57,32 @@ pub fn analyze(
 }
 
 impl Analysis {
+    /// Which layers were chosen and why, in a line per layer: for people, before a rewrite.
+    pub fn choice(&self) -> String {
+        let mut out = format!(
+            "chose {} of {} layers, best {} first:",
+            self.selected.len(),
+            self.layers.len(),
+            match self.criterion {
+                Criterion::Cca => "CCA bound (the most linear attention)",
+                Criterion::Cosine => "input/output cosine (the attention that changes the stream least)",
+            }
+        );
+        for &l in &self.selected {
+            if let Some(f) = self.fit(l) {
+                let _ = write!(
+                    out,
+                    "\n  layer {l}: bound/d {:.4}, the linear map misses {:.1}% of the attention output's variance, \
+                     cos(x, x+y) {:.3}",
+                    f.bound_normalized,
+                    100.0 * f.fit_residual,
+                    f.cosine
+                );
+            }
+        }
+        out
+    }
+
     /// The fit of layer `layer`.
     pub fn fit(&self, layer: usize) -> Option<&LayerFit> {
         self.layers.iter().map(|row| &row.fit).find(|f| f.layer == layer)
