@@ -829,38 +829,7 @@ mod tests {
             node("Add", &["h1", "down"], "h2"),
             node("MatMul", &["h2", "lm_head"], "logits"),
         ];
-        let init = |name: &str, dims: &[i64]| TensorProto {
-            name: Some(name.into()),
-            dims: dims.to_vec(),
-            data_type: Some(1),
-            ..Default::default()
-        };
-        let graph = GraphProto {
-            node: nodes,
-            initializer: vec![
-                init("embed", &[32, 8]),
-                init("g_in", &[8]),
-                init("wq", &[8, 8]),
-                init("wk", &[8, 8]),
-                init("wv", &[8, 8]),
-                init("wo", &[8, 8]),
-                init("g_post", &[8]),
-                init("scale", &[]),
-                init("w1", &[8, 16]),
-                init("w2", &[16, 8]),
-                init("lm_head", &[8, 32]),
-            ],
-            input: vec![tensor_value("input_ids", DType::I64, None)],
-            output: vec![tensor_value("logits", DType::F32, None)],
-            ..Default::default()
-        };
-        let proto = ModelProto {
-            ir_version: Some(8),
-            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
-            graph: Some(graph),
-            ..Default::default()
-        };
-        Model { path: "sandwich.onnx".into(), proto }
+        model_of(nodes)
     }
 
     /// A model of `nodes`; every tensor they read that no node produces (but the ids) is an

@@ -6,15 +6,17 @@ use std::collections::HashSet;
 use std::fmt::Write;
 
 use anyhow::{Context, Result, anyhow, ensure};
-use ndarray::{Array2, ArrayD, Axis};
+use ndarray::{Array2, ArrayD};
 use serde::Serialize;
 
 use crate::blocks::Blocks;
+use crate::data::DataSpec;
 use crate::data::sample_prompt;
 use crate::engine::{Engine, Unsupported};
-use crate::logits::{self, Divergence, argmax, log_softmax};
+use crate::generate::{Continuations, Decoder, GenerationAgreement};
+use crate::logits::{Divergence, log_softmax};
 use crate::onnx::model::{external_location, tensor_shape};
-use crate::onnx::{DType, GraphIndex, Interface, Model, present_as_past};
+use crate::onnx::{DType, GraphIndex, Interface, Model};
 
 /// What `check` found: problems (any makes it fail) and measurements.
 #[derive(Debug, Default, Serialize)]
@@ -41,7 +43,8 @@ pub struct EngineRun {
     pub decoded: Vec<i64>,
 }
 
-/// Next-token agreement with a reference model on the same prompt.
+/// Next-token agreement with a reference model on the same prompts, and how their greedy
+/// continuations agree.
 #[derive(Debug, Serialize)]
 pub struct Agreement {
     pub reference: String,
@@ -50,6 +53,9 @@ pub struct Agreement {
     /// Mean over positions of KL(reference ‖ model) of the next-token distributions.
     pub mean_kl: f64,
     pub top1_agreement: f64,
+    /// Absent when a model has no KV cache to generate with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationAgreement>,
 }
 
 /// A check or gate failed (the report says why): what `main` turns into exit code 1.
@@ -155,12 +161,39 @@ pub fn structure(model: &Model) -> Vec<String> {
 
 /// What `check` runs and gates on.
 pub struct CheckOptions {
-    pub prompt_len: usize,
+    /// Natural text to prompt with (blocks of the prompt length, as many as prompts wanted).
+    pub prompts: DataSpec,
     pub decode_steps: usize,
+    /// Tokens generated greedily from every prompt by the model and the reference.
+    pub gen_tokens: usize,
     /// Fail if the mean KL divergence from the reference exceeds this.
     pub max_kl: Option<f64>,
     /// Fail if top-1 agreement with the reference is below this.
     pub min_top1: Option<f64>,
+    /// Fail if the continuations share fewer tokens than this on average.
+    pub min_common_tokens: Option<f64>,
+}
+
+/// The prompts: blocks of natural text, or, without a tokenizer beside the model, synthetic ids
+/// (with a note: agreement on them says little).
+fn prompts(
+    model: &Model,
+    blocks: Option<&Blocks>,
+    spec: &DataSpec,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Array2<i64>>> {
+    let vocab = blocks.and_then(|b| b.vocab_size);
+    let no_tokenizer = spec.tokenizer.is_none() && !model.dir().join("tokenizer.json").is_file();
+    if no_tokenizer && spec.files.is_empty() {
+        notes.push(format!(
+            "no tokenizer.json beside the model: the prompt is {} synthetic token ids, on which agreement with \
+             the reference says little (pass --tokenizer)",
+            spec.seq_len
+        ));
+        return Ok(vec![sample_prompt(spec.seq_len, vocab.unwrap_or(2))]);
+    }
+    let packed = spec.pack(model.dir(), vocab)?;
+    Ok(packed.blocks.into_iter().map(|b| Array2::from_shape_vec((1, b.len()), b).expect("one row")).collect())
 }
 
 /// Checks `model` (whose blocks are `blocks`, where any are left): its structure, a prompt and a
@@ -175,11 +208,24 @@ pub fn run(
     tract: &dyn Engine,
     options: &CheckOptions,
 ) -> Result<CheckReport> {
-    ensure!(options.prompt_len > 0, "--prompt-len must be at least 1");
-    for (gate, value) in [("--max-kl", options.max_kl), ("--min-top1", options.min_top1)] {
+    ensure!(options.prompts.seq_len > 0, "--prompt-len must be at least 1");
+    ensure!(options.gen_tokens > 0, "--gen-tokens must be at least 1");
+    let gates = [
+        ("--max-kl", options.max_kl),
+        ("--min-top1", options.min_top1),
+        ("--min-common-tokens", options.min_common_tokens),
+    ];
+    for (gate, value) in gates {
         if let Some(v) = value {
-            ensure!(v.is_finite(), "{gate} must be a finite number, not {v}");
+            ensure!(v.is_finite() && v >= 0.0, "{gate} must be a finite number ≥ 0, not {v}");
         }
+    }
+    if let Some(min) = options.min_common_tokens {
+        ensure!(
+            min <= options.gen_tokens as f64,
+            "--min-common-tokens {min} is more than the --gen-tokens {} generated",
+            options.gen_tokens
+        );
     }
     let mut report = CheckReport { model: model.path.display().to_string(), ..Default::default() };
     report.problems = structure(model);
@@ -190,40 +236,40 @@ pub fn run(
             options.decode_steps
         ));
     }
-    report.gated = options.max_kl.is_some() || options.min_top1.is_some();
+    report.gated = gates.iter().any(|(_, v)| v.is_some());
     if !report.gated {
         report.notes.push(
-            "no quality gate set (--max-kl, --min-top1): passing says the model is well formed and runs, not that \
-             it agrees with its reference"
+            "no quality gate set (--max-kl, --min-top1, --min-common-tokens): passing says the model is well \
+             formed and runs, not that it agrees with its reference"
                 .to_string(),
         );
     }
-    let prompt = sample_prompt(options.prompt_len, blocks.and_then(|b| b.vocab_size).unwrap_or(2));
+    let prompts = prompts(model, blocks, &options.prompts, &mut report.notes)?;
+    let prompt = &prompts[0];
 
     let mut ort_logits = None;
     for engine in [ort, tract] {
-        let (status, decoded) =
-            match run_and_decode(model, hidden_size, engine, &prompt, options.decode_steps) {
-                Ok((logits, decoded)) => {
-                    ort_logits.get_or_insert(logits);
-                    ("ok".to_string(), decoded)
+        let (status, decoded) = match run_and_decode(model, hidden_size, engine, prompt, options.decode_steps)
+        {
+            Ok((logits, decoded)) => {
+                ort_logits.get_or_insert(logits);
+                ("ok".to_string(), decoded)
+            }
+            Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
+                let reference_runs =
+                    reference.is_some_and(|r| run_and_decode(r, hidden_size, engine, prompt, 0).is_ok());
+                if reference_runs {
+                    report
+                        .problems
+                        .push(format!("{} runs the reference but not this model: {e:#}", engine.describe()));
                 }
-                Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
-                    let reference_runs =
-                        reference.is_some_and(|r| run_and_decode(r, hidden_size, engine, &prompt, 0).is_ok());
-                    if reference_runs {
-                        report.problems.push(format!(
-                            "{} runs the reference but not this model: {e:#}",
-                            engine.describe()
-                        ));
-                    }
-                    (format!("unsupported: {}", format!("{e:#}").lines().next().unwrap_or("")), vec![])
-                }
-                Err(e) => {
-                    report.problems.push(format!("{}: {e:#}", engine.describe()));
-                    (format!("failed: {e:#}"), vec![])
-                }
-            };
+                (format!("unsupported: {}", format!("{e:#}").lines().next().unwrap_or("")), vec![])
+            }
+            Err(e) => {
+                report.problems.push(format!("{}: {e:#}", engine.describe()));
+                (format!("failed: {e:#}"), vec![])
+            }
+        };
         report.runs.push(EngineRun { engine: engine.describe(), status, decoded });
     }
     let decodes: Vec<&Vec<i64>> =
@@ -233,9 +279,17 @@ pub fn run(
             .problems
             .push(format!("ONNX Runtime and tract decode differently: {:?} vs {:?}", decodes[0], decodes[1]));
     }
-    if let (Some(reference), Some(logits)) = (reference, &ort_logits) {
-        let (ref_logits, _) = run_and_decode(reference, hidden_size, ort, &prompt, 0)?;
-        let agreement = agreement(&reference.path.display().to_string(), &ref_logits, logits)?;
+    if let (Some(reference), Some(_)) = (reference, &ort_logits) {
+        let agreement = match compare(model, reference, hidden_size, ort, &prompts, options.gen_tokens) {
+            Ok((agreement, note)) => {
+                report.notes.extend(note);
+                agreement
+            }
+            Err(e) => {
+                report.problems.push(format!("comparing with {}: {e:#}", reference.path.display()));
+                return Ok(report);
+            }
+        };
         if let Some(max) = options.max_kl
             && agreement.mean_kl > max
         {
@@ -247,6 +301,16 @@ pub fn run(
             report
                 .problems
                 .push(format!("top-1 agreement {:.4} is below --min-top1 {min}", agreement.top1_agreement));
+        }
+        match (&agreement.generation, options.min_common_tokens) {
+            (Some(g), Some(min)) if g.mean_common_tokens < min => report.problems.push(format!(
+                "the continuations share {:.2} tokens on average, below --min-common-tokens {min}",
+                g.mean_common_tokens
+            )),
+            (None, Some(_)) => report
+                .problems
+                .push("--min-common-tokens is set, but a model has no KV cache to generate with".to_string()),
+            _ => {}
         }
         report.reference = Some(agreement);
     }
@@ -268,6 +332,16 @@ impl CheckReport {
                 "vs {}: {} positions, max |Δlogit| {:.4e}, mean KL {:.4e}, top-1 agreement {:.4}",
                 a.reference, a.positions, a.max_abs_logit_diff, a.mean_kl, a.top1_agreement
             );
+            if let Some(g) = &a.generation {
+                let _ = writeln!(
+                    out,
+                    "greedy continuations of {} tokens from {} prompts: {:.2} tokens in common on average, {:.0}% identical",
+                    g.tokens,
+                    g.prompts,
+                    g.mean_common_tokens,
+                    100.0 * g.exact_match_rate
+                );
+            }
         }
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");
@@ -285,8 +359,7 @@ impl CheckReport {
     }
 }
 
-/// Runs the prompt and then `steps` greedy decode steps feeding the KV cache back (`present.*` as
-/// `past_key_values.*`). Returns the prompt's logits and the decoded ids.
+/// Runs the prompt and then `steps` greedy decode steps (see [`Decoder::generate`]).
 pub fn run_and_decode(
     model: &Model,
     hidden_size: Option<usize>,
@@ -294,34 +367,57 @@ pub fn run_and_decode(
     prompt: &Array2<i64>,
     steps: usize,
 ) -> Result<(ArrayD<f32>, Vec<i64>)> {
-    let interface = Interface::of(model, hidden_size)?.with_decode_room(steps);
-    let mut session = engine.load(model, &[])?;
-    let names = session.output_names().to_vec();
-    let outputs = session.run(&interface.prefill(prompt)?)?;
-    let prompt_logits = logits::logits(&names, &outputs).context("prompt")?;
-    let mut decoded = Vec::new();
-    if !interface.has_cache() {
-        return Ok((prompt_logits, decoded));
-    }
-    let mut past = present_as_past(&names, outputs);
-    // Some exports return only the last position's logits.
-    let mut last = prompt_logits.index_axis(Axis(1), prompt_logits.shape()[1] - 1).to_owned();
-    for (step, length) in (prompt.ncols()..prompt.ncols() + steps).enumerate() {
-        let next = argmax(last.index_axis(Axis(0), 0).iter().copied()) as i64;
-        decoded.push(next);
-        let outputs = session
-            .run(&interface.decode(next, past, length)?)
-            .with_context(|| format!("decode step {}", step + 1))?;
-        let step_logits =
-            logits::logits(&names, &outputs).with_context(|| format!("decode step {}", step + 1))?;
-        last = step_logits.index_axis(Axis(1), 0).to_owned();
-        past = present_as_past(&names, outputs);
-    }
-    Ok((prompt_logits, decoded))
+    Decoder::load(model, hidden_size, engine, steps)?.generate(prompt, steps)
 }
 
-/// Compares next-token distributions at every prompt position.
-pub fn agreement(reference_name: &str, reference: &ArrayD<f32>, model: &ArrayD<f32>) -> Result<Agreement> {
+/// The agreement of `model` with `reference` on every prompt: next-token distributions at every
+/// position, and greedy continuations of `gen_tokens` tokens where both can generate (else a note
+/// says why not).
+fn compare(
+    model: &Model,
+    reference: &Model,
+    hidden_size: Option<usize>,
+    engine: &dyn Engine,
+    prompts: &[Array2<i64>],
+    gen_tokens: usize,
+) -> Result<(Agreement, Option<String>)> {
+    let mut ours = Decoder::load(model, hidden_size, engine, gen_tokens)?;
+    let mut theirs = Decoder::load(reference, hidden_size, engine, gen_tokens)?;
+    let mut note = None;
+    let mut generate = ours.has_cache() && theirs.has_cache();
+    if !generate {
+        note = Some("a model has no KV cache: the continuations were not compared".to_string());
+    } else if let Err(e) = theirs.generate(&prompts[0], gen_tokens) {
+        // What the reference cannot do, its rewrite is not asked to.
+        note = Some(format!(
+            "the reference cannot generate with its KV cache, so continuations were not compared: {e:#}"
+        ));
+        generate = false;
+    }
+    let steps = if generate { gen_tokens } else { 0 };
+    let (mut max_diff, mut divergence, mut continuations) =
+        (0f64, Divergence::default(), Continuations::default());
+    for prompt in prompts {
+        let (logits, generated) = ours.generate(prompt, steps)?;
+        let (ref_logits, ref_generated) = theirs.generate(prompt, steps).context("the reference")?;
+        max_diff = max_diff.max(add_positions(&mut divergence, &ref_logits, &logits)?);
+        if generate {
+            continuations.add(&ref_generated, &generated);
+        }
+    }
+    let agreement = Agreement {
+        reference: reference.path.display().to_string(),
+        positions: divergence.positions() as usize,
+        max_abs_logit_diff: max_diff,
+        mean_kl: divergence.mean_kl(),
+        top1_agreement: divergence.top1_agreement(),
+        generation: generate.then(|| GenerationAgreement::of(&continuations, gen_tokens)),
+    };
+    Ok((agreement, note))
+}
+
+/// Adds every position of two runs' logits to `divergence`; returns their largest difference.
+fn add_positions(divergence: &mut Divergence, reference: &ArrayD<f32>, model: &ArrayD<f32>) -> Result<f64> {
     ensure!(
         reference.shape() == model.shape(),
         "logits shapes differ: {:?} vs {:?}",
@@ -333,19 +429,26 @@ pub fn agreement(reference_name: &str, reference: &ArrayD<f32>, model: &ArrayD<f
     let (r, m) = (reference.as_standard_layout(), model.as_standard_layout());
     let (r, m) = (r.as_slice().expect("standard layout"), m.as_slice().expect("standard layout"));
     let mut max_diff: f64 = 0.0;
-    let mut divergence = Divergence::default();
     for (p, q) in r.chunks(vocab).zip(m.chunks(vocab)) {
         for (a, b) in p.iter().zip(q) {
             max_diff = max_diff.max(f64::from((a - b).abs()));
         }
         divergence.add(&log_softmax(p), &log_softmax(q));
     }
+    Ok(max_diff)
+}
+
+/// Compares next-token distributions at every prompt position.
+pub fn agreement(reference_name: &str, reference: &ArrayD<f32>, model: &ArrayD<f32>) -> Result<Agreement> {
+    let mut divergence = Divergence::default();
+    let max_abs_logit_diff = add_positions(&mut divergence, reference, model)?;
     Ok(Agreement {
         reference: reference_name.to_string(),
         positions: divergence.positions() as usize,
-        max_abs_logit_diff: max_diff,
+        max_abs_logit_diff,
         mean_kl: divergence.mean_kl(),
         top1_agreement: divergence.top1_agreement(),
+        generation: None,
     })
 }
 

@@ -247,9 +247,25 @@ pub struct CheckArgs {
     /// Fail if top-1 agreement with the reference is below this (0..1)
     #[arg(long, requires = "reference")]
     pub min_top1: Option<f64>,
-    /// Prompt length of the sample input
-    #[arg(long, default_value_t = 16)]
+    /// Fail if the greedy continuations share fewer tokens than this on average
+    #[arg(long, requires = "reference")]
+    pub min_common_tokens: Option<f64>,
+    /// Prompt length: tokens of natural text per prompt
+    #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
+    /// Prompts to compare on (blocks of --prompt-len tokens of the text)
+    #[arg(long, default_value_t = 8)]
+    pub prompts: usize,
+    /// Tokens generated greedily from each prompt by the model and the reference
+    #[arg(long, default_value_t = 16)]
+    pub gen_tokens: usize,
+    /// Text to prompt with: .json, .jsonl or .txt (default: the built-in C4 sample's held-out
+    /// documents 200-299)
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// tokenizer.json (default: beside the model)
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Greedy decode steps with the KV cache after the prompt
     #[arg(long, default_value_t = 2)]
     pub decode_steps: usize,
@@ -263,6 +279,13 @@ pub struct EvalArgs {
     /// Models to score; the first is the reference for KL and top-1 agreement
     #[arg(required = true, num_args = 1..)]
     pub models: Vec<PathBuf>,
+    /// Tokens generated greedily by every model from the first half of each of --gen-prompts
+    /// blocks, compared with the first model's (needs a KV cache)
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Blocks whose first halves are generation prompts
+    #[arg(long, default_value_t = 16)]
+    pub gen_prompts: usize,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]

@@ -7,6 +7,7 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::engine::{Engine, Session};
+use crate::generate::{Continuations, Decoder, GenerationAgreement};
 use crate::logits::{self, Divergence, log_softmax};
 use crate::onnx::{Interface, Model};
 
@@ -25,6 +26,10 @@ pub struct ModelScore {
     pub top1_vs_first: Option<f64>,
     /// Tokens run through the model per second of engine time (plain inference throughput).
     pub tokens_per_s: f64,
+    /// How this model's greedy continuations agree with the first model's (absent for the first
+    /// model, and where a model has no KV cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_vs_first: Option<GenerationAgreement>,
 }
 
 /// The eval JSON: `{"engine","seq_len","blocks","models":[...]}`.
@@ -40,14 +45,63 @@ impl Report {
     /// The readable table: one line per model.
     pub fn table(&self) -> String {
         let mut out = format!("{} blocks of {} tokens on {}\n", self.blocks, self.seq_len, self.engine);
-        out.push_str(&format!("{:>10}  {:>10}  {:>10}  {:>8}  model\n", "ppl", "tokens", "KL", "top-1"));
+        out.push_str(&format!(
+            "{:>10}  {:>10}  {:>10}  {:>8}  {:>14}  model\n",
+            "ppl", "tokens", "KL", "top-1", "gen common/id"
+        ));
         for s in &self.models {
             let kl = s.kl_vs_first.map_or("-".to_string(), |v| format!("{v:.5}"));
             let top1 = s.top1_vs_first.map_or("-".to_string(), |v| format!("{v:.4}"));
-            out.push_str(&format!("{:>10.4}  {:>10}  {kl:>10}  {top1:>8}  {}\n", s.ppl, s.tokens, s.path));
+            let generation = s.generation_vs_first.as_ref().map_or("-".to_string(), |g| {
+                format!("{:.1}/{} {:.0}%", g.mean_common_tokens, g.tokens, 100.0 * g.exact_match_rate)
+            });
+            out.push_str(&format!(
+                "{:>10.4}  {:>10}  {kl:>10}  {top1:>8}  {generation:>14}  {}\n",
+                s.ppl, s.tokens, s.path
+            ));
         }
         out
     }
+}
+
+/// How every model after the first continues the first halves of `prompts` blocks of `blocks`,
+/// `tokens` tokens each, greedily, against the first model; `None` where a model has no KV cache.
+pub fn generation_agreement(
+    models: &[Model],
+    hidden_size: Option<usize>,
+    engine: &dyn Engine,
+    blocks: &[Vec<i64>],
+    prompts: usize,
+    tokens: usize,
+) -> Result<Vec<Option<GenerationAgreement>>> {
+    ensure!(tokens > 0, "--gen-tokens must be at least 1");
+    let mut decoders =
+        models.iter().map(|m| Decoder::load(m, hidden_size, engine, tokens)).collect::<Result<Vec<_>>>()?;
+    if decoders.iter().any(|d| !d.has_cache()) {
+        return Ok(models.iter().map(|_| None).collect());
+    }
+    let mut agreement: Vec<Continuations> = models.iter().map(|_| Continuations::default()).collect();
+    for block in blocks.iter().take(prompts) {
+        let prompt =
+            Array2::from_shape_vec((1, block.len() / 2), block[..block.len() / 2].to_vec()).expect("one row");
+        let mut first = Vec::new();
+        for (i, (decoder, model)) in decoders.iter_mut().zip(models).enumerate() {
+            crate::atomic::check_interrupt()?;
+            let (_, generated) = decoder
+                .generate(&prompt, tokens)
+                .with_context(|| format!("{}: generating", model.path.display()))?;
+            if i == 0 {
+                first = generated;
+            } else {
+                agreement[i].add(&first, &generated);
+            }
+        }
+    }
+    Ok(agreement
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i > 0).then(|| GenerationAgreement::of(c, tokens)))
+        .collect())
 }
 
 /// Running sums for one model.
@@ -127,6 +181,7 @@ pub fn evaluate(
             kl_vs_first: (i > 0).then(|| t.divergence.mean_kl()),
             top1_vs_first: (i > 0).then(|| t.divergence.top1_agreement()),
             tokens_per_s: (blocks.len() * blocks[0].len()) as f64 / t.seconds,
+            generation_vs_first: None,
         })
         .collect())
 }

@@ -17,6 +17,7 @@ pub mod data;
 pub mod engine;
 pub mod eval;
 pub mod genai;
+pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod nbl;

@@ -148,11 +148,22 @@ fn run_check(args: &CheckArgs) -> Result<()> {
         ep: ExecutionProvider::Cpu,
         threads: None,
     })?;
+    ensure!(args.prompts > 0, "--prompts must be at least 1");
+    let prompts = nbl_onnx::data::DataSpec {
+        files: args.data.clone(),
+        built_in: Split::Evaluation,
+        tokenizer: args.tokenizer.clone(),
+        eos_id: None,
+        seq_len: args.prompt_len,
+        samples: Some(args.prompts),
+    };
     let options = CheckOptions {
-        prompt_len: args.prompt_len,
+        prompts,
         decode_steps: args.decode_steps,
+        gen_tokens: args.gen_tokens,
         max_kl: args.max_kl,
         min_top1: args.min_top1,
+        min_common_tokens: args.min_common_tokens,
     };
     let report =
         check::run(&model, blocks.as_ref(), reference.as_ref(), ort.as_ref(), tract.as_ref(), &options)?;
@@ -165,7 +176,22 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     let blocks = find_blocks(&models[0])?;
     let packed = args.data.spec(None, Split::Evaluation).pack(models[0].dir(), blocks.vocab_size)?;
     let engine = args.engine.open()?;
-    let scores = eval::evaluate(&models, Some(blocks.hidden_size), engine.as_ref(), &packed.blocks)?;
+    let hidden_size = Some(blocks.hidden_size);
+    let mut scores = eval::evaluate(&models, hidden_size, engine.as_ref(), &packed.blocks)?;
+    if models.len() > 1 {
+        let (prompts, tokens) = (args.gen_prompts, args.gen_tokens);
+        let agreement = eval::generation_agreement(
+            &models,
+            hidden_size,
+            engine.as_ref(),
+            &packed.blocks,
+            prompts,
+            tokens,
+        )?;
+        for (score, generation) in scores.iter_mut().zip(agreement) {
+            score.generation_vs_first = generation;
+        }
+    }
     let report = eval::Report {
         engine: engine.describe(),
         seq_len: args.data.seq_len,

@@ -71,6 +71,26 @@ fn the_same_weights_from_two_exporters_agree_and_a_model_with_itself_fully() {
     assert_eq!(models[2]["top1_vs_first"], 1.0);
     let (a, b) = (models[0]["ppl"].as_f64().unwrap(), models[2]["ppl"].as_f64().unwrap());
     assert!((a / b - 1.0).abs() < 1e-5, "{a} vs {b}");
+    // Greedy continuations of the first half of each block: the same model continues identically.
+    assert!(models[0].get("generation_vs_first").is_none());
+    let generation = &models[1]["generation_vs_first"];
+    assert_eq!(
+        (generation["exact_match_rate"].as_f64(), generation["mean_common_tokens"].as_f64()),
+        (Some(1.0), Some(32.0))
+    );
+    assert!(generation["prompts"].as_u64().unwrap() >= 1, "{generation}");
+}
+
+/// Without --data, eval reads the built-in sample's held-out documents (200-299), never the ones
+/// calibration reads by default.
+#[test]
+fn eval_without_data_reads_the_held_out_documents() {
+    let model = model_path("llama-optimum-past");
+    let out = nbl(&["eval", model.to_str().unwrap(), "--seq-len", "64", "--samples", "4", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("documents 200-299"), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["models"][0]["tokens"], 4 * 63);
 }
 
 #[test]

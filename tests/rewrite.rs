@@ -273,8 +273,8 @@ fn rewritten_fixtures_pass_check_and_decode_with_their_kv_cache() {
         let tract_ran_the_original = status(&original, "tract") == "ok";
         for k in ["0", "1", "2"] {
             let out = rewrite(&ws, &["--layers", k]);
-            let (code, report) =
-                check(&out, &["--reference", ws.model.to_str().unwrap(), "--decode-steps", steps]);
+            let reference = ws.model.to_str().unwrap();
+            let (code, report) = check(&out, &["--reference", reference, "--decode-steps", steps]);
             assert_eq!(code, Some(0), "{fixture} k={k}: {report}");
             let has_kv = fixture_json(&fixture)["has_kv_cache"].as_bool().unwrap();
             let expected_steps = if has_kv { steps.parse().unwrap() } else { 0 };
@@ -283,6 +283,11 @@ fn rewritten_fixtures_pass_check_and_decode_with_their_kv_cache() {
                 assert_eq!(decoded(&report, "onnxruntime"), decoded(&original, "onnxruntime"), "{fixture}");
                 assert_eq!(report["reference"]["max_abs_logit_diff"], 0.0, "{fixture}");
                 assert_eq!(report["reference"]["top1_agreement"], 1.0);
+                if steps != "0" && fixture_json(&fixture)["has_kv_cache"].as_bool().unwrap() {
+                    let generation = &report["reference"]["generation"];
+                    assert_eq!(generation["exact_match_rate"], 1.0, "{fixture}: {generation}");
+                    assert_eq!(generation["mean_common_tokens"], 16.0, "{fixture}: {generation}");
+                }
             }
             // A rewrite must not cost a model its portability: what tract ran, it still runs.
             if tract_ran_the_original {
@@ -297,12 +302,24 @@ fn rewritten_fixtures_pass_check_and_decode_with_their_kv_cache() {
 fn check_gates_fail_with_exit_code_1() {
     let ws = workspace("llama-optimum-past");
     let out = rewrite(&ws, &["--layers", "2"]);
-    let (code, report) =
-        check(&out, &["--reference", ws.model.to_str().unwrap(), "--max-kl", "1e-9", "--min-top1", "1"]);
+    let reference = ws.model.to_str().unwrap();
+    let gates = ["--max-kl", "1e-9", "--min-top1", "1", "--min-common-tokens", "16"];
+    let (code, report) = check(&out, &[&["--reference", reference], &gates[..]].concat());
     assert_eq!(code, Some(1), "{report}");
     let problems = report["problems"].as_array().unwrap();
     assert!(problems.iter().any(|p| p.as_str().unwrap().contains("exceeds --max-kl")), "{report}");
     assert!(problems.iter().any(|p| p.as_str().unwrap().contains("below --min-top1")), "{report}");
+    assert!(
+        problems.iter().any(|p| p.as_str().unwrap().contains("below --min-common-tokens 16")),
+        "{report}"
+    );
+    // Natural-text prompts: 8 prompts of 32 tokens of held-out C4, 16 tokens generated from each.
+    assert_eq!(report["reference"]["positions"], 8 * 32, "{report}");
+    assert_eq!(report["reference"]["generation"]["prompts"], 8, "{report}");
+    for bad in [&["--gen-tokens", "0"][..], &["--min-common-tokens", "nan"], &["--min-common-tokens", "17"]] {
+        let out = nbl(&[&["check", out.to_str().unwrap(), "--reference", reference], bad].concat());
+        assert_bad_input(&out, bad[0]);
+    }
 }
 
 #[test]
