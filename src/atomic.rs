@@ -37,11 +37,29 @@ pub fn dir_of(path: &Path) -> &Path {
 pub fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
     let dir = dir_of(output);
     anyhow::ensure!(dir.is_dir(), "output directory {} does not exist", dir.display());
-    if let Ok(out) = std::fs::canonicalize(output) {
-        for input in inputs {
-            if std::fs::canonicalize(input).is_ok_and(|i| i == out) {
-                bail!("refusing to write {} over the input", output.display());
-            }
+    not_an_input(output, inputs)
+}
+
+/// Where a path leads once symlinks and `..` are resolved: the file itself where it exists, else
+/// its resolved directory joined with its name.
+fn resolved(path: &Path) -> Option<std::path::PathBuf> {
+    std::fs::canonicalize(path)
+        .ok()
+        .or_else(|| Some(std::fs::canonicalize(dir_of(path)).ok()?.join(path.file_name()?)))
+}
+
+/// Fails if `output` is a directory or, after symlinks and `..`, one of the files the command
+/// reads.
+fn not_an_input(output: &Path, inputs: &[&Path]) -> Result<()> {
+    anyhow::ensure!(!output.is_dir(), "refusing to write {}: it is a directory", output.display());
+    let Some(out) = resolved(output) else { return Ok(()) };
+    for input in inputs {
+        if resolved(input).is_some_and(|i| i == out) {
+            bail!(
+                "refusing to write {} over the input {}: the command reads it",
+                output.display(),
+                input.display()
+            );
         }
     }
     Ok(())
@@ -59,7 +77,7 @@ pub fn check_output_creating_dir(output: &Path, inputs: &[&Path]) -> Result<()> 
             dir.display(),
             existing.display()
         );
-        return Ok(());
+        return not_an_input(output, inputs);
     }
     check_output(output, inputs)
 }

@@ -242,7 +242,7 @@ pub fn fingerprint(model: &Model, blocks: &Blocks) -> String {
     format!("{hash:016x}")
 }
 
-/// Fails unless `stats` (read from `stats_path`) were measured on `model`.
+/// Fails unless `stats` (read from `stats_path`) were measured on `model`, every layer of it.
 pub fn check_fingerprint(
     stats: &Stats,
     stats_path: &std::path::Path,
@@ -256,6 +256,23 @@ pub fn check_fingerprint(
         stats_path.display(),
         stats.fingerprint,
         model.path.display()
+    );
+    // The fingerprint covers the model; the layer list is the file's own.
+    let want = layer_tensors(blocks);
+    if stats.layers != want {
+        let have: Vec<usize> = stats.layers.iter().map(|l| l.layer).collect();
+        let need: Vec<usize> = want.iter().map(|l| l.layer).collect();
+        bail!(
+            "{} holds statistics of layers {have:?}, not of exactly the model's layers {need:?} and their tensors",
+            stats_path.display()
+        );
+    }
+    ensure!(
+        stats.hidden_size == blocks.hidden_size,
+        "{} has hidden size {}, the model {}",
+        stats_path.display(),
+        stats.hidden_size,
+        blocks.hidden_size
     );
     Ok(())
 }

@@ -161,6 +161,15 @@ impl TextEncoder {
             Some(id) => id,
             None => find_eos(model_dir, tokenizer.as_ref())?,
         };
+        ensure!(eos_id >= 0, "--eos-id {eos_id} is negative: it must name a vocabulary entry");
+        if let Some(t) = &tokenizer {
+            let vocab = t.get_vocab_size(true);
+            ensure!(
+                (eos_id as usize) < vocab,
+                "the end-of-text id {eos_id} is not in the vocabulary of {} ({vocab} tokens)",
+                path.display()
+            );
+        }
         Ok(TextEncoder { tokenizer_path: path, tokenizer, eos_id })
     }
 
@@ -283,6 +292,13 @@ pub fn pack(
 ) -> Result<Packed> {
     ensure!(seq_len > 0, "--seq-len must be at least 1");
     ensure!(!sources.is_empty(), "no data given (--data FILE)");
+    if let Some(vocab) = vocab {
+        ensure!(
+            (encoder.eos_id as usize) < vocab,
+            "the end-of-text id {} is outside the model's vocabulary of {vocab}",
+            encoder.eos_id
+        );
+    }
     let mut blocks: Vec<Vec<i64>> = Vec::new();
     let mut stream: Vec<i64> = Vec::new();
     let (mut documents, mut tokens) = (0, 0);

@@ -43,9 +43,22 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
     emit(args.json, &report, || report.table())
 }
 
+/// Every file a command reads for `model` besides `others`: the model, its external data, and
+/// the data files and tokenizer `data` names.
+fn files_read(model: &Model, data: Option<&DataArgs>, others: &[&Path]) -> Vec<PathBuf> {
+    let mut files = model.files();
+    if let Some(data) = data {
+        files.extend(data.data.iter().cloned());
+        files.push(data.tokenizer.clone().unwrap_or_else(|| model.dir().join("tokenizer.json")));
+    }
+    files.extend(others.iter().map(|p| p.to_path_buf()));
+    files
+}
+
 fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
-    check_output(&args.output, &[&args.model])?;
     let model = Model::load(&args.model)?;
+    let inputs = files_read(&model, Some(&args.data), &[]);
+    check_output(&args.output, &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
     let blocks = find_blocks(&model)?;
     let engine = args.engine.open()?;
     let data = args.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
@@ -58,6 +71,13 @@ fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
 fn run_merge(args: &MergeArgs) -> Result<()> {
     let inputs: Vec<&Path> = args.stats.iter().map(PathBuf::as_path).collect();
     check_output(&args.output, &inputs)?;
+    for (i, a) in args.stats.iter().enumerate() {
+        for b in &args.stats[..i] {
+            let same =
+                std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b);
+            ensure!(!same, "{} is given twice: its tokens would count twice", a.display());
+        }
+    }
     let parts = args.stats.iter().map(|p| Ok((p.clone(), Stats::load(p)?))).collect::<Result<Vec<_>>>()?;
     let merged = Stats::merge(parts)?;
     merged.save(&args.output)?;
@@ -80,7 +100,9 @@ fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
     selection.check(stats.layers.len(), &format!("layers in {}", args.stats.display()))?;
     let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, args.spectrum)?;
     let chart = args.chart.clone().unwrap_or_else(|| args.stats.with_extension("svg"));
-    check_output(&chart, &[&args.stats])?;
+    let mut inputs = vec![args.stats.clone()];
+    inputs.extend(args.model.iter().cloned());
+    check_output(&chart, &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
     nbl_onnx::atomic::write(&chart, analysis.svg().as_bytes()).context("writing the chart")?;
     eprintln!("chart: {}", chart.display());
     emit(args.json, &analysis, || analysis.table())
@@ -88,9 +110,20 @@ fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
 
 fn run_rewrite(args: &RewriteArgs) -> Result<()> {
     let (output, report_path) = output_paths(&args.model, args.output.as_deref(), args.report.as_deref());
-    check_output_creating_dir(&output, &[&args.model])?;
-    check_output_creating_dir(&report_path, &[&args.model])?;
     let mut model = Model::load(&args.model)?;
+    let inputs =
+        files_read(&model, Some(&args.data), &args.stats.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    for out in
+        [Some(output.clone()), model.data_file_for(&output), Some(report_path.clone())].iter().flatten()
+    {
+        check_output_creating_dir(out, &inputs)?;
+    }
+    ensure!(
+        output != report_path,
+        "the report {} would overwrite the model written there",
+        report_path.display()
+    );
     let blocks = find_blocks(&model)?;
     let selection = args.select.selection(blocks.layers.len());
     selection.check(blocks.layers.len(), &format!("attention layers of {}", args.model.display()))?;

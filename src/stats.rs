@@ -266,40 +266,67 @@ impl Stats {
             path.display()
         );
         let hidden_size: usize = field("hidden_size")?.parse().map_err(|e| not_stats(&e))?;
+        // The matrices are d×d f64 and must fit in the file: a larger d is a damaged header.
+        let file_len = map.len() as u128;
+        ensure!(
+            hidden_size > 0
+                && (hidden_size as u128)
+                    .checked_mul(hidden_size as u128)
+                    .and_then(|n| n.checked_mul(8))
+                    .is_some_and(|bytes| bytes <= file_len),
+            "{}: hidden_size {hidden_size} does not fit a file of {file_len} bytes",
+            path.display()
+        );
         let layers: Vec<LayerTensors> = serde_json::from_str(&field("layers")?).map_err(|e| not_stats(&e))?;
+        ensure!(!layers.is_empty(), "{}: the statistics hold no layers", path.display());
+        let mut numbers: Vec<usize> = layers.iter().map(|l| l.layer).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        ensure!(numbers.len() == layers.len(), "{}: a layer is listed twice", path.display());
         let data: Vec<DataSummary> = serde_json::from_str(&field("data")?).map_err(|e| not_stats(&e))?;
         let d = hidden_size;
         let mut moments = Vec::with_capacity(layers.len());
         for info in &layers {
-            let read = |name: &str, len: usize| -> Result<Vec<f64>> {
+            // Every tensor: f64, of the shape the format gives it, every value finite.
+            let read = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
                 let key = format!("layers.{}.{name}", info.layer);
                 let view = st.tensor(&key).map_err(|_| not_stats(&format!("tensor {key} is missing")))?;
                 ensure!(view.dtype() == Dtype::F64, "{}: tensor {key} is not f64", path.display());
-                let bytes = view.data();
                 ensure!(
-                    bytes.len() == len * 8,
-                    "{}: tensor {key} has {} bytes, expected {}",
+                    view.shape() == shape,
+                    "{}: tensor {key} has shape {:?}, expected {shape:?}",
                     path.display(),
-                    bytes.len(),
-                    len * 8
+                    view.shape()
                 );
-                Ok(bytes
+                let values: Vec<f64> = view
+                    .data()
                     .chunks_exact(8)
                     .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect())
+                    .collect();
+                if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                    bail!("{}: tensor {key} holds {bad}", path.display());
+                }
+                Ok(values)
             };
             let matrix = |name: &str| -> Result<Mat<f64>> {
-                let v = read(name, d * d)?;
+                let v = read(name, &[d, d])?;
                 Ok(Mat::from_fn(d, d, |i, j| v[i * d + j]))
             };
+            let count = read("count", &[1])?[0];
+            ensure!(
+                count >= 1.0 && count.fract() == 0.0 && count <= (1u64 << 53) as f64,
+                "{}: layer {} has a token count of {count}, not a positive integer",
+                path.display(),
+                info.layer
+            );
             moments.push(Moments {
-                count: read("count", 1)?[0] as u64,
-                mean_x: read("mean_x", d)?,
-                mean_y: read("mean_y", d)?,
+                count: count as u64,
+                mean_x: read("mean_x", &[d])?,
+                mean_y: read("mean_y", &[d])?,
                 sxx: matrix("sxx")?,
                 syx: matrix("syx")?,
                 syy: matrix("syy")?,
-                cos_sum: read("cos_sum", 1)?[0],
+                cos_sum: read("cos_sum", &[1])?[0],
             });
         }
         Ok(Stats { fingerprint: field("model_fingerprint")?, hidden_size, layers, moments, data })
@@ -320,8 +347,12 @@ impl Stats {
                 part.fingerprint
             );
             for d in &part.data {
+                // The same shard of the same data, or the same whole run: the same tokens twice.
                 ensure!(
-                    !merged.data.iter().any(|m| m.shard == d.shard && d.shard[1] > 1 && m.files == d.files),
+                    !merged
+                        .data
+                        .iter()
+                        .any(|m| m == d || (m.shard == d.shard && d.shard[1] > 1 && m.files == d.files)),
                     "{}: shard {}/{} is already part of the merge",
                     path.display(),
                     d.shard[0],

@@ -138,16 +138,32 @@ fn sharded_calibration_merges_into_exactly_one_run() {
     }
     assert_eq!(b.data.len(), 3);
 
-    // A shard merged twice is refused.
+    // A shard merged twice is refused, under its own name or another.
+    let copy = dir.path().join("copy.safetensors");
+    std::fs::copy(&shards[0], &copy).unwrap();
+    let twice = dir.path().join("twice.safetensors");
+    for (second, needle) in [(&shards[0], "is given twice"), (&copy, "already part of the merge")] {
+        let out = nbl(&[
+            "merge-stats",
+            shards[0].to_str().unwrap(),
+            second.to_str().unwrap(),
+            "-o",
+            twice.to_str().unwrap(),
+        ]);
+        assert_bad_input(&out, needle);
+    }
+    // So is a whole run merged with itself.
+    let whole_copy = dir.path().join("whole-copy.safetensors");
+    std::fs::copy(&whole, &whole_copy).unwrap();
     let out = nbl(&[
         "merge-stats",
-        shards[0].to_str().unwrap(),
-        shards[0].to_str().unwrap(),
+        whole.to_str().unwrap(),
+        whole_copy.to_str().unwrap(),
         "-o",
-        dir.path().join("twice.safetensors").to_str().unwrap(),
+        twice.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("already part of the merge"), "{}", stderr(&out));
+    assert_bad_input(&out, "already part of the merge");
+    assert!(!twice.exists());
 }
 
 #[test]

@@ -231,6 +231,19 @@ impl Model {
         atomic::persist(tmp, out)
     }
 
+    /// Every file this model is read from: the model and its external data files.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.path.clone()];
+        files.extend(self.external_files().iter().map(|f| self.dir().join(f)));
+        files
+    }
+
+    /// The external data file a copy saved at `out` writes beside it, if the model has external data.
+    pub fn data_file_for(&self, out: &Path) -> Option<PathBuf> {
+        let name = self.external_data_name(out.file_name()?.to_str()?)?;
+        Some(crate::atomic::dir_of(out).join(name))
+    }
+
     /// The data-file name for a copy saved as `out_name`, following the input's convention; `None`
     /// when the model has no external data.
     fn external_data_name(&self, out_name: &str) -> Option<String> {
