@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
 use crate::onnx::proto::{GraphProto, NodeProto};
@@ -722,29 +722,41 @@ fn hidden_size(model: &Model, index: &GraphIndex, x: TensorId, start: TensorId) 
     let graph = model.graph();
     let name = index.name(x);
     let declared = graph.value_info.iter().chain(&graph.input).find(|v| v.name() == name);
-    if let Some(Some(d)) = declared.and_then(value_type).and_then(|(_, dims)| dims.last().copied())
-        && d > 0
-    {
-        return Ok(d as usize);
-    }
-    if let Some((node, _)) = index.producer(start)
-        && graph.node[node].op_type() == "Gather"
-        && let Some((_, cols)) = index.input(node, 0).and_then(|t| embedding_table(graph, index, t))
-    {
-        return Ok(cols);
-    }
-    for &(c, _) in index.consumers(x) {
+    let declared = declared
+        .and_then(value_type)
+        .and_then(|(_, dims)| dims.last().copied().flatten())
+        .filter(|&d| d > 0)
+        .map(|d| d as u64);
+    let embedding = index
+        .producer(start)
+        .filter(|&(node, _)| graph.node[node].op_type() == "Gather")
+        .and_then(|(node, _)| index.input(node, 0))
+        .and_then(|t| embedding_table(graph, index, t))
+        .map(|(_, cols)| cols as u64);
+    let norm_scale = index.consumers(x).iter().find_map(|&(c, _)| {
         let n = &graph.node[c];
-        if n.op_type().contains("Normalization")
-            && let Some(scale) = index.input(c, if SKIP_NORM_OPS.contains(&n.op_type()) { 2 } else { 1 })
-            && let Some(i) = index.initializer(scale)
-            && graph.initializer[i].dims.len() == 1
-        {
-            return Ok(graph.initializer[i].dims[0] as usize);
-        }
+        let slot = if SKIP_NORM_OPS.contains(&n.op_type()) { 2 } else { 1 };
+        let scale = index.input(c, slot).filter(|_| n.op_type().contains("Normalization"))?;
+        let dims = &graph.initializer[index.initializer(scale)?].dims;
+        (dims.len() == 1).then(|| dims[0] as u64)
+    });
+    let d = declared.or(embedding).or(norm_scale).with_context(|| {
+        format!("cannot tell the hidden size of {name:?}: no declared shape, embedding table or norm scale")
+    })?;
+    // Where the graph says it twice, both must agree: a damaged declaration would size every
+    // statistic (d² values per matrix) after it.
+    if let (Some(a), Some(b)) = (declared, embedding.or(norm_scale)) {
+        ensure!(a == b, "{name:?} is declared {a} wide, but the embedding table or norm scale is {b} wide");
     }
-    bail!("cannot tell the hidden size of {name:?}: no declared shape, embedding table or norm scale")
+    ensure!(
+        d <= MAX_HIDDEN_SIZE,
+        "{name:?} is {d} wide: more than any decoder's hidden size ({MAX_HIDDEN_SIZE})"
+    );
+    Ok(d as usize)
 }
+
+/// The widest residual stream this tool accepts (the largest decoders have d ≈ 2¹⁴).
+const MAX_HIDDEN_SIZE: u64 = 1 << 17;
 
 /// The number of rows of the embedding table the stream starts from.
 fn embedding_rows(graph: &GraphProto, index: &GraphIndex, start: TensorId) -> Option<usize> {

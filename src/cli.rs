@@ -229,6 +229,9 @@ pub struct RewriteArgs {
     /// Report (default: <stem>.nbl.json beside the output)
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Write the model even when the selection replaces no layer (an unchanged copy)
+    #[arg(long)]
+    pub allow_noop: bool,
 }
 
 #[derive(clap::Args)]

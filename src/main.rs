@@ -141,6 +141,12 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
     };
     let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, false)?;
     eprintln!("{}", analysis.choice());
+    if analysis.selected.is_empty() && !args.allow_noop {
+        eprintln!(
+            "nothing to rewrite: the selection replaces no layer; pass --allow-noop to write an unchanged copy"
+        );
+        return Err(check::Failed.into());
+    }
     let summary = rewrite_selected(&mut model, &blocks, &analysis, &stats, args.replace, args.kv)?;
     nbl_onnx::atomic::create_dir(&output)?;
     nbl_onnx::atomic::create_dir(&report_path)?;

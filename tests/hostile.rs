@@ -147,3 +147,109 @@ fn flags_out_of_range_are_refused_naming_the_flag() {
     refused(d, &args, "is not in the vocabulary");
     let _ = Model::load(&s.model).unwrap();
 }
+
+/// A copy of `fixture`'s model with `damage` done to it, saved as `name` in `dir` (re-encoded
+/// directly, so that the damage is not repaired on the way).
+fn damaged_model(
+    dir: &Path,
+    fixture: &str,
+    name: &str,
+    damage: impl Fn(&mut nbl_onnx::onnx::proto::ModelProto),
+) -> String {
+    use prost::Message;
+    let mut proto = Model::load(model_path(fixture)).unwrap().proto;
+    damage(&mut proto);
+    let path = dir.join(name);
+    std::fs::write(&path, proto.encode_to_vec()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn damaged_models_are_refused_before_anything_is_written() {
+    use nbl_onnx::onnx::proto::{StringStringEntryProto, TensorShapeProto, tensor_shape_proto, type_proto};
+    let s = setup("llama-optimum-extdata");
+    let d = s.dir.path();
+    let fixture = "llama-optimum-past";
+    let short = damaged_model(d, fixture, "short.onnx", |p| {
+        let t = &mut p.graph.as_mut().unwrap().initializer[0];
+        let raw = t.raw_data.as_ref().unwrap();
+        t.raw_data = Some(raw.slice(..raw.len() / 2));
+    });
+    let twice = damaged_model(d, fixture, "twice.onnx", |p| {
+        let g = p.graph.as_mut().unwrap();
+        let copy = g.initializer[0].clone();
+        g.initializer.push(copy);
+    });
+    // A declared width of 2^40 for the stream: every d×d statistic would be sized after it.
+    let huge_width = damaged_model(d, fixture, "huge.onnx", |p| {
+        let x = "/model/embed_tokens/Gather_output_0";
+        let mut declared = nbl_onnx::onnx::build::tensor_value(x, nbl_onnx::onnx::DType::F32, Some(3));
+        let Some(type_proto::Value::TensorType(t)) = declared.r#type.as_mut().unwrap().value.as_mut() else {
+            panic!()
+        };
+        let dims: &mut TensorShapeProto = t.shape.as_mut().unwrap();
+        dims.dim[2].value = Some(tensor_shape_proto::dimension::Value::DimValue(1 << 40));
+        p.graph.as_mut().unwrap().value_info.push(declared);
+    });
+    // External data: a symlink out of the directory, the model file itself, an offset that wraps.
+    std::os::unix::fs::symlink("/etc/hostname", d.join("escape.data")).unwrap();
+    let extdata = "llama-optimum-extdata";
+    let relocate = |name: &str, location: &str, offset: &str| {
+        let (location, offset) = (location.to_string(), offset.to_string());
+        damaged_model(d, extdata, name, move |p| {
+            let t = p
+                .graph
+                .as_mut()
+                .unwrap()
+                .initializer
+                .iter_mut()
+                .find(|t| !t.external_data.is_empty())
+                .unwrap();
+            let entry =
+                |k: &str, v: &str| StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
+            let length = t.external_data.iter().find(|e| e.key() == "length").unwrap().value().to_string();
+            t.external_data =
+                vec![entry("location", &location), entry("offset", &offset), entry("length", &length)];
+        })
+    };
+    let escape = relocate("escape.onnx", "escape.data", "0");
+    let itself = relocate("itself.onnx", "itself.onnx", "0");
+    let wrap = relocate("wrap.onnx", "model.onnx_data", &(u64::MAX - 8).to_string());
+    let cases = [
+        (&short, "holds"),
+        (&twice, "is defined twice"),
+        (&escape, "not a data file in the model's directory"),
+        (&itself, "not a data file in the model's directory"),
+        (&wrap, "needs bytes"),
+    ];
+    let corpus = s.corpus.to_str().unwrap();
+    let out = d.join("out.onnx");
+    for (model, needle) in cases {
+        refused(d, &["inspect", model], needle);
+        refused(
+            d,
+            &["rewrite", model, "--data", corpus, "--seq-len", "16", "-o", out.to_str().unwrap()],
+            needle,
+        );
+    }
+    let stats = d.join("huge.safetensors");
+    refused(
+        d,
+        &calibrate_args(&huge_width, corpus, "16", "4", stats.to_str().unwrap()),
+        "declared 1099511627776 wide",
+    );
+}
+
+#[test]
+fn a_rewrite_that_replaces_nothing_says_so_and_writes_nothing() {
+    let s = setup("llama-optimum-past");
+    let d = s.dir.path();
+    let (model, stats) = (s.model.to_str().unwrap(), s.stats.to_str().unwrap());
+    let before = snapshot(d);
+    let out = nbl(&["rewrite", model, "--stats", stats, "--max-bound", "0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("nothing to rewrite"), "{}", stderr(&out));
+    assert_eq!(snapshot(d), before);
+    let out = nbl(&["rewrite", model, "--stats", stats, "--layers", "0", "--allow-noop"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

@@ -106,7 +106,7 @@ fn linearised_layers_compute_x_w_plus_b_from_the_statistics() {
 fn zero_layers_leave_every_output_bit_for_bit() {
     for fixture in fixture_names() {
         let ws = workspace(&fixture);
-        let out = rewrite(&ws, &["--layers", "0"]);
+        let out = rewrite(&ws, &["--layers", "0", "--allow-noop"]);
         let (_, before) = run(&ws.model, &fixture, &[]);
         let (_, after) = run(&out, &fixture, &[]);
         for (a, b) in before.iter().zip(&after) {
@@ -272,7 +272,7 @@ fn rewritten_fixtures_pass_check_and_decode_with_their_kv_cache() {
         assert_eq!(code, Some(0), "{fixture}: {original}");
         let tract_ran_the_original = status(&original, "tract") == "ok";
         for k in ["0", "1", "2"] {
-            let out = rewrite(&ws, &["--layers", k]);
+            let out = rewrite(&ws, &["--layers", k, "--allow-noop"]);
             let reference = ws.model.to_str().unwrap();
             let (code, report) = check(&out, &["--reference", reference, "--decode-steps", steps]);
             assert_eq!(code, Some(0), "{fixture} k={k}: {report}");

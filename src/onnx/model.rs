@@ -64,6 +64,7 @@ impl Model {
         })?;
         let model = Model { path: path.to_path_buf(), proto };
         model.check_header()?;
+        model.check_initializers()?;
         model.check_external_data()?;
         Ok(model)
     }
@@ -103,16 +104,70 @@ impl Model {
         Ok(())
     }
 
+    /// Checks that initializer names are unique and that every initializer stored in the model
+    /// holds exactly the elements its dims say (a short one would be read past its end).
+    fn check_initializers(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for t in &self.graph().initializer {
+            ensure!(
+                names.insert(t.name()),
+                "{}: initializer {:?} is defined twice",
+                self.path.display(),
+                t.name()
+            );
+            let count = element_count(t).with_context(|| self.path.display().to_string())?;
+            if t.data_location() == tensor_proto::DataLocation::External {
+                continue;
+            }
+            if let Some(raw) = &t.raw_data {
+                if let Some(expected) = expected_byte_len(t) {
+                    ensure!(
+                        raw.len() as u64 == expected,
+                        "{}: initializer {:?} holds {} bytes, but its dims {:?} and type need {expected}",
+                        self.path.display(),
+                        t.name(),
+                        raw.len(),
+                        t.dims
+                    );
+                }
+            } else if let Some(stored) = stored_elements(t) {
+                ensure!(
+                    stored == count,
+                    "{}: initializer {:?} holds {stored} values, but its dims {:?} say {count}",
+                    self.path.display(),
+                    t.name(),
+                    t.dims
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that every external-data reference is safe and lies inside an existing file. Reads
     /// file sizes only, never the data.
     fn check_external_data(&self) -> Result<()> {
         let mut sizes: HashMap<String, u64> = HashMap::new();
+        let model_file = fs::canonicalize(&self.path)?;
+        let dir = fs::canonicalize(self.dir())?;
         for tensor in external_tensors(self.graph()) {
             let loc = external_location(tensor)?.expect("external tensors only");
             let file = self.dir().join(&loc.location);
             let size = match sizes.get(&loc.location) {
                 Some(&size) => size,
                 None => {
+                    // After symlinks, the data must still be a file of the model's directory, and
+                    // not the model itself.
+                    if let Ok(real) = fs::canonicalize(&file) {
+                        ensure!(
+                            real.starts_with(&dir) && real != model_file,
+                            "{}: initializer {:?} stores its data in {}, which leads to {}: not a data file in the \
+                             model's directory",
+                            self.path.display(),
+                            tensor.name(),
+                            file.display(),
+                            real.display()
+                        );
+                    }
                     let meta = fs::metadata(&file).map_err(|e| {
                         anyhow::anyhow!(
                             "{}: initializer {:?} stores its data in {}, which cannot be read: {e}",
@@ -127,13 +182,22 @@ impl Model {
                 }
             };
             let length = loc.length.unwrap_or_else(|| expected_byte_len(tensor).unwrap_or(0));
+            let end = loc.offset.saturating_add(length);
+            if let Some(expected) = expected_byte_len(tensor) {
+                ensure!(
+                    length == expected,
+                    "{}: initializer {:?} stores {length} bytes externally; its dims and type need {expected}",
+                    self.path.display(),
+                    tensor.name()
+                );
+            }
             ensure!(
-                loc.offset + length <= size,
+                end <= size,
                 "{}: initializer {:?} needs bytes {}..{} of {}, which has only {size} bytes (truncated data file?)",
                 self.path.display(),
                 tensor.name(),
                 loc.offset,
-                loc.offset + length,
+                end,
                 file.display()
             );
         }
@@ -357,8 +421,34 @@ pub fn tensor_shape(tensor: &TensorProto) -> Result<Vec<usize>> {
 
 fn expected_byte_len(tensor: &TensorProto) -> Option<u64> {
     let size = DType::from_onnx(tensor.data_type()).size()? as u64;
-    let count: i64 = tensor.dims.iter().product();
-    Some(count as u64 * size)
+    element_count(tensor).ok()?.checked_mul(size)
+}
+
+/// The number of elements a tensor's dims say it holds; an error for a negative dimension or a
+/// product that overflows.
+fn element_count(tensor: &TensorProto) -> Result<u64> {
+    tensor.dims.iter().try_fold(1u64, |n, &d| {
+        let d =
+            u64::try_from(d).ok().with_context(|| format!("tensor {:?} has dimension {d}", tensor.name()))?;
+        n.checked_mul(d).with_context(|| {
+            format!("tensor {:?} has dims {:?}: too many elements", tensor.name(), tensor.dims)
+        })
+    })
+}
+
+/// How many values a tensor stored in the model's typed fields holds (not `raw_data`). `None` for
+/// element types without a typed field this tool reads.
+fn stored_elements(tensor: &TensorProto) -> Option<u64> {
+    let dtype = DType::from_onnx(tensor.data_type());
+    Some(match dtype {
+        DType::F32 => tensor.float_data.len(),
+        DType::F64 => tensor.double_data.len(),
+        DType::I64 => tensor.int64_data.len(),
+        DType::I32 | DType::F16 | DType::BF16 | DType::I8 | DType::U8 | DType::Bool => {
+            tensor.int32_data.len()
+        }
+        DType::Other(_) => return None,
+    } as u64)
 }
 
 /// All initializers with external data in a graph and its subgraphs, in a fixed order.

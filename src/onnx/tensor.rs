@@ -5,6 +5,9 @@ use anyhow::{Result, bail, ensure};
 use half::{bf16, f16};
 use ndarray::{ArrayD, IxDyn};
 
+/// The largest tensor this tool creates itself (KV caches, inputs): 64 GiB.
+const MAX_TENSOR_BYTES: usize = 1 << 36;
+
 /// An ONNX element type (`TensorProto.DataType`), with the types this tool computes in named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -145,6 +148,15 @@ impl Tensor {
 
     /// A tensor of zeros (false for bool).
     pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        // Refuse what cannot be allocated before trying: a damaged shape would abort the process.
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size().unwrap_or(1), |n, &d| n.checked_mul(d))
+            .filter(|&b| b <= MAX_TENSOR_BYTES);
+        ensure!(
+            bytes.is_some(),
+            "a {dtype} tensor of shape {shape:?} is larger than {MAX_TENSOR_BYTES} bytes"
+        );
         let shape = IxDyn(shape);
         Ok(match dtype {
             DType::F32 => Tensor::F32(ArrayD::zeros(shape)),
