@@ -89,10 +89,15 @@ pub fn read_sources(files: &[PathBuf]) -> Result<Vec<(String, Vec<Document>)>> {
 pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+    parse_documents(&text, path)
+}
+
+/// The documents of a data file's text; `path`'s extension says its format.
+pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let docs = match ext {
-        "txt" => vec![Document::Text(text)],
-        "json" => parse_json(&text, &path.display().to_string())?,
+        "txt" => vec![Document::Text(text.to_string())],
+        "json" => parse_json(text, &path.display().to_string())?,
         "jsonl" => text
             .lines()
             .enumerate()

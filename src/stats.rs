@@ -248,11 +248,17 @@ impl Stats {
         // SAFETY: read-only map of a file we do not modify.
         let map =
             unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        Stats::from_bytes(&map, path)
+    }
+
+    /// Reads statistics from the bytes of a file (`path` names it in messages), checking every
+    /// tensor: see [`Stats::load`].
+    pub fn from_bytes(map: &[u8], path: &Path) -> Result<Stats> {
         let not_stats = |e: &dyn std::fmt::Display| {
             anyhow::anyhow!("{} is not an nbl-onnx statistics file: {e}", path.display())
         };
-        let (_, header) = SafeTensors::read_metadata(&map).map_err(|e| not_stats(&e))?;
-        let st = SafeTensors::deserialize(&map).map_err(|e| not_stats(&e))?;
+        let (_, header) = SafeTensors::read_metadata(map).map_err(|e| not_stats(&e))?;
+        let st = SafeTensors::deserialize(map).map_err(|e| not_stats(&e))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field =
             |k: &str| meta.get(k).cloned().ok_or_else(|| not_stats(&format!("no {k:?} in its metadata")));

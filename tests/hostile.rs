@@ -253,3 +253,188 @@ fn a_rewrite_that_replaces_nothing_says_so_and_writes_nothing() {
     let out = nbl(&["rewrite", model, "--stats", stats, "--layers", "0", "--allow-noop"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// Flags and files every command refuses, one table: each case exits 2 with one error naming the
+/// flag or file, and writes nothing.
+#[test]
+fn every_command_refuses_bad_flags_and_files_naming_them() {
+    let s = setup("llama-optimum-past");
+    let d = s.dir.path();
+    let (model, stats, corpus) =
+        (s.model.to_str().unwrap(), s.stats.to_str().unwrap(), s.corpus.to_str().unwrap());
+    let path = |name: &str| d.join(name).to_str().unwrap().to_string();
+    std::fs::write(d.join("notes.txt"), "not a model").unwrap();
+    std::fs::write(d.join("data.csv"), "a,b").unwrap();
+    std::fs::write(d.join("broken.json"), "[{").unwrap();
+    std::fs::write(d.join("negative.json"), r#"[{"input_ids": [1, -2]}]"#).unwrap();
+    std::fs::write(d.join("nothing.json"), r#"[{"other": 1}]"#).unwrap();
+    let other = setup("qwen2-optimum-past");
+    let (out, notes, csv) = (path("out.x"), path("notes.txt"), path("data.csv"));
+    let (broken, negative, nothing, missing) =
+        (path("broken.json"), path("negative.json"), path("nothing.json"), path("missing.json"));
+    let other_stats = other.stats.to_str().unwrap();
+    let calibrate = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> =
+            ["calibrate", model, "--data", corpus, "--seq-len", "16", "--samples", "4", "-o", &out]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (calibrate(&["--samples", "0"]), "--samples"),
+        (calibrate(&["--seq-len", "0"]), "--seq-len"),
+        (calibrate(&["--batch", "0"]), "--batch"),
+        (calibrate(&["--shard", "3/2"]), "shard"),
+        (calibrate(&["--shard", "x"]), "shard"),
+        (calibrate(&["--shard", "0/0"]), "shard"),
+        (calibrate(&["--data", &missing]), "missing.json"),
+        (calibrate(&["--data", &csv]), "unsupported data file"),
+        (calibrate(&["--data", &broken]), "broken.json"),
+        (calibrate(&["--data", &negative]), "non-negative"),
+        (calibrate(&["--data", &nothing]), "\"text\" or \"input_ids\""),
+        (calibrate(&["--tokenizer", &missing]), "missing.json"),
+        (calibrate(&["--tokenizer", &notes]), "cannot load tokenizer"),
+        (calibrate(&["--engine", "nope"]), "--engine"),
+        (calibrate(&["--ep", "nope"]), "--ep"),
+        (vec!["calibrate".into(), notes.clone(), "-o".into(), out.clone()], "notes.txt"),
+        (vec!["analyze".into(), notes.clone()], "notes.txt"),
+        (vec!["analyze".into(), missing.clone()], "missing.json"),
+        (vec!["analyze".into(), stats.into(), "--lambda=-1".into()], "--lambda"),
+        (vec!["analyze".into(), stats.into(), "--lambda".into(), "nan".into()], "--lambda"),
+        (vec!["analyze".into(), stats.into(), "--layers".into(), "9".into()], "--layers 9"),
+        (vec!["analyze".into(), stats.into(), "--layer-ids".into(), "7".into()], "layer 7"),
+        (vec!["analyze".into(), stats.into(), "--max-bound=-1".into()], "--max-bound"),
+        (
+            vec!["analyze".into(), stats.into(), "--model".into(), other.model.to_str().unwrap().into()],
+            "another model",
+        ),
+        (vec!["analyze".into(), stats.into(), "--chart".into(), path("")], "directory"),
+        (
+            vec![
+                "rewrite".into(),
+                model.into(),
+                "--stats".into(),
+                stats.into(),
+                "--lambda".into(),
+                "inf".into(),
+            ],
+            "--lambda",
+        ),
+        (
+            vec![
+                "rewrite".into(),
+                model.into(),
+                "--stats".into(),
+                stats.into(),
+                "--layers".into(),
+                "4".into(),
+            ],
+            "--layers 4",
+        ),
+        (
+            vec![
+                "rewrite".into(),
+                model.into(),
+                "--stats".into(),
+                stats.into(),
+                "--layer-ids".into(),
+                "2,0,9".into(),
+            ],
+            "layer 9",
+        ),
+        (vec!["rewrite".into(), model.into(), "--stats".into(), other_stats.into()], "another model"),
+        (vec!["rewrite".into(), model.into(), "--stats".into(), notes.clone()], "notes.txt"),
+        (
+            vec![
+                "rewrite".into(),
+                model.into(),
+                "--stats".into(),
+                stats.into(),
+                "--replace".into(),
+                "nope".into(),
+            ],
+            "--replace",
+        ),
+        (
+            vec![
+                "rewrite".into(),
+                model.into(),
+                "--stats".into(),
+                stats.into(),
+                "--kv".into(),
+                "nope".into(),
+            ],
+            "--kv",
+        ),
+        (vec!["rewrite".into(), notes.clone(), "--stats".into(), stats.into()], "notes.txt"),
+        (vec!["check".into(), model.into(), "--prompt-len".into(), "0".into()], "--prompt-len"),
+        (vec!["check".into(), model.into(), "--prompts".into(), "0".into()], "--prompts"),
+        (vec!["check".into(), model.into(), "--max-kl".into(), "1".into()], "--reference"),
+        (vec!["check".into(), model.into(), "--reference".into(), notes.clone()], "notes.txt"),
+        (
+            vec![
+                "check".into(),
+                model.into(),
+                "--reference".into(),
+                model.into(),
+                "--min-top1".into(),
+                "inf".into(),
+            ],
+            "--min-top1",
+        ),
+        (vec!["check".into(), model.into(), "--data".into(), csv.clone()], "unsupported data file"),
+        (
+            vec!["eval".into(), model.into(), "--data".into(), corpus.into(), "--seq-len".into(), "0".into()],
+            "--seq-len",
+        ),
+        (
+            vec![
+                "eval".into(),
+                model.into(),
+                model.into(),
+                "--data".into(),
+                corpus.into(),
+                "--seq-len".into(),
+                "16".into(),
+                "--gen-tokens".into(),
+                "0".into(),
+            ],
+            "--gen-tokens",
+        ),
+        (vec!["eval".into(), model.into(), "--data".into(), missing.clone()], "missing.json"),
+        (vec!["eval".into(), notes.clone(), "--data".into(), corpus.into()], "notes.txt"),
+        (vec!["bench".into(), model.into(), "--runs".into(), "0".into()], "--runs"),
+        (vec!["bench".into(), model.into(), "--gen".into(), "0".into()], "--gen"),
+        (vec!["bench".into(), model.into(), "--prompt-len".into(), "0".into()], "--prompt-len"),
+        (vec!["bench".into(), notes.clone()], "notes.txt"),
+        (vec!["bench".into(), model_path("llama-optimum-nopast").to_str().unwrap().into()], "no KV cache"),
+        (
+            vec!["merge-stats".into(), stats.into(), other_stats.into(), "-o".into(), out.clone()],
+            "different models",
+        ),
+        (vec!["merge-stats".into(), notes.clone(), "-o".into(), out.clone()], "notes.txt"),
+        (vec!["merge-stats".into(), stats.into(), "-o".into(), stats.into()], "refusing to write"),
+        (vec!["inspect".into(), notes.clone()], "notes.txt"),
+        (vec!["inspect".into(), missing.clone()], "missing.json"),
+        (
+            vec![
+                "inspect".into(),
+                model.into(),
+                "--run".into(),
+                "--engine".into(),
+                "tract".into(),
+                "--ep".into(),
+                "cuda".into(),
+            ],
+            "tract runs on the CPU only",
+        ),
+        (vec!["nonsense".into()], "nonsense"),
+    ];
+    assert!(cases.len() >= 50);
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(d, &args, needle);
+    }
+}

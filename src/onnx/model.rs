@@ -56,7 +56,13 @@ impl Model {
         // memory-mapped reader (tract and ONNX Runtime map models the same way).
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map model {}", path.display()))?;
-        let proto = ModelProto::decode(Bytes::from_owner(map)).map_err(|e| {
+        Model::from_bytes(Bytes::from_owner(map), path)
+    }
+
+    /// Decodes and checks a model from its bytes; `path` names it in messages and locates its
+    /// external data.
+    pub fn from_bytes(bytes: Bytes, path: &Path) -> Result<Model> {
+        let proto = ModelProto::decode(bytes).map_err(|e| {
             anyhow::anyhow!(
                 "{} is not a valid ONNX model (protobuf decoding failed: {e}); is the file truncated or of another format?",
                 path.display()
@@ -147,8 +153,8 @@ impl Model {
     /// file sizes only, never the data.
     fn check_external_data(&self) -> Result<()> {
         let mut sizes: HashMap<String, u64> = HashMap::new();
-        let model_file = fs::canonicalize(&self.path)?;
-        let dir = fs::canonicalize(self.dir())?;
+        let model_file = fs::canonicalize(&self.path).ok();
+        let dir = fs::canonicalize(self.dir()).ok();
         for tensor in external_tensors(self.graph()) {
             let loc = external_location(tensor)?.expect("external tensors only");
             let file = self.dir().join(&loc.location);
@@ -157,9 +163,9 @@ impl Model {
                 None => {
                     // After symlinks, the data must still be a file of the model's directory, and
                     // not the model itself.
-                    if let Ok(real) = fs::canonicalize(&file) {
+                    if let (Ok(real), Some(dir)) = (fs::canonicalize(&file), &dir) {
                         ensure!(
-                            real.starts_with(&dir) && real != model_file,
+                            real.starts_with(dir) && Some(&real) != model_file.as_ref(),
                             "{}: initializer {:?} stores its data in {}, which leads to {}: not a data file in the \
                              model's directory",
                             self.path.display(),
