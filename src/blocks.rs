@@ -616,6 +616,23 @@ fn analyse_branch(
     };
     if matches!(verdict, Verdict::Attention(_)) {
         let branch = index.name(term.tensor);
+        for &n in &dying {
+            check_attention_inputs(&graph.node[n])?;
+        }
+        if let Some((producer, _)) = index.producer(term.tensor)
+            && matches!(graph.node[producer].op_type(), "MatMul" | "Gemm")
+            && let Some(weight) = index.input(producer, 1).and_then(|w| index.constant_source(graph, w))
+        {
+            ensure!(
+                weight.dims.len() == 2,
+                "the attention branch {branch:?} ends in node {:?} ({}) whose weight {:?} has rank {}, not 2: \
+                 not an output projection this tool can replace",
+                graph.node[producer].name(),
+                graph.node[producer].op_type(),
+                weight.name(),
+                weight.dims.len()
+            );
+        }
         for &o in &kv_outputs {
             let declared = graph.output.iter().find(|v| v.name() == index.name(o)).and_then(value_type);
             if let Some((dtype, dims)) = declared
@@ -640,6 +657,29 @@ fn analyse_branch(
         }
     }
     Ok(BranchAnalysis { verdict, dying, kv_inputs, kv_outputs })
+}
+
+/// Fails for a fused attention node without the inputs its operator requires (ONNX Runtime would
+/// refuse the graph; a rewrite must not pass it on).
+fn check_attention_inputs(node: &NodeProto) -> Result<()> {
+    let required: &[usize] = match node.op_type() {
+        // query, (key, value), past key, past value, seqlens_k, total_sequence_length
+        "GroupQueryAttention" => &[0, 5, 6],
+        "MultiHeadAttention" | "PackedMultiHeadAttention" | "DecoderMaskedMultiHeadAttention" => &[0],
+        // com.microsoft::Attention: input, weights; ai.onnx::Attention: Q, K, V
+        "Attention" if node.domain() == "com.microsoft" => &[0, 1],
+        "Attention" => &[0, 1, 2],
+        _ => &[],
+    };
+    for &slot in required {
+        ensure!(
+            node.input.get(slot).is_some_and(|i| !i.is_empty()),
+            "node {:?} ({}) lacks its required input {slot}",
+            node.name(),
+            node.op_type()
+        );
+    }
+    Ok(())
 }
 
 /// The constant-weight products on the way from a branch's attention (its Softmax or fused

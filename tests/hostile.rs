@@ -232,6 +232,24 @@ fn damaged_models_are_refused_before_anything_is_written() {
             needle,
         );
     }
+    // Operators without what they need: a GroupQueryAttention missing its sequence lengths, an
+    // output projection whose weight is not a matrix.
+    let gqa = damaged_model(d, "llama-genai-fp32", "gqa.onnx", |p| {
+        let node =
+            p.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type() == "GroupQueryAttention").unwrap();
+        node.input.truncate(5);
+    });
+    std::fs::copy(fixtures_dir().join("llama-genai-fp32/model.onnx.data"), d.join("model.onnx.data"))
+        .unwrap();
+    let rank3 = damaged_model(d, fixture, "rank3.onnx", |p| {
+        let g = p.graph.as_mut().unwrap();
+        let o_proj = g.node.iter().find(|n| n.name().contains("layers.0/self_attn/o_proj")).unwrap();
+        let weight = o_proj.input[1].clone();
+        let t = g.initializer.iter_mut().find(|t| t.name() == weight).unwrap();
+        t.dims = vec![1, 64, 64];
+    });
+    refused(d, &["inspect", &rank3], "has rank 3, not 2");
+    refused(d, &["inspect", &gqa], "lacks its required input 5");
     let stats = d.join("huge.safetensors");
     refused(
         d,
