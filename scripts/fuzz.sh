@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs one fuzz target for a bounded time: scripts/fuzz.sh model|stats|data SECONDS
+# Runs one fuzz target for a bounded time: scripts/fuzz.sh model|stats|data SECONDS [libFuzzer flags]
+# (e.g. -runs=1000000 to stop after a million executions)
 # Uses cargo-fuzz (libFuzzer) on the stable toolchain (RUSTC_BOOTSTRAP=1 lets it pass its -Z
 # flags). The corpus starts from the small seeds in fuzz/seeds/TARGET (decoders of hidden size 8,
 # a statistics file of them, data files; the fixtures are too large to mutate quickly) and grows
@@ -20,4 +21,5 @@ export RUSTC_BOOTSTRAP=1
 # Sanitizer builds of their own, away from the test builds.
 export CARGO_TARGET_DIR="${NBL_FUZZ_TARGET_DIR:-$HOME/.cache/nbl-onnx/fuzz-target}"
 cd fuzz
-exec cargo fuzz run "$target" "../$corpus" "../fuzz/seeds/$target" -- -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=4096
+exec cargo fuzz run "$target" "../$corpus" "../fuzz/seeds/$target" -- -max_total_time="$seconds" \
+  -print_final_stats=1 -rss_limit_mb=4096 "${@:3}"
