@@ -121,6 +121,33 @@ fn statistics_that_do_not_hold_what_they_claim_are_refused() {
             "holds statistics of layers [0, 2]",
         ),
     ];
+    // Counts are f64 in the file: negative or fractional ones are written straight into it.
+    let count = |name: &str, value: f64| -> String {
+        use safetensors::{SafeTensors, tensor::TensorView};
+        let bytes = std::fs::read(&s.stats).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let replaced = value.to_le_bytes();
+        let tensors: Vec<(String, TensorView<'_>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(key, view)| {
+                let view = if key == "layers.1.count" {
+                    TensorView::new(view.dtype(), view.shape().to_vec(), &replaced).unwrap()
+                } else {
+                    view
+                };
+                (key, view)
+            })
+            .collect();
+        let path = d.join(name);
+        safetensors::serialize_to_file(tensors, header.metadata().clone(), &path).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (negative, fractional) = (count("negative.st", -3.0), count("fraction.st", 2.5));
+    let mut cases = cases;
+    cases.push((negative, "a token count of -3"));
+    cases.push((fractional, "a token count of 2.5"));
     for (stats, needle) in &cases {
         refused(d, &["rewrite", model, "--stats", stats, "--layer-ids", "1"], needle);
     }
@@ -237,6 +264,11 @@ fn damaged_models_are_refused_before_anything_is_written() {
     let gqa = damaged_model(d, "llama-genai-fp32", "gqa.onnx", |p| {
         let node =
             p.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type() == "GroupQueryAttention").unwrap();
+        node.input[5] = String::new();
+    });
+    let gqa_short = damaged_model(d, "llama-genai-fp32", "gqa-short.onnx", |p| {
+        let node =
+            p.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type() == "GroupQueryAttention").unwrap();
         node.input.truncate(5);
     });
     std::fs::copy(fixtures_dir().join("llama-genai-fp32/model.onnx.data"), d.join("model.onnx.data"))
@@ -248,8 +280,27 @@ fn damaged_models_are_refused_before_anything_is_written() {
         let t = g.initializer.iter_mut().find(|t| t.name() == weight).unwrap();
         t.dims = vec![1, 64, 64];
     });
+    let skip_alone = damaged_model(d, "llama-genai-fp32", "skip.onnx", |p| {
+        let g = p.graph.as_mut().unwrap();
+        let skip = g.node.iter_mut().find(|n| n.op_type() == "SkipSimplifiedLayerNormalization").unwrap();
+        skip.input.truncate(1);
+    });
+    let wide_add = damaged_model(d, fixture, "wide.onnx", |p| {
+        let g = p.graph.as_mut().unwrap();
+        let add = g.node.iter_mut().find(|n| n.op_type() == "Add").unwrap();
+        let first = add.input[0].clone();
+        add.input.resize(100_000, first);
+    });
+    let undefined_output = damaged_model(d, fixture, "undefined.onnx", |p| {
+        let g = p.graph.as_mut().unwrap();
+        g.output.push(nbl_onnx::onnx::build::tensor_value("nowhere", nbl_onnx::onnx::DType::F32, None));
+    });
+    refused(d, &["inspect", &skip_alone], "has 1 inputs; SkipSimplifiedLayerNormalization takes 3 to 4");
+    refused(d, &["inspect", &wide_add], "has 100000 inputs; Add takes 2 to 2");
+    refused(d, &["inspect", &undefined_output], "graph output \"nowhere\" is not produced");
     refused(d, &["inspect", &rank3], "has rank 3, not 2");
     refused(d, &["inspect", &gqa], "lacks its required input 5");
+    refused(d, &["inspect", &gqa_short], "has 5 inputs; GroupQueryAttention takes 7 to 14");
     let stats = d.join("huge.safetensors");
     refused(
         d,
@@ -455,4 +506,33 @@ fn every_command_refuses_bad_flags_and_files_naming_them() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         refused(d, &args, needle);
     }
+}
+
+/// Subgraphs nested a thousand deep: refused in one short line (the decoder's message names every
+/// enclosing field).
+#[test]
+fn deeply_nested_subgraphs_are_refused_in_one_short_line() {
+    use nbl_onnx::onnx::proto::{AttributeProto, GraphProto, NodeProto};
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::load(model_path("llama-optimum-past")).unwrap().proto;
+    let mut body = GraphProto::default();
+    for _ in 0..1000 {
+        let node = NodeProto {
+            op_type: Some("If".into()),
+            attribute: vec![AttributeProto {
+                name: Some("then_branch".into()),
+                g: Some(body),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        body = GraphProto { node: vec![node], ..Default::default() };
+    }
+    model.graph.as_mut().unwrap().node.push(body.node.remove(0));
+    let path = dir.path().join("nested.onnx");
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    let out = nbl(&["inspect", path.to_str().unwrap()]);
+    assert_bad_input(&out, "not a valid ONNX model");
+    assert!(stderr(&out).len() < 600, "{} bytes: {}", stderr(&out).len(), stderr(&out));
 }

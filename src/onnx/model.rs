@@ -14,6 +14,28 @@ use super::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto, 
 use super::tensor::{DType, Tensor};
 use crate::atomic;
 
+/// Input counts (fewest, most) of the operators detection and the rewrite read, from the ONNX and
+/// ONNX Runtime contrib operator specifications.
+const ARITY: &[(&str, usize, usize)] = &[
+    ("Add", 2, 2),
+    ("Sub", 2, 2),
+    ("Mul", 2, 2),
+    ("Div", 2, 2),
+    ("MatMul", 2, 2),
+    ("Gemm", 2, 3),
+    ("Gather", 2, 2),
+    ("Softmax", 1, 1),
+    ("Transpose", 1, 1),
+    ("Cast", 1, 1),
+    ("LayerNormalization", 2, 3),
+    ("SimplifiedLayerNormalization", 2, 2),
+    ("RMSNormalization", 2, 2),
+    ("SkipLayerNormalization", 3, 5),
+    ("SkipSimplifiedLayerNormalization", 3, 4),
+    ("MatMulNBits", 3, 6),
+    ("GroupQueryAttention", 7, 14),
+];
+
 /// Offsets in external data files are aligned to this, as ONNX Runtime expects for memory mapping.
 const EXTERNAL_ALIGNMENT: u64 = 4096;
 
@@ -63,14 +85,22 @@ impl Model {
     /// external data.
     pub fn from_bytes(bytes: Bytes, path: &Path) -> Result<Model> {
         let proto = ModelProto::decode(bytes).map_err(|e| {
+            // The decoder names every enclosing field: for deeply nested subgraphs, kilobytes.
+            let detail = e.to_string();
+            let detail = match detail.char_indices().nth(240) {
+                Some((cut, _)) => format!("{}…", &detail[..cut]),
+                None => detail,
+            };
             anyhow::anyhow!(
-                "{} is not a valid ONNX model (protobuf decoding failed: {e}); is the file truncated or of another format?",
+                "{} is not a valid ONNX model (protobuf decoding failed: {detail}); is the file truncated or of \
+                 another format?",
                 path.display()
             )
         })?;
         let model = Model { path: path.to_path_buf(), proto };
         model.check_header()?;
         model.check_initializers()?;
+        model.check_nodes()?;
         model.check_external_data()?;
         Ok(model)
     }
@@ -107,6 +137,36 @@ impl Model {
             "{p} has no opset imports; the file is probably truncated"
         );
         ensure!(!self.graph().node.is_empty(), "{p} has a graph without nodes");
+        Ok(())
+    }
+
+    /// Checks what every runtime would refuse in the nodes this tool reads and rewrites: the
+    /// number of inputs of the operators in [`ARITY`], and graph outputs that nothing defines.
+    fn check_nodes(&self) -> Result<()> {
+        let graph = self.graph();
+        for node in &graph.node {
+            let Some(&(_, min, max)) = ARITY.iter().find(|(op, ..)| *op == node.op_type()) else { continue };
+            let given = node.input.len();
+            ensure!(
+                (min..=max).contains(&given),
+                "{}: node {:?} ({}) has {given} inputs; {} takes {min} to {max}",
+                self.path.display(),
+                node.name(),
+                node.op_type(),
+                node.op_type()
+            );
+        }
+        let mut defined: std::collections::HashSet<&str> = graph.input.iter().map(|v| v.name()).collect();
+        defined.extend(graph.initializer.iter().map(|t| t.name()));
+        defined.extend(graph.node.iter().flat_map(|n| n.output.iter().map(String::as_str)));
+        for v in &graph.output {
+            ensure!(
+                defined.contains(v.name()),
+                "{}: graph output {:?} is not produced by any node, input or initializer",
+                self.path.display(),
+                v.name()
+            );
+        }
         Ok(())
     }
 
@@ -294,11 +354,14 @@ impl Model {
             bytes.len()
         );
         tmp.write_all(&bytes)?;
-        // The data file first: a model is never visible without the weights it points to.
-        if let Some((data_tmp, data_path)) = data_file {
-            atomic::persist(data_tmp, &data_path)?;
-        }
-        atomic::persist(tmp, out)
+        // The data file first: a model is never visible without the weights it points to. If the
+        // model then cannot be given its name (or an interrupt comes in between), the data file
+        // goes too: nothing is left behind.
+        let Some((data_tmp, data_path)) = data_file else { return atomic::persist(tmp, out) };
+        atomic::persist(data_tmp, &data_path)?;
+        atomic::persist(tmp, out).inspect_err(|_| {
+            let _ = fs::remove_file(&data_path);
+        })
     }
 
     /// Every file this model is read from: the model and its external data files.
