@@ -619,19 +619,21 @@ fn analyse_branch(
         for &n in &dying {
             check_attention_inputs(&graph.node[n])?;
         }
-        if let Some((producer, _)) = index.producer(term.tensor)
-            && matches!(graph.node[producer].op_type(), "MatMul" | "Gemm")
-            && let Some(weight) = index.input(producer, 1).and_then(|w| index.constant_source(graph, w))
-        {
-            ensure!(
-                weight.dims.len() == 2,
-                "the attention branch {branch:?} ends in node {:?} ({}) whose weight {:?} has rank {}, not 2: \
-                 not an output projection this tool can replace",
-                graph.node[producer].name(),
-                graph.node[producer].op_type(),
-                weight.name(),
-                weight.dims.len()
-            );
+        // Projections multiply by matrices; anything else is not a decoder this tool can replace.
+        for &n in &dying {
+            if matches!(graph.node[n].op_type(), "MatMul" | "Gemm")
+                && let Some(weight) = index.input(n, 1).and_then(|w| index.constant_source(graph, w))
+            {
+                ensure!(
+                    weight.dims.len() == 2,
+                    "the attention branch {branch:?} multiplies at node {:?} ({}) by weight {:?} of rank {}, not 2: \
+                     not a projection this tool can replace",
+                    graph.node[n].name(),
+                    graph.node[n].op_type(),
+                    weight.name(),
+                    weight.dims.len()
+                );
+            }
         }
         for &o in &kv_outputs {
             let declared = graph.output.iter().find(|v| v.name() == index.name(o)).and_then(value_type);

@@ -298,7 +298,15 @@ fn damaged_models_are_refused_before_anything_is_written() {
     refused(d, &["inspect", &skip_alone], "has 1 inputs; SkipSimplifiedLayerNormalization takes 3 to 4");
     refused(d, &["inspect", &wide_add], "has 100000 inputs; Add takes 2 to 2");
     refused(d, &["inspect", &undefined_output], "graph output \"nowhere\" is not produced");
-    refused(d, &["inspect", &rank3], "has rank 3, not 2");
+    refused(d, &["inspect", &rank3], "of rank 3, not 2");
+    let rank1 = damaged_model(d, fixture, "rank1.onnx", |p| {
+        let g = p.graph.as_mut().unwrap();
+        let q_proj = g.node.iter().find(|n| n.name().contains("layers.1/self_attn/q_proj")).unwrap();
+        let weight = q_proj.input[1].clone();
+        let t = g.initializer.iter_mut().find(|t| t.name() == weight).unwrap();
+        t.dims = vec![64 * 64];
+    });
+    refused(d, &["inspect", &rank1], "of rank 1, not 2");
     refused(d, &["inspect", &gqa], "lacks its required input 5");
     refused(d, &["inspect", &gqa_short], "has 5 inputs; GroupQueryAttention takes 7 to 14");
     let stats = d.join("huge.safetensors");
