@@ -143,7 +143,7 @@ INPUT_SEED = 1234
 # would give them identical weights and a test could not tell the fixtures apart.
 WEIGHT_SEEDS = {"llama": 0, "mistral": 1, "qwen2": 2, "phi3": 3, "gpt_neox": 4, "gpt2": 5, "gemma2": 6, "phi": 7,
                 "qwen3": 8, "granite": 9, "olmo2": 10, "cohere": 11, "mistral_sw": 12, "mixtral": 13,
-                "phi_rotary": 14, "gpt_oss": 15}
+                "phi_rotary": 14, "gpt_oss": 15, "llama_tied": 16}
 
 # Files copied from the Hugging Face checkpoint into every fixture directory.
 HF_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -241,6 +241,8 @@ ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
     "phi": lambda: PhiForCausalLM(PhiConfig(
         **{k: v for k, v in no_gqa_config().items() if k != "num_key_value_heads"},
         partial_rotary_factor=0.5)),
+    # Llama with tied embeddings (the token embedding is the LM head's matrix), as small models ship.
+    "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(**{**common_config(), "tie_word_embeddings": True})),
     # Mixture of experts (4 experts, 2 per token) with attention sinks and alternating sliding-window
     # (window 4) and global layers.
     "gpt_oss": lambda: GptOssForCausalLM(GptOssConfig(
@@ -563,17 +565,20 @@ def load_dequantised_weights(model: torch.nn.Module, onnx_path: Path) -> list[st
     return replaced
 
 
-def genai_layer_outputs() -> dict[str, str]:
+def genai_layer_outputs(onnx_path: Path) -> dict[str, str]:
     """Reference tensor name -> the GenAI builder graph value holding the same activation.
 
-    layers.<i>.x: the embedding for layer 0; for later layers the residual-stream output (index 3) of the
-    SkipSimplifiedLayerNormalization that adds the previous layer's MLP output and normalises.
+    layers.<i>.x: the embedding for layer 0 (a Gather, or a GatherBlockQuantized of tied int4 weights);
+    for later layers the residual-stream output (index 3) of the SkipSimplifiedLayerNormalization that
+    adds the previous layer's MLP output and normalises.
     layers.<i>.y: the o_proj output.
     """
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    embedding = next(n.output[0] for n in graph.node
+                     if n.name.startswith("/model/embed_tokens/") and n.op_type in ("Gather", "GatherBlockQuantized"))
     names = {}
     for i in range(LAYERS):
-        names[f"layers.{i}.x"] = ("/model/embed_tokens/Gather/output_0" if i == 0
-                                  else f"/model/layers.{i}/input_layernorm/output_3")
+        names[f"layers.{i}.x"] = (embedding if i == 0 else f"/model/layers.{i}/input_layernorm/output_3")
         names[f"layers.{i}.y"] = f"/model/layers.{i}/attn/o_proj/MatMul/output_0"
     return names
 
@@ -732,6 +737,14 @@ FIXTURES = [
                   "activations to int8 (logits_max_abs_diff_onnx_as_written_vs_torch)."),
     # The builder lists FP16 CPU as unsupported but still writes a graph: with -e cpu it uses
     # com.microsoft MultiHeadAttention + RotaryEmbedding and takes position_ids, instead of GQA.
+    # With tied embeddings the builder quantises the shared matrix once: the LM head reads it as
+    # MatMulNBits and the token embedding as GatherBlockQuantized.
+    Fixture("llama-tied-genai-int4", "llama_tied",
+            lambda h, o, a: export_genai(h, o, "int4", "cpu", a.genai_python, ["int4_block_size=32"]),
+            dtype="int4 weights (MatMulNBits), float32 activations", optional=True, dequantised_reference=True,
+            notes="Tied embeddings, built with --extra_options int4_block_size=32: the shared int4 matrix is "
+                  "the LM head (MatMulNBits) and the token embedding (GatherBlockQuantized). The reference "
+                  "uses the dequantised weights, the embedding included (it is the LM head's)."),
     Fixture("llama-genai-fp16", "llama",
             lambda h, o, a: export_genai(h, o, "fp16", "cpu", a.genai_python, []),
             dtype="float16", tolerance=5e-2, optional=True,
@@ -934,7 +947,7 @@ def build_fixture(fx: Fixture, hf_dir: Path, reference: dict[str, np.ndarray], i
         del model
         as_written_diff = float(np.max(np.abs(logits - reference["logits"])))
         # Compare with ONNX Runtime computing MatMulNBits in float32, logits and per-layer x / y.
-        layer_names = genai_layer_outputs()
+        layer_names = genai_layer_outputs(out / "model.onnx")
         ort = run_onnx_float_matmulnbits(out / "model.onnx", feeds, list(layer_names.values()))
         logits = ort["logits"]
         layer_diffs = {}
@@ -1061,6 +1074,7 @@ FAMILIES = {
     "olmo2": "OLMo2 (post-norms)", "cohere": "Cohere (parallel Add chain)",
     "mistral_sw": "Mistral, sliding window", "mixtral": "Mixtral (mixture of experts)",
     "phi_rotary": "Phi-2, full rotary", "gpt_oss": "GPT-OSS (mixture of experts, sinks)",
+    "llama_tied": "Llama, tied embeddings",
 }
 
 

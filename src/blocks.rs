@@ -307,13 +307,11 @@ const MAX_PROLOGUE: usize = 16;
 /// integer ids), or a float `inputs_embeds` input.
 fn stream_start(graph: &GraphProto, index: &GraphIndex) -> Result<TensorId> {
     let mut candidates = Vec::new();
-    for (n, node) in graph.node.iter().enumerate() {
-        let is_gather = matches!(node.op_type(), "Gather" | "GatherBlockQuantized");
-        let (Some(table), Some(ids), Some(out)) = (index.input(n, 0), index.input(n, 1), index.output(n, 0))
-        else {
+    for n in 0..graph.node.len() {
+        let (Some(ids), Some(out)) = (index.input(n, 1), index.output(n, 0)) else {
             continue;
         };
-        let Some((rows, cols)) = is_gather.then(|| embedding_table(graph, index, table)).flatten() else {
+        let Some((rows, cols)) = embedding_shape(graph, index, n) else {
             continue;
         };
         // The ids must come from a graph input (possibly through casts): a gather of a constant
@@ -352,19 +350,46 @@ fn stream_start(graph: &GraphProto, index: &GraphIndex) -> Result<TensorId> {
     )
 }
 
-/// The `(rows, columns)` of an embedding table: a 2-D initializer, possibly through `Transpose`
-/// (tied embeddings: the GenAI builder gathers from `Transpose(lm_head.weight)`), `Cast` or
-/// `Identity`.
-fn embedding_table(graph: &GraphProto, index: &GraphIndex, table: TensorId) -> Option<(usize, usize)> {
+/// The `(rows, columns)` of the table an embedding node gathers from, in values: a `Gather` of a
+/// 2-D table, or a `GatherBlockQuantized` of packed integers (tied int4 embeddings: the GenAI
+/// builder gathers from the LM head's `MatMulNBits` matrix, `8 / bits` values per byte). `None`
+/// for any other node.
+fn embedding_shape(graph: &GraphProto, index: &GraphIndex, node: usize) -> Option<(usize, usize)> {
+    let n = &graph.node[node];
+    let (rows, cols, dtype) = match n.op_type() {
+        "Gather" | "GatherBlockQuantized" => embedding_table(graph, index, index.input(node, 0)?)?,
+        _ => return None,
+    };
+    if n.op_type() == "GatherBlockQuantized" && dtype == DType::U8 {
+        let bits = crate::onnx::attr_int(n, "bits").unwrap_or(4);
+        let per_byte = usize::try_from(8 / bits.clamp(1, 8)).ok()?;
+        return Some((rows, cols * per_byte));
+    }
+    Some((rows, cols))
+}
+
+/// The `(rows, columns)` and element type of a table: a 2-D initializer, possibly through
+/// `Transpose` (tied embeddings: the GenAI builder gathers from `Transpose(lm_head.weight)`),
+/// `Cast`, `Identity`, or a `Reshape` that keeps the rows (`[rows, blocks, bytes]` to
+/// `[rows, blocks·bytes]`).
+fn embedding_table(graph: &GraphProto, index: &GraphIndex, table: TensorId) -> Option<(usize, usize, DType)> {
     if let Some(i) = index.initializer(table) {
-        let dims = &graph.initializer[i].dims;
-        return (dims.len() == 2).then(|| (dims[0] as usize, dims[1] as usize));
+        let t = &graph.initializer[i];
+        let dims: Vec<usize> = t.dims.iter().map(|&d| usize::try_from(d).ok()).collect::<Option<_>>()?;
+        return (dims.len() == 2).then(|| (dims[0], dims[1], DType::from_onnx(t.data_type())));
     }
     let (node, _) = index.producer(table)?;
     let source = index.input(node, 0)?;
     match graph.node[node].op_type() {
-        "Transpose" => embedding_table(graph, index, source).map(|(r, c)| (c, r)),
+        "Transpose" => embedding_table(graph, index, source).map(|(r, c, t)| (c, r, t)),
         "Cast" | "Identity" => embedding_table(graph, index, source),
+        "Reshape" => {
+            let t = &graph.initializer[index.initializer(source)?];
+            let dims: Vec<usize> = t.dims.iter().map(|&d| usize::try_from(d).ok()).collect::<Option<_>>()?;
+            let (&rows, rest) = dims.split_first()?;
+            let cols = rest.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+            Some((rows, cols, DType::from_onnx(t.data_type())))
+        }
         _ => None,
     }
 }
@@ -771,9 +796,7 @@ fn hidden_size(model: &Model, index: &GraphIndex, x: TensorId, start: TensorId) 
         .map(|d| d as u64);
     let embedding = index
         .producer(start)
-        .filter(|&(node, _)| graph.node[node].op_type() == "Gather")
-        .and_then(|(node, _)| index.input(node, 0))
-        .and_then(|t| embedding_table(graph, index, t))
+        .and_then(|(node, _)| embedding_shape(graph, index, node))
         .map(|(_, cols)| cols as u64);
     let norm_scale = index.consumers(x).iter().find_map(|&(c, _)| {
         let n = &graph.node[c];
@@ -803,10 +826,7 @@ const MAX_HIDDEN_SIZE: u64 = 1 << 17;
 /// The number of rows of the embedding table the stream starts from.
 fn embedding_rows(graph: &GraphProto, index: &GraphIndex, start: TensorId) -> Option<usize> {
     let (node, _) = index.producer(start)?;
-    if graph.node[node].op_type() != "Gather" {
-        return None;
-    }
-    embedding_table(graph, index, index.input(node, 0)?).map(|(rows, _)| rows)
+    embedding_shape(graph, index, node).map(|(rows, _)| rows)
 }
 
 /// Compares stream-order layer numbers with the ones in node and KV-cache names; returns warnings.
