@@ -34,11 +34,15 @@ pub struct ModelTiming {
     /// Multiply-adds of the prefill and of a mean decode step, counted from the graph.
     pub prefill_gmacs: f64,
     pub decode_mmacs_per_token: f64,
+    /// Bytes a mean decode step reads: stored weights once and the KV cache at that context.
+    pub decode_mbytes_per_token: f64,
     /// Speed-ups over the first model: measured, and predicted by the multiply-add counts.
     pub prefill_speedup: f64,
     pub decode_speedup: f64,
     pub predicted_prefill_speedup: f64,
     pub predicted_decode_speedup: f64,
+    /// The decode speed-up the bytes read predict (memory-bound decoding).
+    pub predicted_decode_speedup_bytes: f64,
 }
 
 pub struct BenchOptions {
@@ -210,6 +214,12 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
     let prefill_macs: Vec<f64> = costs.iter().map(|c| c.prefill(options.prompt_len)).collect();
     let decode_macs: Vec<f64> =
         costs.iter().map(|c| c.decode_step(options.prompt_len, options.new_tokens)).collect();
+    let context = options.prompt_len as f64 + (options.new_tokens as f64 + 1.0) / 2.0;
+    let decode_bytes: Vec<f64> = costs
+        .iter()
+        .zip(&subjects)
+        .map(|(c, s)| c.decode_bytes(context, s.interface.kv_bytes_per_token()))
+        .collect();
     subjects
         .iter()
         .enumerate()
@@ -224,10 +234,12 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
                 kv_bytes_per_token: subject.interface.kv_bytes_per_token(),
                 prefill_gmacs: prefill_macs[i] / 1e9,
                 decode_mmacs_per_token: decode_macs[i] / 1e6,
+                decode_mbytes_per_token: decode_bytes[i] / 1e6,
                 prefill_speedup: prefill_ms[0] / prefill_ms[i],
                 decode_speedup: decode_tok_s[i] / decode_tok_s[0],
                 predicted_prefill_speedup: prefill_macs[0] / prefill_macs[i],
                 predicted_decode_speedup: decode_macs[0] / decode_macs[i],
+                predicted_decode_speedup_bytes: decode_bytes[0] / decode_bytes[i],
             })
         })
         .collect()
@@ -243,17 +255,25 @@ pub fn table(timings: &[ModelTiming], options: &BenchOptions, engine: &str) -> S
     );
     let _ = writeln!(
         out,
-        "{:>10}  {:>12}  {:>17}  {:>17}  {:>8}  {:>12}  model",
-        "prefill ms", "decode tok/s", "prefill x (MACs)", "decode x (MACs)", "peak MiB", "KV bytes/tok"
+        "{:>10}  {:>12}  {:>17}  {:>25}  {:>8}  {:>12}  model",
+        "prefill ms",
+        "decode tok/s",
+        "prefill x (MACs)",
+        "decode x (MACs, bytes)",
+        "peak MiB",
+        "KV bytes/tok"
     );
     for t in timings {
         let _ = writeln!(
             out,
-            "{:>10.1}  {:>12.2}  {:>17}  {:>17}  {:>8.0}  {:>12}  {}",
+            "{:>10.1}  {:>12.2}  {:>17}  {:>25}  {:>8.0}  {:>12}  {}",
             t.prefill_ms,
             t.decode_tok_s,
             format!("{:.3} ({:.3})", t.prefill_speedup, t.predicted_prefill_speedup),
-            format!("{:.3} ({:.3})", t.decode_speedup, t.predicted_decode_speedup),
+            format!(
+                "{:.3} ({:.3}, {:.3})",
+                t.decode_speedup, t.predicted_decode_speedup, t.predicted_decode_speedup_bytes
+            ),
             t.peak_mem_mb,
             t.kv_bytes_per_token,
             t.path

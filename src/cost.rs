@@ -8,8 +8,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::blocks::Blocks;
-use crate::onnx::model::tensor_shape;
-use crate::onnx::{GraphIndex, Model, TensorId, attr_int};
+use crate::onnx::model::{external_location, tensor_shape};
+use crate::onnx::proto::{GraphProto, TensorProto};
+use crate::onnx::{DType, GraphIndex, Model, TensorId, attr_int};
 
 /// A model's multiply-add count, per token.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -19,6 +20,10 @@ pub struct Cost {
     /// Per attention block, the width of its attention (heads × head size): scores and weighted
     /// sum cost `2 · width` multiply-adds per token per attended position.
     pub attention_widths: Vec<u64>,
+    /// Bytes of stored weights a decode step reads: every initializer in its stored format
+    /// (scales and zero points included), but for tables only gathered from (embeddings, rotary
+    /// caches), of which a step reads a row.
+    pub weight_bytes_per_step: u64,
 }
 
 impl Cost {
@@ -48,7 +53,24 @@ impl Cost {
                 .map(|l| attention_width(graph, &index, &l.y).unwrap_or(blocks.hidden_size) as u64)
                 .collect()
         });
-        Ok(Cost { weight_macs_per_token, attention_widths })
+        let gathered_only = |t: &TensorProto| {
+            index.id(t.name()).is_some_and(|id| {
+                let readers = index.consumers(id);
+                !readers.is_empty()
+                    && readers.iter().all(|&(c, slot)| {
+                        slot == 0 && matches!(graph.node[c].op_type(), "Gather" | "GatherBlockQuantized")
+                    })
+            })
+        };
+        let weight_bytes_per_step = Footprint::of(graph, |t| !gathered_only(t))?.bytes;
+        Ok(Cost { weight_macs_per_token, attention_widths, weight_bytes_per_step })
+    }
+
+    /// Bytes one decode step reads at `context` cached positions, with `kv_bytes_per_token` of
+    /// KV cache per position: the weights once, and the whole cache. Decode on a memory-bound
+    /// device follows this rather than the multiply-adds.
+    pub fn decode_bytes(&self, context: f64, kv_bytes_per_token: u64) -> f64 {
+        self.weight_bytes_per_step as f64 + kv_bytes_per_token as f64 * context
     }
 
     /// Multiply-adds of a prefill of `prompt` tokens, each attending to the whole prompt (what an
@@ -76,6 +98,74 @@ fn constant_weight(
     tensor: TensorId,
 ) -> Option<Vec<usize>> {
     tensor_shape(index.constant_source(graph, tensor)?).ok()
+}
+
+/// What a graph's initializers hold: weights, counted as the values the model computes with (a
+/// `MatMulNBits` matrix as its `K×N`, packed `GatherBlockQuantized` tables as their values, scales
+/// and zero points as none), and the bytes they take in storage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Footprint {
+    pub weights: u64,
+    pub bytes: u64,
+}
+
+impl Footprint {
+    /// The footprint of the initializers of `graph` that `keep` selects.
+    pub fn of(graph: &GraphProto, keep: impl Fn(&TensorProto) -> bool) -> Result<Footprint> {
+        let index = GraphIndex::new(graph)?;
+        let mut total = Footprint::default();
+        for t in graph.initializer.iter().filter(|t| keep(t)) {
+            let elements =
+                t.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?)).unwrap_or(0);
+            let size = DType::from_onnx(t.data_type()).size().unwrap_or(1) as u64;
+            total.bytes += match external_location(t)? {
+                Some(loc) => loc.length.unwrap_or(elements * size),
+                None => t.raw_data.as_ref().map_or(elements * size, |r| r.len() as u64),
+            };
+            total.weights +=
+                index.id(t.name()).map_or(elements, |id| weights_in(graph, &index, id, elements));
+        }
+        Ok(total)
+    }
+}
+
+/// The values a stored tensor of `elements` elements holds, judged by what reads it.
+fn weights_in(graph: &GraphProto, index: &GraphIndex, id: TensorId, elements: u64) -> u64 {
+    let mut readers: Vec<(usize, usize)> = index.consumers(id).to_vec();
+    // A reshape of a packed matrix (the GenAI builder's tied int4 embedding) reads it as its readers do.
+    for &(node, _) in index.consumers(id) {
+        if graph.node[node].op_type() == "Reshape"
+            && let Some(out) = index.output(node, 0)
+        {
+            readers.extend(index.consumers(out));
+        }
+    }
+    for &(node, slot) in &readers {
+        let n = &graph.node[node];
+        match (n.op_type(), slot) {
+            ("MatMulNBits", 1) => {
+                if let (Some(k), Some(n)) = (attr_int(n, "K"), attr_int(n, "N")) {
+                    return (k * n).max(0) as u64;
+                }
+            }
+            ("GatherBlockQuantized", 0) => {
+                let bits = attr_int(n, "bits").unwrap_or(4).clamp(1, 8) as u64;
+                return elements * (8 / bits);
+            }
+            _ => {}
+        }
+    }
+    let quantisation_only = !readers.is_empty()
+        && readers.iter().all(|&(node, slot)| {
+            matches!(
+                (graph.node[node].op_type(), slot),
+                ("MatMulNBits", 2..=4)
+                    | ("GatherBlockQuantized", 2..=3)
+                    | ("DequantizeLinear", 1..=2)
+                    | ("Reshape", _)
+            )
+        });
+    if quantisation_only { 0 } else { elements }
 }
 
 /// The input width of the projection that makes an attention block's output `y` (`o_proj`):

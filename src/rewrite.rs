@@ -14,7 +14,8 @@ use ndarray::{Array1, Array2};
 use serde::Serialize;
 
 use crate::blocks::{AttentionBlock, Blocks, Junction};
-use crate::onnx::proto::{GraphProto, NodeProto, StringStringEntryProto, TensorProto};
+use crate::cost::Footprint;
+use crate::onnx::proto::{NodeProto, StringStringEntryProto, TensorProto};
 use crate::onnx::{DType, Interface, Model, Patch, Tensor, build};
 use crate::report::Analysis;
 use crate::stats::Stats;
@@ -54,8 +55,12 @@ pub struct RewriteSummary {
     pub kv: KvCache,
     pub nodes_before: usize,
     pub nodes_after: usize,
+    /// Weights (values, however stored) the rewrite removed and added.
     pub params_removed: u64,
     pub params_added: u64,
+    /// Every initializer's weights and storage bytes, before and after.
+    pub weights_before: Footprint,
+    pub weights_after: Footprint,
     /// `None` when the model has inputs whose shapes cannot be told (the rewrite still proceeds).
     pub kv_bytes_per_token_before: Option<u64>,
     pub kv_bytes_per_token_after: Option<u64>,
@@ -138,7 +143,7 @@ pub fn rewrite(
     }
     let hidden_size = Some(blocks.hidden_size);
     let kv_before = Interface::of(model, hidden_size).ok().map(|i| i.kv_bytes_per_token());
-    let params_before = initializer_params(model.graph(), |_| true);
+    let before = Footprint::of(model.graph(), |_| true)?;
     let nodes_before = model.graph().node.len();
 
     let mut patch = Patch::new(model.graph())?;
@@ -187,8 +192,8 @@ pub fn rewrite(
             [format!("nbl.layers.{}.weight", e.block.layer), format!("nbl.layers.{}.bias", e.block.layer)]
         })
         .collect();
-    let params_added = initializer_params(graph, |t| new_names.contains(t.name()));
-    let params_kept = initializer_params(graph, |t| !new_names.contains(t.name()));
+    let added = Footprint::of(graph, |t| new_names.contains(t.name()))?;
+    let after = Footprint::of(graph, |_| true)?;
     let nodes_after = graph.node.len();
     for (key, value) in provenance {
         set_metadata(&mut model.proto.metadata_props, key, value);
@@ -202,8 +207,10 @@ pub fn rewrite(
         kv,
         nodes_before,
         nodes_after,
-        params_removed: params_before - params_kept,
-        params_added,
+        params_removed: before.weights - (after.weights - added.weights),
+        params_added: added.weights,
+        weights_before: before,
+        weights_after: after,
         kv_bytes_per_token_before: kv_before,
         kv_bytes_per_token_after: kv_after,
         removed_inputs,
@@ -296,10 +303,6 @@ fn initializer(name: &str, tensor: Tensor) -> TensorProto {
         raw_data: Some(tensor.to_le_bytes().into()),
         ..Default::default()
     }
-}
-
-fn initializer_params(graph: &GraphProto, keep: impl Fn(&TensorProto) -> bool) -> u64 {
-    graph.initializer.iter().filter(|t| keep(t)).map(|t| t.dims.iter().product::<i64>().max(0) as u64).sum()
 }
 
 fn set_metadata(props: &mut Vec<StringStringEntryProto>, key: &str, value: &str) {

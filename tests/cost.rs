@@ -36,3 +36,30 @@ fn every_fixture_counts_the_multiply_adds_of_its_pytorch_model() {
         assert_eq!(cost.decode_step(10, 4), expected as f64 + scores * 12.5, "{fixture}");
     }
 }
+
+/// Bytes a decode step reads follow the stored format: the same Llama weights as the GenAI builder
+/// writes them in f32, f16 and int4 read about 4, 2 and 0.5 bytes per weight (plus scales), and an
+/// f32 graph reads at least 4 bytes per multiply-add weight.
+#[test]
+fn decode_bytes_follow_the_stored_format() {
+    let bytes_per_weight = |fixture: &str| {
+        let model = Model::load(model_path(fixture)).unwrap();
+        let cost = Cost::of(&model, find_blocks(&model).ok().as_ref()).unwrap();
+        let ratio = cost.weight_bytes_per_step as f64 / cost.weight_macs_per_token as f64;
+        eprintln!(
+            "{fixture}: {} bytes per step, {ratio:.3} per multiply-add weight",
+            cost.weight_bytes_per_step
+        );
+        ratio
+    };
+    let (f32, f16, int4) = (
+        bytes_per_weight("llama-genai-fp32"),
+        bytes_per_weight("llama-genai-fp16"),
+        bytes_per_weight("llama-genai-int4"),
+    );
+    // Norm scales and rotary caches add a little to each.
+    assert!((4.0..4.5).contains(&f32), "{f32}");
+    assert!((2.0..2.5).contains(&f16), "{f16}");
+    assert!((0.5..1.0).contains(&int4), "int4 with f32 scales per block of 32: {int4}");
+    assert!(bytes_per_weight("llama-optimum-past") >= 4.0);
+}

@@ -184,7 +184,21 @@ fn every_fixture_rewrites_with_one_and_all_but_one_layer_and_still_runs() {
             assert_eq!(report["selected"].as_array().unwrap().len(), k.parse::<usize>().unwrap());
             let rw = &report["rewrite"];
             assert!(rw["nodes_after"].as_u64() < rw["nodes_before"].as_u64(), "{fixture}: {rw}");
-            assert!(rw["params_removed"].as_u64().unwrap() > 0);
+            // Weights as values: an int4 MatMulNBits matrix counts K×N, not its packed bytes. A layer
+            // loses at least its projections and at most a few d-vectors more (biases, a norm scale).
+            let removed = rw["params_removed"].as_u64().unwrap();
+            assert!(
+                (k_layers * projections..=k_layers * (projections + 8 * 64)).contains(&removed),
+                "{fixture} k={k}: {removed} weights removed, projections {projections} per layer"
+            );
+            let added = if replace == "linear" { k_layers * (64 * 64 + 64) } else { 0 };
+            assert_eq!(rw["params_added"].as_u64().unwrap(), added, "{fixture}");
+            let (before, after) = (&rw["weights_before"], &rw["weights_after"]);
+            assert_eq!(
+                after["weights"].as_u64().unwrap(),
+                before["weights"].as_u64().unwrap() - removed + added,
+                "{fixture}: {rw}"
+            );
             if fixture_json(&fixture)["has_kv_cache"].as_bool().unwrap() {
                 assert!(rw["kv_bytes_per_token_after"].as_u64() < rw["kv_bytes_per_token_before"].as_u64());
             }
