@@ -10,7 +10,8 @@ use nbl_onnx::calibrate::Shard;
 use nbl_onnx::data::{DataSpec, Split};
 use nbl_onnx::engine::{self, Engine, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::nbl::{Criterion, DEFAULT_LAMBDA, Selection};
-use nbl_onnx::rewrite::{KvCache, Replacement};
+use nbl_onnx::quantize::Quantizer;
+use nbl_onnx::rewrite::{KvCache, Replacement, WeightFormat};
 
 #[derive(Parser)]
 #[command(name = "nbl-onnx", version, about = "Neural Block Linearization for ONNX LLM exports")]
@@ -232,6 +233,13 @@ pub struct RewriteArgs {
     /// Write the model even when the selection replaces no layer (an unchanged copy)
     #[arg(long)]
     pub allow_noop: bool,
+    /// Format of the maps W: auto follows the replaced attention's projections (MatMulNBits
+    /// int4/int8 with their block size, or the stream's float type)
+    #[arg(long, value_enum, default_value_t = WeightFormat::Auto)]
+    pub weight_format: WeightFormat,
+    /// How int4/int8 maps are rounded: GPTQ with the calibration second moments, or round to nearest
+    #[arg(long, value_enum, default_value_t = Quantizer::Gptq)]
+    pub quantizer: Quantizer,
 }
 
 #[derive(clap::Args)]

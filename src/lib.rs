@@ -23,6 +23,7 @@ pub mod logits;
 pub mod nbl;
 pub mod onnx;
 pub mod progress;
+pub mod quantize;
 pub mod report;
 pub mod rewrite;
 pub mod stats;

@@ -19,7 +19,7 @@ use nbl_onnx::engine::{self, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::inspect::{inspect, trial_run};
 use nbl_onnx::onnx::Model;
 use nbl_onnx::report::analyze;
-use nbl_onnx::rewrite::{RewriteReport, output_paths, rewrite_selected};
+use nbl_onnx::rewrite::{MapStorage, RewriteReport, output_paths, rewrite_selected};
 use nbl_onnx::stats::Stats;
 use nbl_onnx::{bench, eval, genai};
 
@@ -147,7 +147,8 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         );
         return Err(check::Failed.into());
     }
-    let summary = rewrite_selected(&mut model, &blocks, &analysis, &stats, args.replace, args.kv)?;
+    let storage = MapStorage::resolve(args.weight_format, args.quantizer, &model, &blocks)?;
+    let summary = rewrite_selected(&mut model, &blocks, &analysis, &stats, args.replace, args.kv, storage)?;
     nbl_onnx::atomic::create_dir(&output)?;
     nbl_onnx::atomic::create_dir(&report_path)?;
     let companion = genai::prepare(&model, &output)?;

@@ -16,7 +16,8 @@ use serde::Serialize;
 use crate::blocks::{AttentionBlock, Blocks, Junction};
 use crate::cost::Footprint;
 use crate::onnx::proto::{NodeProto, StringStringEntryProto, TensorProto};
-use crate::onnx::{DType, Interface, Model, Patch, Tensor, build};
+use crate::onnx::{DType, GraphIndex, Interface, Model, Patch, Tensor, attr_int, build};
+use crate::quantize::{Quantized, Quantizer, quantize};
 use crate::report::Analysis;
 use crate::stats::Stats;
 
@@ -45,6 +46,76 @@ pub struct LayerEdit<'a> {
     pub block: &'a AttentionBlock,
     /// `W` (`d×d`) and `b`: `y = W x + b`.
     pub map: Option<(&'a Mat<f64>, &'a [f64])>,
+    /// `E[x xᵀ]` of the layer's input, for GPTQ.
+    pub second_moment: Option<Mat<f64>>,
+}
+
+/// The format `W` is stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// The format of the replaced attention's projections (MatMulNBits int4/int8 with their
+    /// block size and accuracy level, or a float type)
+    Auto,
+    F32,
+    F16,
+    Bf16,
+    /// com.microsoft::MatMulNBits, 4 bits
+    Int4,
+    /// com.microsoft::MatMulNBits, 8 bits
+    Int8,
+}
+
+/// How the maps are written, resolved for one model.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum MapStorage {
+    /// A `MatMul` by `Wᵀ` in this element type.
+    Float(#[serde(serialize_with = "crate::rewrite::dtype_name")] DType),
+    /// A `MatMulNBits` of `W` quantised by `quantizer`.
+    Blocks { bits: u32, block_size: usize, accuracy_level: i64, quantizer: Quantizer },
+}
+
+fn dtype_name<S: serde::Serializer>(dtype: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(dtype)
+}
+
+impl MapStorage {
+    /// Resolves `format` for `model`: `auto` follows the projection that makes the first block's
+    /// `Y` (a `MatMulNBits`' bits, block size and accuracy level; else the stream's float type).
+    pub fn resolve(
+        format: WeightFormat,
+        quantizer: Quantizer,
+        model: &Model,
+        blocks: &Blocks,
+    ) -> Result<MapStorage> {
+        let stream = blocks.dtype.context("cannot tell the stream's element type")?;
+        let graph = model.graph();
+        let index = GraphIndex::new(graph)?;
+        let projection = blocks
+            .layers
+            .first()
+            .and_then(|l| index.id(&l.y))
+            .and_then(|y| index.producer(y))
+            .map(|(node, _)| &graph.node[node])
+            .filter(|n| n.op_type() == "MatMulNBits");
+        let blocks_like = |bits: u32| MapStorage::Blocks {
+            bits,
+            block_size: projection.and_then(|n| attr_int(n, "block_size")).map_or(32, |b| b as usize),
+            accuracy_level: projection.and_then(|n| attr_int(n, "accuracy_level")).unwrap_or(0),
+            quantizer,
+        };
+        Ok(match format {
+            WeightFormat::Auto => match projection {
+                Some(n) => blocks_like(attr_int(n, "bits").unwrap_or(4) as u32),
+                None => MapStorage::Float(stream),
+            },
+            WeightFormat::F32 => MapStorage::Float(DType::F32),
+            WeightFormat::F16 => MapStorage::Float(DType::F16),
+            WeightFormat::Bf16 => MapStorage::Float(DType::BF16),
+            WeightFormat::Int4 => blocks_like(4),
+            WeightFormat::Int8 => blocks_like(8),
+        })
+    }
 }
 
 /// What the rewrite changed, for the report.
@@ -99,6 +170,7 @@ pub fn rewrite_selected(
     stats: &Stats,
     replace: Replacement,
     kv: KvCache,
+    storage: MapStorage,
 ) -> Result<RewriteSummary> {
     let edits = analysis
         .selected
@@ -106,7 +178,15 @@ pub fn rewrite_selected(
         .map(|&l| {
             let block = blocks.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
             let fit = analysis.fit(l).context("a fit per selected layer")?;
-            Ok(LayerEdit { block, map: Some((&fit.w, fit.b.as_slice())) })
+            // GPTQ weighs each input by E[x xᵀ] = C_xx + μ μᵀ of the layer's statistics.
+            let gptq = matches!(storage, MapStorage::Blocks { quantizer: Quantizer::Gptq, .. });
+            let second_moment =
+                gptq.then(|| stats.layers.iter().position(|t| t.layer == l)).flatten().map(|i| {
+                    let m = &stats.moments[i];
+                    let (c_xx, _, _) = m.covariances();
+                    Mat::from_fn(c_xx.nrows(), c_xx.ncols(), |r, c| c_xx[(r, c)] + m.mean_x[r] * m.mean_x[c])
+                });
+            Ok(LayerEdit { block, map: Some((&fit.w, fit.b.as_slice())), second_moment })
         })
         .collect::<Result<Vec<_>>>()?;
     let layer_list = analysis.selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
@@ -117,9 +197,10 @@ pub fn rewrite_selected(
         ("nbl.replace", lowercase(&replace)),
         ("nbl.kv", lowercase(&kv)),
         ("nbl.criterion", lowercase(&analysis.criterion)),
+        ("nbl.weight_format", serde_json::to_string(&storage)?),
         ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data}).to_string()),
     ];
-    rewrite(model, blocks, &edits, replace, kv, &provenance)
+    rewrite_as(model, blocks, &edits, replace, kv, storage, &provenance)
 }
 
 /// Rewrites `model` in memory: the chosen layers' attention replaced, dead nodes and initializers
@@ -130,6 +211,20 @@ pub fn rewrite(
     edits: &[LayerEdit<'_>],
     replace: Replacement,
     kv: KvCache,
+    provenance: &[(&str, String)],
+) -> Result<RewriteSummary> {
+    let storage = MapStorage::Float(blocks.dtype.unwrap_or(DType::F32));
+    rewrite_as(model, blocks, edits, replace, kv, storage, provenance)
+}
+
+/// As [`rewrite`], with the maps stored as `storage` says.
+pub fn rewrite_as(
+    model: &mut Model,
+    blocks: &Blocks,
+    edits: &[LayerEdit<'_>],
+    replace: Replacement,
+    kv: KvCache,
+    storage: MapStorage,
     provenance: &[(&str, String)],
 ) -> Result<RewriteSummary> {
     let dtype = match blocks.dtype {
@@ -151,13 +246,24 @@ pub fn rewrite(
         match (replace, edit.map) {
             (Replacement::Linear, Some((w, b))) => {
                 let d = w.nrows();
-                // MatMul(X, Wᵀ): the initializer holds Wᵀ, row-major [d_in, d_out].
-                let w_t = Array2::from_shape_fn((d, d), |(i, j)| w[(j, i)] as f32).into_dyn();
-                let b = Array1::from_iter(b.iter().map(|&v| v as f32)).into_dyn();
                 let n = edit.block.layer;
-                let weight = initializer(&format!("nbl.layers.{n}.weight"), Tensor::from_f32(dtype, w_t)?);
+                // The bias stays in the stream's float type whatever W's format.
+                let b = Array1::from_iter(b.iter().map(|&v| v as f32)).into_dyn();
                 let bias = initializer(&format!("nbl.layers.{n}.bias"), Tensor::from_f32(dtype, b)?);
-                patch.replace_with_affine(edit.block, weight, bias)?;
+                match storage {
+                    MapStorage::Float(w_dtype) => {
+                        // MatMul(X, Wᵀ): the initializer holds Wᵀ, row-major [d_in, d_out].
+                        let w_t = Array2::from_shape_fn((d, d), |(i, j)| w[(j, i)] as f32).into_dyn();
+                        let weight =
+                            initializer(&format!("nbl.layers.{n}.weight"), Tensor::from_f32(w_dtype, w_t)?);
+                        patch.replace_with_affine(edit.block, weight, bias)?;
+                    }
+                    MapStorage::Blocks { bits, block_size, accuracy_level, quantizer } => {
+                        let q = quantize(w, bits, block_size, quantizer, edit.second_moment.as_ref())
+                            .with_context(|| format!("layer {n}: quantising W to {bits} bits"))?;
+                        patch.replace_with_blocks(edit.block, &q, accuracy_level, dtype, bias)?;
+                    }
+                }
             }
             (Replacement::Linear, None) => bail!("layer {}: no linear map to write", edit.block.layer),
             (Replacement::Drop, _) => patch.remove_branch(edit.block)?,
@@ -184,12 +290,23 @@ pub fn rewrite(
         }
     }
     *model.graph_mut() = patch.apply()?.graph;
+    if matches!(storage, MapStorage::Blocks { .. }) && model.opset("com.microsoft").is_none() {
+        model.proto.opset_import.push(crate::onnx::proto::OperatorSetIdProto {
+            domain: Some("com.microsoft".into()),
+            version: Some(1),
+        });
+    }
 
     let graph = model.graph();
     let new_names: HashSet<String> = edits
         .iter()
         .flat_map(|e| {
-            [format!("nbl.layers.{}.weight", e.block.layer), format!("nbl.layers.{}.bias", e.block.layer)]
+            let n = e.block.layer;
+            [
+                format!("nbl.layers.{n}.weight"),
+                format!("nbl.layers.{n}.weight_scales"),
+                format!("nbl.layers.{n}.bias"),
+            ]
         })
         .collect();
     let added = Footprint::of(graph, |t| new_names.contains(t.name()))?;
@@ -253,6 +370,53 @@ impl Patch<'_> {
         self.add_node(build::node("MatMul", &[&block.x, w_t.name()], &product))?;
         self.add_node(build::node("Add", &[&product, b.name()], &y))?;
         self.add_initializer(w_t)?;
+        self.add_initializer(b)?;
+        self.rewire(block.junction.node, block.junction.slot, &y)
+    }
+
+    /// `Y := MatMulNBits(X, Q) + b`: as [`Patch::replace_with_affine`], with `W` quantised in
+    /// blocks (`com.microsoft::MatMulNBits`, scales in the stream's type `dtype`).
+    pub fn replace_with_blocks(
+        &mut self,
+        block: &AttentionBlock,
+        q: &Quantized,
+        accuracy_level: i64,
+        dtype: DType,
+        b: TensorProto,
+    ) -> Result<()> {
+        self.junction(block)?;
+        let n = block.layer;
+        let (product, y) = (format!("nbl.layers.{n}.matmul"), format!("nbl.layers.{n}.y"));
+        let (packed, scales) = (format!("nbl.layers.{n}.weight"), format!("nbl.layers.{n}.weight_scales"));
+        let packed_t = TensorProto {
+            name: Some(packed.clone()),
+            dims: vec![q.n as i64, q.blocks() as i64, (q.block_size * q.bits as usize / 8) as i64],
+            data_type: Some(DType::U8.onnx_code()),
+            raw_data: Some(q.packed.clone().into()),
+            ..Default::default()
+        };
+        let scales_values = Array1::from_vec(q.scales.clone()).into_dyn();
+        let scales_t = initializer(&scales, Tensor::from_f32(dtype, scales_values)?);
+        let mut node = build::node("MatMulNBits", &[&block.x, &packed, &scales], &product);
+        node.domain = Some("com.microsoft".into());
+        for (name, value) in [
+            ("K", q.k as i64),
+            ("N", q.n as i64),
+            ("bits", i64::from(q.bits)),
+            ("block_size", q.block_size as i64),
+            ("accuracy_level", accuracy_level),
+        ] {
+            node.attribute.push(crate::onnx::proto::AttributeProto {
+                name: Some(name.into()),
+                r#type: Some(crate::onnx::proto::attribute_proto::AttributeType::Int as i32),
+                i: Some(value),
+                ..Default::default()
+            });
+        }
+        self.add_node(node)?;
+        self.add_node(build::node("Add", &[&product, b.name()], &y))?;
+        self.add_initializer(packed_t)?;
+        self.add_initializer(scales_t)?;
         self.add_initializer(b)?;
         self.rewire(block.junction.node, block.junction.slot, &y)
     }

@@ -96,7 +96,11 @@ fn rewritten_genai_models_generate_what_the_patched_pytorch_model_generates() {
         let w = reference["patched.weight"].to_f64().unwrap();
         let w = faer::Mat::from_fn(w.shape()[0], w.shape()[1], |i, j| w[[i, j]]);
         let b: Vec<f64> = reference["patched.bias"].to_f64().unwrap().iter().copied().collect();
-        let edit = LayerEdit { block: blocks.layer(layer).unwrap(), map: Some((&w, b.as_slice())) };
+        let edit = LayerEdit {
+            block: blocks.layer(layer).unwrap(),
+            map: Some((&w, b.as_slice())),
+            second_moment: None,
+        };
         rewrite(&mut model, &blocks, &[edit], Replacement::Linear, KvCache::Drop, &[]).unwrap();
         let patched = dir.path().join("patched");
         std::fs::create_dir(&patched).unwrap();

@@ -528,7 +528,11 @@ fn every_rewrite_computes_what_the_patched_pytorch_model_computes() {
 
         let mut model = Model::load(model_path(&fixture)).unwrap();
         let blocks = find_blocks(&model).unwrap();
-        let edit = LayerEdit { block: blocks.layer(layer).unwrap(), map: Some((&w, b.as_slice())) };
+        let edit = LayerEdit {
+            block: blocks.layer(layer).unwrap(),
+            map: Some((&w, b.as_slice())),
+            second_moment: None,
+        };
         rewrite_in_memory(&mut model, &blocks, &[edit], Replacement::Linear, KvCache::Drop, &[]).unwrap();
         // As in the X/Y test: the builder's int4 graph computes in f32 against its f32 reference.
         for node in &mut model.graph_mut().node {
@@ -580,4 +584,75 @@ fn rewrite_with_nothing_but_the_model_uses_the_built_in_sample() {
     assert_eq!(report["tokens"], 512);
     assert_eq!(report["selected"].as_array().unwrap().len(), 1);
     assert!(Model::load(&out).is_ok());
+}
+
+/// An int4 export's maps come out int4 (`--weight-format auto`): a `MatMulNBits` with the
+/// model's block size and accuracy level, whose integers and scales, unpacked here by the
+/// operator's specification, are `W` rounded to nearest; the layer computes `x Qᵀ + b`.
+#[test]
+fn int4_maps_are_matmulnbits_of_w_rounded_block_by_block() {
+    let ws = workspace("llama-genai-int4");
+    let out = rewrite(&ws, &["--layer-ids", "1", "--quantizer", "rtn"]);
+    let mut model = Model::load(&out).unwrap();
+    let graph = model.graph();
+    let node = graph.node.iter().find(|n| n.output[0] == "nbl.layers.1.matmul").unwrap();
+    assert_eq!((node.op_type(), node.domain()), ("MatMulNBits", "com.microsoft"));
+    let attr = |name: &str| node.attribute.iter().find(|a| a.name() == name).unwrap().i();
+    assert_eq!(
+        (attr("K"), attr("N"), attr("bits"), attr("block_size"), attr("accuracy_level")),
+        (64, 64, 4, 32, 4)
+    );
+    let tensor = |name: &str| {
+        let t = graph.initializer.iter().find(|t| t.name() == name).unwrap();
+        model.tensor(t).unwrap()
+    };
+    let (packed, scales) = (tensor(&node.input[1]), tensor(&node.input[2]));
+    let nbl_onnx::onnx::Tensor::U8(packed) = packed else { panic!("packed uint8") };
+    assert_eq!(packed.shape(), [64, 2, 16]);
+    let scales = scales.to_f64().unwrap();
+    // W[n, k] = (q - 8) · scale[n, k / 32], q the k-th nibble of row n, low nibble first.
+    let q = |n: usize, k: usize| {
+        let byte = packed[[n, k / 32, (k % 32) / 2]];
+        if k.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 }
+    };
+    let dequantised = faer::Mat::from_fn(64, 64, |n, k| {
+        (f64::from(q(n, k)) - 8.0) * scales.as_slice().unwrap()[n * 2 + k / 32]
+    });
+    let stats = Stats::load(&ws.stats).unwrap();
+    let fit = fit_layer(1, &stats.moments[1], nbl_onnx::nbl::DEFAULT_LAMBDA, false).unwrap();
+    for n in 0..64 {
+        for k in 0..64 {
+            let step = scales.as_slice().unwrap()[n * 2 + k / 32];
+            assert!((fit.w[(n, k)] - dequantised[(n, k)]).abs() <= step / 2.0 * 1.0001, "({n}, {k})");
+        }
+    }
+    // Computed in f32 (accuracy_level 1) against x Qᵀ + b in f64.
+    for node in &mut model.graph_mut().node {
+        for a in node.attribute.iter_mut().filter(|a| a.name() == "accuracy_level") {
+            a.i = Some(1);
+        }
+    }
+    let blocks = find_blocks(&Model::load(&ws.model).unwrap()).unwrap();
+    let x_name = blocks.layers[1].x.clone();
+    let names: Vec<&str> = model.graph().input.iter().map(|v| v.name()).collect();
+    let inputs: Vec<_> = reference_inputs(&reference("llama-genai-int4"))
+        .into_iter()
+        .filter(|(n, _)| names.contains(&n.as_str()))
+        .collect();
+    let mut session = ort().load(&model, &[x_name.clone(), "nbl.layers.1.y".into()]).unwrap();
+    let outputs = session.run(&inputs).unwrap();
+    let get = |name: &str| {
+        outputs[session.output_names().iter().position(|o| o == name).unwrap()].to_f64().unwrap()
+    };
+    let (x, y) = (get(&x_name), get("nbl.layers.1.y"));
+    let (x, y) = (x.as_slice().unwrap(), y.as_slice().unwrap());
+    let mut worst: f64 = 0.0;
+    for (xt, yt) in x.chunks(64).zip(y.chunks(64)) {
+        for (i, got) in yt.iter().enumerate() {
+            let want = fit.b[i] + (0..64).map(|j| dequantised[(i, j)] * xt[j]).sum::<f64>();
+            worst = worst.max((got - want).abs());
+        }
+    }
+    eprintln!("int4 map: max |y - (x Qᵀ + b)| = {worst:.2e}");
+    assert!(worst < 1e-3, "{worst}");
 }

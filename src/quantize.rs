@@ -1,0 +1,238 @@
+//! Block-wise integer quantisation of a linear map `y = W x` (`W` is `N×K`: `N` outputs, `K`
+//! inputs) into the layout of `com.microsoft::MatMulNBits`: per output row, blocks of
+//! `block_size` inputs share one scale; values are unsigned `bits`-bit integers `q` with the
+//! default zero point `2^(bits−1)`, so `w = (q − 2^(bits−1)) · scale`, packed low bits first.
+//!
+//! Two quantisers:
+//! - round-to-nearest (RTN): each weight on its own;
+//! - GPTQ (Frantar et al., 2022): the columns in order, each quantisation error spread over the
+//!   columns not yet quantised through the Cholesky factor of `H⁻¹`, which minimises
+//!   `E‖(W − Q) x‖²` for `H = E[x xᵀ] = C_xx + μ μᵀ`: exactly what the calibration statistics hold.
+
+use anyhow::{Context, Result, ensure};
+use faer::{Mat, Side};
+
+/// How weights are rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantizer {
+    /// GPTQ with the calibration second moments (error feedback through H⁻¹)
+    Gptq,
+    /// Round to nearest, each weight on its own
+    Rtn,
+}
+
+/// A quantised `N×K` matrix in `MatMulNBits` layout.
+#[derive(Clone, Debug)]
+pub struct Quantized {
+    pub bits: u32,
+    pub block_size: usize,
+    pub n: usize,
+    pub k: usize,
+    /// `[N, blocks, block_size · bits / 8]` bytes.
+    pub packed: Vec<u8>,
+    /// `[N, blocks]`.
+    pub scales: Vec<f32>,
+}
+
+impl Quantized {
+    pub fn blocks(&self) -> usize {
+        self.k.div_ceil(self.block_size)
+    }
+
+    fn offset(&self) -> i32 {
+        1 << (self.bits - 1)
+    }
+
+    /// The integer at row `n`, input `k`.
+    fn q(&self, n: usize, k: usize) -> u8 {
+        let per_byte = 8 / self.bits as usize;
+        let blob = self.block_size / per_byte;
+        let (block, within) = (k / self.block_size, k % self.block_size);
+        let byte = self.packed[(n * self.blocks() + block) * blob + within / per_byte];
+        let shift = (within % per_byte) * self.bits as usize;
+        (byte >> shift) & ((1u16 << self.bits) - 1) as u8
+    }
+
+    /// The `N×K` matrix the integers and scales stand for.
+    pub fn dequantize(&self) -> Mat<f64> {
+        Mat::from_fn(self.n, self.k, |n, k| {
+            let scale = f64::from(self.scales[n * self.blocks() + k / self.block_size]);
+            f64::from(i32::from(self.q(n, k)) - self.offset()) * scale
+        })
+    }
+}
+
+/// Quantises `w` (`N×K`) to `bits` ∈ {4, 8} in blocks of `block_size` inputs. GPTQ needs the
+/// second moment `h = E[x xᵀ]` (`K×K`) of the inputs.
+pub fn quantize(
+    w: &Mat<f64>,
+    bits: u32,
+    block_size: usize,
+    quantizer: Quantizer,
+    h: Option<&Mat<f64>>,
+) -> Result<Quantized> {
+    let (n, k) = (w.nrows(), w.ncols());
+    ensure!(bits == 4 || bits == 8, "MatMulNBits weights have 4 or 8 bits, not {bits}");
+    ensure!(
+        block_size >= 16 && block_size.is_power_of_two(),
+        "block size {block_size} is not a power of two ≥ 16"
+    );
+    ensure!(
+        k.is_multiple_of(block_size),
+        "the input width {k} is not a multiple of the block size {block_size}"
+    );
+    let blocks = k / block_size;
+    let max_q = (1i32 << bits) - 1;
+    let offset = 1i32 << (bits - 1);
+    let mut q = vec![0u8; n * k];
+    let mut scales = vec![0f32; n * blocks];
+    // The scale of one row's block, symmetric: the largest magnitude maps to the largest positive code.
+    let block_scale = |values: &mut dyn Iterator<Item = f64>| -> f32 {
+        let amax = values.fold(0f64, |m, v| m.max(v.abs()));
+        if amax > 0.0 { (amax / f64::from(offset - 1)) as f32 } else { 1.0 }
+    };
+    let round =
+        |v: f64, scale: f32| -> u8 { ((v / f64::from(scale)).round() as i32 + offset).clamp(0, max_q) as u8 };
+    let value = |code: u8, scale: f32| f64::from(i32::from(code) - offset) * f64::from(scale);
+    match quantizer {
+        Quantizer::Rtn => {
+            for r in 0..n {
+                for b in 0..blocks {
+                    let cols = b * block_size..(b + 1) * block_size;
+                    let scale = block_scale(&mut cols.clone().map(|c| w[(r, c)]));
+                    scales[r * blocks + b] = scale;
+                    for c in cols {
+                        q[r * k + c] = round(w[(r, c)], scale);
+                    }
+                }
+            }
+        }
+        Quantizer::Gptq => {
+            let h = h.context("GPTQ needs the inputs' second moments")?;
+            ensure!(h.nrows() == k && h.ncols() == k, "the second moments are not {k}×{k}");
+            let u = inverse_cholesky_upper(h)?;
+            let mut w = w.clone();
+            for c in 0..k {
+                let b = c / block_size;
+                if c % block_size == 0 {
+                    // Scales from the weights as the earlier columns' errors left them.
+                    for r in 0..n {
+                        scales[r * blocks + b] = block_scale(&mut (c..c + block_size).map(|cc| w[(r, cc)]));
+                    }
+                }
+                for r in 0..n {
+                    let scale = scales[r * blocks + b];
+                    let code = round(w[(r, c)], scale);
+                    q[r * k + c] = code;
+                    let err = (w[(r, c)] - value(code, scale)) / u[(c, c)];
+                    for cc in c + 1..k {
+                        w[(r, cc)] -= err * u[(c, cc)];
+                    }
+                }
+            }
+        }
+    }
+    let per_byte = 8 / bits as usize;
+    let mut packed = vec![0u8; n * k / per_byte];
+    for (i, &code) in q.iter().enumerate() {
+        packed[i / per_byte] |= code << ((i % per_byte) * bits as usize);
+    }
+    Ok(Quantized { bits, block_size, n, k, packed, scales })
+}
+
+/// The upper Cholesky factor `U` of `(H + δ I)⁻¹ = Uᵀ U`, with GPTQ's damping `δ = 1%` of the mean
+/// diagonal (inputs that never vary make `H` singular).
+fn inverse_cholesky_upper(h: &Mat<f64>) -> Result<Mat<f64>> {
+    let k = h.nrows();
+    let mean_diagonal = (0..k).map(|i| h[(i, i)]).sum::<f64>() / k as f64;
+    let damp = 0.01 * if mean_diagonal > 0.0 { mean_diagonal } else { 1.0 };
+    let damped = Mat::from_fn(k, k, |i, j| h[(i, j)] + if i == j { damp } else { 0.0 });
+    let llt = damped
+        .llt(Side::Lower)
+        .map_err(|e| anyhow::anyhow!("the inputs' second moments are not positive definite: {e:?}"))?;
+    // (L Lᵀ)⁻¹ = L⁻ᵀ L⁻¹, with L⁻¹ by a triangular solve.
+    let mut l_inv = Mat::<f64>::identity(k, k);
+    faer::linalg::triangular_solve::solve_lower_triangular_in_place(llt.L(), l_inv.as_mut(), faer::Par::Seq);
+    let inverse = l_inv.transpose() * &l_inv;
+    let lower = inverse
+        .llt(Side::Lower)
+        .map_err(|e| anyhow::anyhow!("H⁻¹ is not positive definite: {e:?}"))?
+        .L()
+        .to_owned();
+    Ok(lower.transpose().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A seeded standard-normal sequence (SplitMix64 + Box–Muller).
+    fn normals(seed: u64, count: usize) -> Vec<f64> {
+        let mut state = seed;
+        let mut uniform = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64 + 1e-12
+        };
+        (0..count)
+            .map(|_| (-2.0 * uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * uniform()).cos())
+            .collect()
+    }
+
+    /// Inputs with correlated, unequal dimensions (the case GPTQ exists for), their second moment,
+    /// and a weight matrix.
+    fn problem(n: usize, k: usize, tokens: usize) -> (Mat<f64>, Mat<f64>) {
+        let z = normals(1, tokens * k);
+        let mix = normals(2, k * k);
+        let x = Mat::from_fn(tokens, k, |t, i| {
+            (0..k).map(|j| z[t * k + j] * mix[j * k + i] * if j < 4 { 3.0 } else { 0.3 }).sum::<f64>()
+        });
+        let h = Mat::from_fn(k, k, |i, j| {
+            (0..tokens).map(|t| x[(t, i)] * x[(t, j)]).sum::<f64>() / tokens as f64
+        });
+        let w_values = normals(3, n * k);
+        (Mat::from_fn(n, k, |r, c| w_values[r * k + c]), h)
+    }
+
+    /// `E‖(W − Q) x‖² = tr((W − Q) H (W − Q)ᵀ)`.
+    fn output_error(w: &Mat<f64>, q: &Mat<f64>, h: &Mat<f64>) -> f64 {
+        let e = w - q;
+        let eh = &e * h;
+        (0..e.nrows()).map(|r| (0..e.ncols()).map(|c| eh[(r, c)] * e[(r, c)]).sum::<f64>()).sum()
+    }
+
+    #[test]
+    fn round_to_nearest_is_within_half_a_step_of_every_weight() {
+        let (w, _) = problem(8, 64, 16);
+        for bits in [4, 8] {
+            let q = quantize(&w, bits, 32, Quantizer::Rtn, None).unwrap();
+            assert_eq!(q.packed.len(), 8 * 64 * bits as usize / 8);
+            let back = q.dequantize();
+            for r in 0..8 {
+                for c in 0..64 {
+                    let step = f64::from(q.scales[r * 2 + c / 32]);
+                    assert!((w[(r, c)] - back[(r, c)]).abs() <= step / 2.0 + 1e-6, "bits {bits} ({r}, {c})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gptq_errs_less_than_round_to_nearest_on_the_outputs() {
+        let (w, h) = problem(16, 64, 512);
+        let rtn = quantize(&w, 4, 32, Quantizer::Rtn, None).unwrap().dequantize();
+        let gptq = quantize(&w, 4, 32, Quantizer::Gptq, Some(&h)).unwrap().dequantize();
+        let (e_rtn, e_gptq) = (output_error(&w, &rtn, &h), output_error(&w, &gptq, &h));
+        assert!(e_gptq < 0.8 * e_rtn, "GPTQ {e_gptq} vs RTN {e_rtn}");
+    }
+
+    #[test]
+    fn widths_that_do_not_fill_blocks_are_refused() {
+        let (w, _) = problem(4, 48, 4);
+        let err = quantize(&w, 4, 32, Quantizer::Rtn, None).unwrap_err().to_string();
+        assert!(err.contains("not a multiple of the block size 32"), "{err}");
+    }
+}
