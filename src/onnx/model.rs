@@ -36,8 +36,17 @@ const ARITY: &[(&str, usize, usize)] = &[
     ("GroupQueryAttention", 7, 14),
 ];
 
-/// Offsets in external data files are aligned to this, as ONNX Runtime expects for memory mapping.
-const EXTERNAL_ALIGNMENT: u64 = 4096;
+/// Offsets in external data files: tensors of at least `PAGE_ALIGNED_FROM` bytes start on a page
+/// (4096 bytes), as ONNX Runtime expects for memory-mapping them; smaller ones on 64 bytes (a cache
+/// line), so that a model of many small tensors is not mostly padding.
+const PAGE: u64 = 4096;
+const PAGE_ALIGNED_FROM: u64 = 1 << 16;
+const SMALL_ALIGNMENT: u64 = 64;
+
+/// The offset a tensor of `length` bytes starts at when written at `offset` or later.
+fn aligned(offset: u64, length: u64) -> u64 {
+    offset.next_multiple_of(if length >= PAGE_ALIGNED_FROM { PAGE } else { SMALL_ALIGNMENT })
+}
 
 /// In a model with external data, tensors of at least this many bytes are stored externally (the
 /// threshold `onnx.save_model` uses).
@@ -313,7 +322,7 @@ impl Model {
 
     /// Writes the model to `out` atomically. Initializers stored externally in the input are copied,
     /// streaming, into one data file beside the output (named like the input's: `<out>_data` for the
-    /// Optimum style, `<out>.data` otherwise), aligned to 4096 bytes. Never writes over the input.
+    /// Optimum style, `<out>.data` otherwise), large tensors page-aligned (see [`aligned`]). Never writes over the input.
     pub fn save(&self, out: &Path) -> Result<()> {
         let out_dir = atomic::dir_of(out);
         ensure!(out_dir.is_dir(), "output directory {} does not exist", out_dir.display());
@@ -404,7 +413,7 @@ impl Model {
                 None => expected_byte_len(tensor)
                     .with_context(|| format!("external tensor {:?} has no length", tensor.name()))?,
             };
-            let pad = offset.next_multiple_of(EXTERNAL_ALIGNMENT) - offset;
+            let pad = aligned(offset, length) - offset;
             io::copy(&mut io::repeat(0).take(pad), &mut writer)?;
             offset += pad;
             let src = match open.entry(loc.location.clone()) {
@@ -424,7 +433,7 @@ impl Model {
         // that the protobuf stays far below its 2 GiB limit.
         for tensor in graph.initializer.iter_mut() {
             let Some(raw) = tensor.raw_data.take_if(|r| r.len() >= EMBEDDED_LIMIT) else { continue };
-            let pad = offset.next_multiple_of(EXTERNAL_ALIGNMENT) - offset;
+            let pad = aligned(offset, raw.len() as u64) - offset;
             io::copy(&mut io::repeat(0).take(pad), &mut writer)?;
             offset += pad;
             writer.write_all(&raw)?;
