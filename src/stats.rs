@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 
 /// The file format's name and version, stored in the metadata.
 const FORMAT: &str = "nbl-onnx-stats";
-const VERSION: &str = "1";
+/// Version 2 stores the symmetric `sxx` and `syy` as packed upper triangles (`d(d+1)/2` values,
+/// row by row): two thirds of version 1's size. Version 1 files (full matrices) still load.
+const VERSION: &str = "2";
+const VERSIONS_READ: [&str; 2] = ["1", "2"];
 
 /// Moments of one layer over `count` tokens (all `d×d` matrices in f64):
 /// `mean_x = Σx/n`, `sxx = Σ(x-μx)(x-μx)ᵀ`, `syx = Σ(y-μy)(x-μx)ᵀ`, `syy = Σ(y-μy)(y-μy)ᵀ`,
@@ -118,10 +121,19 @@ impl Moments {
         let d = self.dim();
         for j in 0..d {
             let wx = delta_x[j] * weight;
-            for i in 0..d {
-                self.sxx[(i, j)] += delta_x[i] * wx;
-                self.syx[(i, j)] += delta_y[i] * wx;
-                self.syy[(i, j)] += delta_y[i] * delta_y[j] * weight;
+            for (i, dy) in delta_y.iter().enumerate() {
+                self.syx[(i, j)] += dy * wx;
+            }
+            // The symmetric ones get one value per pair, so that they stay exactly symmetric (the
+            // file stores their upper triangles).
+            for i in 0..=j {
+                let (xx, yy) = (delta_x[i] * wx, delta_y[i] * delta_y[j] * weight);
+                self.sxx[(i, j)] += xx;
+                self.syy[(i, j)] += yy;
+                if i != j {
+                    self.sxx[(j, i)] += xx;
+                    self.syy[(j, i)] += yy;
+                }
             }
         }
     }
@@ -221,9 +233,9 @@ impl Stats {
             tensors.push((format!("layers.{n}.count"), F64Tensor::scalar(m.count as f64)));
             tensors.push((format!("layers.{n}.mean_x"), F64Tensor::vector(&m.mean_x)));
             tensors.push((format!("layers.{n}.mean_y"), F64Tensor::vector(&m.mean_y)));
-            tensors.push((format!("layers.{n}.sxx"), F64Tensor::matrix(m.sxx.as_ref())));
+            tensors.push((format!("layers.{n}.sxx"), F64Tensor::packed(m.sxx.as_ref())));
             tensors.push((format!("layers.{n}.syx"), F64Tensor::matrix(m.syx.as_ref())));
-            tensors.push((format!("layers.{n}.syy"), F64Tensor::matrix(m.syy.as_ref())));
+            tensors.push((format!("layers.{n}.syy"), F64Tensor::packed(m.syy.as_ref())));
             tensors.push((format!("layers.{n}.cos_sum"), F64Tensor::scalar(m.cos_sum)));
         }
         let metadata = HashMap::from([
@@ -267,7 +279,7 @@ impl Stats {
         }
         let version = field("version")?;
         ensure!(
-            version == VERSION,
+            VERSIONS_READ.contains(&version.as_str()),
             "{}: statistics format version {version} is not supported",
             path.display()
         );
@@ -318,6 +330,23 @@ impl Stats {
                 let v = read(name, &[d, d])?;
                 Ok(Mat::from_fn(d, d, |i, j| v[i * d + j]))
             };
+            // Version 1: full matrices; version 2: upper triangles, row by row.
+            let symmetric = |name: &str| -> Result<Mat<f64>> {
+                if version == "1" {
+                    return matrix(name);
+                }
+                let v = read(name, &[d * (d + 1) / 2])?;
+                let mut m = Mat::zeros(d, d);
+                let mut at = 0;
+                for i in 0..d {
+                    for j in i..d {
+                        m[(i, j)] = v[at];
+                        m[(j, i)] = v[at];
+                        at += 1;
+                    }
+                }
+                Ok(m)
+            };
             let count = read("count", &[1])?[0];
             ensure!(
                 count >= 1.0 && count.fract() == 0.0 && count <= (1u64 << 53) as f64,
@@ -329,9 +358,9 @@ impl Stats {
                 count: count as u64,
                 mean_x: read("mean_x", &[d])?,
                 mean_y: read("mean_y", &[d])?,
-                sxx: matrix("sxx")?,
+                sxx: symmetric("sxx")?,
                 syx: matrix("syx")?,
-                syy: matrix("syy")?,
+                syy: symmetric("syy")?,
                 cos_sum: read("cos_sum", &[1])?[0],
             });
         }
@@ -384,6 +413,8 @@ enum Values<'a> {
     Scalar(f64),
     Vector(&'a [f64]),
     Matrix(MatRef<'a, f64>),
+    /// The upper triangle of a symmetric matrix, row by row.
+    Packed(MatRef<'a, f64>),
 }
 
 impl<'a> F64Tensor<'a> {
@@ -397,6 +428,11 @@ impl<'a> F64Tensor<'a> {
 
     fn matrix(m: MatRef<'a, f64>) -> Self {
         F64Tensor { shape: vec![m.nrows(), m.ncols()], values: Values::Matrix(m) }
+    }
+
+    fn packed(m: MatRef<'a, f64>) -> Self {
+        let d = m.nrows();
+        F64Tensor { shape: vec![d * (d + 1) / 2], values: Values::Packed(m) }
     }
 }
 
@@ -417,6 +453,13 @@ impl View for F64Tensor<'_> {
             Values::Matrix(m) => {
                 for i in 0..m.nrows() {
                     for j in 0..m.ncols() {
+                        out.extend(m[(i, j)].to_le_bytes());
+                    }
+                }
+            }
+            Values::Packed(m) => {
+                for i in 0..m.nrows() {
+                    for j in i..m.ncols() {
                         out.extend(m[(i, j)].to_le_bytes());
                     }
                 }

@@ -109,7 +109,7 @@ fn statistics_that_do_not_hold_what_they_claim_are_refused() {
         (damaged("inf.st", &|s| s.moments[1].mean_x[3] = f64::INFINITY), "holds inf"),
         (damaged("nan.st", &|s| s.moments[2].syy[(1, 1)] = f64::NAN), "holds NaN"),
         (
-            damaged("shape.st", &|s| s.moments[0].sxx = faer::Mat::zeros(32, 128)),
+            damaged("shape.st", &|s| s.moments[0].syx = faer::Mat::zeros(32, 128)),
             "has shape [32, 128], expected [64, 64]",
         ),
         (damaged("huge.st", &|s| s.hidden_size = usize::MAX / 2), "does not fit a file"),

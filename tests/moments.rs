@@ -139,3 +139,59 @@ fn statistics_survive_a_file_round_trip_exactly() {
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
 }
+
+/// Version 1 files (full `sxx` and `syy`) still load, to the same moments as the version 2 file
+/// (packed upper triangles) written from them, which is a third smaller.
+#[test]
+fn version_1_statistics_still_load() {
+    use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+    let d = 5;
+    let mut g = Gaussian::new(9);
+    let (mut a, mut b) = (Moments::new(d), Moments::new(d));
+    let sample = |g: &mut Gaussian| -> Vec<f32> { g.matrix(40, d).iter().map(|&v| v as f32).collect() };
+    a.add_batch(&sample(&mut g), &sample(&mut g));
+    b.add_batch(&sample(&mut g), &sample(&mut g));
+    a.merge(&b); // the mean correction: still exactly symmetric
+    let stats = Stats {
+        fingerprint: "f".into(),
+        hidden_size: d,
+        layers: vec![LayerTensors { layer: 0, x: "x".into(), y: "y".into() }],
+        moments: vec![a],
+        data: vec![],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = dir.path().join("v2.safetensors");
+    stats.save(&v2).unwrap();
+    // The same statistics as version 1 wrote them: full matrices.
+    let bytes = std::fs::read(&v2).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let full = |m: &faer::Mat<f64>| -> Vec<u8> {
+        (0..d).flat_map(|i| (0..d).map(move |j| (i, j))).flat_map(|(i, j)| m[(i, j)].to_le_bytes()).collect()
+    };
+    let (sxx, syy) = (full(&stats.moments[0].sxx), full(&stats.moments[0].syy));
+    let tensors: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(key, view)| {
+            let view = match key.as_str() {
+                "layers.0.sxx" => TensorView::new(Dtype::F64, vec![d, d], &sxx).unwrap(),
+                "layers.0.syy" => TensorView::new(Dtype::F64, vec![d, d], &syy).unwrap(),
+                _ => view,
+            };
+            (key, view)
+        })
+        .collect();
+    let mut metadata = header.metadata().clone().unwrap();
+    metadata.insert("version".into(), "1".into());
+    let v1 = dir.path().join("v1.safetensors");
+    safetensors::serialize_to_file(tensors, Some(metadata), &v1).unwrap();
+    let (old, new) = (Stats::load(&v1).unwrap(), Stats::load(&v2).unwrap());
+    for m in [&old.moments[0], &new.moments[0]] {
+        assert_eq!(m.sxx, stats.moments[0].sxx);
+        assert_eq!(m.syy, stats.moments[0].syy);
+        assert_eq!(m.syx, stats.moments[0].syx);
+    }
+    let (size_v1, size_v2) = (std::fs::metadata(&v1).unwrap().len(), std::fs::metadata(&v2).unwrap().len());
+    assert!(size_v2 < size_v1, "{size_v2} vs {size_v1}");
+}
