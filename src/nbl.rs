@@ -6,6 +6,17 @@
 //! `C_zz^-½ C_zx C_xx^-½`, and `bound = Σ (1 − ρ_i²) = d − Σ ρ_i²`. With Cholesky factors
 //! `L_x L_xᵀ = C_xx + ε_x I` and `L_z L_zᵀ = C_zz + ε_z I`, `M = L_z⁻¹ C_zx L_x⁻ᵀ` has the same
 //! singular values, so `Σ ρ_i² = ‖M‖_F²` without an SVD.
+//!
+//! The bound is scale-free: it cannot see that a layer's error is large next to the stream it is
+//! added to (layer 0's attention output is large next to the embeddings). Measures in the
+//! attention output's units, from the same statistics:
+//! - `residual_energy = tr(C_yy − W C_yxᵀ)`: the expected squared error of the map per token,
+//!   `E‖y − (W x + b)‖²` (the LMMSE residual);
+//! - `stream_energy = E‖x + y‖² = tr(C_zz) + ‖μ_x + μ_y‖²`: the block output it is added into;
+//! - `relative_residual = residual_energy / stream_energy`: the share of the stream the
+//!   replacement gets wrong (criterion `residual`);
+//! - `weighted_bound = bound/d · tr(C_yy) / tr(C_zz)`: the CCA bound weighted by the branch's share
+//!   of the block output's variance (criterion `weighted-cca`).
 
 use anyhow::{Result, bail, ensure};
 use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
@@ -29,6 +40,14 @@ pub struct LayerFit {
     pub mse_bound: f64,
     /// `tr(C_yy − W C_yxᵀ) / tr(C_yy)`: the share of attention-output variance the map misses.
     pub fit_residual: f64,
+    /// `tr(C_yy − W C_yxᵀ)`: the map's expected squared error per token, `E‖y − (W x + b)‖²`.
+    pub residual_energy: f64,
+    /// `E‖x + y‖² = tr(C_zz) + ‖μ_x + μ_y‖²`: the energy of the block's output.
+    pub stream_energy: f64,
+    /// `residual_energy / stream_energy`.
+    pub relative_residual: f64,
+    /// `bound/d · tr(C_yy) / tr(C_zz)`.
+    pub weighted_bound: f64,
     /// Mean `cos(x, x + y)` over the calibration tokens (LLM-Drop's criterion).
     pub cosine: f64,
     /// The ridges added to `C_xx` and `C_zz`.
@@ -123,6 +142,12 @@ pub fn fit_layer(layer: usize, m: &Moments, lambda: f64, spectrum: bool) -> Resu
     let explained = (0..d).map(|i| (0..d).map(|j| w[(i, j)] * c_yx[(i, j)]).sum::<f64>()).sum::<f64>();
     let var_y = trace(c_yy.as_ref());
     let fit_residual = if var_y > 0.0 { ((var_y - explained) / var_y).max(0.0) } else { 0.0 };
+    let residual_energy = (var_y - explained).max(0.0);
+    let var_z = trace(c_zz.as_ref());
+    let mean_z_sq: f64 = m.mean_x.iter().zip(&m.mean_y).map(|(a, b)| (a + b) * (a + b)).sum();
+    let stream_energy = var_z + mean_z_sq;
+    let relative_residual = if stream_energy > 0.0 { residual_energy / stream_energy } else { 0.0 };
+    let weighted_bound = if var_z > 0.0 { bound / d as f64 * var_y / var_z } else { 0.0 };
 
     Ok(LayerFit {
         layer,
@@ -130,6 +155,10 @@ pub fn fit_layer(layer: usize, m: &Moments, lambda: f64, spectrum: bool) -> Resu
         bound_normalized: bound / d as f64,
         mse_bound: bound * trace(c_zz.as_ref()),
         fit_residual,
+        residual_energy,
+        stream_energy,
+        relative_residual,
+        weighted_bound,
         cosine: m.mean_cosine(),
         ridge_x: fx.ridge,
         ridge_z: fz.ridge,
@@ -148,6 +177,10 @@ pub enum Criterion {
     Cca,
     /// Highest input/output cosine similarity first (LLM-Drop)
     Cosine,
+    /// Lowest LMMSE residual relative to the block output's energy first (scale-aware)
+    Residual,
+    /// Lowest CCA bound weighted by the branch's share of the block output first (scale-aware)
+    WeightedCca,
 }
 
 /// Layers in the order they should be linearised, best candidate first.
@@ -156,6 +189,11 @@ pub fn ranking(fits: &[LayerFit], criterion: Criterion) -> Vec<usize> {
     match criterion {
         Criterion::Cca => order.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.layer.cmp(&b.layer))),
         Criterion::Cosine => order.sort_by(|a, b| b.cosine.total_cmp(&a.cosine).then(a.layer.cmp(&b.layer))),
+        Criterion::Residual => order
+            .sort_by(|a, b| a.relative_residual.total_cmp(&b.relative_residual).then(a.layer.cmp(&b.layer))),
+        Criterion::WeightedCca => {
+            order.sort_by(|a, b| a.weighted_bound.total_cmp(&b.weighted_bound).then(a.layer.cmp(&b.layer)))
+        }
     }
     order.iter().map(|f| f.layer).collect()
 }
@@ -239,6 +277,10 @@ mod tests {
             bound_normalized: bound / 10.0,
             mse_bound: 0.0,
             fit_residual: 0.0,
+            residual_energy: 0.0,
+            stream_energy: 0.0,
+            relative_residual: 0.0,
+            weighted_bound: 0.0,
             cosine: 0.0,
             ridge_x: 0.0,
             ridge_z: 0.0,

@@ -66,6 +66,8 @@ impl Analysis {
             match self.criterion {
                 Criterion::Cca => "CCA bound (the most linear attention)",
                 Criterion::Cosine => "input/output cosine (the attention that changes the stream least)",
+                Criterion::Residual => "map error relative to the stream (the least wrong replacement)",
+                Criterion::WeightedCca => "CCA bound weighted by the branch's share of the stream",
             }
         );
         for &l in &self.selected {
@@ -102,18 +104,20 @@ impl Analysis {
         );
         let _ = writeln!(
             out,
-            "{:>5}  {:>10}  {:>8}  {:>12}  {:>8}  {:>8}  chosen",
-            "layer", "bound", "bound/d", "mse bound", "residual", "cosine"
+            "{:>5}  {:>10}  {:>8}  {:>12}  {:>8}  {:>12}  {:>9}  {:>8}  chosen",
+            "layer", "bound", "bound/d", "resid. energy", "residual", "resid/stream", "weighted", "cosine"
         );
         for row in &self.layers {
             let _ = writeln!(
                 out,
-                "{:>5}  {:>10.4}  {:>8.5}  {:>12.4e}  {:>8.5}  {:>8.5}  {}{}",
+                "{:>5}  {:>10.4}  {:>8.5}  {:>12.4e}  {:>8.5}  {:>12.4e}  {:>9.5}  {:>8.5}  {}{}",
                 row.fit.layer,
                 row.fit.bound,
                 row.fit.bound_normalized,
-                row.fit.mse_bound,
+                row.fit.residual_energy,
                 row.fit.fit_residual,
+                row.fit.relative_residual,
+                row.fit.weighted_bound,
                 row.fit.cosine,
                 if row.linearized { "yes" } else { "" },
                 if row.fit.rank_deficient { "  (rank-deficient statistics)" } else { "" }

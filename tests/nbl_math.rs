@@ -189,3 +189,68 @@ fn ranking_orders_by_bound_or_by_cosine() {
     assert_eq!(ranking(&fits, Criterion::Cca), vec![1, 2, 0]);
     assert_eq!(ranking(&fits, Criterion::Cosine), vec![1, 2, 0]);
 }
+
+/// `y = A x + e` with `Cov(x) = I`, noise `Cov(e) = σ² I` independent of x, means `μ_x`, `μ_y`:
+/// the map's residual is exactly the noise, `tr = σ² d`; the block output's energy is
+/// `tr(C_zz) + ‖μ_x + μ_y‖²`; so each scale-aware measure has a closed form.
+#[test]
+fn residual_measures_equal_their_closed_forms() {
+    let d = 8;
+    let sigma2 = 0.25;
+    let mut g = Gaussian::new(11);
+    let a = Mat::from_fn(d, d, |i, j| 0.3 * g.sample() + if i == j { 0.5 } else { 0.0 });
+    let c_xx = Mat::<f64>::identity(d, d);
+    let c_yx = a.clone();
+    let c_yy = &a * a.transpose() + Mat::from_fn(d, d, |i, j| if i == j { sigma2 } else { 0.0 });
+    let mut m = exact_moments(&c_xx, &c_yx, &c_yy);
+    m.mean_x = (0..d).map(|i| 0.1 * i as f64).collect();
+    m.mean_y = (0..d).map(|i| 1.0 - 0.2 * i as f64).collect();
+    let fit = fit_layer(0, &m, 1e-12, false).unwrap();
+
+    let trace = |m: &Mat<f64>| (0..d).map(|i| m[(i, i)]).sum::<f64>();
+    let c_zz = &c_yy + &c_yx + c_yx.transpose() + &c_xx;
+    let mean_z: f64 = (0..d).map(|i| (m.mean_x[i] + m.mean_y[i]).powi(2)).sum();
+    let stream = trace(&c_zz) + mean_z;
+    let residual = sigma2 * d as f64;
+    // The 1e-12 ridge and f64 rounding: relative 1e-9.
+    let close = |got: f64, want: f64| (got - want).abs() <= 1e-9 * want.abs().max(1.0);
+    assert!(close(fit.residual_energy, residual), "{} vs {residual}", fit.residual_energy);
+    assert!(close(fit.stream_energy, stream), "{} vs {stream}", fit.stream_energy);
+    assert!(close(fit.relative_residual, residual / stream));
+    assert!(close(fit.fit_residual, residual / trace(&c_yy)));
+    assert!(close(fit.weighted_bound, fit.bound_normalized * trace(&c_yy) / trace(&c_zz)));
+}
+
+/// A stream with one massive direction (as real ones have): the map fits it perfectly and misses
+/// noise in the others. The scale-free CCA bound counts every direction alike and ranks the layer
+/// last; its error relative to the stream is tiny, and the residual criterion ranks it first.
+#[test]
+fn the_residual_criterion_sees_how_large_the_error_is_next_to_the_stream() {
+    let d = 6;
+    let diag = |v: &dyn Fn(usize) -> f64| Mat::from_fn(d, d, |i, j| if i == j { v(i) } else { 0.0 });
+    // y = 0.5 x + e: C_yx = 0.5 C_xx, C_yy = 0.25 C_xx + Cov(e).
+    let layer = |c_xx: Mat<f64>, noise: f64| {
+        let c_yx = &c_xx * 0.5;
+        let c_yy = &c_xx * 0.25 + diag(&|_| noise);
+        fit_layer(0, &exact_moments(&c_xx, &c_yx, &c_yy), 1e-12, false).unwrap()
+    };
+    let mut massive = layer(diag(&|i| if i == 0 { 1000.0 } else { 1.0 }), 0.5);
+    let plain = layer(diag(&|_| 1.0), 0.05);
+    massive.layer = 0;
+    let mut plain = plain;
+    plain.layer = 1;
+    let fits = [massive, plain];
+    eprintln!(
+        "bound/d {:.4} vs {:.4}; residual/stream {:.2e} vs {:.2e}",
+        fits[0].bound_normalized,
+        fits[1].bound_normalized,
+        fits[0].relative_residual,
+        fits[1].relative_residual
+    );
+    assert_eq!(ranking(&fits, Criterion::Cca), [1, 0], "the scale-free bound prefers the plain layer");
+    assert_eq!(
+        ranking(&fits, Criterion::Residual),
+        [0, 1],
+        "relative to the stream, the massive one errs least"
+    );
+}
