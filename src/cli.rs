@@ -120,13 +120,9 @@ impl DataArgs {
     }
 }
 
-/// Blocks calibrated per engine run when none is given.
-pub const DEFAULT_CALIBRATION_SAMPLES: usize = 256;
-
+/// What calibration reads and where it runs (calibrate, and rewrite without --stats).
 #[derive(clap::Args)]
-pub struct CalibrateArgs {
-    /// The ONNX model to measure
-    pub model: PathBuf,
+pub struct CalibrationArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Blocks per engine run
@@ -134,6 +130,17 @@ pub struct CalibrateArgs {
     pub batch: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// Blocks calibrated when --samples is not given.
+pub const DEFAULT_CALIBRATION_SAMPLES: usize = 256;
+
+#[derive(clap::Args)]
+pub struct CalibrateArgs {
+    /// The ONNX model to measure
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// Calibrate slice I of N disjoint slices of the blocks (merge the results with merge-stats)
     #[arg(long, default_value = "0/1")]
     pub shard: Shard,
@@ -210,12 +217,7 @@ pub struct RewriteArgs {
     #[arg(long)]
     pub stats: Option<PathBuf>,
     #[command(flatten)]
-    pub data: DataArgs,
-    /// Blocks per engine run when calibrating
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
-    #[command(flatten)]
-    pub engine: EngineArgs,
+    pub calibration: CalibrationArgs,
     #[command(flatten)]
     pub select: SelectArgs,
     /// linear: Y = X Wᵀ + b (NBL); drop: Y = 0 (attention dropping, for comparison)

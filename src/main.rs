@@ -57,12 +57,12 @@ fn files_read(model: &Model, data: Option<&DataArgs>, others: &[&Path]) -> Vec<P
 
 fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
     let model = Model::load(&args.model)?;
-    let inputs = files_read(&model, Some(&args.data), &[]);
+    let inputs = files_read(&model, Some(&args.calibration.data), &[]);
     check_output(&args.output, &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
     let blocks = find_blocks(&model)?;
-    let engine = args.engine.open()?;
-    let data = args.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
-    let stats = calibrate::run(&model, &blocks, engine.as_ref(), &data, args.batch, args.shard)?;
+    let engine = args.calibration.engine.open()?;
+    let data = args.calibration.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
+    let stats = calibrate::run(&model, &blocks, engine.as_ref(), &data, args.calibration.batch, args.shard)?;
     stats.save(&args.output)?;
     eprintln!("wrote {} ({} layers, {} tokens)", args.output.display(), stats.layers.len(), stats.tokens());
     Ok(())
@@ -111,8 +111,11 @@ fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
 fn run_rewrite(args: &RewriteArgs) -> Result<()> {
     let (output, report_path) = output_paths(&args.model, args.output.as_deref(), args.report.as_deref());
     let mut model = Model::load(&args.model)?;
-    let inputs =
-        files_read(&model, Some(&args.data), &args.stats.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+    let inputs = files_read(
+        &model,
+        Some(&args.calibration.data),
+        &args.stats.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    );
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     for out in
         [Some(output.clone()), model.data_file_for(&output), Some(report_path.clone())].iter().flatten()
@@ -134,9 +137,9 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
             stats
         }
         None => {
-            let engine = args.engine.open()?;
-            let data = args.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
-            calibrate::run(&model, &blocks, engine.as_ref(), &data, args.batch, Shard::WHOLE)?
+            let engine = args.calibration.engine.open()?;
+            let data = args.calibration.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
+            calibrate::run(&model, &blocks, engine.as_ref(), &data, args.calibration.batch, Shard::WHOLE)?
         }
     };
     let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, false)?;

@@ -364,12 +364,27 @@ impl Patch<'_> {
         w_t: TensorProto,
         b: TensorProto,
     ) -> Result<()> {
+        let product =
+            build::node("MatMul", &[&block.x, w_t.name()], &format!("nbl.layers.{}.matmul", block.layer));
+        self.splice_map(block, product, vec![w_t], b)
+    }
+
+    /// The junction of `block` reads `product + b` (`nbl.layers.N.y`), `product` computing `W x`
+    /// from the weights `weights`.
+    fn splice_map(
+        &mut self,
+        block: &AttentionBlock,
+        product: NodeProto,
+        weights: Vec<TensorProto>,
+        b: TensorProto,
+    ) -> Result<()> {
         self.junction(block)?;
-        let n = block.layer;
-        let (product, y) = (format!("nbl.layers.{n}.matmul"), format!("nbl.layers.{n}.y"));
-        self.add_node(build::node("MatMul", &[&block.x, w_t.name()], &product))?;
-        self.add_node(build::node("Add", &[&product, b.name()], &y))?;
-        self.add_initializer(w_t)?;
+        let y = format!("nbl.layers.{}.y", block.layer);
+        self.add_node(build::node("Add", &[&product.output[0], b.name()], &y))?;
+        self.add_node(product)?;
+        for w in weights {
+            self.add_initializer(w)?;
+        }
         self.add_initializer(b)?;
         self.rewire(block.junction.node, block.junction.slot, &y)
     }
@@ -384,9 +399,8 @@ impl Patch<'_> {
         dtype: DType,
         b: TensorProto,
     ) -> Result<()> {
-        self.junction(block)?;
         let n = block.layer;
-        let (product, y) = (format!("nbl.layers.{n}.matmul"), format!("nbl.layers.{n}.y"));
+        let product = format!("nbl.layers.{n}.matmul");
         let (packed, scales) = (format!("nbl.layers.{n}.weight"), format!("nbl.layers.{n}.weight_scales"));
         let packed_t = TensorProto {
             name: Some(packed.clone()),
@@ -413,12 +427,7 @@ impl Patch<'_> {
                 ..Default::default()
             });
         }
-        self.add_node(node)?;
-        self.add_node(build::node("Add", &[&product, b.name()], &y))?;
-        self.add_initializer(packed_t)?;
-        self.add_initializer(scales_t)?;
-        self.add_initializer(b)?;
-        self.rewire(block.junction.node, block.junction.slot, &y)
+        self.splice_map(block, node, vec![packed_t, scales_t], b)
     }
 
     /// `Y := 0`. An `Add` junction becomes the stream itself (its readers read the stream); a
