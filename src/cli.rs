@@ -1,13 +1,13 @@
 //! The command line's arguments: one clap struct per subcommand, and the groups they share
 //! (engine, data, layer selection), turned into the library's options.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use nbl_onnx::calibrate::Shard;
-use nbl_onnx::data::{DataSpec, Split};
+use nbl_onnx::data::{DataSpec, Split, check_context, context_length};
 use nbl_onnx::engine::{self, Engine, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::nbl::{Criterion, DEFAULT_LAMBDA, Selection};
 use nbl_onnx::quantize::Quantizer;
@@ -95,28 +95,38 @@ pub struct DataArgs {
     /// tokenizer_config.json beside the model)
     #[arg(long)]
     pub eos_id: Option<i64>,
-    /// Tokens per block
-    #[arg(long, default_value_t = 2048)]
-    pub seq_len: usize,
+    /// Tokens per block (default: 2048, or the model's context where it is shorter)
+    #[arg(long)]
+    pub seq_len: Option<usize>,
     /// Number of packed blocks to use (default: 256 to calibrate, every block to evaluate)
     #[arg(long)]
     pub samples: Option<usize>,
 }
 
 impl DataArgs {
-    /// The data to read; without `--data`, the built-in sample's `built_in` split, said on stderr.
-    pub fn spec(&self, default_samples: Option<usize>, built_in: Split) -> DataSpec {
+    /// The data to read for the model in `model_dir`; without `--data`, the built-in sample's
+    /// `built_in` split, said on stderr. Blocks longer than the model's context are refused.
+    pub fn spec(
+        &self,
+        model_dir: &Path,
+        default_samples: Option<usize>,
+        built_in: Split,
+    ) -> Result<DataSpec> {
+        let context = context_length(model_dir).map(|(n, _)| n);
+        let seq_len =
+            self.seq_len.unwrap_or_else(|| context.map_or(DEFAULT_SEQ_LEN, |c| c.min(DEFAULT_SEQ_LEN)));
+        check_context(model_dir, seq_len, &format!("--seq-len {seq_len}"))?;
         if self.data.is_empty() {
             eprintln!("data: {} (pass --data FILE for your own)", built_in.describe());
         }
-        DataSpec {
+        Ok(DataSpec {
             files: self.data.clone(),
             built_in,
             tokenizer: self.tokenizer.clone(),
             eos_id: self.eos_id,
-            seq_len: self.seq_len,
+            seq_len,
             samples: self.samples.or(default_samples),
-        }
+        })
     }
 }
 
@@ -131,6 +141,9 @@ pub struct CalibrationArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
 }
+
+/// Tokens per block when --seq-len is not given and the model's context is longer.
+const DEFAULT_SEQ_LEN: usize = 2048;
 
 /// Blocks calibrated when --samples is not given.
 pub const DEFAULT_CALIBRATION_SAMPLES: usize = 256;

@@ -275,6 +275,34 @@ impl DataSpec {
     }
 }
 
+/// The longest sequence the model beside `model_dir` is made for, where its configs say:
+/// `genai_config.json`'s `context_length`, else `config.json`'s `max_position_embeddings` (or
+/// GPT-2's `n_positions`). Longer sequences run off the end of fixed rotary caches and position
+/// tables, or out of what the model was trained on.
+pub fn context_length(model_dir: &Path) -> Option<(usize, String)> {
+    let read = |name: &str| -> Option<Value> {
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join(name)).ok()?).ok()
+    };
+    if let Some(n) = read("genai_config.json").and_then(|c| c["model"]["context_length"].as_u64()) {
+        return Some((n as usize, "genai_config.json context_length".into()));
+    }
+    let config = read("config.json")?;
+    ["max_position_embeddings", "n_positions"]
+        .iter()
+        .find_map(|key| config[*key].as_u64().map(|n| (n as usize, format!("config.json {key}"))))
+}
+
+/// Fails when `tokens` (what `what` asks for) exceed the context of the model in `model_dir`.
+pub fn check_context(model_dir: &Path, tokens: usize, what: &str) -> Result<()> {
+    if let Some((context, source)) = context_length(model_dir) {
+        ensure!(
+            tokens <= context,
+            "{what} makes sequences of {tokens} tokens, longer than the model's context of {context} ({source})"
+        );
+    }
+    Ok(())
+}
+
 /// What the packed data holds, for reports.
 #[derive(Clone, Debug)]
 pub struct Packed {

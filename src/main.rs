@@ -61,7 +61,8 @@ fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
     check_output(&args.output, &inputs.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
     let blocks = find_blocks(&model)?;
     let engine = args.calibration.engine.open()?;
-    let data = args.calibration.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
+    let data =
+        args.calibration.data.spec(model.dir(), Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration)?;
     let stats = calibrate::run(&model, &blocks, engine.as_ref(), &data, args.calibration.batch, args.shard)?;
     stats.save(&args.output)?;
     eprintln!("wrote {} ({} layers, {} tokens)", args.output.display(), stats.layers.len(), stats.tokens());
@@ -138,7 +139,11 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         }
         None => {
             let engine = args.calibration.engine.open()?;
-            let data = args.calibration.data.spec(Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration);
+            let data = args.calibration.data.spec(
+                model.dir(),
+                Some(DEFAULT_CALIBRATION_SAMPLES),
+                Split::Calibration,
+            )?;
             calibrate::run(&model, &blocks, engine.as_ref(), &data, args.calibration.batch, Shard::WHOLE)?
         }
     };
@@ -183,6 +188,8 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
 
 fn run_check(args: &CheckArgs) -> Result<()> {
     let model = Model::load(&args.model)?;
+    let tokens = args.prompt_len + args.gen_tokens.max(args.decode_steps);
+    nbl_onnx::data::check_context(model.dir(), tokens, "--prompt-len with --gen-tokens")?;
     let reference = args.reference.as_ref().map(Model::load).transpose()?;
     let blocks = find_blocks(&model).ok();
     let ort = engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: args.ep, threads: None })?;
@@ -217,7 +224,8 @@ fn run_check(args: &CheckArgs) -> Result<()> {
 fn run_eval(args: &EvalArgs) -> Result<()> {
     let models = args.models.iter().map(Model::load).collect::<Result<Vec<_>>>()?;
     let blocks = find_blocks(&models[0])?;
-    let packed = args.data.spec(None, Split::Evaluation).pack(models[0].dir(), blocks.vocab_size)?;
+    let spec = args.data.spec(models[0].dir(), None, Split::Evaluation)?;
+    let packed = spec.pack(models[0].dir(), blocks.vocab_size)?;
     let engine = args.engine.open()?;
     let hidden_size = Some(blocks.hidden_size);
     let mut scores = eval::evaluate(&models, hidden_size, engine.as_ref(), &packed.blocks)?;
@@ -237,7 +245,7 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     }
     let report = eval::Report {
         engine: engine.describe(),
-        seq_len: args.data.seq_len,
+        seq_len: spec.seq_len,
         blocks: packed.blocks.len(),
         models: scores,
     };
@@ -246,6 +254,10 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
 
 fn run_bench(args: &BenchArgs) -> Result<()> {
     let models = args.models.iter().map(Model::load).collect::<Result<Vec<_>>>()?;
+    for model in &models {
+        let tokens = args.prompt_len + args.new_tokens;
+        nbl_onnx::data::check_context(model.dir(), tokens, "--prompt-len with --gen")?;
+    }
     let engine =
         engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: args.ep, threads: args.threads })?;
     if args.peak_memory {

@@ -482,11 +482,42 @@ fn every_command_refuses_bad_flags_and_files_naming_them() {
         ),
         (vec!["eval".into(), model.into(), "--data".into(), missing.clone()], "missing.json"),
         (vec!["eval".into(), notes.clone(), "--data".into(), corpus.into()], "notes.txt"),
-        (vec!["bench".into(), model.into(), "--runs".into(), "0".into()], "--runs"),
-        (vec!["bench".into(), model.into(), "--gen".into(), "0".into()], "--gen"),
-        (vec!["bench".into(), model.into(), "--prompt-len".into(), "0".into()], "--prompt-len"),
+        (
+            vec![
+                "bench".into(),
+                model.into(),
+                "--prompt-len".into(),
+                "16".into(),
+                "--runs".into(),
+                "0".into(),
+            ],
+            "--runs",
+        ),
+        (
+            vec![
+                "bench".into(),
+                model.into(),
+                "--prompt-len".into(),
+                "16".into(),
+                "--gen".into(),
+                "0".into(),
+            ],
+            "--gen",
+        ),
+        (
+            vec!["bench".into(), model.into(), "--prompt-len".into(), "0".into(), "--gen".into(), "4".into()],
+            "--prompt-len",
+        ),
         (vec!["bench".into(), notes.clone()], "notes.txt"),
-        (vec!["bench".into(), model_path("llama-optimum-nopast").to_str().unwrap().into()], "no KV cache"),
+        (
+            vec![
+                "bench".into(),
+                model_path("llama-optimum-nopast").to_str().unwrap().into(),
+                "--prompt-len".into(),
+                "16".into(),
+            ],
+            "no KV cache",
+        ),
         (
             vec!["merge-stats".into(), stats.into(), other_stats.into(), "-o".into(), out.clone()],
             "different models",
@@ -508,6 +539,23 @@ fn every_command_refuses_bad_flags_and_files_naming_them() {
             "tract runs on the CPU only",
         ),
         (vec!["nonsense".into()], "nonsense"),
+        // Longer than the fixtures' context of 256 (config.json max_position_embeddings).
+        (
+            ["calibrate", model, "--data", corpus, "--seq-len", "300", "-o", &out]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            "longer than the model's context of 256",
+        ),
+        (
+            vec!["check".into(), model.into(), "--prompt-len".into(), "250".into()],
+            "longer than the model's context of 256",
+        ),
+        (vec!["bench".into(), model.into()], "longer than the model's context of 256"),
+        (
+            vec!["eval".into(), model.into(), "--seq-len".into(), "257".into()],
+            "longer than the model's context of 256",
+        ),
     ];
     assert!(cases.len() >= 50);
     for (args, needle) in &cases {
