@@ -453,8 +453,7 @@ fn next_join(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<Join
     split_terms(graph, index, &views, branch, &mut terms);
     // `s' = (s + a) + b` with `b` computed from `s`, not from `s + a`: one parallel block.
     while let Some(sum) = out {
-        let readers: Vec<(usize, usize)> =
-            index.consumers(sum).iter().copied().filter(|&(c, _)| !is_shape_only(graph, c)).collect();
+        let readers = value_readers(graph, index, sum);
         let &[(next, slot)] = readers.as_slice() else { break };
         let n = &graph.node[next];
         let next_out = match n.op_type() {
@@ -499,6 +498,11 @@ fn is_shape_only(graph: &GraphProto, node: usize) -> bool {
     matches!(graph.node[node].op_type(), "Shape" | "Size")
 }
 
+/// The nodes that read `t`'s values (not only its shape), with their input slots.
+fn value_readers(graph: &GraphProto, index: &GraphIndex, t: TensorId) -> Vec<(usize, usize)> {
+    index.consumers(t).iter().copied().filter(|&(c, _)| !is_shape_only(graph, c)).collect()
+}
+
 /// Nodes reachable forward from `from`, by value (not through `Shape`), that `to` depends on.
 fn forward_region(graph: &GraphProto, index: &GraphIndex, from: &[TensorId], to: TensorId) -> Vec<usize> {
     let needed = index.ancestors(&[to]);
@@ -536,8 +540,7 @@ const PROLOGUE_OPS: &[&str] = &[
 /// The next stream tensor of the prologue: `s` read by exactly one node (besides shape reads) of
 /// [`PROLOGUE_OPS`], whose other operands are not computed from `s`.
 fn prologue_step(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<TensorId> {
-    let readers: Vec<(usize, usize)> =
-        index.consumers(s).iter().copied().filter(|&(c, _)| !is_shape_only(graph, c)).collect();
+    let readers = value_readers(graph, index, s);
     let &[(node, slot)] = readers.as_slice() else { return None };
     if !PROLOGUE_OPS.contains(&graph.node[node].op_type()) {
         return None;

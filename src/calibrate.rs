@@ -62,10 +62,11 @@ pub fn run(
     batch: usize,
     shard: Shard,
 ) -> Result<Stats> {
-    let samples = data.samples.unwrap_or(usize::MAX);
-    ensure!(samples > 0, "--samples must be at least 1");
+    ensure!(data.samples != Some(0), "--samples must be at least 1");
     let packed = data.pack(model.dir(), blocks.vocab_size)?;
-    if packed.blocks.len() < samples && data.samples.is_some() {
+    if let Some(samples) = data.samples
+        && packed.blocks.len() < samples
+    {
         eprintln!(
             "note: the data gives {} blocks of {} tokens, fewer than --samples {samples}",
             packed.blocks.len(),

@@ -178,14 +178,12 @@ pub fn rewrite_selected(
         .map(|&l| {
             let block = blocks.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
             let fit = analysis.fit(l).context("a fit per selected layer")?;
-            // GPTQ weighs each input by E[x xᵀ] = C_xx + μ μᵀ of the layer's statistics.
+            // GPTQ weighs each input by the layer's E[x xᵀ].
             let gptq = matches!(storage, MapStorage::Blocks { quantizer: Quantizer::Gptq, .. });
-            let second_moment =
-                gptq.then(|| stats.layers.iter().position(|t| t.layer == l)).flatten().map(|i| {
-                    let m = &stats.moments[i];
-                    let (c_xx, _, _) = m.covariances();
-                    Mat::from_fn(c_xx.nrows(), c_xx.ncols(), |r, c| c_xx[(r, c)] + m.mean_x[r] * m.mean_x[c])
-                });
+            let second_moment = gptq
+                .then(|| stats.layers.iter().position(|t| t.layer == l))
+                .flatten()
+                .map(|i| stats.moments[i].second_moment_x());
             Ok(LayerEdit { block, map: Some((&fit.w, fit.b.as_slice())), second_moment })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -144,6 +144,13 @@ impl Moments {
         (scaled(self.sxx.as_ref(), scale), scaled(self.syx.as_ref(), scale), scaled(self.syy.as_ref(), scale))
     }
 
+    /// The input's second moment `E[x xᵀ] = C_xx + μ_x μ_xᵀ` (what GPTQ weighs errors by).
+    pub fn second_moment_x(&self) -> Mat<f64> {
+        let scale = 1.0 / (self.count.max(2) - 1) as f64;
+        let d = self.dim();
+        Mat::from_fn(d, d, |i, j| self.sxx[(i, j)] * scale + self.mean_x[i] * self.mean_x[j])
+    }
+
     /// Mean cosine similarity of a block's input and output, `cos(x, x + y)`.
     pub fn mean_cosine(&self) -> f64 {
         if self.count == 0 { f64::NAN } else { self.cos_sum / self.count as f64 }

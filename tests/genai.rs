@@ -72,10 +72,7 @@ fn rewritten_genai_models_generate_what_the_patched_pytorch_model_generates() {
         let dir = tempfile::tempdir().unwrap();
         let original = dir.path().join("original");
         std::fs::create_dir(&original).unwrap();
-        for entry in std::fs::read_dir(fixtures_dir().join(&fixture)).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), original.join(entry.file_name())).unwrap();
-        }
+        copy_fixture(&fixture, &original);
         let mut model = Model::load(original.join("model.onnx")).unwrap();
         // The builder's int4 graphs let ONNX Runtime quantise activations (accuracy_level 4); the
         // reference computes in f32.

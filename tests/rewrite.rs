@@ -19,30 +19,8 @@ fn ok(out: Output) -> Output {
 }
 
 /// A copy of a fixture in a temporary directory, with statistics from 256 tokens of text.
-struct Workspace {
-    dir: tempfile::TempDir,
-    model: PathBuf,
-    stats: PathBuf,
-    corpus: PathBuf,
-}
-
 fn workspace(fixture: &str) -> Workspace {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures_dir().join(fixture)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
-    let corpus = write_corpus(dir.path());
-    let model = dir.path().join("model.onnx");
-    let stats = dir.path().join("stats.safetensors");
-    ok(nbl(&calibrate_args(
-        model.to_str().unwrap(),
-        corpus.to_str().unwrap(),
-        "32",
-        "8",
-        stats.to_str().unwrap(),
-    )));
-    Workspace { dir, model, stats, corpus }
+    calibrated_copy(fixture, "32", "8")
 }
 
 fn rewrite(ws: &Workspace, extra: &[&str]) -> PathBuf {

@@ -72,6 +72,41 @@ pub fn calibrate_args<'a>(
     ]
 }
 
+/// Copies every file of fixture `name` into `dir`.
+pub fn copy_fixture(name: &str, dir: &Path) {
+    for entry in std::fs::read_dir(fixtures_dir().join(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+}
+
+/// A fixture copied into a temporary directory with the test corpus and statistics calibrated on
+/// `samples` blocks of `seq_len` tokens of it.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub stats: PathBuf,
+    pub corpus: PathBuf,
+}
+
+pub fn calibrated_copy(fixture: &str, seq_len: &str, samples: &str) -> Workspace {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(fixture, dir.path());
+    let corpus = write_corpus(dir.path());
+    let model = dir.path().join("model.onnx");
+    let stats = dir.path().join("stats.safetensors");
+    let args = calibrate_args(
+        model.to_str().unwrap(),
+        corpus.to_str().unwrap(),
+        seq_len,
+        samples,
+        stats.to_str().unwrap(),
+    );
+    let out = nbl(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    Workspace { dir, model, stats, corpus }
+}
+
 /// Runs the `nbl-onnx` binary.
 pub fn nbl(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_nbl-onnx")).args(args).output().expect("the binary runs")
