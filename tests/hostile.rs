@@ -15,6 +15,11 @@ fn setup(fixture: &str) -> Workspace {
     calibrated_copy(fixture, "16", "4")
 }
 
+/// A command line as owned strings, so that one table of cases can mix literals and paths.
+fn argv(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
 /// Every file in `dir` with its bytes.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
@@ -327,12 +332,8 @@ fn every_command_refuses_bad_flags_and_files_naming_them() {
         (path("broken.json"), path("negative.json"), path("nothing.json"), path("missing.json"));
     let other_stats = other.stats.to_str().unwrap();
     let calibrate = |extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> =
-            ["calibrate", model, "--data", corpus, "--seq-len", "16", "--samples", "4", "-o", &out]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut args = argv(&calibrate_args(model, corpus, "16", "4", &out));
+        args.extend(argv(extra));
         args
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
@@ -351,187 +352,63 @@ fn every_command_refuses_bad_flags_and_files_naming_them() {
         (calibrate(&["--tokenizer", &notes]), "cannot load tokenizer"),
         (calibrate(&["--engine", "nope"]), "--engine"),
         (calibrate(&["--ep", "nope"]), "--ep"),
-        (vec!["calibrate".into(), notes.clone(), "-o".into(), out.clone()], "notes.txt"),
-        (vec!["analyze".into(), notes.clone()], "notes.txt"),
-        (vec!["analyze".into(), missing.clone()], "missing.json"),
-        (vec!["analyze".into(), stats.into(), "--lambda=-1".into()], "--lambda"),
-        (vec!["analyze".into(), stats.into(), "--lambda".into(), "nan".into()], "--lambda"),
-        (vec!["analyze".into(), stats.into(), "--layers".into(), "9".into()], "--layers 9"),
-        (vec!["analyze".into(), stats.into(), "--layer-ids".into(), "7".into()], "layer 7"),
-        (vec!["analyze".into(), stats.into(), "--max-bound=-1".into()], "--max-bound"),
+        (argv(&["calibrate", &notes, "-o", &out]), "notes.txt"),
+        (argv(&["analyze", &notes]), "notes.txt"),
+        (argv(&["analyze", &missing]), "missing.json"),
+        (argv(&["analyze", stats, "--lambda=-1"]), "--lambda"),
+        (argv(&["analyze", stats, "--lambda", "nan"]), "--lambda"),
+        (argv(&["analyze", stats, "--layers", "9"]), "--layers 9"),
+        (argv(&["analyze", stats, "--layer-ids", "7"]), "layer 7"),
+        (argv(&["analyze", stats, "--max-bound=-1"]), "--max-bound"),
+        (argv(&["analyze", stats, "--model", other.model.to_str().unwrap()]), "another model"),
+        (argv(&["analyze", stats, "--chart", &path("")]), "directory"),
+        (argv(&["rewrite", model, "--stats", stats, "--lambda", "inf"]), "--lambda"),
+        (argv(&["rewrite", model, "--stats", stats, "--layers", "4"]), "--layers 4"),
+        (argv(&["rewrite", model, "--stats", stats, "--layer-ids", "2,0,9"]), "layer 9"),
+        (argv(&["rewrite", model, "--stats", other_stats]), "another model"),
+        (argv(&["rewrite", model, "--stats", &notes]), "notes.txt"),
+        (argv(&["rewrite", model, "--stats", stats, "--replace", "nope"]), "--replace"),
+        (argv(&["rewrite", model, "--stats", stats, "--kv", "nope"]), "--kv"),
+        (argv(&["rewrite", &notes, "--stats", stats]), "notes.txt"),
+        (argv(&["check", model, "--prompt-len", "0"]), "--prompt-len"),
+        (argv(&["check", model, "--prompts", "0"]), "--prompts"),
+        (argv(&["check", model, "--max-kl", "1"]), "--reference"),
+        (argv(&["check", model, "--reference", &notes]), "notes.txt"),
+        (argv(&["check", model, "--reference", model, "--min-top1", "inf"]), "--min-top1"),
+        (argv(&["check", model, "--data", &csv]), "unsupported data file"),
+        (argv(&["eval", model, "--data", corpus, "--seq-len", "0"]), "--seq-len"),
         (
-            vec!["analyze".into(), stats.into(), "--model".into(), other.model.to_str().unwrap().into()],
-            "another model",
-        ),
-        (vec!["analyze".into(), stats.into(), "--chart".into(), path("")], "directory"),
-        (
-            vec![
-                "rewrite".into(),
-                model.into(),
-                "--stats".into(),
-                stats.into(),
-                "--lambda".into(),
-                "inf".into(),
-            ],
-            "--lambda",
-        ),
-        (
-            vec![
-                "rewrite".into(),
-                model.into(),
-                "--stats".into(),
-                stats.into(),
-                "--layers".into(),
-                "4".into(),
-            ],
-            "--layers 4",
-        ),
-        (
-            vec![
-                "rewrite".into(),
-                model.into(),
-                "--stats".into(),
-                stats.into(),
-                "--layer-ids".into(),
-                "2,0,9".into(),
-            ],
-            "layer 9",
-        ),
-        (vec!["rewrite".into(), model.into(), "--stats".into(), other_stats.into()], "another model"),
-        (vec!["rewrite".into(), model.into(), "--stats".into(), notes.clone()], "notes.txt"),
-        (
-            vec![
-                "rewrite".into(),
-                model.into(),
-                "--stats".into(),
-                stats.into(),
-                "--replace".into(),
-                "nope".into(),
-            ],
-            "--replace",
-        ),
-        (
-            vec![
-                "rewrite".into(),
-                model.into(),
-                "--stats".into(),
-                stats.into(),
-                "--kv".into(),
-                "nope".into(),
-            ],
-            "--kv",
-        ),
-        (vec!["rewrite".into(), notes.clone(), "--stats".into(), stats.into()], "notes.txt"),
-        (vec!["check".into(), model.into(), "--prompt-len".into(), "0".into()], "--prompt-len"),
-        (vec!["check".into(), model.into(), "--prompts".into(), "0".into()], "--prompts"),
-        (vec!["check".into(), model.into(), "--max-kl".into(), "1".into()], "--reference"),
-        (vec!["check".into(), model.into(), "--reference".into(), notes.clone()], "notes.txt"),
-        (
-            vec![
-                "check".into(),
-                model.into(),
-                "--reference".into(),
-                model.into(),
-                "--min-top1".into(),
-                "inf".into(),
-            ],
-            "--min-top1",
-        ),
-        (vec!["check".into(), model.into(), "--data".into(), csv.clone()], "unsupported data file"),
-        (
-            vec!["eval".into(), model.into(), "--data".into(), corpus.into(), "--seq-len".into(), "0".into()],
-            "--seq-len",
-        ),
-        (
-            vec![
-                "eval".into(),
-                model.into(),
-                model.into(),
-                "--data".into(),
-                corpus.into(),
-                "--seq-len".into(),
-                "16".into(),
-                "--gen-tokens".into(),
-                "0".into(),
-            ],
+            argv(&["eval", model, model, "--data", corpus, "--seq-len", "16", "--gen-tokens", "0"]),
             "--gen-tokens",
         ),
-        (vec!["eval".into(), model.into(), "--data".into(), missing.clone()], "missing.json"),
-        (vec!["eval".into(), notes.clone(), "--data".into(), corpus.into()], "notes.txt"),
+        (argv(&["eval", model, "--data", &missing]), "missing.json"),
+        (argv(&["eval", &notes, "--data", corpus]), "notes.txt"),
+        (argv(&["bench", model, "--prompt-len", "16", "--runs", "0"]), "--runs"),
+        (argv(&["bench", model, "--prompt-len", "16", "--gen", "0"]), "--gen"),
+        (argv(&["bench", model, "--prompt-len", "0", "--gen", "4"]), "--prompt-len"),
+        (argv(&["bench", &notes]), "notes.txt"),
         (
-            vec![
-                "bench".into(),
-                model.into(),
-                "--prompt-len".into(),
-                "16".into(),
-                "--runs".into(),
-                "0".into(),
-            ],
-            "--runs",
-        ),
-        (
-            vec![
-                "bench".into(),
-                model.into(),
-                "--prompt-len".into(),
-                "16".into(),
-                "--gen".into(),
-                "0".into(),
-            ],
-            "--gen",
-        ),
-        (
-            vec!["bench".into(), model.into(), "--prompt-len".into(), "0".into(), "--gen".into(), "4".into()],
-            "--prompt-len",
-        ),
-        (vec!["bench".into(), notes.clone()], "notes.txt"),
-        (
-            vec![
-                "bench".into(),
-                model_path("llama-optimum-nopast").to_str().unwrap().into(),
-                "--prompt-len".into(),
-                "16".into(),
-            ],
+            argv(&["bench", model_path("llama-optimum-nopast").to_str().unwrap(), "--prompt-len", "16"]),
             "no KV cache",
         ),
+        (argv(&["merge-stats", stats, other_stats, "-o", &out]), "different models"),
+        (argv(&["merge-stats", &notes, "-o", &out]), "notes.txt"),
+        (argv(&["merge-stats", stats, "-o", stats]), "refusing to write"),
+        (argv(&["inspect", &notes]), "notes.txt"),
+        (argv(&["inspect", &missing]), "missing.json"),
         (
-            vec!["merge-stats".into(), stats.into(), other_stats.into(), "-o".into(), out.clone()],
-            "different models",
-        ),
-        (vec!["merge-stats".into(), notes.clone(), "-o".into(), out.clone()], "notes.txt"),
-        (vec!["merge-stats".into(), stats.into(), "-o".into(), stats.into()], "refusing to write"),
-        (vec!["inspect".into(), notes.clone()], "notes.txt"),
-        (vec!["inspect".into(), missing.clone()], "missing.json"),
-        (
-            vec![
-                "inspect".into(),
-                model.into(),
-                "--run".into(),
-                "--engine".into(),
-                "tract".into(),
-                "--ep".into(),
-                "cuda".into(),
-            ],
+            argv(&["inspect", model, "--run", "--engine", "tract", "--ep", "cuda"]),
             "tract runs on the CPU only",
         ),
-        (vec!["nonsense".into()], "nonsense"),
+        (argv(&["nonsense"]), "nonsense"),
         // Longer than the fixtures' context of 256 (config.json max_position_embeddings).
         (
-            ["calibrate", model, "--data", corpus, "--seq-len", "300", "-o", &out]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            argv(&["calibrate", model, "--data", corpus, "--seq-len", "300", "-o", &out]),
             "longer than the model's context of 256",
         ),
-        (
-            vec!["check".into(), model.into(), "--prompt-len".into(), "250".into()],
-            "longer than the model's context of 256",
-        ),
-        (vec!["bench".into(), model.into()], "longer than the model's context of 256"),
-        (
-            vec!["eval".into(), model.into(), "--seq-len".into(), "257".into()],
-            "longer than the model's context of 256",
-        ),
+        (argv(&["check", model, "--prompt-len", "250"]), "longer than the model's context of 256"),
+        (argv(&["bench", model]), "longer than the model's context of 256"),
+        (argv(&["eval", model, "--seq-len", "257"]), "longer than the model's context of 256"),
     ];
     assert!(cases.len() >= 50);
     for (args, needle) in &cases {
