@@ -12,18 +12,27 @@
 # Idempotent: a second run with the same version does nothing.
 set -euo pipefail
 
-ORT_VERSION="${ORT_VERSION:-1.32.0}"
+# onnxruntime-gpu lags the CPU wheel: 1.31.1 is its newest release (CUDA 13, cuDNN 9).
+ORT_CPU_VERSION=1.32.0
+ORT_GPU_VERSION=1.31.1
 GENAI_VERSION="${GENAI_VERSION:-0.18.0}"
 flavour=cpu
-requirement="onnxruntime==$ORT_VERSION"
 with_genai=false
 for arg in "$@"; do
   case "$arg" in
-    --gpu) flavour=gpu; requirement="onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION" ;;
+    --gpu) flavour=gpu ;;
     --with-genai) with_genai=true ;;
     *) echo "usage: $0 [--gpu] [--with-genai]" >&2; exit 2 ;;
   esac
 done
+
+if [[ $flavour == gpu ]]; then
+  ORT_VERSION="${ORT_VERSION:-$ORT_GPU_VERSION}"
+  requirement="onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION"
+else
+  ORT_VERSION="${ORT_VERSION:-$ORT_CPU_VERSION}"
+  requirement="onnxruntime==$ORT_VERSION"
+fi
 
 root="${NBL_ORT_DIR:-$HOME/.cache/nbl-onnx/onnxruntime}"
 dest="$root/$flavour"

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The device check: nbl-onnx end to end on an NVIDIA GPU, in a few minutes, written to bench/gpu.json.
+#
+#   scripts/gpu-check.sh [MODEL_DIR[:K] ...]
+#
+# For each model (default: the fixture llama-genai-fp16-cuda, K = 1):
+#   1. calibrate on CUDA, timed, beside the model's own prefill speed on $ep (calibration throughput
+#      relative to plain inference);
+#   2. rewrite K layers (the statistics come from the CUDA run);
+#   3. check the rewrite against the original on CUDA, then on TensorRT (without TensorRT's libraries
+#      that is a clear error, recorded as such);
+#   4. bench original and rewrite side by side on CUDA.
+#
+# Environment: NBL (the binary; default target/release/nbl-onnx, built if missing), ORT_DYLIB_PATH (an
+# onnxruntime-gpu libonnxruntime.so; default: scripts/setup-ort.sh --gpu), SAMPLES and SEQ_LEN
+# (calibration blocks; default 16 x 512), PROMPT_LEN and GEN (bench; default 512, 128), GPU_JSON, WORK
+# (a folder to keep the intermediate files in; default a temporary one, removed), and
+# EP (default cuda; EP=cpu runs the same steps on the CPU, to try the script without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+nbl=${NBL:-target/release/nbl-onnx}
+out=${GPU_JSON:-bench/gpu.json}
+samples=${SAMPLES:-16}
+seq_len=${SEQ_LEN:-512}
+prompt_len=${PROMPT_LEN:-512}
+gen=${GEN:-128}
+ep=${EP:-cuda}
+models=("$@")
+[[ ${#models[@]} -gt 0 ]] || models=(fixtures/llama-genai-fp16-cuda:1)
+
+if [[ -z "${ORT_DYLIB_PATH:-}" && $ep != cpu ]]; then
+  scripts/setup-ort.sh --gpu
+fi
+[[ -x $nbl ]] || cargo build --release --locked
+if [[ $ep == cpu ]]; then
+  gpu="none (EP=cpu)"
+else
+  command -v nvidia-smi >/dev/null || { echo "error: nvidia-smi not found: this script needs an NVIDIA GPU" >&2; exit 2; }
+  gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -n 1)
+fi
+
+if [[ -n "${WORK:-}" ]]; then
+  work=$WORK  # kept: statistics, reports and rewritten models, for a closer look
+  mkdir -p "$work"
+else
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+fi
+mkdir -p "$(dirname "$out")"
+echo "==> $gpu"
+
+now() { date +%s.%N; }
+results=()
+for spec in "${models[@]}"; do
+  dir=${spec%%:*}
+  k=1
+  [[ $spec == *:* ]] && k=${spec##*:}
+  name=$(basename "$dir")
+  w="$work/$name"
+  mkdir -p "$w"
+  echo "==> $name: calibrate on $ep ($samples x $seq_len tokens)"
+  t0=$(now)
+  "$nbl" calibrate "$dir/model.onnx" --ep "$ep" --samples "$samples" --seq-len "$seq_len" -o "$w/stats.nblstats" \
+    2> >(tee "$w/calibrate.log" >&2)
+  t1=$(now)
+  echo "==> $name: rewrite k = $k"
+  "$nbl" rewrite "$dir/model.onnx" --stats "$w/stats.nblstats" --layers "$k" -o "$w/nbl/model.onnx" \
+    --report "$w/rewrite.json"
+  echo "==> $name: check on $ep"
+  "$nbl" check "$w/nbl/model.onnx" --reference "$dir/model.onnx" --ep "$ep" --json > "$w/check.json"
+  : > "$w/check-tensorrt.err"
+  if [[ $ep == cuda ]]; then
+    echo "==> $name: check on TensorRT"
+    if "$nbl" check "$w/nbl/model.onnx" --reference "$dir/model.onnx" --ep tensorrt --json \
+      > "$w/check-tensorrt.json" 2> "$w/check-tensorrt.err"; then
+      echo "TensorRT: ran"
+    else
+      echo "TensorRT: $(tail -n 1 "$w/check-tensorrt.err")"
+    fi
+  fi
+  echo "==> $name: bench on $ep (prompt $prompt_len, $gen new tokens)"
+  "$nbl" bench "$dir/model.onnx" "$w/nbl/model.onnx" --ep "$ep" --prompt-len "$prompt_len" --gen "$gen" --json \
+    > "$w/bench.json"
+  python3 - "$w" "$name" "$k" "$samples" "$seq_len" "$t0" "$t1" > "$w/result.json" <<'EOF'
+import json, pathlib, re, sys
+w, name, k, samples, seq_len, t0, t1 = sys.argv[1:]
+w = pathlib.Path(w)
+load = lambda f: json.loads((w / f).read_text()) if (w / f).exists() and (w / f).stat().st_size else None
+bench = load("bench.json")
+calibrate_s = float(t1) - float(t0)
+log = (w / "calibrate.log").read_text()
+rate = re.search(r"\(([\d.]+) tokens/s\)", log)
+prefill_tok_s = int(bench["prompt_len"]) / (bench["models"][0]["prefill_ms"] / 1000)
+err = (w / "check-tensorrt.err").read_text().strip().splitlines()
+print(json.dumps({
+    "model": name, "k": int(k),
+    "calibration": {"samples": int(samples), "seq_len": int(seq_len), "wall_s": calibrate_s,
+                    "tokens_per_s": float(rate.group(1)) if rate else None,
+                    "prefill_tokens_per_s": prefill_tok_s,
+                    "relative_to_inference": (float(rate.group(1)) / prefill_tok_s) if rate else None},
+    "rewrite": load("rewrite.json"),
+    "check": load("check.json"),
+    "check_tensorrt": load("check-tensorrt.json") or {"error": err[-1] if err else None},
+    "bench": bench,
+}, indent=2))
+EOF
+  results+=("$w/result.json")
+done
+
+python3 - "$out" "$gpu" "$ep" "${results[@]}" <<'EOF'
+import json, sys
+out, gpu, ep, *files = sys.argv[1:]
+json.dump({"gpu": gpu, "ep": ep, "models": [json.load(open(f)) for f in files]}, open(out, "w"), indent=2)
+EOF
+echo "==> wrote $out"
