@@ -59,11 +59,13 @@ for spec in "${models[@]}"; do
   name=$(basename "$dir")
   w="$work/$name"
   mkdir -p "$w"
-  echo "==> $name: calibrate on $ep ($samples x $seq_len tokens)"
-  t0=$(now)
-  "$nbl" calibrate "$dir/model.onnx" --ep "$ep" --samples "$samples" --seq-len "$seq_len" -o "$w/stats.nblstats" \
-    2> >(tee "$w/calibrate.log" >&2)
-  t1=$(now)
+  for moments in host graph; do
+    echo "==> $name: calibrate on $ep ($samples x $seq_len tokens, moments: $moments)"
+    "$nbl" calibrate "$dir/model.onnx" --ep "$ep" --samples "$samples" --seq-len "$seq_len" --moments "$moments" \
+      -o "$w/stats-$moments.nblstats" 2> >(tee "$w/calibrate-$moments.log" >&2)
+    "$nbl" analyze "$w/stats-$moments.nblstats" --json > "$w/analyze-$moments.json"
+  done
+  cp "$w/stats-graph.nblstats" "$w/stats.nblstats"
   echo "==> $name: rewrite k = $k"
   "$nbl" rewrite "$dir/model.onnx" --stats "$w/stats.nblstats" --layers "$k" -o "$w/nbl/model.onnx" \
     --report "$w/rewrite.json"
@@ -82,23 +84,26 @@ for spec in "${models[@]}"; do
   echo "==> $name: bench on $ep (prompt $prompt_len, $gen new tokens)"
   "$nbl" bench "$dir/model.onnx" "$w/nbl/model.onnx" --ep "$ep" --prompt-len "$prompt_len" --gen "$gen" --json \
     > "$w/bench.json"
-  python3 - "$w" "$name" "$k" "$samples" "$seq_len" "$t0" "$t1" > "$w/result.json" <<'EOF'
+  python3 - "$w" "$name" "$k" "$samples" "$seq_len" > "$w/result.json" <<'EOF'
 import json, pathlib, re, sys
-w, name, k, samples, seq_len, t0, t1 = sys.argv[1:]
+w, name, k, samples, seq_len = sys.argv[1:]
 w = pathlib.Path(w)
 load = lambda f: json.loads((w / f).read_text()) if (w / f).exists() and (w / f).stat().st_size else None
 bench = load("bench.json")
-calibrate_s = float(t1) - float(t0)
-log = (w / "calibrate.log").read_text()
-rate = re.search(r"\(([\d.]+) tokens/s\)", log)
 prefill_tok_s = int(bench["prompt_len"]) / (bench["models"][0]["prefill_ms"] / 1000)
+calibration = {"samples": int(samples), "seq_len": int(seq_len), "prefill_tokens_per_s": prefill_tok_s}
+for moments in ("host", "graph"):
+    rate = float(re.search(r"\(([\d.]+) tokens/s", (w / f"calibrate-{moments}.log").read_text()).group(1))
+    calibration[f"{moments}_tokens_per_s"] = rate
+    calibration[f"{moments}_relative_to_inference"] = rate / prefill_tok_s
+host, graph = (load(f"analyze-{m}.json")["layers"] for m in ("host", "graph"))
+calibration["bound_max_relative_difference"] = max(
+    abs(h["bound"] - g["bound"]) / max(abs(h["bound"]), 1e-300) for h, g in zip(host, graph))
+calibration["same_ranking"] = load("analyze-host.json")["order"] == load("analyze-graph.json")["order"]
 err = (w / "check-tensorrt.err").read_text().strip().splitlines()
 print(json.dumps({
     "model": name, "k": int(k),
-    "calibration": {"samples": int(samples), "seq_len": int(seq_len), "wall_s": calibrate_s,
-                    "tokens_per_s": float(rate.group(1)) if rate else None,
-                    "prefill_tokens_per_s": prefill_tok_s,
-                    "relative_to_inference": (float(rate.group(1)) / prefill_tok_s) if rate else None},
+    "calibration": calibration,
     "rewrite": load("rewrite.json"),
     "check": load("check.json"),
     "check_tensorrt": load("check-tensorrt.json") or {"error": err[-1] if err else None},

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use nbl_onnx::calibrate::Shard;
+use nbl_onnx::calibrate::{MomentsOn, Shard};
 use nbl_onnx::data::{DataSpec, Split, check_context, context_length};
 use nbl_onnx::engine::{self, Engine, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::nbl::{Criterion, DEFAULT_LAMBDA, Selection};
@@ -138,8 +138,18 @@ pub struct CalibrationArgs {
     /// Blocks per engine run
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Where the moments are formed: in the measuring graph, where the model runs, or on the host
+    #[arg(long, value_enum, default_value_t = MomentsOn::Auto)]
+    pub moments: MomentsOn,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+impl CalibrationArgs {
+    /// `--moments`, with `auto` resolved for the execution provider.
+    pub fn moments(&self) -> MomentsOn {
+        self.moments.resolve(self.engine.ep)
+    }
 }
 
 /// Tokens per block when --seq-len is not given and the model's context is longer.

@@ -63,7 +63,15 @@ fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
     let engine = args.calibration.engine.open()?;
     let data =
         args.calibration.data.spec(model.dir(), Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration)?;
-    let stats = calibrate::run(&model, &blocks, engine.as_ref(), &data, args.calibration.batch, args.shard)?;
+    let stats = calibrate::run(
+        &model,
+        &blocks,
+        engine.as_ref(),
+        &data,
+        args.calibration.batch,
+        args.shard,
+        args.calibration.moments(),
+    )?;
     stats.save(&args.output)?;
     eprintln!("wrote {} ({} layers, {} tokens)", args.output.display(), stats.layers.len(), stats.tokens());
     Ok(())
@@ -144,7 +152,15 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
                 Some(DEFAULT_CALIBRATION_SAMPLES),
                 Split::Calibration,
             )?;
-            calibrate::run(&model, &blocks, engine.as_ref(), &data, args.calibration.batch, Shard::WHOLE)?
+            calibrate::run(
+                &model,
+                &blocks,
+                engine.as_ref(),
+                &data,
+                args.calibration.batch,
+                Shard::WHOLE,
+                args.calibration.moments(),
+            )?
         }
     };
     let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, false)?;

@@ -247,13 +247,15 @@ pub fn rewrite_as(
                 let n = edit.block.layer;
                 // The bias stays in the stream's float type whatever W's format.
                 let b = Array1::from_iter(b.iter().map(|&v| v as f32)).into_dyn();
-                let bias = initializer(&format!("nbl.layers.{n}.bias"), Tensor::from_f32(dtype, b)?);
+                let bias = build::initializer(&format!("nbl.layers.{n}.bias"), Tensor::from_f32(dtype, b)?);
                 match storage {
                     MapStorage::Float(w_dtype) => {
                         // MatMul(X, Wᵀ): the initializer holds Wᵀ, row-major [d_in, d_out].
                         let w_t = Array2::from_shape_fn((d, d), |(i, j)| w[(j, i)] as f32).into_dyn();
-                        let weight =
-                            initializer(&format!("nbl.layers.{n}.weight"), Tensor::from_f32(w_dtype, w_t)?);
+                        let weight = build::initializer(
+                            &format!("nbl.layers.{n}.weight"),
+                            Tensor::from_f32(w_dtype, w_t)?,
+                        );
                         patch.replace_with_affine(edit.block, weight, bias)?;
                     }
                     MapStorage::Blocks { bits, block_size, accuracy_level, quantizer } => {
@@ -408,7 +410,7 @@ impl Patch<'_> {
             ..Default::default()
         };
         let scales_values = Array1::from_vec(q.scales.clone()).into_dyn();
-        let scales_t = initializer(&scales, Tensor::from_f32(dtype, scales_values)?);
+        let scales_t = build::initializer(&scales, Tensor::from_f32(dtype, scales_values)?);
         let mut node = build::node("MatMulNBits", &[&block.x, &packed, &scales], &product);
         node.domain = Some("com.microsoft".into());
         for (name, value) in [
@@ -418,12 +420,7 @@ impl Patch<'_> {
             ("block_size", q.block_size as i64),
             ("accuracy_level", accuracy_level),
         ] {
-            node.attribute.push(crate::onnx::proto::AttributeProto {
-                name: Some(name.into()),
-                r#type: Some(crate::onnx::proto::attribute_proto::AttributeType::Int as i32),
-                i: Some(value),
-                ..Default::default()
-            });
+            node.attribute.push(build::int_attribute(name, value));
         }
         self.splice_map(block, node, vec![packed_t, scales_t], b)
     }
@@ -463,16 +460,6 @@ impl Patch<'_> {
                 )
             }
         }
-    }
-}
-
-fn initializer(name: &str, tensor: Tensor) -> TensorProto {
-    TensorProto {
-        name: Some(name.to_string()),
-        dims: tensor.shape().iter().map(|&d| d as i64).collect(),
-        data_type: Some(tensor.dtype().onnx_code()),
-        raw_data: Some(tensor.to_le_bytes().into()),
-        ..Default::default()
     }
 }
 

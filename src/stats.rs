@@ -49,6 +49,16 @@ impl Moments {
         self.mean_x.len()
     }
 
+    /// Whether every mean, cross-product and the cosine sum is finite.
+    pub fn is_finite(&self) -> bool {
+        let finite = |m: &Mat<f64>| (0..m.ncols()).all(|j| m.col(j).iter().all(|v| v.is_finite()));
+        self.mean_x.iter().chain(&self.mean_y).all(|v| v.is_finite())
+            && finite(&self.sxx)
+            && finite(&self.syx)
+            && finite(&self.syy)
+            && self.cos_sum.is_finite()
+    }
+
     /// Adds a batch of tokens: `x` and `y` are `n×d`, row-major. The batch is centred on its own
     /// mean (in f64) before its cross-products are formed, then merged (Chan et al.), so that large
     /// common offsets (massive activations) do not cancel catastrophically.

@@ -7,8 +7,9 @@ use std::path::Path;
 
 use common::*;
 use nbl_onnx::blocks::find_blocks;
-use nbl_onnx::calibrate::calibrate;
+use nbl_onnx::calibrate::{MomentsOn, calibrate};
 use nbl_onnx::engine::Engine;
+use nbl_onnx::nbl::{Criterion, fit_layer, ranking};
 use nbl_onnx::onnx::{Model, Tensor};
 use nbl_onnx::stats::{Moments, Stats};
 
@@ -60,7 +61,7 @@ fn max_relative_difference(a: &Moments, b: &Moments) -> f64 {
 fn engine_moments(name: &str, engine: &dyn Engine) -> Vec<Moments> {
     let model = Model::load(model_path(name)).unwrap();
     let blocks = find_blocks(&model).unwrap();
-    calibrate(&model, &blocks, engine, &reference_blocks(name), 1).unwrap()
+    calibrate(&model, &blocks, engine, &reference_blocks(name), 1, MomentsOn::Host).unwrap()
 }
 
 /// f32 activations agree to ~1e-5 relative between engines and PyTorch (see the X/Y test);
@@ -92,6 +93,70 @@ fn genai_statistics_agree_with_pytorch() {
         let diff = max_relative_difference(o, p);
         eprintln!("{name} layer {l}: ORT vs PyTorch {diff:.2e}");
         assert!(diff < STATS_TOLERANCE, "{name} layer {l}");
+    }
+}
+
+/// Six blocks of 16 fixed pseudo-random token ids (below every fixture's vocabulary of 512).
+fn random_blocks() -> Vec<Vec<i64>> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..6)
+        .map(|_| {
+            (0..16)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % 512) as i64
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// In-graph and host moments of `name` on `engine`, three batches of two blocks each (so the graph's
+/// merge across batches is exercised).
+fn graph_and_host_moments(name: &str, engine: &dyn Engine) -> (Vec<Moments>, Vec<Moments>) {
+    let model = Model::load(model_path(name)).unwrap();
+    let blocks = find_blocks(&model).unwrap();
+    let run = |on| calibrate(&model, &blocks, engine, &random_blocks(), 2, on).unwrap();
+    (run(MomentsOn::Graph), run(MomentsOn::Host))
+}
+
+fn bound_order(moments: &[Moments]) -> Vec<usize> {
+    let fits: Vec<_> =
+        moments.iter().enumerate().map(|(l, m)| fit_layer(l, m, 1e-6, false).unwrap()).collect();
+    ranking(&fits, Criterion::Cca)
+}
+
+/// The graph computes in f64 what the host computes in f64, from the same activations: they agree
+/// to summation order (measured ≤ 5e-16, int4 graphs included). Where the activations are f16,
+/// ONNX Runtime optimises the two measuring graphs differently (the host's exposes X and Y as
+/// outputs), and the activations themselves differ by f16 rounding (measured ≤ 1.4e-4).
+#[test]
+fn in_graph_statistics_equal_host_statistics_on_every_fixture() {
+    let ort = ort();
+    for name in fixture_names() {
+        let (graph, host) = graph_and_host_moments(&name, ort.as_ref());
+        let tolerance = if fixture_json(&name)["dtype"] == "float16" { 1e-3 } else { 1e-12 };
+        for (l, (g, h)) in graph.iter().zip(&host).enumerate() {
+            let diff = max_relative_difference(g, h);
+            eprintln!("{name} layer {l}: graph vs host {diff:.2e}");
+            assert!(diff < tolerance, "{name} layer {l}: {diff:.2e}");
+        }
+        assert_eq!(bound_order(&graph), bound_order(&host), "{name}: the bound ranks layers differently");
+    }
+}
+
+/// An engine without device state (tract) runs the same graph, its state passing through the host.
+#[test]
+fn in_graph_statistics_run_on_tract_too() {
+    let tract = tract();
+    for name in ["llama-optimum-past", "gemma2-optimum-past"] {
+        let (graph, host) = graph_and_host_moments(name, tract.as_ref());
+        for (l, (g, h)) in graph.iter().zip(&host).enumerate() {
+            let diff = max_relative_difference(g, h);
+            assert!(diff < 1e-12, "{name} layer {l}: {diff:.2e}");
+        }
     }
 }
 
@@ -375,4 +440,20 @@ fn optimum_and_genai_exports_of_one_model_rank_layers_alike() {
         eprintln!("layer {l}: bound {o:.6} (Optimum) vs {g:.6} (GenAI)");
         assert!((o - g).abs() <= 1e-4 * o.abs().max(1.0), "layer {l}: {o} vs {g}");
     }
+}
+
+#[test]
+fn in_graph_statistics_refuse_opsets_before_13() {
+    let mut model = Model::load(model_path("llama-optimum-past")).unwrap();
+    let blocks = find_blocks(&model).unwrap();
+    for opset in &mut model.proto.opset_import {
+        if opset.domain().is_empty() {
+            opset.version = Some(12);
+        }
+    }
+    let err = match nbl_onnx::calibrate::in_graph::MomentsGraph::new(&model, &blocks) {
+        Ok(_) => panic!("an opset-12 model was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("opset 13") && err.contains("--moments host"), "{err}");
 }

@@ -41,6 +41,59 @@ pub trait Engine {
     /// the model's outputs. A model the engine has no implementation for fails with
     /// [`Unsupported`].
     fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>>;
+
+    /// Loads `model` to be run over many batches, each `carried` (input, output) pair's output
+    /// fed to its input at the next run, starting from `initial`. This default passes the carried
+    /// tensors through the host; an engine that can keep them where it computes does so.
+    fn accumulate(
+        &self,
+        model: &Model,
+        carried: &[(String, String)],
+        initial: Vec<Tensor>,
+    ) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(HostAccumulator {
+            session: self.load(model, &[])?,
+            carried: carried.to_vec(),
+            state: initial,
+        }))
+    }
+}
+
+/// A model run batch after batch with running state (see [`Engine::accumulate`]).
+pub trait Accumulator {
+    /// Runs one batch: `inputs` are the model's own inputs, the state is added.
+    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<()>;
+    /// The state after the last step, in the order of the carried pairs, on the host.
+    fn finish(self: Box<Self>) -> Result<Vec<Tensor>>;
+}
+
+struct HostAccumulator {
+    session: Box<dyn Session>,
+    carried: Vec<(String, String)>,
+    state: Vec<Tensor>,
+}
+
+impl Accumulator for HostAccumulator {
+    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<()> {
+        let state = std::mem::take(&mut self.state);
+        let mut all = inputs.to_vec();
+        all.extend(self.carried.iter().map(|(input, _)| input.clone()).zip(state));
+        let mut outputs: Vec<Option<Tensor>> = self.session.run(&all)?.into_iter().map(Some).collect();
+        self.state = self
+            .carried
+            .iter()
+            .map(|(_, output)| {
+                let i = self.session.output_names().iter().position(|o| o == output);
+                i.and_then(|i| outputs[i].take())
+                    .ok_or_else(|| anyhow::anyhow!("the engine returned no {output:?}"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<Tensor>> {
+        Ok(self.state)
+    }
 }
 
 /// The engine does not implement something the model uses (an operator, an element type): the

@@ -7,13 +7,14 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use ndarray::ArrayD;
 use ort::environment::Environment;
 use ort::ep::{ExecutionProvider as _, ExecutionProviderDispatch};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session as OrtSession;
-use ort::session::SessionInputValue;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, ValueType};
+use ort::session::{IoBinding, SessionInputValue};
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, TensorValueType, ValueType};
 use prost::Message;
 
-use super::{EngineOptions, ExecutionProvider, Session};
+use super::{Accumulator, EngineOptions, ExecutionProvider, Session};
 use crate::onnx::{Model, Tensor};
 
 /// The process's one ONNX Runtime environment (the library can be loaded only once).
@@ -124,6 +125,38 @@ impl super::Engine for OrtEngine {
     }
 
     fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>> {
+        let session = self.session(model, extra_outputs)?;
+        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        Ok(Box::new(OrtRunner { session, outputs }))
+    }
+
+    /// The state stays in the provider's memory between batches (I/O binding): on a GPU, only the
+    /// final state crosses to the host.
+    fn accumulate(
+        &self,
+        model: &Model,
+        carried: &[(String, String)],
+        initial: Vec<Tensor>,
+    ) -> Result<Box<dyn Accumulator>> {
+        let session = self.session(model, &[])?;
+        let err = |e: ort::Error| anyhow!("ONNX Runtime I/O binding: {e}");
+        let mut binding = session.create_binding().map_err(err)?;
+        let device = match self.ep {
+            ExecutionProvider::Cpu => AllocationDevice::CPU,
+            ExecutionProvider::Cuda | ExecutionProvider::Tensorrt => AllocationDevice::CUDA,
+        };
+        let memory = MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
+        let state = initial.iter().map(owned_value).collect::<Result<Vec<_>>>()?;
+        for ((input, output), value) in carried.iter().zip(&state) {
+            binding.bind_input(input, value).map_err(err)?;
+            binding.bind_output_to_device(output, &memory).map_err(err)?;
+        }
+        Ok(Box::new(OrtAccumulator { session, binding, carried: carried.to_vec(), state }))
+    }
+}
+
+impl OrtEngine {
+    fn session(&self, model: &Model, extra_outputs: &[String]) -> Result<OrtSession> {
         let bytes = super::with_outputs(model, extra_outputs)?.encode_to_vec();
         let err = |e: ort::Error<ort::session::builder::SessionBuilder>| anyhow!("{e}");
         let mut builder = OrtSession::builder(self.environment)
@@ -141,11 +174,50 @@ impl super::Engine for OrtEngine {
         if let Some(threads) = self.threads {
             builder = builder.with_intra_threads(threads).map_err(err)?;
         }
-        let session = builder
+        builder
             .commit_from_memory(&bytes)
-            .map_err(|e| anyhow!("ONNX Runtime cannot load {}: {e}", model.path.display()))?;
-        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
-        Ok(Box::new(OrtRunner { session, outputs }))
+            .map_err(|e| anyhow!("ONNX Runtime cannot load {}: {e}", model.path.display()))
+    }
+}
+
+struct OrtAccumulator {
+    session: OrtSession,
+    binding: IoBinding,
+    carried: Vec<(String, String)>,
+    /// The latest state, bound as the next run's inputs.
+    state: Vec<DynValue>,
+}
+
+impl Accumulator for OrtAccumulator {
+    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<()> {
+        let err = |e: ort::Error| anyhow!("ONNX Runtime run failed: {e}");
+        for (name, tensor) in inputs {
+            let value = owned_value(tensor).with_context(|| format!("input {name:?}"))?;
+            self.binding.bind_input(name, &value).map_err(err)?;
+        }
+        let mut outputs = self.session.run_binding(&self.binding).map_err(err)?;
+        let state = self
+            .carried
+            .iter()
+            .map(|(_, output)| outputs.remove(output).with_context(|| format!("output {output:?} missing")))
+            .collect::<Result<Vec<_>>>()?;
+        drop(outputs);
+        for ((input, _), value) in self.carried.iter().zip(&state) {
+            self.binding.bind_input(input, value).map_err(err)?;
+        }
+        self.state = state;
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<Tensor>> {
+        let err = |e: ort::Error| anyhow!("copying the state to the host: {e}");
+        self.state
+            .into_iter()
+            .map(|value| {
+                let tensor = value.downcast::<TensorValueType<f64>>().map_err(err)?;
+                from_ort(&tensor.to(AllocationDevice::CPU, 0).map_err(err)?.into_dyn())
+            })
+            .collect()
     }
 }
 
@@ -187,6 +259,26 @@ fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>> {
         } else {
             OrtTensor::from_array(a.as_standard_layout().into_owned()).map_err(err)?.into()
         })
+    }
+    match tensor {
+        Tensor::F32(a) => value(a),
+        Tensor::F16(a) => value(a),
+        Tensor::BF16(a) => value(a),
+        Tensor::F64(a) => value(a),
+        Tensor::I64(a) => value(a),
+        Tensor::I32(a) => value(a),
+        Tensor::I8(a) => value(a),
+        Tensor::U8(a) => value(a),
+        Tensor::Bool(a) => value(a),
+    }
+}
+
+/// An input ONNX Runtime owns (a copy), for I/O binding, which keeps inputs alive across runs.
+fn owned_value(tensor: &Tensor) -> Result<DynValue> {
+    fn value<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+        a: &ArrayD<T>,
+    ) -> Result<DynValue> {
+        Ok(OrtTensor::from_array(a.as_standard_layout().into_owned()).map_err(|e| anyhow!("{e}"))?.into_dyn())
     }
     match tensor {
         Tensor::F32(a) => value(a),

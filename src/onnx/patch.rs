@@ -34,6 +34,7 @@ pub struct Patch<'g> {
     replacements: HashMap<usize, NodeProto>,
     /// Tensors renamed everywhere: producer, readers, interface, value_info, initializers.
     renames: HashMap<String, String>,
+    added_inputs: Vec<ValueInfoProto>,
     removed_inputs: HashSet<String>,
     removed_outputs: HashSet<String>,
     added_outputs: Vec<String>,
@@ -61,6 +62,7 @@ impl<'g> Patch<'g> {
             shunts: HashMap::new(),
             replacements: HashMap::new(),
             renames: HashMap::new(),
+            added_inputs: Vec::new(),
             removed_inputs: HashSet::new(),
             removed_outputs: HashSet::new(),
             added_outputs: Vec::new(),
@@ -85,6 +87,7 @@ impl<'g> Patch<'g> {
                 || self.index.is_graph_input(id)
         }) || self.added_nodes.iter().any(|n| n.output.iter().any(|o| o == name))
             || self.added_initializers.iter().any(|t| t.name() == name)
+            || self.added_inputs.iter().any(|v| v.name() == name)
     }
 
     /// Adds a node. Nodes that read each other may be added in any order; they are inserted in
@@ -146,6 +149,13 @@ impl<'g> Patch<'g> {
         Ok(())
     }
 
+    /// Adds a graph input (after the existing ones).
+    pub fn add_input(&mut self, value: ValueInfoProto) -> Result<()> {
+        ensure!(!self.is_defined(value.name()), "cannot add input {:?}: the name is taken", value.name());
+        self.added_inputs.push(value);
+        Ok(())
+    }
+
     /// Removes a graph input from the interface; nothing may read it after the patch.
     pub fn remove_input(&mut self, name: &str) -> Result<()> {
         ensure!(self.graph.input.iter().any(|v| v.name() == name), "the graph has no input {name:?}");
@@ -160,10 +170,14 @@ impl<'g> Patch<'g> {
         Ok(())
     }
 
-    /// Makes an intermediate tensor a graph output (after the existing ones; an output removed
-    /// before stays where it was, and nothing happens when it already is one).
+    /// Makes an intermediate tensor, the graph's or an added node's, a graph output (after the
+    /// existing ones; an output removed before stays where it was, and nothing happens when it
+    /// already is one).
     pub fn add_output(&mut self, name: &str) -> Result<()> {
-        ensure!(self.index.id(name).is_some(), "cannot expose {name:?}: no such tensor");
+        ensure!(
+            self.index.id(name).is_some() || self.is_defined(name),
+            "cannot expose {name:?}: no such tensor"
+        );
         if self.removed_outputs.remove(name) {
             return Ok(());
         }
@@ -219,6 +233,7 @@ impl<'g> Patch<'g> {
         graph.node = insert_in_dependency_order(std::mem::take(&mut graph.node), added)?;
         graph.initializer.extend(self.added_initializers);
         graph.input.retain(|v| !self.removed_inputs.contains(v.name()));
+        graph.input.extend(self.added_inputs);
         graph.output.retain(|v| !self.removed_outputs.contains(v.name()));
         graph.output.extend(
             self.added_outputs
