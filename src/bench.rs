@@ -13,9 +13,9 @@ use serde::Serialize;
 use crate::blocks::{Blocks, find_blocks};
 use crate::cost::Cost;
 use crate::data::sample_prompt;
-use crate::engine::{Engine, ExecutionProvider, Session};
+use crate::engine::{Engine, ExecutionProvider, StatefulSession};
 use crate::logits::{self, argmax};
-use crate::onnx::{Interface, Model, Tensor, present_as_past};
+use crate::onnx::{Interface, Model, Tensor};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelTiming {
@@ -81,30 +81,35 @@ impl Subject<'_> {
     }
 }
 
-/// One prefill and `gen` decode steps; returns (prefill seconds, decode seconds). The decode time
-/// includes what a serving loop must do between steps (argmax, handing the cache to the inputs) and
-/// nothing more: the cache is copied once out of the engine's outputs, then moved.
+/// One prefill and `gen` decode steps; returns (prefill seconds, decode seconds). The KV cache
+/// stays in the engine between steps, as a serving runtime keeps it (ONNX Runtime: I/O binding, in
+/// the execution provider's memory), and only the logits come back; the decode time includes what a
+/// serving loop must do between steps (argmax, the next step's inputs) and nothing more.
 fn one_run(
     interface: &Interface,
-    session: &mut dyn Session,
+    session: &mut dyn StatefulSession,
     prompt: &Array2<i64>,
     new_tokens: usize,
 ) -> Result<(f64, f64)> {
-    let names = session.output_names().to_vec();
-    let logits_at = logits::position(&names)?;
-    let inputs = interface.prefill(prompt)?;
+    let (inputs, cache) = interface.split_cache(interface.prefill(prompt)?);
+    session.reset(cache)?;
     let start = Instant::now();
-    let outputs = session.run(&inputs)?;
+    let logits = session.step(&inputs)?;
     let prefill = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let mut next = last_argmax(&outputs[logits_at])?;
-    let mut past = present_as_past(&names, outputs);
+    let mut next = last_argmax(&logits[0])?;
     for length in prompt.ncols()..prompt.ncols() + new_tokens {
-        let outputs = session.run(&interface.decode(next, past, length)?)?;
-        next = last_argmax(&outputs[logits_at])?;
-        past = present_as_past(&names, outputs);
+        let (inputs, _) = interface.split_cache(interface.decode(next, Vec::new(), length)?);
+        next = last_argmax(&session.step(&inputs)?[0])?;
     }
     Ok((prefill, start.elapsed().as_secs_f64()))
+}
+
+/// `model` loaded with its KV cache as the state that stays in the engine, the logits fetched.
+fn load(model: &Model, interface: &Interface, engine: &dyn Engine) -> Result<Box<dyn StatefulSession>> {
+    let outputs: Vec<String> = model.graph().output.iter().map(|o| o.name().to_string()).collect();
+    let logits = outputs[logits::position(&outputs)?].clone();
+    engine.load_stateful(model, &interface.cache_pairs(), &[logits])
 }
 
 /// The greedy next token: argmax of the last position's logits ([batch, positions, vocab]).
@@ -148,7 +153,7 @@ fn peak_rss_mb() -> Option<f64> {
 /// `bench --peak-memory` that [`peak_memory_in_child`] starts.
 pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> Result<f64> {
     let subject = Subject::of(model, 4)?;
-    let mut session = engine.load(model, &[])?;
+    let mut session = load(model, &subject.interface, engine)?;
     one_run(&subject.interface, session.as_mut(), &subject.prompt(prompt_len), 4)?;
     peak_rss_mb().context("cannot read VmHWM from /proc/self/status")
 }
@@ -185,8 +190,8 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
     let prompt = subjects[0].prompt(options.prompt_len);
 
     // Timing: all loaded, a warm-up run each, then alternating runs.
-    let mut sessions: Vec<Box<dyn Session>> =
-        models.iter().map(|m| engine.load(m, &[])).collect::<Result<_>>()?;
+    let mut sessions: Vec<Box<dyn StatefulSession>> =
+        subjects.iter().map(|s| load(s.model, &s.interface, engine)).collect::<Result<_>>()?;
     for (subject, session) in subjects.iter().zip(&mut sessions) {
         one_run(&subject.interface, session.as_mut(), &prompt, options.new_tokens)?;
     }

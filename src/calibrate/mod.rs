@@ -164,15 +164,14 @@ pub fn calibrate(
     let moments = match on {
         MomentsOn::Graph => {
             let graph = in_graph::MomentsGraph::new(model, blocks)?;
-            let mut accumulator = engine.accumulate(&graph.model, &graph.carried, graph.initial_state())?;
+            let mut session = engine.load_stateful(&graph.model, &graph.carried, &[])?;
+            session.reset(graph.initial_state())?;
             for (b, ids) in batches.enumerate() {
                 crate::atomic::check_interrupt()?;
-                accumulator
-                    .step(&interface.prefill(&ids)?)
-                    .with_context(|| format!("calibration batch {b}"))?;
+                session.step(&interface.prefill(&ids)?).with_context(|| format!("calibration batch {b}"))?;
                 progress.inc(ids.len() as u64);
             }
-            let moments = graph.moments(accumulator.finish()?)?;
+            let moments = graph.moments(session.state()?)?;
             for (m, layer) in moments.iter().zip(&blocks.layers) {
                 ensure!(
                     m.is_finite(),

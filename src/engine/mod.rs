@@ -42,57 +42,73 @@ pub trait Engine {
     /// [`Unsupported`].
     fn load(&self, model: &Model, extra_outputs: &[String]) -> Result<Box<dyn Session>>;
 
-    /// Loads `model` to be run over many batches, each `carried` (input, output) pair's output
-    /// fed to its input at the next run, starting from `initial`. This default passes the carried
-    /// tensors through the host; an engine that can keep them where it computes does so.
-    fn accumulate(
+    /// Loads `model` to be run step after step with state: each `carried` (input, output) pair's
+    /// output is the pair's input at the next step, and only the `fetched` outputs come back. This
+    /// default passes the state through the host; an engine that can keep it where it computes
+    /// (ONNX Runtime: in the execution provider's memory) does so.
+    fn load_stateful(
         &self,
         model: &Model,
         carried: &[(String, String)],
-        initial: Vec<Tensor>,
-    ) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(HostAccumulator {
+        fetched: &[String],
+    ) -> Result<Box<dyn StatefulSession>> {
+        Ok(Box::new(HostStateful {
             session: self.load(model, &[])?,
             carried: carried.to_vec(),
-            state: initial,
+            fetched: fetched.to_vec(),
+            state: Vec::new(),
         }))
     }
 }
 
-/// A model run batch after batch with running state (see [`Engine::accumulate`]).
-pub trait Accumulator {
-    /// Runs one batch: `inputs` are the model's own inputs, the state is added.
-    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<()>;
-    /// The state after the last step, in the order of the carried pairs, on the host.
-    fn finish(self: Box<Self>) -> Result<Vec<Tensor>>;
+/// A model run step after step with state that stays in the engine (see [`Engine::load_stateful`]):
+/// the running sums of a calibration, the KV cache of a decoder.
+pub trait StatefulSession {
+    /// Sets the state, in the order of the carried pairs, before a first step.
+    fn reset(&mut self, state: Vec<Tensor>) -> Result<()>;
+    /// Runs one step: `inputs` are the model's inputs but the carried ones. Returns the fetched
+    /// outputs, on the host.
+    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<Vec<Tensor>>;
+    /// The state after the last step, on the host.
+    fn state(&mut self) -> Result<Vec<Tensor>>;
 }
 
-struct HostAccumulator {
+struct HostStateful {
     session: Box<dyn Session>,
     carried: Vec<(String, String)>,
+    fetched: Vec<String>,
     state: Vec<Tensor>,
 }
 
-impl Accumulator for HostAccumulator {
-    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<()> {
+impl StatefulSession for HostStateful {
+    fn reset(&mut self, state: Vec<Tensor>) -> Result<()> {
+        anyhow::ensure!(
+            state.len() == self.carried.len(),
+            "{} state tensors for {}",
+            state.len(),
+            self.carried.len()
+        );
+        self.state = state;
+        Ok(())
+    }
+
+    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
         let state = std::mem::take(&mut self.state);
         let mut all = inputs.to_vec();
         all.extend(self.carried.iter().map(|(input, _)| input.clone()).zip(state));
         let mut outputs: Vec<Option<Tensor>> = self.session.run(&all)?.into_iter().map(Some).collect();
-        self.state = self
-            .carried
-            .iter()
-            .map(|(_, output)| {
-                let i = self.session.output_names().iter().position(|o| o == output);
-                i.and_then(|i| outputs[i].take())
-                    .ok_or_else(|| anyhow::anyhow!("the engine returned no {output:?}"))
-            })
-            .collect::<Result<_>>()?;
-        Ok(())
+        let names = self.session.output_names();
+        let mut take = |name: &String| {
+            let i = names.iter().position(|o| o == name);
+            i.and_then(|i| outputs[i].take())
+                .ok_or_else(|| anyhow::anyhow!("the engine returned no {name:?}"))
+        };
+        self.state = self.carried.iter().map(|(_, output)| take(output)).collect::<Result<_>>()?;
+        self.fetched.iter().map(take).collect()
     }
 
-    fn finish(self: Box<Self>) -> Result<Vec<Tensor>> {
-        Ok(self.state)
+    fn state(&mut self) -> Result<Vec<Tensor>> {
+        Ok(self.state.clone())
     }
 }
 

@@ -14,7 +14,7 @@ use ort::session::{IoBinding, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, TensorValueType, ValueType};
 use prost::Message;
 
-use super::{Accumulator, EngineOptions, ExecutionProvider, Session};
+use super::{EngineOptions, ExecutionProvider, Session, StatefulSession};
 use crate::onnx::{Model, Tensor};
 
 /// The process's one ONNX Runtime environment (the library can be loaded only once).
@@ -130,28 +130,32 @@ impl super::Engine for OrtEngine {
         Ok(Box::new(OrtRunner { session, outputs }))
     }
 
-    /// The state stays in the provider's memory between batches (I/O binding): on a GPU, only the
-    /// final state crosses to the host.
-    fn accumulate(
+    /// The state stays in the execution provider's memory between steps (I/O binding): on a GPU,
+    /// only the fetched outputs cross to the host at each step.
+    fn load_stateful(
         &self,
         model: &Model,
         carried: &[(String, String)],
-        initial: Vec<Tensor>,
-    ) -> Result<Box<dyn Accumulator>> {
+        fetched: &[String],
+    ) -> Result<Box<dyn StatefulSession>> {
         let session = self.session(model, &[])?;
         let err = |e: ort::Error| anyhow!("ONNX Runtime I/O binding: {e}");
-        let mut binding = session.create_binding().map_err(err)?;
+        let binding = session.create_binding().map_err(err)?;
         let device = match self.ep {
             ExecutionProvider::Cpu => AllocationDevice::CPU,
             ExecutionProvider::Cuda | ExecutionProvider::Tensorrt => AllocationDevice::CUDA,
         };
-        let memory = MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default).map_err(err)?;
-        let state = initial.iter().map(owned_value).collect::<Result<Vec<_>>>()?;
-        for ((input, output), value) in carried.iter().zip(&state) {
-            binding.bind_input(input, value).map_err(err)?;
-            binding.bind_output_to_device(output, &memory).map_err(err)?;
-        }
-        Ok(Box::new(OrtAccumulator { session, binding, carried: carried.to_vec(), state }))
+        let memory =
+            |device| MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default).map_err(err);
+        Ok(Box::new(OrtStateful {
+            session,
+            binding,
+            carried: carried.to_vec(),
+            fetched: fetched.to_vec(),
+            state: Vec::new(),
+            device: memory(device)?,
+            host: memory(AllocationDevice::CPU)?,
+        }))
     }
 }
 
@@ -180,44 +184,82 @@ impl OrtEngine {
     }
 }
 
-struct OrtAccumulator {
+struct OrtStateful {
     session: OrtSession,
     binding: IoBinding,
     carried: Vec<(String, String)>,
-    /// The latest state, bound as the next run's inputs.
+    fetched: Vec<String>,
+    /// The latest state, bound as the next step's inputs.
     state: Vec<DynValue>,
+    /// Where the carried outputs are kept, and where the fetched ones go.
+    device: MemoryInfo<'static>,
+    host: MemoryInfo<'static>,
 }
 
-impl Accumulator for OrtAccumulator {
-    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<()> {
+impl OrtStateful {
+    fn bind_state(&mut self, state: Vec<DynValue>) -> Result<()> {
+        for ((input, _), value) in self.carried.iter().zip(&state) {
+            self.binding.bind_input(input, value).map_err(|e| anyhow!("ONNX Runtime I/O binding: {e}"))?;
+        }
+        self.state = state;
+        Ok(())
+    }
+}
+
+impl StatefulSession for OrtStateful {
+    fn reset(&mut self, state: Vec<Tensor>) -> Result<()> {
+        ensure!(
+            state.len() == self.carried.len(),
+            "{} state tensors for {}",
+            state.len(),
+            self.carried.len()
+        );
+        let values = state.iter().map(owned_value).collect::<Result<Vec<_>>>()?;
+        self.bind_state(values)
+    }
+
+    fn step(&mut self, inputs: &[(String, Tensor)]) -> Result<Vec<Tensor>> {
         let err = |e: ort::Error| anyhow!("ONNX Runtime run failed: {e}");
         for (name, tensor) in inputs {
             let value = owned_value(tensor).with_context(|| format!("input {name:?}"))?;
             self.binding.bind_input(name, &value).map_err(err)?;
         }
-        let mut outputs = self.session.run_binding(&self.binding).map_err(err)?;
-        let state = self
-            .carried
-            .iter()
-            .map(|(_, output)| outputs.remove(output).with_context(|| format!("output {output:?} missing")))
-            .collect::<Result<Vec<_>>>()?;
-        drop(outputs);
-        for ((input, _), value) in self.carried.iter().zip(&state) {
-            self.binding.bind_input(input, value).map_err(err)?;
+        // Outputs are bound afresh at every step: a bound output keeps the value of the last run,
+        // and a KV cache grows.
+        self.binding.clear_outputs();
+        for (_, output) in &self.carried {
+            self.binding.bind_output_to_device(output, &self.device).map_err(err)?;
         }
-        self.state = state;
-        Ok(())
+        for output in &self.fetched {
+            self.binding.bind_output_to_device(output, &self.host).map_err(err)?;
+        }
+        let mut outputs = self.session.run_binding(&self.binding).map_err(err)?;
+        let mut take =
+            |name: &String| outputs.remove(name).with_context(|| format!("output {name:?} missing"));
+        let state = self.carried.iter().map(|(_, output)| take(output)).collect::<Result<Vec<_>>>()?;
+        let fetched = self.fetched.iter().map(|name| from_ort(&take(name)?)).collect::<Result<Vec<_>>>()?;
+        drop(outputs);
+        self.bind_state(state)?;
+        Ok(fetched)
     }
 
-    fn finish(self: Box<Self>) -> Result<Vec<Tensor>> {
-        let err = |e: ort::Error| anyhow!("copying the state to the host: {e}");
-        self.state
-            .into_iter()
-            .map(|value| {
-                let tensor = value.downcast::<TensorValueType<f64>>().map_err(err)?;
-                from_ort(&tensor.to(AllocationDevice::CPU, 0).map_err(err)?.into_dyn())
-            })
-            .collect()
+    fn state(&mut self) -> Result<Vec<Tensor>> {
+        self.state.iter().map(to_host).collect()
+    }
+}
+
+/// A copy on the host of a tensor wherever it lives.
+fn to_host(value: &DynValue) -> Result<Tensor> {
+    fn copy<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug>(value: &DynValue) -> Result<Tensor> {
+        let err = |e: ort::Error| anyhow!("copying a tensor to the host: {e}");
+        let typed = value.view().downcast::<TensorValueType<T>>().map_err(err)?;
+        from_ort(&typed.to(AllocationDevice::CPU, 0).map_err(err)?.into_dyn())
+    }
+    match value.dtype() {
+        ValueType::Tensor { ty: TensorElementType::Float64, .. } => copy::<f64>(value),
+        ValueType::Tensor { ty: TensorElementType::Float32, .. } => copy::<f32>(value),
+        ValueType::Tensor { ty: TensorElementType::Float16, .. } => copy::<half::f16>(value),
+        other => bail!("cannot copy a {other:?} to the host"),
     }
 }
 

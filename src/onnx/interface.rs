@@ -148,6 +148,27 @@ impl Interface {
             .collect()
     }
 
+    /// The KV cache as (input, output) pairs: each `past_key_values.*` input with the `present.*`
+    /// output that holds it after a step (see [`present_as_past`]).
+    pub fn cache_pairs(&self) -> Vec<(String, String)> {
+        self.inputs
+            .iter()
+            .filter(|i| matches!(i.role, Role::Cache(_)))
+            .map(|i| {
+                let rest = i.name.strip_prefix("past_key_values").unwrap_or(&i.name);
+                (i.name.clone(), format!("present{rest}"))
+            })
+            .collect()
+    }
+
+    /// Splits the inputs of a step into the KV cache (in [`Interface::cache_pairs`] order) and
+    /// the others.
+    pub fn split_cache(&self, inputs: Vec<(String, Tensor)>) -> (Vec<(String, Tensor)>, Vec<Tensor>) {
+        let (cache, others): (Vec<_>, Vec<_>) =
+            inputs.into_iter().zip(&self.inputs).partition(|(_, input)| matches!(input.role, Role::Cache(_)));
+        (others.into_iter().map(|(t, _)| t).collect(), cache.into_iter().map(|((_, t), _)| t).collect())
+    }
+
     /// The inputs of one decode step: token `next` at position `past_len`, attending to the cache
     /// `past` (the previous step's `present.*` renamed by [`present_as_past`]), which is moved, not
     /// copied: at long contexts the cache is tens of megabytes per step.
@@ -166,6 +187,7 @@ impl Interface {
                 Role::PositionIds | Role::CachePosition => {
                     *tensor = integer(input.dtype, ArrayD::from_elem(tensor.shape(), past_len as i64))
                 }
+                Role::Cache(_) if past.is_empty() => {} // a stateful session holds it
                 Role::Cache(axes) => {
                     let i = past
                         .iter()
