@@ -14,6 +14,9 @@
 #   models/smollm2-genai/    `python -m onnxruntime_genai.models.builder -p fp32 -e cpu`: model.onnx,
 #                            model.onnx.data, genai_config.json (token ids checked against the GGUF) + the
 #                            checkpoint's tokenizer/config files.
+#   models/smollm2-genai-int4/, smollm2-genai-fp16-cuda/, smollm2-genai-int4-cuda/: the same builder with
+#                            `-p int4 -e cpu` (tied int4 embedding and LM head), `-p fp16 -e cuda` and
+#                            `-p int4 -e cuda`, the formats deployed on CPUs and NVIDIA GPUs.
 #
 # Then sanity checks: both ONNX models vs PyTorch float32 (last-position logits, greedy decoding with the
 # KV cache), a greedy chat completion printed for a human to read, onnxruntime-genai's own generation on
@@ -180,22 +183,32 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------------------
-if [[ -f "$genai_dir/model.onnx" && -f "$genai_dir/model.onnx.data" && -f "$genai_dir/genai_config.json" \
-      && -f "$genai_dir/tokenizer.json" ]]; then
-  step "3/3 ONNX Runtime GenAI export: $genai_dir exists, skipping"
-else
+# One GenAI builder export: genai_export DIR PRECISION PROVIDER [LABEL].
+genai_export() {
+  local dir="$1" precision="$2" provider="$3" label="${4:-}"
+  if [[ -f "$dir/model.onnx" && -f "$dir/genai_config.json" && -f "$dir/tokenizer.json" ]]; then
+    step "${label}ONNX Runtime GenAI export: $dir exists, skipping"
+    return
+  fi
   step "python environment for the GenAI builder ($genai_venv)"
   ensure_venv "$genai_venv" "$repo/scripts/fixture-genai-requirements.txt"
-  step "3/3 ONNX Runtime GenAI builder export (-p fp32 -e cpu): $genai_dir"
-  tmp="$genai_dir.tmp"
+  step "${label}ONNX Runtime GenAI builder export (-p $precision -e $provider): $dir"
+  local tmp="$dir.tmp"
   rm -rf "$tmp" "$tmp.cache"
   run_nice "$genai_venv/bin/python" -m onnxruntime_genai.models.builder -i "$hf_dir" -o "$tmp" \
-    -p fp32 -e cpu -c "$tmp.cache"
+    -p "$precision" -e "$provider" -c "$tmp.cache"
   rm -rf "$tmp.cache"
   "$py" "$helper" fix-export "$hf_dir" "$tmp" --genai
-  rm -rf "$genai_dir"
-  mv "$tmp" "$genai_dir"
-fi
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+}
+
+genai_export "$genai_dir" fp32 cpu "3/3 "
+# The formats deployed: int4 for CPUs (the builder's default ties the int4 embedding to the LM head,
+# as GatherBlockQuantized + MatMulNBits), fp16 and int4 for CUDA. Not part of the sanity checks.
+genai_export "$models/smollm2-genai-int4" int4 cpu
+genai_export "$models/smollm2-genai-fp16-cuda" fp16 cuda
+genai_export "$models/smollm2-genai-int4-cuda" int4 cuda
 
 # ---------------------------------------------------------------------------------------------------------
 if ((check)); then
