@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use nbl_onnx::calibrate::{MomentsOn, Shard};
+use nbl_onnx::calibrate::{LayerRange, MomentsOn, Shard};
 use nbl_onnx::data::{DataSpec, Split, check_context, context_length};
 use nbl_onnx::engine::{self, Engine, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::nbl::{Criterion, DEFAULT_LAMBDA, Selection};
@@ -26,7 +26,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Measure every attention block on calibration text into a statistics file
     Calibrate(CalibrateArgs),
-    /// Combine statistics of disjoint data shards into what one run over all of it gives
+    /// Combine statistics of disjoint data shards, or of disjoint layer ranges, into what one run
+    /// over all of it gives
     MergeStats(MergeArgs),
     /// Rank layers by their CCA bound and fit the linear maps, from a statistics file
     Analyze(AnalyzeArgs),
@@ -167,6 +168,10 @@ pub struct CalibrateArgs {
     /// Calibrate slice I of N disjoint slices of the blocks (merge the results with merge-stats)
     #[arg(long, default_value = "0/1")]
     pub shard: Shard,
+    /// Calibrate only layers A to B-1, e.g. 0..16 (merge the files of disjoint ranges with
+    /// merge-stats): each run holds only its layers' statistics
+    #[arg(long)]
+    pub layer_range: Option<LayerRange>,
     /// Output statistics file (.safetensors)
     #[arg(short, long)]
     pub output: PathBuf,

@@ -63,15 +63,13 @@ fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
     let engine = args.calibration.engine.open()?;
     let data =
         args.calibration.data.spec(model.dir(), Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration)?;
-    let stats = calibrate::run(
-        &model,
-        &blocks,
-        engine.as_ref(),
-        &data,
-        args.calibration.batch,
-        args.shard,
-        args.calibration.moments(),
-    )?;
+    let run = calibrate::Run {
+        batch: args.calibration.batch,
+        shard: args.shard,
+        layers: args.layer_range,
+        moments: args.calibration.moments(),
+    };
+    let stats = calibrate::run(&model, &blocks, engine.as_ref(), &data, run)?;
     stats.save(&args.output)?;
     eprintln!("wrote {} ({} layers, {} tokens)", args.output.display(), stats.layers.len(), stats.tokens());
     Ok(())
@@ -152,15 +150,13 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
                 Some(DEFAULT_CALIBRATION_SAMPLES),
                 Split::Calibration,
             )?;
-            calibrate::run(
-                &model,
-                &blocks,
-                engine.as_ref(),
-                &data,
-                args.calibration.batch,
-                Shard::WHOLE,
-                args.calibration.moments(),
-            )?
+            let run = calibrate::Run {
+                batch: args.calibration.batch,
+                shard: Shard::WHOLE,
+                layers: None,
+                moments: args.calibration.moments(),
+            };
+            calibrate::run(&model, &blocks, engine.as_ref(), &data, run)?
         }
     };
     let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, false)?;

@@ -384,20 +384,25 @@ impl Stats {
         Ok(Stats { fingerprint: field("model_fingerprint")?, hidden_size, layers, moments, data })
     }
 
-    /// Combines statistics of disjoint data (shards) of the same model into what one run over all
-    /// of it gives.
+    /// Combines statistics of the same model into what one run gives: files of disjoint data
+    /// (shards) of the same layers are merged token-wise; files of disjoint layer ranges over the
+    /// same data are joined, layers in order.
     pub fn merge(mut parts: Vec<(std::path::PathBuf, Stats)>) -> Result<Stats> {
         ensure!(!parts.is_empty(), "no statistics to merge");
         let (first_path, mut merged) = parts.remove(0);
         for (path, part) in parts {
             ensure!(
-                part.fingerprint == merged.fingerprint && part.layers == merged.layers,
+                part.fingerprint == merged.fingerprint,
                 "{} and {} were measured on different models (fingerprints {} and {})",
                 first_path.display(),
                 path.display(),
                 merged.fingerprint,
                 part.fingerprint
             );
+            if part.layers != merged.layers {
+                merged.join_layers(part, &path)?;
+                continue;
+            }
             for d in &part.data {
                 // The same shard of the same data, or the same whole run: the same tokens twice.
                 ensure!(
@@ -417,6 +422,39 @@ impl Stats {
             merged.data.extend(part.data);
         }
         Ok(merged)
+    }
+
+    /// Adds the layers of `part` (from `path`), measured on the same data as these.
+    fn join_layers(&mut self, part: Stats, path: &Path) -> Result<()> {
+        let overlap: Vec<usize> = part
+            .layers
+            .iter()
+            .filter(|l| self.layers.iter().any(|m| m.layer == l.layer))
+            .map(|l| l.layer)
+            .collect();
+        ensure!(
+            overlap.is_empty(),
+            "{}: layers {overlap:?} are already part of the merge; files of different layers must not \
+             overlap, files of the same layers must hold the same ones",
+            path.display()
+        );
+        ensure!(
+            part.data == self.data && part.tokens() == self.tokens(),
+            "{}: its layers were measured on other data ({} tokens) than the rest ({} tokens): layer \
+             ranges join only when calibrated on the same blocks",
+            path.display(),
+            part.tokens(),
+            self.tokens()
+        );
+        let mut layers: Vec<(LayerTensors, Moments)> = self
+            .layers
+            .drain(..)
+            .zip(self.moments.drain(..))
+            .chain(part.layers.into_iter().zip(part.moments))
+            .collect();
+        layers.sort_by_key(|(info, _)| info.layer);
+        (self.layers, self.moments) = layers.into_iter().unzip();
+        Ok(())
     }
 }
 

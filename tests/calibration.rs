@@ -160,6 +160,65 @@ fn in_graph_statistics_run_on_tract_too() {
     }
 }
 
+/// Layers calibrated in separate runs over the same blocks, joined by merge-stats, are one run's
+/// statistics: the same activations, the same arithmetic (the measuring graph only exposes fewer
+/// tensors). Overlapping ranges, ranges over other data and empty ranges are refused.
+#[test]
+fn layer_ranges_calibrated_apart_join_into_exactly_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    for fixture in ["llama-optimum-past", "llama-genai-fp32"] {
+        let model = model_path(fixture);
+        let calibrate = |out: &Path, extra: &[&str], samples: &str| {
+            let mut args = calibrate_args(
+                model.to_str().unwrap(),
+                corpus.to_str().unwrap(),
+                "16",
+                samples,
+                out.to_str().unwrap(),
+            );
+            args.extend(extra);
+            nbl(&args)
+        };
+        let ok = |out: std::process::Output| assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let path = |name: &str| dir.path().join(format!("{fixture}-{name}.safetensors"));
+        ok(calibrate(&path("whole"), &[], "10"));
+        ok(calibrate(&path("first"), &["--layer-range", "0..2"], "10"));
+        ok(calibrate(&path("last"), &["--layer-range", "2..99"], "10"));
+        assert_eq!(Stats::load(&path("first")).unwrap().layers.len(), 2);
+        // Given last first: the joined file lists the layers in order all the same.
+        let merge = |parts: &[&Path], out: &Path| {
+            let mut args = vec!["merge-stats"];
+            args.extend(parts.iter().map(|p| p.to_str().unwrap()));
+            args.extend(["-o", out.to_str().unwrap()]);
+            nbl(&args)
+        };
+        ok(merge(&[&path("last"), &path("first")], &path("joined")));
+        let (whole, joined) = (Stats::load(&path("whole")).unwrap(), Stats::load(&path("joined")).unwrap());
+        assert_eq!(whole.layers, joined.layers, "{fixture}");
+        assert_eq!(whole.fingerprint, joined.fingerprint);
+        for (l, (a, b)) in whole.moments.iter().zip(&joined.moments).enumerate() {
+            let diff = max_relative_difference(b, a);
+            eprintln!("{fixture} layer {l}: joined vs one run {diff:.2e}");
+            assert!(diff <= 1e-12, "{fixture} layer {l}: {diff}");
+        }
+
+        ok(calibrate(&path("middle"), &["--layer-range", "1..3"], "10"));
+        assert_bad_input(
+            &merge(&[&path("first"), &path("middle")], &path("bad")),
+            "already part of the merge",
+        );
+        ok(calibrate(&path("last-other-data"), &["--layer-range", "2..3"], "8"));
+        assert_bad_input(&merge(&[&path("first"), &path("last-other-data")], &path("bad")), "other data");
+        assert_bad_input(
+            &calibrate(&path("bad"), &["--layer-range", "5..9"], "10"),
+            "none of the model's layers",
+        );
+        assert_bad_input(&calibrate(&path("bad"), &["--layer-range", "2..2"], "10"), "is empty");
+        assert!(!path("bad").exists());
+    }
+}
+
 #[test]
 fn sharded_calibration_merges_into_exactly_one_run() {
     let dir = tempfile::tempdir().unwrap();

@@ -46,6 +46,45 @@ impl MomentsOn {
     }
 }
 
+/// Which decoder layers a run calibrates: `start..end` (layer numbers, end excluded). Runs over
+/// disjoint ranges split the statistics' memory; `merge-stats` joins their files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerRange {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl std::str::FromStr for LayerRange {
+    type Err = String;
+
+    /// `A..B` with `A < B`.
+    fn from_str(s: &str) -> std::result::Result<LayerRange, String> {
+        let (a, b) = s.split_once("..").ok_or("expected A..B (layers A to B-1), e.g. 0..16")?;
+        let start: usize = a.trim().parse().map_err(|_| format!("bad first layer {a:?}"))?;
+        let end: usize = b.trim().parse().map_err(|_| format!("bad end {b:?}"))?;
+        if start >= end {
+            return Err(format!("layer range {start}..{end} is empty: need A < B"));
+        }
+        Ok(LayerRange { start, end })
+    }
+}
+
+impl LayerRange {
+    /// The blocks of the layers in this range; fails when none of the model's layers is in it.
+    pub fn of(&self, blocks: &Blocks) -> Result<Blocks> {
+        let mut chosen = blocks.clone();
+        chosen.layers.retain(|l| (self.start..self.end).contains(&l.layer));
+        let numbers: Vec<usize> = blocks.layers.iter().map(|l| l.layer).collect();
+        ensure!(
+            !chosen.layers.is_empty(),
+            "--layer-range {}..{} holds none of the model's layers {numbers:?}",
+            self.start,
+            self.end
+        );
+        Ok(chosen)
+    }
+}
+
 /// Which slice of the data this run calibrates: blocks `[index·B/count, (index+1)·B/count)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
@@ -78,17 +117,25 @@ impl Shard {
     }
 }
 
-/// Calibrates `model` on shard `shard` of the blocks `data` gives into statistics, `batch` blocks
-/// per engine run, forming the moments `on` the host or in the graph (not `Auto`).
-pub fn run(
-    model: &Model,
-    blocks: &Blocks,
-    engine: &dyn Engine,
-    data: &DataSpec,
-    batch: usize,
-    shard: Shard,
-    on: MomentsOn,
-) -> Result<Stats> {
+/// What one calibration run covers and how it runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    /// Blocks per engine run.
+    pub batch: usize,
+    pub shard: Shard,
+    /// `None`: every layer.
+    pub layers: Option<LayerRange>,
+    /// Where the moments are formed (not `Auto`).
+    pub moments: MomentsOn,
+}
+
+/// Calibrates `model` on the data, layers and shard `run` says into statistics.
+pub fn run(model: &Model, blocks: &Blocks, engine: &dyn Engine, data: &DataSpec, run: Run) -> Result<Stats> {
+    let Run { batch, shard, layers, moments: on } = run;
+    let measured = match layers {
+        Some(range) => Cow::Owned(range.of(blocks)?),
+        None => Cow::Borrowed(blocks),
+    };
     ensure!(data.samples != Some(0), "--samples must be at least 1");
     let packed = data.pack(model.dir(), blocks.vocab_size)?;
     if let Some(samples) = data.samples
@@ -120,11 +167,12 @@ pub fn run(
             d = blocks.hidden_size,
         );
     }
-    let moments = calibrate(model, blocks, engine, slice, batch, on)?;
+    let moments = calibrate(model, &measured, engine, slice, batch, on)?;
     Ok(Stats {
+        // The whole model's, so that files of other layers of it merge with this one.
         fingerprint: fingerprint(model, blocks),
         hidden_size: blocks.hidden_size,
-        layers: layer_tensors(blocks),
+        layers: layer_tensors(&measured),
         moments,
         data: vec![DataSummary {
             files: data.describe(),
