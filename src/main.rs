@@ -6,7 +6,7 @@ mod cli;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 
 use cli::*;
@@ -137,6 +137,14 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
     let blocks = find_blocks(&model)?;
     let selection = args.select.selection(blocks.layers.len());
     selection.check(blocks.layers.len(), &format!("attention layers of {}", args.model.display()))?;
+    let storage = MapStorage::resolve(args.weight_format, args.quantizer, &model, &blocks)?;
+    if let (EngineChoice::Tract, MapStorage::Blocks { bits, .. }) = (args.calibration.engine.engine, &storage)
+    {
+        bail!(
+            "--weight-format: {bits}-bit maps are com.microsoft::MatMulNBits nodes, which tract (--engine tract) \
+             cannot run; use --weight-format f32|f16, or --engine ort"
+        );
+    }
     let stats = match &args.stats {
         Some(path) => {
             let stats = Stats::load(path)?;
@@ -167,7 +175,6 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         );
         return Err(check::Failed.into());
     }
-    let storage = MapStorage::resolve(args.weight_format, args.quantizer, &model, &blocks)?;
     let summary = rewrite_selected(&mut model, &blocks, &analysis, &stats, args.replace, args.kv, storage)?;
     nbl_onnx::atomic::create_dir(&output)?;
     nbl_onnx::atomic::create_dir(&report_path)?;

@@ -358,14 +358,26 @@ impl Patch<'_> {
 
     /// `Y := MatMul(X, Wᵀ) + b`: the junction reads `nbl.layers.N.y` instead of the attention
     /// output, and the attention dies. `w_t` holds `Wᵀ` (`[d_in, d_out]`), `b` the bias (`[d]`).
+    ///
+    /// A `W` stored in another float type than the stream (`--weight-format f16` on an f32 model)
+    /// is cast to the stream's type before the product: MatMul takes one element type, and the
+    /// saving is on disk, the product keeping the stream's precision.
     pub fn replace_with_affine(
         &mut self,
         block: &AttentionBlock,
         w_t: TensorProto,
         b: TensorProto,
     ) -> Result<()> {
-        let product =
-            build::node("MatMul", &[&block.x, w_t.name()], &format!("nbl.layers.{}.matmul", block.layer));
+        let n = block.layer;
+        let mut weight = w_t.name().to_string();
+        if w_t.data_type != b.data_type {
+            let cast = format!("nbl.layers.{n}.weight_cast");
+            let mut node = build::node("Cast", &[&weight], &cast);
+            node.attribute.push(build::int_attribute("to", i64::from(b.data_type.unwrap_or(1))));
+            self.add_node(node)?;
+            weight = cast;
+        }
+        let product = build::node("MatMul", &[&block.x, &weight], &format!("nbl.layers.{n}.matmul"));
         self.splice_map(block, product, vec![w_t], b)
     }
 

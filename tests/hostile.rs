@@ -369,6 +369,10 @@ fn every_command_refuses_bad_flags_and_files_naming_them() {
         (argv(&["rewrite", model, "--stats", &notes]), "notes.txt"),
         (argv(&["rewrite", model, "--stats", stats, "--replace", "nope"]), "--replace"),
         (argv(&["rewrite", model, "--stats", stats, "--kv", "nope"]), "--kv"),
+        (
+            argv(&["rewrite", model, "--stats", stats, "--engine", "tract", "--weight-format", "int4"]),
+            "MatMulNBits",
+        ),
         (argv(&["rewrite", &notes, "--stats", stats]), "notes.txt"),
         (argv(&["check", model, "--prompt-len", "0"]), "--prompt-len"),
         (argv(&["check", model, "--prompts", "0"]), "--prompts"),

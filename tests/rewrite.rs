@@ -634,3 +634,28 @@ fn int4_maps_are_matmulnbits_of_w_rounded_block_by_block() {
     eprintln!("int4 map: max |y - (x Qᵀ + b)| = {worst:.2e}");
     assert!(worst < 1e-3, "{worst}");
 }
+
+/// `W` stored in another float type than the stream is cast to the stream's type before the
+/// product (MatMul takes one element type): every float format on an f32 and an f16 model gives a
+/// model ONNX Runtime runs, whose logits differ from the stream-typed map's by that format's
+/// rounding of W (measured: f16 2e-4, bf16 1.5e-3 of the largest logit; an f32 W on an f16 model
+/// is rounded to f16 by its cast, as an f16 W is).
+#[test]
+fn every_float_weight_format_gives_a_model_that_runs() {
+    for fixture in ["llama-optimum-past", "llama-genai-fp16-cuda"] {
+        let ws = workspace(fixture);
+        let rewritten = |format: &str| {
+            let out = ws.dir.path().join(format!("{format}.onnx"));
+            let args = ["--layer-ids", "1", "--weight-format", format, "-o", out.to_str().unwrap()];
+            rewrite(&ws, &args);
+            let (names, outputs) = run(&out, fixture, &[]);
+            outputs[names.iter().position(|n| n == "logits").unwrap()].clone()
+        };
+        let stream = rewritten(if fixture.contains("fp16") { "f16" } else { "f32" });
+        for (format, tolerance) in [("f32", 1e-6), ("f16", 2e-3), ("bf16", 1e-2)] {
+            let (diff, scale) = max_abs_diff(&rewritten(format), &stream);
+            eprintln!("{fixture}, W as {format}: logits differ by {diff:.2e} (largest {scale:.2})");
+            assert!(diff <= tolerance * scale.max(1.0), "{fixture} {format}: {diff}");
+        }
+    }
+}
