@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
@@ -86,11 +87,43 @@ fn cuda_on_the_cpu_build_is_an_error_before_any_work() {
         assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         let err = stderr(&out);
         assert!(
-            err.contains("execution provider: install the GPU build with scripts/setup-ort.sh --gpu"),
+            err.contains("execution provider: install the GPU build (pip install onnxruntime-gpu"),
             "{err}"
         );
         assert!(out.stdout.is_empty());
     }
+}
+
+/// Installed by pip, the executable sits in `<env>/bin` and finds the `onnxruntime` package of its
+/// own environment, with nothing set; an environment without one is told what to install.
+#[test]
+fn the_executable_finds_onnx_runtime_in_its_python_environment() {
+    let env = tempfile::tempdir().unwrap();
+    let bin = env.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let exe = bin.join("nbl-onnx");
+    std::fs::copy(env!("CARGO_BIN_EXE_nbl-onnx"), &exe).unwrap();
+    let run = || {
+        let model = model_path("llama-optimum-past");
+        Command::new(&exe)
+            .args(["inspect", model.to_str().unwrap(), "--run", "--engine", "ort"])
+            .env_remove("ORT_DYLIB_PATH")
+            .env("NBL_ORT_DIR", env.path().join("no-setup-ort-install"))
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pip install onnxruntime into the Python environment"), "{}", stderr(&out));
+
+    let library = cpu_library();
+    let capi = env.path().join("lib/python3.11/site-packages/onnxruntime/capi");
+    std::fs::create_dir_all(&capi).unwrap();
+    let name = Path::new(&library).file_name().unwrap();
+    std::os::unix::fs::symlink(&library, capi.join(name)).unwrap();
+    let out = run();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("engine: onnxruntime 1."), "{}", stderr(&out));
 }
 
 #[test]

@@ -27,11 +27,16 @@ pub struct OrtEngine {
     threads: Option<usize>,
 }
 
-/// The ONNX Runtime shared library: `ORT_DYLIB_PATH`, else where `scripts/setup-ort.sh` puts it.
+/// The ONNX Runtime shared library, the first found of: `ORT_DYLIB_PATH`; the `onnxruntime` (or
+/// `onnxruntime-gpu`) package of the Python environment this executable is installed in, as
+/// `pip install nbl-onnx` installs them; where `scripts/setup-ort.sh` puts it.
 fn library_path(ep: ExecutionProvider) -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
         let path = PathBuf::from(path);
         ensure!(path.is_file(), "ORT_DYLIB_PATH={} is not a file", path.display());
+        return Ok(path);
+    }
+    if let Some(path) = python_environment_library() {
         return Ok(path);
     }
     let flavour = if ep == ExecutionProvider::Cpu { "cpu" } else { "gpu" };
@@ -45,11 +50,38 @@ fn library_path(ep: ExecutionProvider) -> Result<PathBuf> {
     let path = root.join(flavour).join("libonnxruntime.so");
     ensure!(
         path.is_file(),
-        "the ONNX Runtime library was not found at {}: run scripts/setup-ort.sh{} or set ORT_DYLIB_PATH",
+        "the ONNX Runtime library was not found: pip install {} into the Python environment nbl-onnx is \
+         installed in, or run scripts/setup-ort.sh{} (looked for {}), or set ORT_DYLIB_PATH",
+        if flavour == "gpu" { "onnxruntime-gpu[cuda,cudnn]" } else { "onnxruntime" },
+        if flavour == "gpu" { " --gpu" } else { "" },
         path.display(),
-        if flavour == "gpu" { " --gpu" } else { "" }
     );
     Ok(path)
+}
+
+/// `libonnxruntime.so.*` of the `onnxruntime` package of the environment this executable is
+/// installed in: a virtualenv or prefix keeps executables in `bin/` and packages in
+/// `lib/pythonX.Y/site-packages/`. The newest version where there are several.
+fn python_environment_library() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+    let prefix = exe.parent()?.parent()?;
+    let mut found = Vec::new();
+    for lib in ["lib", "lib64"] {
+        for python in std::fs::read_dir(prefix.join(lib)).into_iter().flatten().flatten() {
+            if !python.file_name().to_string_lossy().starts_with("python") {
+                continue;
+            }
+            let capi = python.path().join("site-packages/onnxruntime/capi");
+            found.extend(std::fs::read_dir(capi).into_iter().flatten().flatten().map(|f| f.path()).filter(
+                |p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libonnxruntime.so."))
+                },
+            ));
+        }
+    }
+    found.into_iter().max()
 }
 
 impl OrtEngine {
@@ -77,8 +109,9 @@ impl OrtEngine {
         };
         if !compiled_in.map_err(|e| anyhow!("{e}"))? {
             bail!(
-                "the ONNX Runtime library {} has no {} execution provider: install the GPU build with \
-                 scripts/setup-ort.sh --gpu (or point ORT_DYLIB_PATH at one)",
+                "the ONNX Runtime library {} has no {} execution provider: install the GPU build \
+                 (pip install onnxruntime-gpu[cuda,cudnn] in place of onnxruntime, or scripts/setup-ort.sh --gpu, \
+                 or point ORT_DYLIB_PATH at one)",
                 library.display(),
                 options.ep
             );
