@@ -37,6 +37,9 @@ for (label, export, method, k, path), time in zip(manifest, timing["models"]):
         "ppl": score and score["ppl"],
         "kl": score and score.get("kl_vs_first", 0.0),
         "top1": score and score.get("top1_vs_first", 1.0),
+        # Greedy continuations against the original's: mean common prefix, share identical.
+        "gen_common": score and score.get("generation_vs_first", {}).get("mean_common_tokens"),
+        "gen_exact": score and score.get("generation_vs_first", {}).get("exact_match_rate"),
         "prefill_ms": time["prefill_ms"],
         "decode_tok_s": time["decode_tok_s"],
         "prefill_ms_runs": time["prefill_ms_runs"],
@@ -69,6 +72,9 @@ results = {
     "gen": timing["gen"],
     "runs": timing["runs"],
     "eval_tokens": evaluation["models"][0]["tokens"],
+    # What eval generated from (its defaults): the first model's continuations are the reference.
+    "gen_tokens": next((m["generation_vs_first"]["tokens"] for m in evaluation["models"][1:]), 0),
+    "gen_prompts": next((m["generation_vs_first"]["prompts"] for m in evaluation["models"][1:]), 0),
     "calibration_tokens_per_s": calibration_tps,
     "calibration_genai_tokens_per_s": tokens_per_s("calibrate-genai.log"),
     "inference_tokens_per_s": inference_tps,
@@ -87,15 +93,20 @@ lines = [
     f"SmolLM2-135M-Instruct, {results['engine']}; perplexity, KL and top-1 on C4 documents 200-299 "
     f"({results['eval_tokens']} tokens, blocks of 512); prefill of {results['prompt_len']} tokens and "
     f"{results['gen']} decoded tokens, batch 1, median of {results['runs']} alternating runs. Speed-ups are "
-    "measured, with the multiply-add prediction in brackets, against the original of the same export.",
+    "measured, with the multiply-add prediction in brackets, against the original of the same export. "
+    f"Generation: {results['gen_tokens']} tokens generated greedily from {results['gen_prompts']} held-out "
+    "prompts, the mean length of the prefix shared with the original's continuation and the share identical.",
     "",
-    "| export | method | k | layers | perplexity | KL | top-1 | prefill ms | decode tok/s | prefill speed-up (MACs) | decode speed-up (MACs) | KV bytes/token | peak MiB |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| export | method | k | layers | perplexity | KL | top-1 | generation: common, identical | prefill ms | decode tok/s | prefill speed-up (MACs) | decode speed-up (MACs) | KV bytes/token | peak MiB |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
+    generation = "-" if r["gen_common"] is None else f"{r['gen_common']:.2f}, {r['gen_exact']:.0%}"
+    if r["method"] == "original" and r["export"] == "optimum":
+        generation = f"{results['gen_tokens']}, 100%"
     lines.append(
         f"| {r['export']} | {r['method']} | {r['k']} | {','.join(map(str, r['layers'])) or '-'} | "
-        f"{fmt(r['ppl'], '.3f')} | {fmt(r['kl'], '.4f')} | {fmt(r['top1'], '.4f')} | {r['prefill_ms']:.1f} | "
+        f"{fmt(r['ppl'], '.3f')} | {fmt(r['kl'], '.4f')} | {fmt(r['top1'], '.4f')} | {generation} | {r['prefill_ms']:.1f} | "
         f"{r['decode_tok_s']:.2f} | {r['prefill_speedup']:.3f}x ({r['predicted_prefill_speedup']:.3f}x) | "
         f"{r['decode_speedup']:.3f}x ({r['predicted_decode_speedup']:.3f}x) | {r['kv_bytes_per_token']} | "
         f"{r['peak_mem_mb']:.0f} |"

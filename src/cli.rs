@@ -142,6 +142,10 @@ pub struct CalibrationArgs {
     /// Where the moments are formed: in the measuring graph, where the model runs, or on the host
     #[arg(long, value_enum, default_value_t = MomentsOn::Auto)]
     pub moments: MomentsOn,
+    /// Hold every N-th block out of the fit and keep its moments apart, so that analyze and rewrite
+    /// show each map's error on text it was not fitted to (0: none; doubles the statistics' size)
+    #[arg(long, default_value_t = 0)]
+    pub holdout_every: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

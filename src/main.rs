@@ -68,6 +68,7 @@ fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
         shard: args.shard,
         layers: args.layer_range,
         moments: args.calibration.moments(),
+        holdout_every: args.calibration.holdout_every,
     };
     let stats = calibrate::run(&model, &blocks, engine.as_ref(), &data, run)?;
     stats.save(&args.output)?;
@@ -163,6 +164,7 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
                 shard: Shard::WHOLE,
                 layers: None,
                 moments: args.calibration.moments(),
+                holdout_every: args.calibration.holdout_every,
             };
             calibrate::run(&model, &blocks, engine.as_ref(), &data, run)?
         }

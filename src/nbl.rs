@@ -56,6 +56,11 @@ pub struct LayerFit {
     /// Fewer tokens than dimensions, or a covariance that needed a larger ridge than asked for.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub rank_deficient: bool,
+    /// The share of the attention output's variance the map misses on held-out blocks, when the
+    /// statistics hold some: `E_h‖y − W x − b‖² / E_h‖y − ȳ_h‖²`, the in-sample `fit_residual`'s
+    /// counterpart on text the map was not fitted to (see [`LayerFit::heldout_residual_on`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_residual: Option<f64>,
     /// The canonical correlations, largest first, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rho: Option<Vec<f64>>,
@@ -163,10 +168,40 @@ pub fn fit_layer(layer: usize, m: &Moments, lambda: f64, spectrum: bool) -> Resu
         ridge_x: fx.ridge,
         ridge_z: fz.ridge,
         rank_deficient: m.count <= d as u64 || fx.escalated || fz.escalated,
+        heldout_residual: None,
         rho,
         w,
         b,
     })
+}
+
+impl LayerFit {
+    /// This map's error on the tokens of `h` (moments it was not fitted to), as a share of their
+    /// attention output's variance. With `e = y − W x − b`, over those tokens:
+    /// `E‖e‖² = tr(C_yy) − 2 tr(W C_yxᵀ) + tr(W C_xx Wᵀ) + ‖μ_y − W μ_x − b‖²`, over `tr(C_yy)`,
+    /// the covariances normalised by the token count.
+    pub fn heldout_residual_on(&self, h: &Moments) -> f64 {
+        let d = h.dim();
+        let n = h.count.max(1) as f64;
+        let w = self.w.as_ref();
+        let w_sxx = w * &h.sxx;
+        let mut energy = 0.0;
+        for i in 0..d {
+            for j in 0..d {
+                energy += h.syy[(i, j)] * f64::from(u8::from(i == j)) - 2.0 * w[(i, j)] * h.syx[(i, j)]
+                    + w_sxx[(i, j)] * w[(i, j)];
+            }
+        }
+        let var_y: f64 = (0..d).map(|i| h.syy[(i, i)]).sum::<f64>() / n;
+        let bias: f64 = (0..d)
+            .map(|i| {
+                let e = h.mean_y[i] - (0..d).map(|j| w[(i, j)] * h.mean_x[j]).sum::<f64>() - self.b[i];
+                e * e
+            })
+            .sum();
+        let error = (energy / n).max(0.0) + bias;
+        if var_y > 0.0 { error / var_y } else { 0.0 }
+    }
 }
 
 /// How layers are ranked for linearisation.
@@ -285,6 +320,7 @@ mod tests {
             ridge_x: 0.0,
             ridge_z: 0.0,
             rank_deficient: false,
+            heldout_residual: None,
             rho: None,
             w: Mat::zeros(0, 0),
             b: Vec::new(),

@@ -44,9 +44,12 @@ pub fn analyze(
         .layers
         .par_iter()
         .zip(stats.moments.par_iter())
-        .map(|(info, m)| {
-            fit_layer(info.layer, m, lambda, spectrum)
-                .map_err(|e| anyhow::anyhow!("layer {}: {e:#}", info.layer))
+        .enumerate()
+        .map(|(i, (info, m))| {
+            let mut fit = fit_layer(info.layer, m, lambda, spectrum)
+                .map_err(|e| anyhow::anyhow!("layer {}: {e:#}", info.layer))?;
+            fit.heldout_residual = stats.heldout.as_ref().map(|h| fit.heldout_residual_on(&h[i]));
+            Ok(fit)
         })
         .collect::<Result<_>>()?;
     let order = ranking(&fits, criterion);
@@ -72,10 +75,12 @@ impl Analysis {
         );
         for &l in &self.selected {
             if let Some(f) = self.fit(l) {
+                let heldout =
+                    f.heldout_residual.map_or(String::new(), |r| format!(" ({:.1}% held out)", 100.0 * r));
                 let _ = write!(
                     out,
-                    "\n  layer {l}: bound/d {:.4}, the linear map misses {:.1}% of the attention output's variance, \
-                     cos(x, x+y) {:.3}",
+                    "\n  layer {l}: bound/d {:.4}, the linear map misses {:.1}%{heldout} of the attention output's \
+                     variance, cos(x, x+y) {:.3}",
                     f.bound_normalized,
                     100.0 * f.fit_residual,
                     f.cosine
@@ -104,18 +109,28 @@ impl Analysis {
         );
         let _ = writeln!(
             out,
-            "{:>5}  {:>10}  {:>8}  {:>12}  {:>8}  {:>12}  {:>9}  {:>8}  chosen",
-            "layer", "bound", "bound/d", "resid. energy", "residual", "resid/stream", "weighted", "cosine"
+            "{:>5}  {:>10}  {:>8}  {:>12}  {:>8}  {:>8}  {:>12}  {:>9}  {:>8}  chosen",
+            "layer",
+            "bound",
+            "bound/d",
+            "resid. energy",
+            "residual",
+            "held out",
+            "resid/stream",
+            "weighted",
+            "cosine"
         );
         for row in &self.layers {
+            let heldout = row.fit.heldout_residual.map_or("-".to_string(), |r| format!("{r:.5}"));
             let _ = writeln!(
                 out,
-                "{:>5}  {:>10.4}  {:>8.5}  {:>12.4e}  {:>8.5}  {:>12.4e}  {:>9.5}  {:>8.5}  {}{}",
+                "{:>5}  {:>10.4}  {:>8.5}  {:>12.4e}  {:>8.5}  {:>8}  {:>12.4e}  {:>9.5}  {:>8.5}  {}{}",
                 row.fit.layer,
                 row.fit.bound,
                 row.fit.bound_normalized,
                 row.fit.residual_energy,
                 row.fit.fit_residual,
+                heldout,
                 row.fit.relative_residual,
                 row.fit.weighted_bound,
                 row.fit.cosine,

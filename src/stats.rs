@@ -232,6 +232,9 @@ pub struct Stats {
     pub hidden_size: usize,
     pub layers: Vec<LayerTensors>,
     pub moments: Vec<Moments>,
+    /// Moments of held-out blocks, layer by layer, not used in any fit: where calibrate kept some
+    /// (`--holdout-every`), the maps' error on text they were not fitted to.
+    pub heldout: Option<Vec<Moments>>,
     /// One entry per shard merged in (a single run has one).
     pub data: Vec<DataSummary>,
 }
@@ -244,16 +247,18 @@ impl Stats {
     /// Writes the statistics as safetensors, atomically (temporary file, then rename). Tensors
     /// `layers.N.{count,mean_x,mean_y,sxx,syx,syy,cos_sum}` in f64, matrices row-major.
     pub fn save(&self, path: &Path) -> Result<()> {
+        let heldout = self.layers.iter().zip(self.heldout.iter().flatten()).map(|(l, m)| (l, m, "heldout."));
+        let all = self.layers.iter().zip(&self.moments).map(|(l, m)| (l, m, "")).chain(heldout);
         let mut tensors: Vec<(String, F64Tensor<'_>)> = Vec::new();
-        for (info, m) in self.layers.iter().zip(&self.moments) {
-            let n = info.layer;
-            tensors.push((format!("layers.{n}.count"), F64Tensor::scalar(m.count as f64)));
-            tensors.push((format!("layers.{n}.mean_x"), F64Tensor::vector(&m.mean_x)));
-            tensors.push((format!("layers.{n}.mean_y"), F64Tensor::vector(&m.mean_y)));
-            tensors.push((format!("layers.{n}.sxx"), F64Tensor::packed(m.sxx.as_ref())));
-            tensors.push((format!("layers.{n}.syx"), F64Tensor::matrix(m.syx.as_ref())));
-            tensors.push((format!("layers.{n}.syy"), F64Tensor::packed(m.syy.as_ref())));
-            tensors.push((format!("layers.{n}.cos_sum"), F64Tensor::scalar(m.cos_sum)));
+        for (info, m, kind) in all {
+            let prefix = format!("layers.{}.{kind}", info.layer);
+            tensors.push((format!("{prefix}count"), F64Tensor::scalar(m.count as f64)));
+            tensors.push((format!("{prefix}mean_x"), F64Tensor::vector(&m.mean_x)));
+            tensors.push((format!("{prefix}mean_y"), F64Tensor::vector(&m.mean_y)));
+            tensors.push((format!("{prefix}sxx"), F64Tensor::packed(m.sxx.as_ref())));
+            tensors.push((format!("{prefix}syx"), F64Tensor::matrix(m.syx.as_ref())));
+            tensors.push((format!("{prefix}syy"), F64Tensor::packed(m.syy.as_ref())));
+            tensors.push((format!("{prefix}cos_sum"), F64Tensor::scalar(m.cos_sum)));
         }
         let metadata = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
@@ -320,11 +325,18 @@ impl Stats {
         ensure!(numbers.len() == layers.len(), "{}: a layer is listed twice", path.display());
         let data: Vec<DataSummary> = serde_json::from_str(&field("data")?).map_err(|e| not_stats(&e))?;
         let d = hidden_size;
+        // Held-out moments are there for every layer or for none.
+        let has_heldout = st.tensor(&format!("layers.{}.heldout.count", layers[0].layer)).is_ok();
         let mut moments = Vec::with_capacity(layers.len());
-        for info in &layers {
+        let mut heldout = Vec::new();
+        for (info, prefix) in layers
+            .iter()
+            .map(|l| (l, format!("layers.{}.", l.layer)))
+            .chain(layers.iter().filter(|_| has_heldout).map(|l| (l, format!("layers.{}.heldout.", l.layer))))
+        {
             // Every tensor: f64, of the shape the format gives it, every value finite.
             let read = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
-                let key = format!("layers.{}.{name}", info.layer);
+                let key = format!("{prefix}{name}");
                 let view = st.tensor(&key).map_err(|_| not_stats(&format!("tensor {key} is missing")))?;
                 ensure!(view.dtype() == Dtype::F64, "{}: tensor {key} is not f64", path.display());
                 ensure!(
@@ -371,7 +383,7 @@ impl Stats {
                 path.display(),
                 info.layer
             );
-            moments.push(Moments {
+            let m = Moments {
                 count: count as u64,
                 mean_x: read("mean_x", &[d])?,
                 mean_y: read("mean_y", &[d])?,
@@ -379,9 +391,11 @@ impl Stats {
                 syx: matrix("syx")?,
                 syy: symmetric("syy")?,
                 cos_sum: read("cos_sum", &[1])?[0],
-            });
+            };
+            if prefix.ends_with("heldout.") { heldout.push(m) } else { moments.push(m) }
         }
-        Ok(Stats { fingerprint: field("model_fingerprint")?, hidden_size, layers, moments, data })
+        let heldout = has_heldout.then_some(heldout);
+        Ok(Stats { fingerprint: field("model_fingerprint")?, hidden_size, layers, moments, heldout, data })
     }
 
     /// Combines statistics of the same model into what one run gives: files of disjoint data
@@ -416,7 +430,11 @@ impl Stats {
                     d.shard[1]
                 );
             }
+            ensure_same_heldout(&merged, &part, &path)?;
             for (a, b) in merged.moments.iter_mut().zip(&part.moments) {
+                a.merge(b);
+            }
+            for (a, b) in merged.heldout.iter_mut().flatten().zip(part.heldout.iter().flatten()) {
                 a.merge(b);
             }
             merged.data.extend(part.data);
@@ -446,6 +464,18 @@ impl Stats {
             part.tokens(),
             self.tokens()
         );
+        ensure_same_heldout(self, &part, path)?;
+        let mut heldout: Vec<(usize, Moments)> = self
+            .layers
+            .iter()
+            .chain(&part.layers)
+            .map(|l| l.layer)
+            .zip(self.heldout.take().into_iter().flatten().chain(part.heldout.into_iter().flatten()))
+            .collect();
+        heldout.sort_by_key(|(layer, _)| *layer);
+        if !heldout.is_empty() {
+            self.heldout = Some(heldout.into_iter().map(|(_, m)| m).collect());
+        }
         let mut layers: Vec<(LayerTensors, Moments)> = self
             .layers
             .drain(..)
@@ -456,6 +486,18 @@ impl Stats {
         (self.layers, self.moments) = layers.into_iter().unzip();
         Ok(())
     }
+}
+
+/// Files merge only when both hold held-out moments or neither does.
+fn ensure_same_heldout(merged: &Stats, part: &Stats, path: &Path) -> Result<()> {
+    ensure!(
+        merged.heldout.is_some() == part.heldout.is_some(),
+        "{}: {} held-out moments and the rest {}: calibrate every part with the same --holdout-every",
+        path.display(),
+        if part.heldout.is_some() { "it holds" } else { "it holds no" },
+        if merged.heldout.is_some() { "do" } else { "do not" }
+    );
+    Ok(())
 }
 
 /// An f64 tensor borrowed for serialisation; matrices are written row-major.

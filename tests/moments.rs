@@ -113,6 +113,7 @@ fn statistics_survive_a_file_round_trip_exactly() {
         fingerprint: "abc123".into(),
         hidden_size: d,
         layers: (0..3).map(|l| LayerTensors { layer: l, x: format!("x{l}"), y: format!("y{l}") }).collect(),
+        heldout: Some(moments.iter().rev().cloned().collect()),
         moments,
         data: vec![DataSummary {
             files: vec!["data.json".into()],
@@ -129,7 +130,9 @@ fn statistics_survive_a_file_round_trip_exactly() {
     assert_eq!(back.fingerprint, "abc123");
     assert_eq!(back.layers, stats.layers);
     assert_eq!(back.data, stats.data);
-    for (a, b) in back.moments.iter().zip(&stats.moments) {
+    let (back_heldout, heldout) = (back.heldout.as_ref().unwrap(), stats.heldout.as_ref().unwrap());
+    assert_eq!(back_heldout.len(), 3);
+    for (a, b) in back.moments.iter().zip(&stats.moments).chain(back_heldout.iter().zip(heldout)) {
         assert_eq!(a.count, b.count);
         assert_eq!(a.mean_x, b.mean_x);
         assert_eq!(a.sxx, b.sxx);
@@ -157,6 +160,7 @@ fn version_1_statistics_still_load() {
         hidden_size: d,
         layers: vec![LayerTensors { layer: 0, x: "x".into(), y: "y".into() }],
         moments: vec![a],
+        heldout: None,
         data: vec![],
     };
     let dir = tempfile::tempdir().unwrap();

@@ -254,3 +254,45 @@ fn the_residual_criterion_sees_how_large_the_error_is_next_to_the_stream() {
         "relative to the stream, the massive one errs least"
     );
 }
+
+/// The held-out residual from moments equals the mean squared error of the fitted map over the
+/// held-out tokens themselves, over their output variance (computed here token by token).
+#[test]
+fn heldout_residual_equals_the_error_measured_token_by_token() {
+    let (d, fit_tokens, heldout_tokens) = (6, 40, 30);
+    let mut g = Gaussian::new(21);
+    let a = Mat::from_fn(d, d, |_, _| g.sample() * 0.5);
+    let mut sample = |n: usize| {
+        let x = Mat::from_fn(n, d, |_, _| g.sample() + 0.3);
+        let noise = Mat::from_fn(n, d, |_, _| g.sample() * 0.4);
+        let y = &x * a.transpose() + noise;
+        (x, y)
+    };
+    let (xf, yf) = sample(fit_tokens);
+    let (xh, yh) = sample(heldout_tokens);
+    let moments = |x: &Mat<f64>, y: &Mat<f64>| {
+        let mut m = Moments::new(d);
+        m.add_batch(&rows_f32(x.as_ref()), &rows_f32(y.as_ref()));
+        m
+    };
+    let fit = fit_layer(0, &moments(&xf, &yf), 1e-9, false).unwrap();
+    let got = fit.heldout_residual_on(&moments(&xh, &yh));
+    // The same from the f32-rounded tokens the moments saw.
+    let round = |m: &Mat<f64>| Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32 as f64);
+    let (xh, yh) = (round(&xh), round(&yh));
+    let mean_y: Vec<f64> = (0..d)
+        .map(|j| (0..heldout_tokens).map(|t| yh[(t, j)]).sum::<f64>() / heldout_tokens as f64)
+        .collect();
+    let (mut error, mut variance) = (0.0, 0.0);
+    for t in 0..heldout_tokens {
+        for i in 0..d {
+            let predicted = fit.b[i] + (0..d).map(|j| fit.w[(i, j)] * xh[(t, j)]).sum::<f64>();
+            error += (yh[(t, i)] - predicted).powi(2);
+            variance += (yh[(t, i)] - mean_y[i]).powi(2);
+        }
+    }
+    let want = error / variance;
+    assert!((got - want).abs() <= 1e-9 * want, "from moments {got}, token by token {want}");
+    // Fitted on 40 tokens, the map errs more on new ones than on its own.
+    assert!(got > fit.fit_residual, "held out {got} vs in sample {}", fit.fit_residual);
+}

@@ -127,11 +127,13 @@ pub struct Run {
     pub layers: Option<LayerRange>,
     /// Where the moments are formed (not `Auto`).
     pub moments: MomentsOn,
+    /// Every N-th block is held out of the fit, its moments kept apart (0: none).
+    pub holdout_every: usize,
 }
 
 /// Calibrates `model` on the data, layers and shard `run` says into statistics.
 pub fn run(model: &Model, blocks: &Blocks, engine: &dyn Engine, data: &DataSpec, run: Run) -> Result<Stats> {
-    let Run { batch, shard, layers, moments: on } = run;
+    let Run { batch, shard, layers, moments: on, holdout_every } = run;
     let measured = match layers {
         Some(range) => Cow::Owned(range.of(blocks)?),
         None => Cow::Borrowed(blocks),
@@ -155,25 +157,44 @@ pub fn run(model: &Model, blocks: &Blocks, engine: &dyn Engine, data: &DataSpec,
         shard.count,
         packed.blocks.len()
     );
-    let tokens = slice.len() * data.seq_len;
+    // Every `holdout_every`-th block (the last of each group) is held out of the fit.
+    let held = |i: usize| holdout_every > 0 && i % holdout_every == holdout_every - 1;
+    let fit: Vec<Vec<i64>> =
+        slice.iter().enumerate().filter(|&(i, _)| !held(i)).map(|(_, b)| b.clone()).collect();
+    let heldout: Vec<Vec<i64>> =
+        slice.iter().enumerate().filter(|&(i, _)| held(i)).map(|(_, b)| b.clone()).collect();
+    ensure!(
+        holdout_every == 0 || (!heldout.is_empty() && !fit.is_empty()),
+        "--holdout-every {holdout_every} holds out none of the {} blocks, or all: calibrate on at least \
+         {holdout_every} blocks",
+        slice.len()
+    );
+    let tokens = fit.len() * data.seq_len;
     let per_dimension = tokens as f64 / blocks.hidden_size as f64;
     if per_dimension < FEW_TOKENS_PER_DIMENSION {
         eprintln!(
             "note: {tokens} tokens for hidden size {d}: {per_dimension:.1} per dimension. Each map has d² = {} \
              weights, fitted here on fewer than {FEW_TOKENS_PER_DIMENSION} tokens per dimension: it will fit \
              these tokens better than new text, and the bounds will look better than held-out quality is. \
-             Calibrate on more text (--samples, --seq-len, --data).",
+             Calibrate on more text (--samples, --seq-len, --data); --holdout-every 8 measures the gap.",
             blocks.hidden_size * blocks.hidden_size,
             d = blocks.hidden_size,
         );
     }
-    let moments = calibrate(model, &measured, engine, slice, batch, on)?;
+    let moments = calibrate(model, &measured, engine, &fit, batch, on)?;
+    let heldout = if heldout.is_empty() {
+        None
+    } else {
+        eprintln!("held-out blocks ({} of {}), not fitted to:", heldout.len(), slice.len());
+        Some(calibrate(model, &measured, engine, &heldout, batch, on)?)
+    };
     Ok(Stats {
         // The whole model's, so that files of other layers of it merge with this one.
         fingerprint: fingerprint(model, blocks),
         hidden_size: blocks.hidden_size,
         layers: layer_tensors(&measured),
         moments,
+        heldout,
         data: vec![DataSummary {
             files: data.describe(),
             seq_len: data.seq_len,

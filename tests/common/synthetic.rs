@@ -124,6 +124,7 @@ pub fn synthetic_stats(model: &Model, path: &Path, shape: Shape) -> u64 {
         hidden_size: d,
         layers: layer_tensors(&blocks),
         moments,
+        heldout: None,
         data: vec![DataSummary {
             files: vec![],
             seq_len: 0,
