@@ -20,7 +20,7 @@ use nbl_onnx::inspect::{inspect, trial_run};
 use nbl_onnx::onnx::Model;
 use nbl_onnx::report::analyze;
 use nbl_onnx::rewrite::{MapStorage, RewriteReport, output_paths, rewrite_selected};
-use nbl_onnx::stats::Stats;
+use nbl_onnx::stats::{MomentsSource, Stats, StatsFile};
 use nbl_onnx::{bench, eval, genai};
 
 /// Prints `value` as JSON, or `text` for people.
@@ -99,13 +99,15 @@ fn run_merge(args: &MergeArgs) -> Result<()> {
 }
 
 fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
-    let stats = Stats::load(&args.stats)?;
+    // Read layer by layer: what is held does not grow with the number of layers.
+    let stats = StatsFile::open(&args.stats)?;
     if let Some(path) = &args.model {
         let model = Model::load(path)?;
         check_fingerprint(&stats, &args.stats, &model, &find_blocks(&model)?)?;
     }
-    let selection = args.select.selection(stats.layers.len());
-    selection.check(stats.layers.len(), &format!("layers in {}", args.stats.display()))?;
+    let layers = stats.layers().len();
+    let selection = args.select.selection(layers);
+    selection.check(layers, &format!("layers in {}", args.stats.display()))?;
     let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, args.spectrum)?;
     let chart = args.chart.clone().unwrap_or_else(|| args.stats.with_extension("svg"));
     let mut inputs = vec![args.stats.clone()];
@@ -146,11 +148,11 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
              cannot run; use --weight-format f32|f16, or --engine ort"
         );
     }
-    let stats = match &args.stats {
+    let stats: Box<dyn MomentsSource> = match &args.stats {
         Some(path) => {
-            let stats = Stats::load(path)?;
+            let stats = StatsFile::open(path)?;
             check_fingerprint(&stats, path, &model, &blocks)?;
-            stats
+            Box::new(stats)
         }
         None => {
             let engine = args.calibration.engine.open()?;
@@ -166,10 +168,10 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
                 moments: args.calibration.moments(),
                 holdout_every: args.calibration.holdout_every,
             };
-            calibrate::run(&model, &blocks, engine.as_ref(), &data, run)?
+            Box::new(calibrate::run(&model, &blocks, engine.as_ref(), &data, run)?)
         }
     };
-    let analysis = analyze(&stats, args.select.criterion, &selection, args.select.lambda, false)?;
+    let analysis = analyze(stats.as_ref(), args.select.criterion, &selection, args.select.lambda, false)?;
     eprintln!("{}", analysis.choice());
     if analysis.selected.is_empty() && !args.allow_noop {
         eprintln!(
@@ -177,7 +179,8 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         );
         return Err(check::Failed.into());
     }
-    let summary = rewrite_selected(&mut model, &blocks, &analysis, &stats, args.replace, args.kv, storage)?;
+    let summary =
+        rewrite_selected(&mut model, &blocks, &analysis, stats.as_ref(), args.replace, args.kv, storage)?;
     nbl_onnx::atomic::create_dir(&output)?;
     nbl_onnx::atomic::create_dir(&report_path)?;
     let companion = genai::prepare(&model, &output)?;

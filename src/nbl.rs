@@ -176,6 +176,13 @@ pub fn fit_layer(layer: usize, m: &Moments, lambda: f64, spectrum: bool) -> Resu
 }
 
 impl LayerFit {
+    /// The fit without `W` and `b` (`d² + d` values), for an analysis that keeps every layer's.
+    pub fn without_map(mut self) -> LayerFit {
+        self.w = Mat::zeros(0, 0);
+        self.b = Vec::new();
+        self
+    }
+
     /// This map's error on the tokens of `h` (moments it was not fitted to), as a share of their
     /// attention output's variance. With `e = y − W x − b`, over those tokens:
     /// `E‖e‖² = tr(C_yy) − 2 tr(W C_yxᵀ) + tr(W C_xx Wᵀ) + ‖μ_y − W μ_x − b‖²`, over `tr(C_yy)`,

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::nbl::{Criterion, LayerFit, Selection, fit_layer, ranking, select};
-use crate::stats::Stats;
+use crate::stats::MomentsSource;
 
 /// One layer of the analysis: its fit (the map itself is not serialised) and whether it was chosen.
 #[derive(Serialize)]
@@ -31,25 +31,28 @@ pub struct Analysis {
     pub layers: Vec<LayerRow>,
 }
 
-/// Fits every layer (in parallel), ranks them by `criterion` and chooses by `selection`.
+/// Fits every layer (in parallel, each reading its moments when it starts: what is held grows with
+/// the threads, not the layers), ranks them by `criterion` and chooses by `selection`. The fits keep
+/// their measures, not their maps: a rewrite fits the chosen layers' maps again.
 pub fn analyze(
-    stats: &Stats,
+    stats: &dyn MomentsSource,
     criterion: Criterion,
     selection: &Selection,
     lambda: f64,
     spectrum: bool,
 ) -> Result<Analysis> {
     anyhow::ensure!(lambda >= 0.0 && lambda.is_finite(), "--lambda must be a finite number ≥ 0");
-    let fits: Vec<LayerFit> = stats
-        .layers
-        .par_iter()
-        .zip(stats.moments.par_iter())
-        .enumerate()
-        .map(|(i, (info, m))| {
-            let mut fit = fit_layer(info.layer, m, lambda, spectrum)
-                .map_err(|e| anyhow::anyhow!("layer {}: {e:#}", info.layer))?;
-            fit.heldout_residual = stats.heldout.as_ref().map(|h| fit.heldout_residual_on(&h[i]));
-            Ok(fit)
+    let fits: Vec<LayerFit> = (0..stats.layers().len())
+        .into_par_iter()
+        .map(|i| {
+            let layer = stats.layers()[i].layer;
+            let context = |e: anyhow::Error| anyhow::anyhow!("layer {layer}: {e:#}");
+            let moments = stats.moments(i)?;
+            let mut fit = fit_layer(layer, &moments, lambda, spectrum).map_err(context)?;
+            if let Some(heldout) = stats.heldout(i)? {
+                fit.heldout_residual = Some(fit.heldout_residual_on(&heldout));
+            }
+            Ok(fit.without_map())
         })
         .collect::<Result<_>>()?;
     let order = ranking(&fits, criterion);

@@ -19,7 +19,7 @@ use crate::onnx::proto::{NodeProto, StringStringEntryProto, TensorProto};
 use crate::onnx::{DType, GraphIndex, Interface, Model, Patch, Tensor, attr_int, build};
 use crate::quantize::{Quantized, Quantizer, quantize};
 use crate::report::Analysis;
-use crate::stats::Stats;
+use crate::stats::MomentsSource;
 
 /// What replaces a chosen attention block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -167,24 +167,33 @@ pub fn rewrite_selected(
     model: &mut Model,
     blocks: &Blocks,
     analysis: &Analysis,
-    stats: &Stats,
+    stats: &dyn MomentsSource,
     replace: Replacement,
     kv: KvCache,
     storage: MapStorage,
 ) -> Result<RewriteSummary> {
+    // The chosen layers' maps, fitted again from their moments (the analysis keeps no map), one
+    // layer's moments at a time.
+    let gptq = matches!(storage, MapStorage::Blocks { quantizer: Quantizer::Gptq, .. });
+    let mut maps = Vec::new();
+    for &l in &analysis.selected {
+        let i = stats
+            .layers()
+            .iter()
+            .position(|t| t.layer == l)
+            .with_context(|| format!("no statistics of layer {l}"))?;
+        let moments = stats.moments(i)?;
+        let fit = crate::nbl::fit_layer(l, &moments, analysis.lambda, false)?;
+        // GPTQ weighs each input by the layer's E[x xᵀ].
+        maps.push((fit.w, fit.b, gptq.then(|| moments.second_moment_x())));
+    }
     let edits = analysis
         .selected
         .iter()
-        .map(|&l| {
+        .zip(&mut maps)
+        .map(|(&l, (w, b, second_moment))| {
             let block = blocks.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
-            let fit = analysis.fit(l).context("a fit per selected layer")?;
-            // GPTQ weighs each input by the layer's E[x xᵀ].
-            let gptq = matches!(storage, MapStorage::Blocks { quantizer: Quantizer::Gptq, .. });
-            let second_moment = gptq
-                .then(|| stats.layers.iter().position(|t| t.layer == l))
-                .flatten()
-                .map(|i| stats.moments[i].second_moment_x());
-            Ok(LayerEdit { block, map: Some((&fit.w, fit.b.as_slice())), second_moment })
+            Ok(LayerEdit { block, map: Some((&*w, b.as_slice())), second_moment: second_moment.take() })
         })
         .collect::<Result<Vec<_>>>()?;
     let layer_list = analysis.selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
@@ -196,7 +205,7 @@ pub fn rewrite_selected(
         ("nbl.kv", lowercase(&kv)),
         ("nbl.criterion", lowercase(&analysis.criterion)),
         ("nbl.weight_format", serde_json::to_string(&storage)?),
-        ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data}).to_string()),
+        ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data()}).to_string()),
     ];
     rewrite_as(model, blocks, &edits, replace, kv, storage, &provenance)
 }

@@ -275,127 +275,24 @@ impl Stats {
         crate::atomic::persist(tmp, path)
     }
 
-    /// Reads a statistics file, checking its format and every tensor's shape.
+    /// Reads a statistics file whole, checking its format and every tensor's shape.
     pub fn load(path: &Path) -> Result<Stats> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot open statistics {}", path.display()))?;
-        // SAFETY: read-only map of a file we do not modify.
-        let map =
-            unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        Stats::from_bytes(&map, path)
+        StatsFile::open(path)?.read_all()
     }
 
     /// Reads statistics from the bytes of a file (`path` names it in messages), checking every
     /// tensor: see [`Stats::load`].
     pub fn from_bytes(map: &[u8], path: &Path) -> Result<Stats> {
-        let not_stats = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!("{} is not an nbl-onnx statistics file: {e}", path.display())
+        let header = Header::parse(map, path)?;
+        let read = |i: usize, heldout: bool| header.moments(map, i, heldout);
+        let moments = (0..header.layers.len()).map(|i| read(i, false)).collect::<Result<Vec<_>>>()?;
+        let heldout = if header.has_heldout {
+            Some((0..header.layers.len()).map(|i| read(i, true)).collect::<Result<Vec<_>>>()?)
+        } else {
+            None
         };
-        let (_, header) = SafeTensors::read_metadata(map).map_err(|e| not_stats(&e))?;
-        let st = SafeTensors::deserialize(map).map_err(|e| not_stats(&e))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let field =
-            |k: &str| meta.get(k).cloned().ok_or_else(|| not_stats(&format!("no {k:?} in its metadata")));
-        if field("format")? != FORMAT {
-            bail!(not_stats(&"wrong format name"));
-        }
-        let version = field("version")?;
-        ensure!(
-            VERSIONS_READ.contains(&version.as_str()),
-            "{}: statistics format version {version} is not supported",
-            path.display()
-        );
-        let hidden_size: usize = field("hidden_size")?.parse().map_err(|e| not_stats(&e))?;
-        // The matrices are d×d f64 and must fit in the file: a larger d is a damaged header.
-        let file_len = map.len() as u128;
-        ensure!(
-            hidden_size > 0
-                && (hidden_size as u128)
-                    .checked_mul(hidden_size as u128)
-                    .and_then(|n| n.checked_mul(8))
-                    .is_some_and(|bytes| bytes <= file_len),
-            "{}: hidden_size {hidden_size} does not fit a file of {file_len} bytes",
-            path.display()
-        );
-        let layers: Vec<LayerTensors> = serde_json::from_str(&field("layers")?).map_err(|e| not_stats(&e))?;
-        ensure!(!layers.is_empty(), "{}: the statistics hold no layers", path.display());
-        let mut numbers: Vec<usize> = layers.iter().map(|l| l.layer).collect();
-        numbers.sort_unstable();
-        numbers.dedup();
-        ensure!(numbers.len() == layers.len(), "{}: a layer is listed twice", path.display());
-        let data: Vec<DataSummary> = serde_json::from_str(&field("data")?).map_err(|e| not_stats(&e))?;
-        let d = hidden_size;
-        // Held-out moments are there for every layer or for none.
-        let has_heldout = st.tensor(&format!("layers.{}.heldout.count", layers[0].layer)).is_ok();
-        let mut moments = Vec::with_capacity(layers.len());
-        let mut heldout = Vec::new();
-        for (info, prefix) in layers
-            .iter()
-            .map(|l| (l, format!("layers.{}.", l.layer)))
-            .chain(layers.iter().filter(|_| has_heldout).map(|l| (l, format!("layers.{}.heldout.", l.layer))))
-        {
-            // Every tensor: f64, of the shape the format gives it, every value finite.
-            let read = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
-                let key = format!("{prefix}{name}");
-                let view = st.tensor(&key).map_err(|_| not_stats(&format!("tensor {key} is missing")))?;
-                ensure!(view.dtype() == Dtype::F64, "{}: tensor {key} is not f64", path.display());
-                ensure!(
-                    view.shape() == shape,
-                    "{}: tensor {key} has shape {:?}, expected {shape:?}",
-                    path.display(),
-                    view.shape()
-                );
-                let values: Vec<f64> = view
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect();
-                if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-                    bail!("{}: tensor {key} holds {bad}", path.display());
-                }
-                Ok(values)
-            };
-            let matrix = |name: &str| -> Result<Mat<f64>> {
-                let v = read(name, &[d, d])?;
-                Ok(Mat::from_fn(d, d, |i, j| v[i * d + j]))
-            };
-            // Version 1: full matrices; version 2: upper triangles, row by row.
-            let symmetric = |name: &str| -> Result<Mat<f64>> {
-                if version == "1" {
-                    return matrix(name);
-                }
-                let v = read(name, &[d * (d + 1) / 2])?;
-                let mut m = Mat::zeros(d, d);
-                let mut at = 0;
-                for i in 0..d {
-                    for j in i..d {
-                        m[(i, j)] = v[at];
-                        m[(j, i)] = v[at];
-                        at += 1;
-                    }
-                }
-                Ok(m)
-            };
-            let count = read("count", &[1])?[0];
-            ensure!(
-                count >= 1.0 && count.fract() == 0.0 && count <= (1u64 << 53) as f64,
-                "{}: layer {} has a token count of {count}, not a positive integer",
-                path.display(),
-                info.layer
-            );
-            let m = Moments {
-                count: count as u64,
-                mean_x: read("mean_x", &[d])?,
-                mean_y: read("mean_y", &[d])?,
-                sxx: symmetric("sxx")?,
-                syx: matrix("syx")?,
-                syy: symmetric("syy")?,
-                cos_sum: read("cos_sum", &[1])?[0],
-            };
-            if prefix.ends_with("heldout.") { heldout.push(m) } else { moments.push(m) }
-        }
-        let heldout = has_heldout.then_some(heldout);
-        Ok(Stats { fingerprint: field("model_fingerprint")?, hidden_size, layers, moments, heldout, data })
+        let Header { fingerprint, hidden_size, layers, data, .. } = header;
+        Ok(Stats { fingerprint, hidden_size, layers, moments, heldout, data })
     }
 
     /// Combines statistics of the same model into what one run gives: files of disjoint data
@@ -485,6 +382,227 @@ impl Stats {
         layers.sort_by_key(|(info, _)| info.layer);
         (self.layers, self.moments) = layers.into_iter().unzip();
         Ok(())
+    }
+}
+
+/// What a statistics file says about itself, read and checked without its tensors.
+struct Header {
+    path: std::path::PathBuf,
+    version: String,
+    fingerprint: String,
+    hidden_size: usize,
+    layers: Vec<LayerTensors>,
+    data: Vec<DataSummary>,
+    has_heldout: bool,
+}
+
+impl Header {
+    fn parse(map: &[u8], path: &Path) -> Result<Header> {
+        let not_stats = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("{} is not an nbl-onnx statistics file: {e}", path.display())
+        };
+        let (_, header) = SafeTensors::read_metadata(map).map_err(|e| not_stats(&e))?;
+        let st = SafeTensors::deserialize(map).map_err(|e| not_stats(&e))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field =
+            |k: &str| meta.get(k).cloned().ok_or_else(|| not_stats(&format!("no {k:?} in its metadata")));
+        if field("format")? != FORMAT {
+            bail!(not_stats(&"wrong format name"));
+        }
+        let version = field("version")?;
+        ensure!(
+            VERSIONS_READ.contains(&version.as_str()),
+            "{}: statistics format version {version} is not supported",
+            path.display()
+        );
+        let hidden_size: usize = field("hidden_size")?.parse().map_err(|e| not_stats(&e))?;
+        // The matrices are d×d f64 and must fit in the file: a larger d is a damaged header.
+        let file_len = map.len() as u128;
+        ensure!(
+            hidden_size > 0
+                && (hidden_size as u128)
+                    .checked_mul(hidden_size as u128)
+                    .and_then(|n| n.checked_mul(8))
+                    .is_some_and(|bytes| bytes <= file_len),
+            "{}: hidden_size {hidden_size} does not fit a file of {file_len} bytes",
+            path.display()
+        );
+        let layers: Vec<LayerTensors> = serde_json::from_str(&field("layers")?).map_err(|e| not_stats(&e))?;
+        ensure!(!layers.is_empty(), "{}: the statistics hold no layers", path.display());
+        let mut numbers: Vec<usize> = layers.iter().map(|l| l.layer).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        ensure!(numbers.len() == layers.len(), "{}: a layer is listed twice", path.display());
+        let data: Vec<DataSummary> = serde_json::from_str(&field("data")?).map_err(|e| not_stats(&e))?;
+        // Held-out moments are there for every layer or for none.
+        let has_heldout = st.tensor(&format!("layers.{}.heldout.count", layers[0].layer)).is_ok();
+        Ok(Header {
+            path: path.to_path_buf(),
+            version,
+            fingerprint: field("model_fingerprint")?,
+            hidden_size,
+            layers,
+            data,
+            has_heldout,
+        })
+    }
+
+    /// The moments of the `index`-th layer (or its held-out moments), every tensor checked: f64,
+    /// of the shape the format gives it, every value finite.
+    fn moments(&self, map: &[u8], index: usize, heldout: bool) -> Result<Moments> {
+        let path = self.path.display();
+        let st = SafeTensors::deserialize(map)
+            .map_err(|e| anyhow::anyhow!("{path} is not an nbl-onnx statistics file: {e}"))?;
+        let info = &self.layers[index];
+        let prefix = format!("layers.{}.{}", info.layer, if heldout { "heldout." } else { "" });
+        let d = self.hidden_size;
+        let read = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
+            let key = format!("{prefix}{name}");
+            let view = st.tensor(&key).map_err(|_| {
+                anyhow::anyhow!("{path} is not an nbl-onnx statistics file: tensor {key} is missing")
+            })?;
+            ensure!(view.dtype() == Dtype::F64, "{path}: tensor {key} is not f64");
+            ensure!(
+                view.shape() == shape,
+                "{path}: tensor {key} has shape {:?}, expected {shape:?}",
+                view.shape()
+            );
+            let values: Vec<f64> = view
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                bail!("{path}: tensor {key} holds {bad}");
+            }
+            Ok(values)
+        };
+        let matrix = |name: &str| -> Result<Mat<f64>> {
+            let v = read(name, &[d, d])?;
+            Ok(Mat::from_fn(d, d, |i, j| v[i * d + j]))
+        };
+        // Version 1: full matrices; version 2: upper triangles, row by row.
+        let symmetric = |name: &str| -> Result<Mat<f64>> {
+            if self.version == "1" {
+                return matrix(name);
+            }
+            let v = read(name, &[d * (d + 1) / 2])?;
+            let mut m = Mat::zeros(d, d);
+            let mut at = 0;
+            for i in 0..d {
+                for j in i..d {
+                    m[(i, j)] = v[at];
+                    m[(j, i)] = v[at];
+                    at += 1;
+                }
+            }
+            Ok(m)
+        };
+        let count = read("count", &[1])?[0];
+        ensure!(
+            count >= 1.0 && count.fract() == 0.0 && count <= (1u64 << 53) as f64,
+            "{path}: layer {} has a token count of {count}, not a positive integer",
+            info.layer
+        );
+        Ok(Moments {
+            count: count as u64,
+            mean_x: read("mean_x", &[d])?,
+            mean_y: read("mean_y", &[d])?,
+            sxx: symmetric("sxx")?,
+            syx: matrix("syx")?,
+            syy: symmetric("syy")?,
+            cos_sum: read("cos_sum", &[1])?[0],
+        })
+    }
+}
+
+/// A statistics file read layer by layer: its header at once, each layer's moments from the
+/// memory map when asked for, so that what is held does not grow with the number of layers.
+pub struct StatsFile {
+    map: memmap2::Mmap,
+    header: Header,
+    tokens: u64,
+}
+
+impl StatsFile {
+    pub fn open(path: &Path) -> Result<StatsFile> {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open statistics {}", path.display()))?;
+        // SAFETY: read-only map of a file we do not modify.
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let header = Header::parse(&map, path)?;
+        let tokens = header.moments(&map, 0, false)?.count;
+        Ok(StatsFile { map, header, tokens })
+    }
+
+    /// Every layer's moments, in memory.
+    pub fn read_all(&self) -> Result<Stats> {
+        Stats::from_bytes(&self.map, &self.header.path)
+    }
+}
+
+/// Per-layer moments, from memory ([`Stats`]) or read from a file as needed ([`StatsFile`]).
+pub trait MomentsSource: Sync {
+    fn fingerprint(&self) -> &str;
+    fn hidden_size(&self) -> usize;
+    fn layers(&self) -> &[LayerTensors];
+    fn data(&self) -> &[DataSummary];
+    fn tokens(&self) -> u64;
+    /// The `index`-th layer's moments.
+    fn moments(&self, index: usize) -> Result<std::borrow::Cow<'_, Moments>>;
+    /// The `index`-th layer's held-out moments, where there are some.
+    fn heldout(&self, index: usize) -> Result<Option<std::borrow::Cow<'_, Moments>>>;
+}
+
+impl MomentsSource for Stats {
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn layers(&self) -> &[LayerTensors] {
+        &self.layers
+    }
+    fn data(&self) -> &[DataSummary] {
+        &self.data
+    }
+    fn tokens(&self) -> u64 {
+        Stats::tokens(self)
+    }
+    fn moments(&self, index: usize) -> Result<std::borrow::Cow<'_, Moments>> {
+        Ok(std::borrow::Cow::Borrowed(&self.moments[index]))
+    }
+    fn heldout(&self, index: usize) -> Result<Option<std::borrow::Cow<'_, Moments>>> {
+        Ok(self.heldout.as_ref().map(|h| std::borrow::Cow::Borrowed(&h[index])))
+    }
+}
+
+impl MomentsSource for StatsFile {
+    fn fingerprint(&self) -> &str {
+        &self.header.fingerprint
+    }
+    fn hidden_size(&self) -> usize {
+        self.header.hidden_size
+    }
+    fn layers(&self) -> &[LayerTensors] {
+        &self.header.layers
+    }
+    fn data(&self) -> &[DataSummary] {
+        &self.header.data
+    }
+    fn tokens(&self) -> u64 {
+        self.tokens
+    }
+    fn moments(&self, index: usize) -> Result<std::borrow::Cow<'_, Moments>> {
+        Ok(std::borrow::Cow::Owned(self.header.moments(&self.map, index, false)?))
+    }
+    fn heldout(&self, index: usize) -> Result<Option<std::borrow::Cow<'_, Moments>>> {
+        if !self.header.has_heldout {
+            return Ok(None);
+        }
+        Ok(Some(std::borrow::Cow::Owned(self.header.moments(&self.map, index, true)?)))
     }
 }
 

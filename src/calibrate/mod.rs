@@ -17,7 +17,7 @@ use crate::data::DataSpec;
 use crate::engine::{Engine, ExecutionProvider, select};
 use crate::onnx::proto::tensor_proto;
 use crate::onnx::{Interface, Model, Patch, Tensor};
-use crate::stats::{DataSummary, LayerTensors, Moments, Stats};
+use crate::stats::{DataSummary, LayerTensors, Moments, MomentsSource, Stats};
 
 /// Calibration tokens per hidden dimension below which the fitted maps overfit noticeably: on
 /// SmolLM2-135M (d = 576), 2,048 tokens (3.6 per dimension) give +0.5% perplexity at k = 4 on the
@@ -373,23 +373,23 @@ pub fn fingerprint(model: &Model, blocks: &Blocks) -> String {
 
 /// Fails unless `stats` (read from `stats_path`) were measured on `model`, every layer of it.
 pub fn check_fingerprint(
-    stats: &Stats,
+    stats: &dyn MomentsSource,
     stats_path: &std::path::Path,
     model: &Model,
     blocks: &Blocks,
 ) -> Result<()> {
     let expected = fingerprint(model, blocks);
     ensure!(
-        expected == stats.fingerprint,
+        expected == stats.fingerprint(),
         "{} was measured on another model (fingerprint {}, {} has {expected})",
         stats_path.display(),
-        stats.fingerprint,
+        stats.fingerprint(),
         model.path.display()
     );
     // The fingerprint covers the model; the layer list is the file's own.
     let want = layer_tensors(blocks);
-    if stats.layers != want {
-        let have: Vec<usize> = stats.layers.iter().map(|l| l.layer).collect();
+    if stats.layers() != want {
+        let have: Vec<usize> = stats.layers().iter().map(|l| l.layer).collect();
         let need: Vec<usize> = want.iter().map(|l| l.layer).collect();
         bail!(
             "{} holds statistics of layers {have:?}, not of exactly the model's layers {need:?} and their tensors",
@@ -397,10 +397,10 @@ pub fn check_fingerprint(
         );
     }
     ensure!(
-        stats.hidden_size == blocks.hidden_size,
+        stats.hidden_size() == blocks.hidden_size,
         "{} has hidden size {}, the model {}",
         stats_path.display(),
-        stats.hidden_size,
+        stats.hidden_size(),
         blocks.hidden_size
     );
     Ok(())
