@@ -15,7 +15,7 @@ analyses = {export: json.loads((work / f"analysis-{export}.json").read_text()) f
 
 
 def tokens_per_s(log):
-    return float(re.search(r"\(([\d.]+) tokens/s\)", (work / log).read_text()).group(1))
+    return float(re.search(r"\(([\d.]+) tokens/s", (work / log).read_text()).group(1))
 
 
 calibration_tps = tokens_per_s("calibrate.log")
