@@ -99,8 +99,7 @@ fn one_run(
     let start = Instant::now();
     let mut next = last_argmax(&logits[0])?;
     for length in prompt.ncols()..prompt.ncols() + new_tokens {
-        let (inputs, _) = interface.split_cache(interface.decode(next, Vec::new(), length)?);
-        next = last_argmax(&session.step(&inputs)?[0])?;
+        next = last_argmax(&session.step(&interface.decode_inputs(next, length))?[0])?;
     }
     Ok((prefill, start.elapsed().as_secs_f64()))
 }

@@ -284,7 +284,8 @@ impl Stats {
     /// tensor: see [`Stats::load`].
     pub fn from_bytes(map: &[u8], path: &Path) -> Result<Stats> {
         let header = Header::parse(map, path)?;
-        let read = |i: usize, heldout: bool| header.moments(map, i, heldout);
+        let st = header.tensors(map)?;
+        let read = |i: usize, heldout: bool| header.moments(&st, i, heldout);
         let moments = (0..header.layers.len()).map(|i| read(i, false)).collect::<Result<Vec<_>>>()?;
         let heldout = if header.has_heldout {
             Some((0..header.layers.len()).map(|i| read(i, true)).collect::<Result<Vec<_>>>()?)
@@ -447,12 +448,16 @@ impl Header {
         })
     }
 
+    /// The file's tensors, indexed (the header parsed again: a [`SafeTensors`] borrows the bytes).
+    fn tensors<'m>(&self, map: &'m [u8]) -> Result<SafeTensors<'m>> {
+        SafeTensors::deserialize(map)
+            .map_err(|e| anyhow::anyhow!("{} is not an nbl-onnx statistics file: {e}", self.path.display()))
+    }
+
     /// The moments of the `index`-th layer (or its held-out moments), every tensor checked: f64,
     /// of the shape the format gives it, every value finite.
-    fn moments(&self, map: &[u8], index: usize, heldout: bool) -> Result<Moments> {
+    fn moments(&self, st: &SafeTensors<'_>, index: usize, heldout: bool) -> Result<Moments> {
         let path = self.path.display();
-        let st = SafeTensors::deserialize(map)
-            .map_err(|e| anyhow::anyhow!("{path} is not an nbl-onnx statistics file: {e}"))?;
         let info = &self.layers[index];
         let prefix = format!("layers.{}.{}", info.layer, if heldout { "heldout." } else { "" });
         let d = self.hidden_size;
@@ -532,7 +537,7 @@ impl StatsFile {
         let map =
             unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
         let header = Header::parse(&map, path)?;
-        let tokens = header.moments(&map, 0, false)?.count;
+        let tokens = header.moments(&header.tensors(&map)?, 0, false)?.count;
         Ok(StatsFile { map, header, tokens })
     }
 
@@ -596,13 +601,17 @@ impl MomentsSource for StatsFile {
         self.tokens
     }
     fn moments(&self, index: usize) -> Result<std::borrow::Cow<'_, Moments>> {
-        Ok(std::borrow::Cow::Owned(self.header.moments(&self.map, index, false)?))
+        Ok(std::borrow::Cow::Owned(self.header.moments(&self.header.tensors(&self.map)?, index, false)?))
     }
     fn heldout(&self, index: usize) -> Result<Option<std::borrow::Cow<'_, Moments>>> {
         if !self.header.has_heldout {
             return Ok(None);
         }
-        Ok(Some(std::borrow::Cow::Owned(self.header.moments(&self.map, index, true)?)))
+        Ok(Some(std::borrow::Cow::Owned(self.header.moments(
+            &self.header.tensors(&self.map)?,
+            index,
+            true,
+        )?)))
     }
 }
 

@@ -226,7 +226,7 @@ fn stateful_decoding_matches_decoding_through_the_host_on_every_fixture() {
                 assert!(diff <= 1e-6 * scale.max(1.0), "{name} on {on}, {length} tokens: {diff}");
                 let next = 1 + length as i64;
                 let past = present_as_past(&names, outputs);
-                let (step, _) = interface.split_cache(interface.decode(next, Vec::new(), length).unwrap());
+                let step = interface.decode_inputs(next, length);
                 outputs = match plain.run(&interface.decode(next, past, length).unwrap()) {
                     Ok(outputs) => outputs,
                     // The GenAI builder's fp16 CPU graph (a combination it lists as unsupported)

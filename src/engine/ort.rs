@@ -322,6 +322,23 @@ impl Session for OrtRunner {
     }
 }
 
+/// `$f(array)` for the array of whichever element type `$tensor` holds.
+macro_rules! each_array {
+    ($tensor:expr, $f:ident) => {
+        match $tensor {
+            Tensor::F32(a) => $f(a),
+            Tensor::F16(a) => $f(a),
+            Tensor::BF16(a) => $f(a),
+            Tensor::F64(a) => $f(a),
+            Tensor::I64(a) => $f(a),
+            Tensor::I32(a) => $f(a),
+            Tensor::I8(a) => $f(a),
+            Tensor::U8(a) => $f(a),
+            Tensor::Bool(a) => $f(a),
+        }
+    };
+}
+
 /// An input for ONNX Runtime: a view of the array's memory when it is contiguous (the KV cache is
 /// tens of megabytes at long contexts), a copy otherwise.
 fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>> {
@@ -335,17 +352,7 @@ fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>> {
             OrtTensor::from_array(a.as_standard_layout().into_owned()).map_err(err)?.into()
         })
     }
-    match tensor {
-        Tensor::F32(a) => value(a),
-        Tensor::F16(a) => value(a),
-        Tensor::BF16(a) => value(a),
-        Tensor::F64(a) => value(a),
-        Tensor::I64(a) => value(a),
-        Tensor::I32(a) => value(a),
-        Tensor::I8(a) => value(a),
-        Tensor::U8(a) => value(a),
-        Tensor::Bool(a) => value(a),
-    }
+    each_array!(tensor, value)
 }
 
 /// An input ONNX Runtime owns (a copy), for I/O binding, which keeps inputs alive across runs.
@@ -355,17 +362,7 @@ fn owned_value(tensor: &Tensor) -> Result<DynValue> {
     ) -> Result<DynValue> {
         Ok(OrtTensor::from_array(a.as_standard_layout().into_owned()).map_err(|e| anyhow!("{e}"))?.into_dyn())
     }
-    match tensor {
-        Tensor::F32(a) => value(a),
-        Tensor::F16(a) => value(a),
-        Tensor::BF16(a) => value(a),
-        Tensor::F64(a) => value(a),
-        Tensor::I64(a) => value(a),
-        Tensor::I32(a) => value(a),
-        Tensor::I8(a) => value(a),
-        Tensor::U8(a) => value(a),
-        Tensor::Bool(a) => value(a),
-    }
+    each_array!(tensor, value)
 }
 
 fn from_ort(value: &DynValue) -> Result<Tensor> {

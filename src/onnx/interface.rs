@@ -178,37 +178,50 @@ impl Interface {
         mut past: Vec<(String, Tensor)>,
         past_len: usize,
     ) -> Result<Vec<(String, Tensor)>> {
-        let mut inputs = self.prefill(&Array2::from_elem((1, 1), next))?;
-        for ((name, tensor), input) in inputs.iter_mut().zip(&self.inputs) {
-            match &input.role {
-                Role::AttentionMask => {
-                    *tensor = integer(input.dtype, Array2::<i64>::ones((1, past_len + 1)).into_dyn())
+        let mut others = self.decode_inputs(next, past_len).into_iter();
+        self.inputs
+            .iter()
+            .map(|input| {
+                let Role::Cache(axes) = &input.role else {
+                    return Ok(others.next().expect("one tensor per input that is not the cache"));
+                };
+                let name = &input.name;
+                let i = past
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .with_context(|| format!("the previous step returned no {name:?}"))?;
+                let cache = past.swap_remove(i).1;
+                if self.static_cache.is_some() {
+                    let at = axes.iter().position(|a| matches!(a, CacheAxis::Past)).unwrap_or(2);
+                    let capacity = cache.shape().get(at).copied().unwrap_or(0);
+                    anyhow::ensure!(
+                        past_len < capacity,
+                        "the static KV cache of {name:?} holds {capacity} tokens; decoding token {} needs more",
+                        past_len + 1
+                    );
                 }
-                Role::PositionIds | Role::CachePosition => {
-                    *tensor = integer(input.dtype, ArrayD::from_elem(tensor.shape(), past_len as i64))
-                }
-                Role::Cache(_) if past.is_empty() => {} // a stateful session holds it
-                Role::Cache(axes) => {
-                    let i = past
-                        .iter()
-                        .position(|(n, _)| n == name)
-                        .with_context(|| format!("the previous step returned no {name:?}"))?;
-                    let cache = past.swap_remove(i).1;
-                    if self.static_cache.is_some() {
-                        let at = axes.iter().position(|a| matches!(a, CacheAxis::Past)).unwrap_or(2);
-                        let capacity = cache.shape().get(at).copied().unwrap_or(0);
-                        anyhow::ensure!(
-                            past_len < capacity,
-                            "the static KV cache of {name:?} holds {capacity} tokens; decoding token {} needs more",
-                            past_len + 1
-                        );
-                    }
-                    *tensor = cache;
-                }
-                Role::Ids => {}
-            }
-        }
-        Ok(inputs)
+                Ok((name.clone(), cache))
+            })
+            .collect()
+    }
+
+    /// The inputs of one decode step but the KV cache (which a stateful session holds): token
+    /// `next` at position `past_len`, in declaration order.
+    pub fn decode_inputs(&self, next: i64, past_len: usize) -> Vec<(String, Tensor)> {
+        let position = past_len as i64;
+        self.inputs
+            .iter()
+            .filter_map(|input| {
+                let values = match input.role {
+                    Role::Ids => ArrayD::from_elem(vec![1, 1], next),
+                    Role::AttentionMask => Array2::<i64>::ones((1, past_len + 1)).into_dyn(),
+                    Role::PositionIds => ArrayD::from_elem(vec![1, 1], position),
+                    Role::CachePosition => ArrayD::from_elem(vec![1], position),
+                    Role::Cache(_) => return None,
+                };
+                Some((input.name.clone(), integer(input.dtype, values)))
+            })
+            .collect()
     }
 }
 
