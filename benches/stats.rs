@@ -87,7 +87,7 @@ fn solve(d: usize) -> serde_json::Value {
     m.syy = &w * &sxx * w.transpose() + Mat::from_fn(d, d, |i, j| if i == j { n1 } else { 0.0 });
     m.sxx = sxx;
     let t = Instant::now();
-    let fit = fit_layer(0, &m, 1e-6, false).unwrap();
+    let fit = fit_layer(0, m.clone(), 1e-6, false).unwrap();
     let seconds = t.elapsed().as_secs_f64();
     println!("d={d}: bound + LMMSE in {seconds:.2} s (bound {:.2})", fit.bound);
     json!({"d": d, "bound_and_lmmse_s": seconds, "bound": fit.bound})

@@ -47,8 +47,8 @@ pub fn analyze(
         .map(|i| {
             let layer = stats.layers()[i].layer;
             let context = |e: anyhow::Error| anyhow::anyhow!("layer {layer}: {e:#}");
-            let moments = stats.moments(i)?;
-            let mut fit = fit_layer(layer, &moments, lambda, spectrum).map_err(context)?;
+            let moments = stats.moments(i)?.into_owned();
+            let mut fit = fit_layer(layer, moments, lambda, spectrum).map_err(context)?;
             if let Some(heldout) = stats.heldout(i)? {
                 fit.heldout_residual = Some(fit.heldout_residual_on(&heldout));
             }

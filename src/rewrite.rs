@@ -44,8 +44,13 @@ pub enum KvCache {
 /// One layer to replace, with its linear map when the replacement is linear.
 pub struct LayerEdit<'a> {
     pub block: &'a AttentionBlock,
-    /// `W` (`d×d`) and `b`: `y = W x + b`.
-    pub map: Option<(&'a Mat<f64>, &'a [f64])>,
+    pub map: Option<LinearMap>,
+}
+
+/// `y = W x + b` (`W` is `d×d`), with what GPTQ weighs `W`'s rounding errors by.
+pub struct LinearMap {
+    pub w: Mat<f64>,
+    pub b: Vec<f64>,
     /// `E[x xᵀ]` of the layer's input, for GPTQ.
     pub second_moment: Option<Mat<f64>>,
 }
@@ -172,30 +177,23 @@ pub fn rewrite_selected(
     kv: KvCache,
     storage: MapStorage,
 ) -> Result<RewriteSummary> {
-    // The chosen layers' maps, fitted again from their moments (the analysis keeps no map), one
-    // layer's moments at a time.
+    // The chosen layers' maps, fitted again from their moments (the analysis keeps no map) as the
+    // rewrite reaches each layer: one layer's moments and map are held at a time, then only the
+    // map's encoding in the model's format.
     let gptq = matches!(storage, MapStorage::Blocks { quantizer: Quantizer::Gptq, .. });
-    let mut maps = Vec::new();
-    for &l in &analysis.selected {
+    let edits = analysis.selected.iter().map(|&l| {
+        let block = blocks.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
         let i = stats
             .layers()
             .iter()
             .position(|t| t.layer == l)
             .with_context(|| format!("no statistics of layer {l}"))?;
-        let moments = stats.moments(i)?;
-        let fit = crate::nbl::fit_layer(l, &moments, analysis.lambda, false)?;
+        let moments = stats.moments(i)?.into_owned();
         // GPTQ weighs each input by the layer's E[x xᵀ].
-        maps.push((fit.w, fit.b, gptq.then(|| moments.second_moment_x())));
-    }
-    let edits = analysis
-        .selected
-        .iter()
-        .zip(&mut maps)
-        .map(|(&l, (w, b, second_moment))| {
-            let block = blocks.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
-            Ok(LayerEdit { block, map: Some((&*w, b.as_slice())), second_moment: second_moment.take() })
-        })
-        .collect::<Result<Vec<_>>>()?;
+        let second_moment = gptq.then(|| moments.second_moment_x());
+        let fit = crate::nbl::fit_layer(l, moments, analysis.lambda, false)?;
+        Ok(LayerEdit { block, map: Some(LinearMap { w: fit.w, b: fit.b, second_moment }) })
+    });
     let layer_list = analysis.selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
     let lowercase = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
     let provenance = [
@@ -207,7 +205,7 @@ pub fn rewrite_selected(
         ("nbl.weight_format", serde_json::to_string(&storage)?),
         ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data()}).to_string()),
     ];
-    rewrite_as(model, blocks, &edits, replace, kv, storage, &provenance)
+    rewrite_as(model, blocks, edits, replace, kv, storage, &provenance)
 }
 
 /// Rewrites `model` in memory: the chosen layers' attention replaced, dead nodes and initializers
@@ -215,20 +213,21 @@ pub fn rewrite_selected(
 pub fn rewrite(
     model: &mut Model,
     blocks: &Blocks,
-    edits: &[LayerEdit<'_>],
+    edits: Vec<LayerEdit<'_>>,
     replace: Replacement,
     kv: KvCache,
     provenance: &[(&str, String)],
 ) -> Result<RewriteSummary> {
     let storage = MapStorage::Float(blocks.dtype.unwrap_or(DType::F32));
-    rewrite_as(model, blocks, edits, replace, kv, storage, provenance)
+    rewrite_as(model, blocks, edits.into_iter().map(Ok), replace, kv, storage, provenance)
 }
 
-/// As [`rewrite`], with the maps stored as `storage` says.
-pub fn rewrite_as(
+/// As [`rewrite`], with the maps stored as `storage` says. The edits are taken one at a time, and
+/// each map is encoded and dropped before the next is asked for.
+pub fn rewrite_as<'b>(
     model: &mut Model,
-    blocks: &Blocks,
-    edits: &[LayerEdit<'_>],
+    blocks: &'b Blocks,
+    edits: impl IntoIterator<Item = Result<LayerEdit<'b>>>,
     replace: Replacement,
     kv: KvCache,
     storage: MapStorage,
@@ -239,19 +238,20 @@ pub fn rewrite_as(
         Some(other) => bail!("cannot write the linear maps in the stream's element type {other}"),
         None => bail!("cannot tell the stream's element type, so the linear maps cannot be written in it"),
     };
-    let mut chosen = HashSet::new();
-    for edit in edits {
-        ensure!(chosen.insert(edit.block.layer), "layer {} is chosen twice", edit.block.layer);
-    }
     let hidden_size = Some(blocks.hidden_size);
     let kv_before = Interface::of(model, hidden_size).ok().map(|i| i.kv_bytes_per_token());
     let before = Footprint::of(model.graph(), |_| true)?;
     let nodes_before = model.graph().node.len();
 
     let mut patch = Patch::new(model.graph())?;
+    let mut chosen = HashSet::new();
+    let mut edited = Vec::new();
     for edit in edits {
+        let edit = edit?;
+        ensure!(chosen.insert(edit.block.layer), "layer {} is chosen twice", edit.block.layer);
+        edited.push(edit.block);
         match (replace, edit.map) {
-            (Replacement::Linear, Some((w, b))) => {
+            (Replacement::Linear, Some(LinearMap { w, b, second_moment })) => {
                 let d = w.nrows();
                 let n = edit.block.layer;
                 // The bias stays in the stream's float type whatever W's format.
@@ -268,7 +268,7 @@ pub fn rewrite_as(
                         patch.replace_with_affine(edit.block, weight, bias)?;
                     }
                     MapStorage::Blocks { bits, block_size, accuracy_level, quantizer } => {
-                        let q = quantize(w, bits, block_size, quantizer, edit.second_moment.as_ref())
+                        let q = quantize(w, bits, block_size, quantizer, second_moment)
                             .with_context(|| format!("layer {n}: quantising W to {bits} bits"))?;
                         patch.replace_with_blocks(edit.block, &q, accuracy_level, dtype, bias)?;
                     }
@@ -282,8 +282,8 @@ pub fn rewrite_as(
     let mut removed_outputs = Vec::new();
     if kv == KvCache::Drop {
         let kept = blocks.layers.iter().find(|l| !chosen.contains(&l.layer) && !l.kv_inputs.is_empty());
-        for edit in edits {
-            for (i, name) in edit.block.kv_inputs.iter().enumerate() {
+        for block in &edited {
+            for (i, name) in block.kv_inputs.iter().enumerate() {
                 // Readers outside the block (the past length read off layer 0's cache) read the
                 // same tensor of a kept layer; with no layer kept, nothing may still need it.
                 if let Some(other) = kept.and_then(|k| k.kv_inputs.get(i)) {
@@ -292,7 +292,7 @@ pub fn rewrite_as(
                 patch.remove_input(name)?;
                 removed_inputs.push(name.clone());
             }
-            for name in &edit.block.kv_outputs {
+            for name in &block.kv_outputs {
                 patch.remove_output(name)?;
                 removed_outputs.push(name.clone());
             }
@@ -307,10 +307,9 @@ pub fn rewrite_as(
     }
 
     let graph = model.graph();
-    let new_names: HashSet<String> = edits
+    let new_names: HashSet<String> = chosen
         .iter()
-        .flat_map(|e| {
-            let n = e.block.layer;
+        .flat_map(|&n| {
             [
                 format!("nbl.layers.{n}.weight"),
                 format!("nbl.layers.{n}.weight_scales"),

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
+use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
@@ -284,8 +285,7 @@ impl Stats {
     /// tensor: see [`Stats::load`].
     pub fn from_bytes(map: &[u8], path: &Path) -> Result<Stats> {
         let header = Header::parse(map, path)?;
-        let st = header.tensors(map)?;
-        let read = |i: usize, heldout: bool| header.moments(&st, i, heldout);
+        let read = |i: usize, heldout: bool| header.moments(&map, i, heldout);
         let moments = (0..header.layers.len()).map(|i| read(i, false)).collect::<Result<Vec<_>>>()?;
         let heldout = if header.has_heldout {
             Some((0..header.layers.len()).map(|i| read(i, true)).collect::<Result<Vec<_>>>()?)
@@ -395,15 +395,68 @@ struct Header {
     layers: Vec<LayerTensors>,
     data: Vec<DataSummary>,
     has_heldout: bool,
+    /// Each tensor's element type, shape and bytes in the file (from its start).
+    tensors: HashMap<String, TensorInfo>,
 }
+
+/// Where a statistics file's bytes are read from: the file in memory, or the file itself read
+/// where needed (what is held then stays one tensor's decoded values, not the file's pages).
+trait ReadAt {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ReadAt for &[u8] {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).ok().filter(|&s| s.saturating_add(buf.len()) <= self.len());
+        let start = start.ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(&self[start..start + buf.len()]);
+        Ok(())
+    }
+}
+
+impl ReadAt for std::fs::File {
+    #[cfg(unix)]
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+    #[cfg(windows)]
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            match std::os::windows::fs::FileExt::seek_read(self, buf, offset)? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Values are decoded this many bytes at a time.
+const READ_CHUNK: usize = 1 << 20;
 
 impl Header {
     fn parse(map: &[u8], path: &Path) -> Result<Header> {
         let not_stats = |e: &dyn std::fmt::Display| {
             anyhow::anyhow!("{} is not an nbl-onnx statistics file: {e}", path.display())
         };
-        let (_, header) = SafeTensors::read_metadata(map).map_err(|e| not_stats(&e))?;
-        let st = SafeTensors::deserialize(map).map_err(|e| not_stats(&e))?;
+        let (header_len, header) = SafeTensors::read_metadata(map).map_err(|e| not_stats(&e))?;
+        let data_start = (8 + header_len) as u64;
+        let tensors: HashMap<String, TensorInfo> = header
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let (start, end) = info.data_offsets;
+                let info = TensorInfo {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    data_offsets: (start + data_start as usize, end + data_start as usize),
+                };
+                (name, info)
+            })
+            .collect();
         let meta = header.metadata().clone().unwrap_or_default();
         let field =
             |k: &str| meta.get(k).cloned().ok_or_else(|| not_stats(&format!("no {k:?} in its metadata")));
@@ -436,7 +489,7 @@ impl Header {
         ensure!(numbers.len() == layers.len(), "{}: a layer is listed twice", path.display());
         let data: Vec<DataSummary> = serde_json::from_str(&field("data")?).map_err(|e| not_stats(&e))?;
         // Held-out moments are there for every layer or for none.
-        let has_heldout = st.tensor(&format!("layers.{}.heldout.count", layers[0].layer)).is_ok();
+        let has_heldout = tensors.contains_key(&format!("layers.{}.heldout.count", layers[0].layer));
         Ok(Header {
             path: path.to_path_buf(),
             version,
@@ -445,86 +498,146 @@ impl Header {
             layers,
             data,
             has_heldout,
+            tensors,
         })
     }
 
-    /// The file's tensors, indexed (the header parsed again: a [`SafeTensors`] borrows the bytes).
-    fn tensors<'m>(&self, map: &'m [u8]) -> Result<SafeTensors<'m>> {
-        SafeTensors::deserialize(map)
-            .map_err(|e| anyhow::anyhow!("{} is not an nbl-onnx statistics file: {e}", self.path.display()))
+    /// The `key` tensor's values, checked (f64, of `shape`, every value finite) and given to
+    /// `sink` in order, a chunk at a time.
+    fn read(
+        &self,
+        bytes: &dyn ReadAt,
+        key: &str,
+        shape: &[usize],
+        mut sink: impl FnMut(usize, f64),
+    ) -> Result<()> {
+        let path = self.path.display();
+        let info = self
+            .tensors
+            .get(key)
+            .with_context(|| format!("{path} is not an nbl-onnx statistics file: tensor {key} is missing"))?;
+        ensure!(info.dtype == Dtype::F64, "{path}: tensor {key} is not f64");
+        ensure!(info.shape == shape, "{path}: tensor {key} has shape {:?}, expected {shape:?}", info.shape);
+        // The safetensors header was validated: offsets match the shape and lie in the file.
+        let (start, end) = info.data_offsets;
+        let mut buf = vec![0u8; (end - start).min(READ_CHUNK)];
+        let mut at = 0;
+        while start + 8 * at < end {
+            let len = buf.len().min(end - start - 8 * at);
+            let chunk = &mut buf[..len];
+            bytes
+                .read_at(chunk, (start + 8 * at) as u64)
+                .with_context(|| format!("reading {key} from {path}"))?;
+            for c in chunk.chunks_exact(8) {
+                let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+                if !v.is_finite() {
+                    bail!("{path}: tensor {key} holds {v}");
+                }
+                sink(at, v);
+                at += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The token count of the `index`-th layer (the same for every layer).
+    fn count(&self, bytes: &dyn ReadAt, index: usize, heldout: bool) -> Result<u64> {
+        let info = &self.layers[index];
+        let key = format!("layers.{}.{}count", info.layer, if heldout { "heldout." } else { "" });
+        let mut count = 0.0;
+        self.read(bytes, &key, &[1], |_, v| count = v)?;
+        ensure!(
+            count >= 1.0 && count.fract() == 0.0 && count <= (1u64 << 53) as f64,
+            "{}: layer {} has a token count of {count}, not a positive integer",
+            self.path.display(),
+            info.layer
+        );
+        Ok(count as u64)
     }
 
     /// The moments of the `index`-th layer (or its held-out moments), every tensor checked: f64,
-    /// of the shape the format gives it, every value finite.
-    fn moments(&self, st: &SafeTensors<'_>, index: usize, heldout: bool) -> Result<Moments> {
-        let path = self.path.display();
+    /// of the shape the format gives it, every value finite. Values go straight into the
+    /// matrices: what is held is the moments and one chunk of bytes.
+    fn moments(&self, bytes: &dyn ReadAt, index: usize, heldout: bool) -> Result<Moments> {
         let info = &self.layers[index];
         let prefix = format!("layers.{}.{}", info.layer, if heldout { "heldout." } else { "" });
         let d = self.hidden_size;
-        let read = |name: &str, shape: &[usize]| -> Result<Vec<f64>> {
-            let key = format!("{prefix}{name}");
-            let view = st.tensor(&key).map_err(|_| {
-                anyhow::anyhow!("{path} is not an nbl-onnx statistics file: tensor {key} is missing")
-            })?;
-            ensure!(view.dtype() == Dtype::F64, "{path}: tensor {key} is not f64");
-            ensure!(
-                view.shape() == shape,
-                "{path}: tensor {key} has shape {:?}, expected {shape:?}",
-                view.shape()
-            );
-            let values: Vec<f64> = view
-                .data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect();
-            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-                bail!("{path}: tensor {key} holds {bad}");
-            }
-            Ok(values)
+        let vector = |name: &str| -> Result<Vec<f64>> {
+            let mut v = vec![0.0; d];
+            self.read(bytes, &format!("{prefix}{name}"), &[d], |i, x| v[i] = x)?;
+            Ok(v)
         };
+        // Row-major in the file: read into the transpose's columns, then transposed in tiles.
         let matrix = |name: &str| -> Result<Mat<f64>> {
-            let v = read(name, &[d, d])?;
-            Ok(Mat::from_fn(d, d, |i, j| v[i * d + j]))
+            let mut t = Mat::<f64>::zeros(d, d);
+            self.read(bytes, &format!("{prefix}{name}"), &[d, d], |i, x| t[(i % d, i / d)] = x)?;
+            Ok(transposed(t.as_ref()))
         };
-        // Version 1: full matrices; version 2: upper triangles, row by row.
+        // Version 1: full matrices; version 2: upper triangles, row by row, read into the lower
+        // triangle's columns and mirrored.
         let symmetric = |name: &str| -> Result<Mat<f64>> {
             if self.version == "1" {
                 return matrix(name);
             }
-            let v = read(name, &[d * (d + 1) / 2])?;
-            let mut m = Mat::zeros(d, d);
-            let mut at = 0;
-            for i in 0..d {
-                for j in i..d {
-                    m[(i, j)] = v[at];
-                    m[(j, i)] = v[at];
-                    at += 1;
+            let mut m = Mat::<f64>::zeros(d, d);
+            let (mut row, mut col) = (0, 0);
+            self.read(bytes, &format!("{prefix}{name}"), &[d * (d + 1) / 2], |_, x| {
+                m[(col, row)] = x;
+                col += 1;
+                if col == d {
+                    row += 1;
+                    col = row;
                 }
-            }
+            })?;
+            for_each_tiled(d, d, |i, j| {
+                if i < j {
+                    m[(i, j)] = m[(j, i)];
+                }
+            });
             Ok(m)
         };
-        let count = read("count", &[1])?[0];
-        ensure!(
-            count >= 1.0 && count.fract() == 0.0 && count <= (1u64 << 53) as f64,
-            "{path}: layer {} has a token count of {count}, not a positive integer",
-            info.layer
-        );
+        let mut cos_sum = 0.0;
+        self.read(bytes, &format!("{prefix}cos_sum"), &[1], |_, v| cos_sum = v)?;
         Ok(Moments {
-            count: count as u64,
-            mean_x: read("mean_x", &[d])?,
-            mean_y: read("mean_y", &[d])?,
+            count: self.count(bytes, index, heldout)?,
+            mean_x: vector("mean_x")?,
+            mean_y: vector("mean_y")?,
             sxx: symmetric("sxx")?,
             syx: matrix("syx")?,
             syy: symmetric("syy")?,
-            cos_sum: read("cos_sum", &[1])?[0],
+            cos_sum,
         })
     }
 }
 
-/// A statistics file read layer by layer: its header at once, each layer's moments from the
-/// memory map when asked for, so that what is held does not grow with the number of layers.
+/// Calls `f(i, j)` for every cell of an `rows×cols` matrix, in square tiles, so that a loop that
+/// reads a matrix and its transpose together touches few cache lines at a time (at d = 4096 a
+/// plain loop over a transpose is five times slower).
+pub(crate) fn for_each_tiled(rows: usize, cols: usize, mut f: impl FnMut(usize, usize)) {
+    const TILE: usize = 32;
+    for j0 in (0..cols).step_by(TILE) {
+        for i0 in (0..rows).step_by(TILE) {
+            for j in j0..(j0 + TILE).min(cols) {
+                for i in i0..(i0 + TILE).min(rows) {
+                    f(i, j);
+                }
+            }
+        }
+    }
+}
+
+/// `m` transposed, in a new column-major matrix.
+pub(crate) fn transposed(m: MatRef<'_, f64>) -> Mat<f64> {
+    let mut t = Mat::zeros(m.ncols(), m.nrows());
+    for_each_tiled(m.nrows(), m.ncols(), |i, j| t[(j, i)] = m[(i, j)]);
+    t
+}
+
+/// A statistics file read layer by layer: its header at once, each layer's moments read from the
+/// file when asked for, so that what is held does not grow with the number of layers (nor with
+/// the pages of a memory map).
 pub struct StatsFile {
-    map: memmap2::Mmap,
+    file: std::fs::File,
     header: Header,
     tokens: u64,
 }
@@ -533,17 +646,35 @@ impl StatsFile {
     pub fn open(path: &Path) -> Result<StatsFile> {
         let file = std::fs::File::open(path)
             .with_context(|| format!("cannot open statistics {}", path.display()))?;
-        // SAFETY: read-only map of a file we do not modify.
+        // The header is parsed from a map of the file, which touches only its first pages.
+        // SAFETY: read-only map of a file we do not modify, dropped before this returns.
         let map =
             unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
         let header = Header::parse(&map, path)?;
-        let tokens = header.moments(&header.tensors(&map)?, 0, false)?.count;
-        Ok(StatsFile { map, header, tokens })
+        drop(map);
+        let tokens = header.count(&file, 0, false)?;
+        Ok(StatsFile { file, header, tokens })
     }
 
     /// Every layer's moments, in memory.
     pub fn read_all(&self) -> Result<Stats> {
-        Stats::from_bytes(&self.map, &self.header.path)
+        let read = |i: usize, heldout: bool| self.header.moments(&self.file, i, heldout);
+        let layers = 0..self.header.layers.len();
+        let moments = layers.clone().map(|i| read(i, false)).collect::<Result<Vec<_>>>()?;
+        let heldout = if self.header.has_heldout {
+            Some(layers.map(|i| read(i, true)).collect::<Result<Vec<_>>>()?)
+        } else {
+            None
+        };
+        let h = &self.header;
+        Ok(Stats {
+            fingerprint: h.fingerprint.clone(),
+            hidden_size: h.hidden_size,
+            layers: h.layers.clone(),
+            moments,
+            heldout,
+            data: h.data.clone(),
+        })
     }
 }
 
@@ -601,17 +732,13 @@ impl MomentsSource for StatsFile {
         self.tokens
     }
     fn moments(&self, index: usize) -> Result<std::borrow::Cow<'_, Moments>> {
-        Ok(std::borrow::Cow::Owned(self.header.moments(&self.header.tensors(&self.map)?, index, false)?))
+        Ok(std::borrow::Cow::Owned(self.header.moments(&self.file, index, false)?))
     }
     fn heldout(&self, index: usize) -> Result<Option<std::borrow::Cow<'_, Moments>>> {
         if !self.header.has_heldout {
             return Ok(None);
         }
-        Ok(Some(std::borrow::Cow::Owned(self.header.moments(
-            &self.header.tensors(&self.map)?,
-            index,
-            true,
-        )?)))
+        Ok(Some(std::borrow::Cow::Owned(self.header.moments(&self.file, index, true)?)))
     }
 }
 

@@ -124,7 +124,7 @@ fn graph_and_host_moments(name: &str, engine: &dyn Engine) -> (Vec<Moments>, Vec
 
 fn bound_order(moments: &[Moments]) -> Vec<usize> {
     let fits: Vec<_> =
-        moments.iter().enumerate().map(|(l, m)| fit_layer(l, m, 1e-6, false).unwrap()).collect();
+        moments.iter().enumerate().map(|(l, m)| fit_layer(l, m.clone(), 1e-6, false).unwrap()).collect();
     ranking(&fits, Criterion::Cca)
 }
 

@@ -169,8 +169,8 @@ fn a_model_edited_in_memory_runs_alike_on_both_engines() {
     let original = Model::load(model_path(fixture)).unwrap();
     let blocks = find_blocks(&original).unwrap();
     let mut edited = Model::load(model_path(fixture)).unwrap();
-    let edits = [LayerEdit { block: &blocks.layers[1], map: None, second_moment: None }];
-    rewrite(&mut edited, &blocks, &edits, Replacement::Drop, KvCache::Drop, &[]).unwrap();
+    let edits = vec![LayerEdit { block: &blocks.layers[1], map: None }];
+    rewrite(&mut edited, &blocks, edits, Replacement::Drop, KvCache::Drop, &[]).unwrap();
 
     let reference = reference(fixture);
     let logits = |model: &Model, engine: &dyn nbl_onnx::engine::Engine| {

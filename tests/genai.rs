@@ -11,7 +11,7 @@ use std::process::Command;
 use common::*;
 use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::onnx::{Model, Tensor};
-use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, rewrite};
+use nbl_onnx::rewrite::{KvCache, LayerEdit, LinearMap, Replacement, rewrite};
 
 /// The Python that has onnxruntime-genai: `NBL_GENAI_PYTHON`, else the virtualenv that
 /// `scripts/setup-ort.sh --with-genai` (run by scripts/test.sh) installs it into.
@@ -95,10 +95,9 @@ fn rewritten_genai_models_generate_what_the_patched_pytorch_model_generates() {
         let b: Vec<f64> = reference["patched.bias"].to_f64().unwrap().iter().copied().collect();
         let edit = LayerEdit {
             block: blocks.layer(layer).unwrap(),
-            map: Some((&w, b.as_slice())),
-            second_moment: None,
+            map: Some(LinearMap { w, b, second_moment: None }),
         };
-        rewrite(&mut model, &blocks, &[edit], Replacement::Linear, KvCache::Drop, &[]).unwrap();
+        rewrite(&mut model, &blocks, vec![edit], Replacement::Linear, KvCache::Drop, &[]).unwrap();
         let patched = dir.path().join("patched");
         std::fs::create_dir(&patched).unwrap();
         let companion = nbl_onnx::genai::prepare(&model, &patched.join("model.onnx")).unwrap().unwrap();

@@ -4,7 +4,7 @@
 mod common;
 
 use common::Gaussian;
-use faer::linalg::solvers::SolveLstsq;
+use faer::linalg::solvers::{DenseSolveCore, Solve, SolveLstsq};
 use faer::{Mat, MatRef, Side};
 use nbl_onnx::nbl::{Criterion, fit_layer, ranking};
 use nbl_onnx::stats::Moments;
@@ -54,7 +54,7 @@ fn bound_equals_the_analytic_value_for_known_canonical_correlations() {
     let c_yx = &c_zx - &c_xx;
     let c_yy = &c_zz - &c_zx - c_zx.transpose() + &c_xx;
 
-    let fit = fit_layer(0, &exact_moments(&c_xx, &c_yx, &c_yy), 1e-12, true).unwrap();
+    let fit = fit_layer(0, exact_moments(&c_xx, &c_yx, &c_yy), 1e-12, true).unwrap();
     let analytic: f64 = rho.iter().map(|r| 1.0 - r * r).sum();
     // Only the 1e-12 ridge and f64 rounding separate them.
     assert!((fit.bound - analytic).abs() < 1e-6, "bound {} vs analytic {analytic}", fit.bound);
@@ -78,7 +78,7 @@ fn cholesky_bound_matches_the_svd_of_the_whitened_cross_covariance() {
     let y = &x * w0.transpose() + noise;
     let mut m = Moments::new(d);
     m.add_batch(&rows_f32(x.as_ref()), &rows_f32(y.as_ref()));
-    let fit = fit_layer(0, &m, 1e-12, false).unwrap();
+    let fit = fit_layer(0, m.clone(), 1e-12, false).unwrap();
 
     let (c_xx, c_yx, c_yy) = m.covariances();
     let c_zx = &c_yx + &c_xx;
@@ -115,7 +115,7 @@ fn lmmse_matches_a_direct_least_squares_fit() {
     for (xc, yc) in xf.chunks(d * 700).zip(yf.chunks(d * 700)) {
         m.add_batch(xc, yc);
     }
-    let fit = fit_layer(0, &m, 1e-14, false).unwrap();
+    let fit = fit_layer(0, m.clone(), 1e-14, false).unwrap();
 
     let design = Mat::from_fn(n, d + 1, |i, j| if j < d { x[(i, j)] } else { 1.0 });
     let coef = design.col_piv_qr().solve_lstsq(&y); // (d+1)×d: rows are W's columns, then b
@@ -142,7 +142,7 @@ fn lmmse_recovers_an_exact_affine_map() {
     let y = &x32 * w0.transpose() + Mat::from_fn(n, d, |_, j| j as f64);
     let mut m = Moments::new(d);
     m.add_batch(&xs, &rows_f32(y.as_ref()));
-    let fit = fit_layer(0, &m, 1e-14, false).unwrap();
+    let fit = fit_layer(0, m.clone(), 1e-14, false).unwrap();
     for i in 0..d {
         for j in 0..d {
             // y was rounded to f32: relative 6e-8 of |y| ~ 3 gives ~1e-6 in W.
@@ -166,11 +166,55 @@ fn rank_deficient_statistics_give_finite_flagged_results() {
     let to32 = |v: &[f64]| v.iter().map(|&e| e as f32).collect::<Vec<f32>>();
     let mut m = Moments::new(d);
     m.add_batch(&to32(&x), &to32(&y));
-    let fit = fit_layer(0, &m, 1e-6, true).unwrap();
+    let fit = fit_layer(0, m.clone(), 1e-6, true).unwrap();
     assert!(fit.rank_deficient);
     assert!(fit.bound.is_finite() && fit.fit_residual.is_finite() && fit.cosine.is_finite());
     assert!(fit.w.norm_l2().is_finite() && fit.b.iter().all(|b| b.is_finite()));
     assert!(fit.bound >= 0.0 && fit.bound <= d as f64);
+}
+
+/// With no ridge asked for, a dead input dimension makes the factorisation of `C_xx` fail, and the
+/// ridge is raised until it succeeds; each attempt must start again from the covariance, not from
+/// what the failed one left. The fit is then the textbook one at the ridges it reports:
+/// `W = C_yx (C_xx + ε_x I)⁻¹` by faer's own Cholesky solve, `Σρ² = ‖L_z⁻¹ C_zx L_x⁻ᵀ‖²`.
+#[test]
+fn a_raised_ridge_fits_the_statistics_not_a_failed_attempt() {
+    let (d, n) = (40, 400);
+    let mut g = Gaussian::new(21);
+    let mut x = g.matrix(n, d);
+    for t in 0..n {
+        x[t * d + 3] = 0.0;
+    }
+    let y = g.matrix(n, d);
+    let to32 = |v: &[f64]| v.iter().map(|&e| e as f32).collect::<Vec<f32>>();
+    let mut m = Moments::new(d);
+    m.add_batch(&to32(&x), &to32(&y));
+    let fit = fit_layer(0, m.clone(), 0.0, false).unwrap();
+    assert!(
+        fit.rank_deficient && fit.ridge_x > 0.0 && fit.ridge_z == 0.0,
+        "{:e} {:e}",
+        fit.ridge_x,
+        fit.ridge_z
+    );
+
+    let (c_xx, c_yx, c_yy) = m.covariances();
+    let ridged = |c: &Mat<f64>, r: f64| Mat::from_fn(d, d, |i, j| c[(i, j)] + if i == j { r } else { 0.0 });
+    let llt_x = ridged(&c_xx, fit.ridge_x).llt(Side::Lower).unwrap();
+    let w = llt_x.solve(c_yx.transpose()).transpose().to_owned();
+    let c_zz = &c_yy + &c_yx + c_yx.transpose() + &c_xx;
+    let l_z = c_zz.llt(Side::Lower).unwrap().L().to_owned();
+    let c_zx = &c_yx + &c_xx;
+    // L_x⁻ᵀ on the dead dimension is 1/√ε_x: its column of C_zx is exactly zero, so M's is too.
+    let mut l_x_t_inv = llt_x.L().transpose().to_owned().partial_piv_lu().inverse();
+    for i in 0..d {
+        l_x_t_inv[(i, 3)] = 0.0;
+        l_x_t_inv[(3, i)] = 0.0;
+    }
+    let m_cca = l_z.partial_piv_lu().solve(&c_zx) * &l_x_t_inv;
+    let bound = d as f64 - m_cca.norm_l2().powi(2);
+    let rel = (&fit.w - &w).norm_l2() / w.norm_l2();
+    assert!(rel < 1e-10, "W differs by {rel:e}");
+    assert!((fit.bound - bound).abs() < 1e-10 * d as f64, "bound {} vs {bound}", fit.bound);
 }
 
 #[test]
@@ -184,7 +228,7 @@ fn ranking_orders_by_bound_or_by_cosine() {
         let to32 = |v: &[f64]| v.iter().map(|&e| e as f32).collect::<Vec<f32>>();
         let mut m = Moments::new(d);
         m.add_batch(&to32(&x), &to32(&y));
-        fits.push(fit_layer(layer, &m, 1e-6, false).unwrap());
+        fits.push(fit_layer(layer, m.clone(), 1e-6, false).unwrap());
     }
     assert_eq!(ranking(&fits, Criterion::Cca), vec![1, 2, 0]);
     assert_eq!(ranking(&fits, Criterion::Cosine), vec![1, 2, 0]);
@@ -205,7 +249,7 @@ fn residual_measures_equal_their_closed_forms() {
     let mut m = exact_moments(&c_xx, &c_yx, &c_yy);
     m.mean_x = (0..d).map(|i| 0.1 * i as f64).collect();
     m.mean_y = (0..d).map(|i| 1.0 - 0.2 * i as f64).collect();
-    let fit = fit_layer(0, &m, 1e-12, false).unwrap();
+    let fit = fit_layer(0, m.clone(), 1e-12, false).unwrap();
 
     let trace = |m: &Mat<f64>| (0..d).map(|i| m[(i, i)]).sum::<f64>();
     let c_zz = &c_yy + &c_yx + c_yx.transpose() + &c_xx;
@@ -232,7 +276,7 @@ fn the_residual_criterion_sees_how_large_the_error_is_next_to_the_stream() {
     let layer = |c_xx: Mat<f64>, noise: f64| {
         let c_yx = &c_xx * 0.5;
         let c_yy = &c_xx * 0.25 + diag(&|_| noise);
-        fit_layer(0, &exact_moments(&c_xx, &c_yx, &c_yy), 1e-12, false).unwrap()
+        fit_layer(0, exact_moments(&c_xx, &c_yx, &c_yy), 1e-12, false).unwrap()
     };
     let mut massive = layer(diag(&|i| if i == 0 { 1000.0 } else { 1.0 }), 0.5);
     let plain = layer(diag(&|_| 1.0), 0.05);
@@ -275,7 +319,7 @@ fn heldout_residual_equals_the_error_measured_token_by_token() {
         m.add_batch(&rows_f32(x.as_ref()), &rows_f32(y.as_ref()));
         m
     };
-    let fit = fit_layer(0, &moments(&xf, &yf), 1e-9, false).unwrap();
+    let fit = fit_layer(0, moments(&xf, &yf), 1e-9, false).unwrap();
     let got = fit.heldout_residual_on(&moments(&xh, &yh));
     // The same from the f32-rounded tokens the moments saw.
     let round = |m: &Mat<f64>| Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f32 as f64);

@@ -57,7 +57,7 @@ fn linearised_layers_compute_x_w_plus_b_from_the_statistics() {
         let get = |n: &str| outputs[names.iter().position(|o| o == n).unwrap()].to_f64().unwrap();
         for l in [1usize, 2] {
             // W and b recomputed here from the statistics, y = x Wᵀ + b evaluated in f64.
-            let fit = fit_layer(l, &stats.moments[l], nbl_onnx::nbl::DEFAULT_LAMBDA, false).unwrap();
+            let fit = fit_layer(l, stats.moments[l].clone(), nbl_onnx::nbl::DEFAULT_LAMBDA, false).unwrap();
             let x = get(&blocks.layers[l].x);
             let y = get(&format!("nbl.layers.{l}.y"));
             let d = 64;
@@ -493,7 +493,7 @@ fn layer_ids_select_exactly_the_layers_named() {
 /// them. A wrong X, a wrong Y (an MLP replaced with the attention) or a wrong junction shows here.
 #[test]
 fn every_rewrite_computes_what_the_patched_pytorch_model_computes() {
-    use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, rewrite as rewrite_in_memory};
+    use nbl_onnx::rewrite::{KvCache, LayerEdit, LinearMap, Replacement, rewrite as rewrite_in_memory};
     for fixture in fixture_names() {
         let reference = reference(&fixture);
         let patched = |key: &str| {
@@ -508,10 +508,9 @@ fn every_rewrite_computes_what_the_patched_pytorch_model_computes() {
         let blocks = find_blocks(&model).unwrap();
         let edit = LayerEdit {
             block: blocks.layer(layer).unwrap(),
-            map: Some((&w, b.as_slice())),
-            second_moment: None,
+            map: Some(LinearMap { w, b, second_moment: None }),
         };
-        rewrite_in_memory(&mut model, &blocks, &[edit], Replacement::Linear, KvCache::Drop, &[]).unwrap();
+        rewrite_in_memory(&mut model, &blocks, vec![edit], Replacement::Linear, KvCache::Drop, &[]).unwrap();
         // As in the X/Y test: the builder's int4 graph computes in f32 against its f32 reference.
         for node in &mut model.graph_mut().node {
             for attr in node.attribute.iter_mut().filter(|a| a.name() == "accuracy_level") {
@@ -597,7 +596,7 @@ fn int4_maps_are_matmulnbits_of_w_rounded_block_by_block() {
         (f64::from(q(n, k)) - 8.0) * scales.as_slice().unwrap()[n * 2 + k / 32]
     });
     let stats = Stats::load(&ws.stats).unwrap();
-    let fit = fit_layer(1, &stats.moments[1], nbl_onnx::nbl::DEFAULT_LAMBDA, false).unwrap();
+    let fit = fit_layer(1, stats.moments[1].clone(), nbl_onnx::nbl::DEFAULT_LAMBDA, false).unwrap();
     for n in 0..64 {
         for k in 0..64 {
             let step = scales.as_slice().unwrap()[n * 2 + k / 32];
