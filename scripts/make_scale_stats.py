@@ -4,6 +4,7 @@ in nbl-onnx's format (version 2: packed upper triangles for sxx and syy), stream
 that it never needs the file's size in memory.
 
     make_scale_stats.py OUT --hidden 4096 --layers 32
+    make_scale_stats.py OUT --inspect model.inspect.json   # for that model: `nbl-onnx inspect --json`
 
 The moments are those of a layer whose input has covariance I + 0.1·J/d (J the all-ones matrix:
 every entry nonzero, so nothing is sparse) and output y = 0.5 x + noise; only their size and the
@@ -22,23 +23,32 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--inspect", help="`nbl-onnx inspect --json` of a model: its hidden size, layers and "
+                        "fingerprint, so that `rewrite` accepts the file for that model")
     args = parser.parse_args()
+    fingerprint = "synthetic"
+    layers = [{"layer": i, "x": f"x{i}", "y": f"y{i}"} for i in range(args.layers)]
+    if args.inspect:
+        with open(args.inspect) as f:
+            inspected = json.load(f)
+        fingerprint, args.hidden = inspected["fingerprint"], inspected["hidden_size"]
+        layers = [{"layer": l["layer"], "x": l["x"], "y": l["y"]} for l in inspected["layers"]]
+        args.layers = len(layers)
     d, n = args.hidden, 1_000_000
     packed = d * (d + 1) // 2
     shapes = {"count": [1], "mean_x": [d], "mean_y": [d], "sxx": [packed], "syx": [d, d], "syy": [packed],
               "cos_sum": [1]}
     names, offset, header = [], 0, {}
-    for layer in range(args.layers):
+    for layer in (l["layer"] for l in layers):
         for key, shape in shapes.items():
             name = f"layers.{layer}.{key}"
             size = 8 * int(np.prod(shape))
             header[name] = {"dtype": "F64", "shape": shape, "data_offsets": [offset, offset + size]}
             names.append((name, key))
             offset += size
-    layers = [{"layer": i, "x": f"x{i}", "y": f"y{i}"} for i in range(args.layers)]
     data = [{"files": ["synthetic"], "seq_len": 2048, "blocks": n // 2048, "shard": [0, 1], "engine": "none"}]
     header["__metadata__"] = {
-        "format": "nbl-onnx-stats", "version": "2", "model_fingerprint": "synthetic", "hidden_size": str(d),
+        "format": "nbl-onnx-stats", "version": "2", "model_fingerprint": fingerprint, "hidden_size": str(d),
         "tokens": str(n), "layers": json.dumps(layers), "data": json.dumps(data),
     }
     raw = json.dumps(header, separators=(",", ":")).encode()

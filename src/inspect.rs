@@ -18,6 +18,8 @@ pub struct Inspection {
     pub opset: i64,
     pub graph_nodes: usize,
     pub external_data: Vec<String>,
+    /// What statistics files are matched to the model by (its structure, not its weights).
+    pub fingerprint: String,
     #[serde(flatten)]
     pub blocks: Blocks,
     /// Present when the blocks were also computed on an engine (`inspect --run`).
@@ -76,6 +78,7 @@ pub fn inspect(model: &Model, blocks: Blocks) -> Inspection {
         opset: model.opset("").unwrap_or(0),
         graph_nodes: model.graph().node.len(),
         external_data: model.external_files(),
+        fingerprint: crate::calibrate::fingerprint(model, &blocks),
         blocks,
         run: None,
     }

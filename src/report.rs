@@ -4,10 +4,9 @@
 use std::fmt::Write;
 
 use anyhow::Result;
-use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::nbl::{Criterion, LayerFit, Selection, fit_layer, ranking, select};
+use crate::nbl::{Criterion, LayerFit, Selection, fit_layer, fit_measures, ranking, select};
 use crate::stats::MomentsSource;
 
 /// One layer of the analysis: its fit (the map itself is not serialised) and whether it was chosen.
@@ -31,9 +30,10 @@ pub struct Analysis {
     pub layers: Vec<LayerRow>,
 }
 
-/// Fits every layer (in parallel, each reading its moments when it starts: what is held grows with
-/// the threads, not the layers), ranks them by `criterion` and chooses by `selection`. The fits keep
-/// their measures, not their maps: a rewrite fits the chosen layers' maps again.
+/// Fits every layer, one after the other, each reading its moments when it starts (each fit is
+/// parallel within: one layer's working set is held at a time, four d×d f64 matrices, 512 MiB at
+/// d = 4096), ranks them by `criterion` and chooses by `selection`. The fits keep their measures,
+/// not their maps: a rewrite fits the chosen layers' maps again.
 pub fn analyze(
     stats: &dyn MomentsSource,
     criterion: Criterion,
@@ -42,19 +42,27 @@ pub fn analyze(
     spectrum: bool,
 ) -> Result<Analysis> {
     anyhow::ensure!(lambda >= 0.0 && lambda.is_finite(), "--lambda must be a finite number ≥ 0");
+    let progress = crate::progress::bar(
+        stats.layers().len() as u64,
+        "fitting {bar:40} {pos}/{len} layers  ETA {eta}",
+        "layers",
+    );
     let fits: Vec<LayerFit> = (0..stats.layers().len())
-        .into_par_iter()
         .map(|i| {
+            progress.inc(1);
             let layer = stats.layers()[i].layer;
             let context = |e: anyhow::Error| anyhow::anyhow!("layer {layer}: {e:#}");
             let moments = stats.moments(i)?.into_owned();
+            // The map itself is needed only to measure it on held-out moments.
+            let Some(heldout) = stats.heldout(i)? else {
+                return fit_measures(layer, moments, lambda, spectrum).map_err(context);
+            };
             let mut fit = fit_layer(layer, moments, lambda, spectrum).map_err(context)?;
-            if let Some(heldout) = stats.heldout(i)? {
-                fit.heldout_residual = Some(fit.heldout_residual_on(&heldout));
-            }
+            fit.heldout_residual = Some(fit.heldout_residual_on(&heldout));
             Ok(fit.without_map())
         })
         .collect::<Result<_>>()?;
+    progress.finish_and_clear();
     let order = ranking(&fits, criterion);
     let selected = select(&fits, criterion, selection)?;
     let layers =

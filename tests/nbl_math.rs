@@ -6,7 +6,7 @@ mod common;
 use common::Gaussian;
 use faer::linalg::solvers::{DenseSolveCore, Solve, SolveLstsq};
 use faer::{Mat, MatRef, Side};
-use nbl_onnx::nbl::{Criterion, fit_layer, ranking};
+use nbl_onnx::nbl::{Criterion, fit_layer, fit_measures, ranking};
 use nbl_onnx::stats::Moments;
 
 /// `a · b` for row-major slices viewed as faer matrices.
@@ -215,6 +215,20 @@ fn a_raised_ridge_fits_the_statistics_not_a_failed_attempt() {
     let rel = (&fit.w - &w).norm_l2() / w.norm_l2();
     assert!(rel < 1e-10, "W differs by {rel:e}");
     assert!((fit.bound - bound).abs() < 1e-10 * d as f64, "bound {} vs {bound}", fit.bound);
+}
+
+/// The analysis's fit without the map measures exactly what the full fit does.
+#[test]
+fn measures_without_the_map_are_those_of_the_full_fit() {
+    let d = 50;
+    let mut g = Gaussian::new(5);
+    let to32 = |v: &[f64]| v.iter().map(|&e| e as f32).collect::<Vec<f32>>();
+    let mut m = Moments::new(d);
+    m.add_batch(&to32(&g.matrix(300, d)), &to32(&g.matrix(300, d)));
+    let full = fit_layer(3, m.clone(), 1e-6, true).unwrap();
+    let measures = fit_measures(3, m, 1e-6, true).unwrap();
+    assert_eq!(serde_json::to_value(&full).unwrap(), serde_json::to_value(&measures).unwrap());
+    assert_eq!((measures.w.nrows(), measures.b.len(), full.w.nrows()), (0, 0, d));
 }
 
 #[test]
