@@ -274,6 +274,14 @@ pub struct RewriteArgs {
     /// How int4/int8 maps are rounded: GPTQ with the calibration second moments, or round to nearest
     #[arg(long, value_enum, default_value_t = Quantizer::Gptq)]
     pub quantizer: Quantizer,
+    /// Fit the chosen layers in stages, each on the activations of the model with the earlier
+    /// stages' layers already linearised: one calibration pass on --data per stage after the
+    /// first (give the data --stats was calibrated on)
+    #[arg(long)]
+    pub sequential: bool,
+    /// Layers fitted per stage with --sequential (fewer stages: fewer passes)
+    #[arg(long, default_value_t = 1, requires = "sequential")]
+    pub stage_size: usize,
 }
 
 #[derive(clap::Args)]

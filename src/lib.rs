@@ -3,7 +3,8 @@
 //! The data flows through one module per stage: [`onnx`] reads, edits ([`onnx::Patch`]) and writes
 //! models; [`blocks`] finds the attention blocks; [`engine`] runs models; [`data`] turns text into
 //! token blocks; [`calibrate`] measures every block into [`stats`]; [`nbl`] turns statistics into
-//! bounds, linear maps and the chosen layers; [`rewrite`] splices the maps in (with [`genai`] for
+//! bounds, linear maps and the chosen layers, and [`sequential`] fits them stage by stage on the
+//! partly rewritten model; [`rewrite`] splices the maps in (with [`genai`] for
 //! ONNX Runtime GenAI's companion files); [`check`], [`eval`] and [`bench`] validate and measure the
 //! result, with [`logits`] and [`cost`]; [`inspect`] and [`report`] present what was found and done.
 
@@ -26,4 +27,5 @@ pub mod progress;
 pub mod quantize;
 pub mod report;
 pub mod rewrite;
+pub mod sequential;
 pub mod stats;

@@ -19,7 +19,8 @@ use nbl_onnx::engine::{self, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::inspect::{inspect, trial_run};
 use nbl_onnx::onnx::Model;
 use nbl_onnx::report::analyze;
-use nbl_onnx::rewrite::{MapStorage, RewriteReport, output_paths, rewrite_selected};
+use nbl_onnx::rewrite::{MapSource, MapStorage, Replacement, RewriteReport, output_paths, rewrite_selected};
+use nbl_onnx::sequential::{Stages, fit_sequentially};
 use nbl_onnx::stats::{MomentsSource, Stats, StatsFile};
 use nbl_onnx::{bench, eval, genai};
 
@@ -148,6 +149,18 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
              cannot run; use --weight-format f32|f16, or --engine ort"
         );
     }
+    ensure!(
+        !(args.sequential && args.replace == Replacement::Drop),
+        "--sequential fits linear maps stage by stage; with --replace drop there is nothing to fit"
+    );
+    // The engine and data are needed to calibrate, and by every stage after the first.
+    let needs_engine = args.stats.is_none() || args.sequential;
+    let engine = needs_engine.then(|| args.calibration.engine.open()).transpose()?;
+    let data = needs_engine
+        .then(|| {
+            args.calibration.data.spec(model.dir(), Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration)
+        })
+        .transpose()?;
     let stats: Box<dyn MomentsSource> = match &args.stats {
         Some(path) => {
             let stats = StatsFile::open(path)?;
@@ -155,12 +168,6 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
             Box::new(stats)
         }
         None => {
-            let engine = args.calibration.engine.open()?;
-            let data = args.calibration.data.spec(
-                model.dir(),
-                Some(DEFAULT_CALIBRATION_SAMPLES),
-                Split::Calibration,
-            )?;
             let run = calibrate::Run {
                 batch: args.calibration.batch,
                 shard: Shard::WHOLE,
@@ -168,7 +175,9 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
                 moments: args.calibration.moments(),
                 holdout_every: args.calibration.holdout_every,
             };
-            Box::new(calibrate::run(&model, &blocks, engine.as_ref(), &data, run)?)
+            let engine = engine.as_deref().expect("opened to calibrate");
+            let data = data.as_ref().expect("resolved to calibrate");
+            Box::new(calibrate::run(&model, &blocks, engine, data, run)?)
         }
     };
     let analysis = analyze(stats.as_ref(), args.select.criterion, &selection, args.select.lambda, false)?;
@@ -179,8 +188,42 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         );
         return Err(check::Failed.into());
     }
-    let summary =
-        rewrite_selected(&mut model, &blocks, &analysis, stats.as_ref(), args.replace, args.kv, storage)?;
+    let (fitted, stages) = if args.sequential {
+        let blocks_of_text =
+            data.as_ref().expect("resolved for the stages").pack(model.dir(), blocks.vocab_size)?.blocks;
+        let stages = Stages {
+            engine: engine.as_deref().expect("opened for the stages"),
+            data: &blocks_of_text,
+            batch: args.calibration.batch,
+            moments: args.calibration.moments(),
+            size: args.stage_size,
+        };
+        let fit = fit_sequentially(
+            &model,
+            &blocks,
+            &analysis.selected,
+            stats.as_ref(),
+            analysis.lambda,
+            storage,
+            &stages,
+        )?;
+        for (i, stage) in fit.stages.iter().enumerate() {
+            eprintln!("stage {}: fitted layers {:?} in {:.1} s", i + 1, stage.layers, stage.seconds);
+        }
+        (Some(fit.maps), fit.stages)
+    } else {
+        (None, Vec::new())
+    };
+    let fitting = if args.sequential { "sequential" } else { "one-shot" };
+    let summary = rewrite_selected(
+        &mut model,
+        &blocks,
+        &analysis,
+        MapSource { stats: stats.as_ref(), fitted },
+        args.replace,
+        args.kv,
+        storage,
+    )?;
     nbl_onnx::atomic::create_dir(&output)?;
     nbl_onnx::atomic::create_dir(&report_path)?;
     let companion = genai::prepare(&model, &output)?;
@@ -205,6 +248,8 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         analysis,
         model: args.model.display().to_string(),
         output: output.display().to_string(),
+        fitting,
+        stages,
         rewrite: summary,
     };
     nbl_onnx::atomic::write(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())

@@ -48,6 +48,7 @@ pub struct LayerEdit<'a> {
 }
 
 /// `y = W x + b` (`W` is `d×d`), with what GPTQ weighs `W`'s rounding errors by.
+#[derive(Clone)]
 pub struct LinearMap {
     pub w: Mat<f64>,
     pub b: Vec<f64>,
@@ -129,6 +130,8 @@ pub struct RewriteSummary {
     pub layers: Vec<usize>,
     pub replace: Replacement,
     pub kv: KvCache,
+    /// How the maps were stored.
+    pub weight_format: MapStorage,
     pub nodes_before: usize,
     pub nodes_after: usize,
     /// Weights (values, however stored) the rewrite removed and added.
@@ -152,6 +155,11 @@ pub struct RewriteReport {
     pub analysis: Analysis,
     pub model: String,
     pub output: String,
+    /// `one-shot` (every map from the original model's statistics) or `sequential`.
+    pub fitting: &'static str,
+    /// With sequential fitting, what each stage fitted and cost.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<crate::sequential::Stage>,
     pub rewrite: RewriteSummary,
 }
 
@@ -172,27 +180,33 @@ pub fn rewrite_selected(
     model: &mut Model,
     blocks: &Blocks,
     analysis: &Analysis,
-    stats: &dyn MomentsSource,
+    maps: MapSource<'_>,
     replace: Replacement,
     kv: KvCache,
     storage: MapStorage,
 ) -> Result<RewriteSummary> {
-    // The chosen layers' maps, fitted again from their moments (the analysis keeps no map) as the
-    // rewrite reaches each layer: one layer's moments and map are held at a time, then only the
-    // map's encoding in the model's format.
     let gptq = matches!(storage, MapStorage::Blocks { quantizer: Quantizer::Gptq, .. });
+    let progress = crate::progress::bar(
+        analysis.selected.len() as u64,
+        "writing maps {bar:40} {pos}/{len} layers  ETA {eta}",
+        "layers",
+    );
+    let MapSource { stats, fitted } = maps;
+    let sequential = fitted.is_some();
+    let mut fitted = fitted.unwrap_or_default();
     let edits = analysis.selected.iter().map(|&l| {
+        progress.inc(1);
         let block = blocks.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
-        let i = stats
-            .layers()
-            .iter()
-            .position(|t| t.layer == l)
-            .with_context(|| format!("no statistics of layer {l}"))?;
-        let moments = stats.moments(i)?.into_owned();
-        // GPTQ weighs each input by the layer's E[x xᵀ].
-        let second_moment = gptq.then(|| moments.second_moment_x());
-        let fit = crate::nbl::fit_layer(l, moments, analysis.lambda, false)?;
-        Ok(LayerEdit { block, map: Some(LinearMap { w: fit.w, b: fit.b, second_moment }) })
+        let map = if sequential {
+            let at = fitted
+                .iter()
+                .position(|(layer, _)| *layer == l)
+                .with_context(|| format!("no map of layer {l}"))?;
+            fitted.swap_remove(at).1
+        } else {
+            fit_map(stats, l, analysis.lambda, gptq)?
+        };
+        Ok(LayerEdit { block, map: Some(map) })
     });
     let layer_list = analysis.selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
     let lowercase = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
@@ -202,10 +216,41 @@ pub fn rewrite_selected(
         ("nbl.replace", lowercase(&replace)),
         ("nbl.kv", lowercase(&kv)),
         ("nbl.criterion", lowercase(&analysis.criterion)),
+        ("nbl.fitting", if sequential { "sequential" } else { "one-shot" }.to_string()),
         ("nbl.weight_format", serde_json::to_string(&storage)?),
         ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data()}).to_string()),
     ];
-    rewrite_as(model, blocks, edits, replace, kv, storage, &provenance)
+    let summary = rewrite_as(model, blocks, edits, replace, kv, storage, &provenance);
+    progress.finish_and_clear();
+    summary
+}
+
+/// Where the chosen layers' maps come from: the statistics the layers were chosen from, and the
+/// maps when they were fitted already (by [`crate::sequential`]). Without those, each map is fitted
+/// from the statistics (the analysis keeps no map) as the rewrite reaches its layer: one layer's
+/// moments and map are held at a time, then only the map's encoding.
+pub struct MapSource<'a> {
+    pub stats: &'a dyn MomentsSource,
+    pub fitted: Option<Vec<(usize, LinearMap)>>,
+}
+
+/// Layer `layer`'s LMMSE map from `stats`, with the input's second moment when GPTQ will quantise
+/// it (GPTQ weighs each input by the layer's `E[x xᵀ]`).
+pub fn fit_map(
+    stats: &dyn MomentsSource,
+    layer: usize,
+    lambda: f64,
+    second_moment: bool,
+) -> Result<LinearMap> {
+    let i = stats
+        .layers()
+        .iter()
+        .position(|t| t.layer == layer)
+        .with_context(|| format!("no statistics of layer {layer}"))?;
+    let moments = stats.moments(i)?.into_owned();
+    let second_moment = second_moment.then(|| moments.second_moment_x());
+    let fit = crate::nbl::fit_layer(layer, moments, lambda, false)?;
+    Ok(LinearMap { w: fit.w, b: fit.b, second_moment })
 }
 
 /// Rewrites `model` in memory: the chosen layers' attention replaced, dead nodes and initializers
@@ -330,6 +375,7 @@ pub fn rewrite_as<'b>(
         layers,
         replace,
         kv,
+        weight_format: storage,
         nodes_before,
         nodes_after,
         params_removed: before.weights - (after.weights - added.weights),

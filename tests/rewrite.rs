@@ -658,3 +658,145 @@ fn every_float_weight_format_gives_a_model_that_runs() {
         }
     }
 }
+
+/// The stored `Wᵀ` (row-major `[d_in, d_out]`) and `b` of layer `layer` in a rewritten model.
+fn stored_map(path: &Path, layer: usize) -> (Vec<f64>, Vec<f64>) {
+    let model = Model::load(path).unwrap();
+    let get = |name: String| {
+        let t = model
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| t.name() == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        model.tensor(t).unwrap().to_f64().unwrap().iter().copied().collect::<Vec<f64>>()
+    };
+    (get(format!("nbl.layers.{layer}.weight")), get(format!("nbl.layers.{layer}.bias")))
+}
+
+fn rewrite_to(ws: &Workspace, out: &str, extra: &[&str]) -> (PathBuf, serde_json::Value) {
+    let out = ws.dir.path().join(out);
+    let data =
+        ["--data", ws.corpus.to_str().unwrap(), "--seq-len", "32", "--samples", "8", "--engine", "ort"];
+    let mut args = vec!["rewrite", ws.model.to_str().unwrap(), "--stats", ws.stats.to_str().unwrap()];
+    args.extend_from_slice(&data);
+    args.extend_from_slice(&["-o", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    ok(nbl(&args));
+    let report =
+        serde_json::from_slice(&std::fs::read(out.with_extension("").with_extension("nbl.json")).unwrap())
+            .unwrap();
+    (out, report)
+}
+
+/// With one layer there is nothing before it: sequential fitting is the one-shot fit, bit for bit.
+#[test]
+fn sequential_fitting_of_one_layer_is_the_one_shot_fit() {
+    let ws = workspace("llama-optimum-past");
+    let (one_shot, report) = rewrite_to(&ws, "one-shot.onnx", &["--layer-ids", "2"]);
+    assert_eq!(report["fitting"], "one-shot");
+    let (sequential, report) = rewrite_to(&ws, "sequential.onnx", &["--layer-ids", "2", "--sequential"]);
+    assert_eq!(report["fitting"], "sequential");
+    assert_eq!(report["stages"].as_array().unwrap().len(), 1, "{}", report["stages"]);
+    assert_eq!(stored_map(&one_shot, 2), stored_map(&sequential, 2));
+}
+
+/// The second stage's map is the LMMSE fit of that layer's X and Y on the model whose first chosen
+/// layer is already linearised. The test captures X and Y there itself (the first map from the
+/// statistics, spliced in by the library, the model run block by block) and fits by least squares
+/// with the same ridge, by QR of the augmented system `[X_c; √((n−1)ε) I] Wᵀ = [Y_c; 0]`: no moments,
+/// no Cholesky.
+#[test]
+fn the_second_stage_fits_the_model_with_the_first_layer_linearised() {
+    use faer::linalg::solvers::SolveLstsq;
+    use nbl_onnx::data::{DataSpec, Split};
+    use nbl_onnx::onnx::Interface;
+    use nbl_onnx::rewrite::{KvCache, LayerEdit, LinearMap, Replacement, rewrite as rewrite_in_memory};
+
+    let ws = workspace("llama-optimum-past");
+    let (first, second) = (1usize, 2usize);
+    let ids = format!("{first},{second}");
+    let (sequential, report) = rewrite_to(&ws, "sequential.onnx", &["--layer-ids", &ids, "--sequential"]);
+    assert_eq!(report["stages"].as_array().unwrap().len(), 2, "{}", report["stages"]);
+    let (one_shot, _) = rewrite_to(&ws, "one-shot.onnx", &["--layer-ids", &ids]);
+
+    // The model with the first layer linearised, from the one-shot statistics.
+    let mut model = Model::load(&ws.model).unwrap();
+    let blocks = find_blocks(&model).unwrap();
+    let stats = Stats::load(&ws.stats).unwrap();
+    let lambda = nbl_onnx::nbl::DEFAULT_LAMBDA;
+    let fit = fit_layer(first, stats.moments[first].clone(), lambda, false).unwrap();
+    let edit = LayerEdit {
+        block: blocks.layer(first).unwrap(),
+        map: Some(LinearMap { w: fit.w, b: fit.b, second_moment: None }),
+    };
+    rewrite_in_memory(&mut model, &blocks, vec![edit], Replacement::Linear, KvCache::Keep, &[]).unwrap();
+
+    // X and Y of the second layer on the calibration blocks.
+    let spec = DataSpec {
+        files: vec![ws.corpus.clone()],
+        built_in: Split::Calibration,
+        tokenizer: None,
+        eos_id: None,
+        seq_len: 32,
+        samples: Some(8),
+    };
+    let data = spec.pack(ws.dir.path(), blocks.vocab_size).unwrap().blocks;
+    let d = blocks.hidden_size;
+    let (x_name, y_name) = (blocks.layers[second].x.clone(), blocks.layers[second].y.clone());
+    let mut session = ort().load(&model, &[x_name.clone(), y_name.clone()]).unwrap();
+    let interface = Interface::of(&model, Some(d)).unwrap();
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for block in &data {
+        let ids = ndarray::Array2::from_shape_vec((1, block.len()), block.clone()).unwrap();
+        let outputs = session.run(&interface.prefill(&ids).unwrap()).unwrap();
+        let names = session.output_names();
+        let get = |n: &str| outputs[names.iter().position(|o| o == n).unwrap()].to_f64().unwrap();
+        xs.extend(get(&x_name).iter().copied());
+        ys.extend(get(&y_name).iter().copied());
+    }
+    let n = xs.len() / d;
+    let column_means =
+        |v: &[f64]| (0..d).map(|j| (0..n).map(|t| v[t * d + j]).sum::<f64>() / n as f64).collect::<Vec<_>>();
+    let (mx, my) = (column_means(&xs), column_means(&ys));
+    let ridge = lambda
+        * (0..d).map(|j| (0..n).map(|t| (xs[t * d + j] - mx[j]).powi(2)).sum::<f64>()).sum::<f64>()
+        / (n - 1) as f64
+        / d as f64;
+    let scale = ((n - 1) as f64 * ridge).sqrt();
+    let a = faer::Mat::from_fn(n + d, d, |r, j| {
+        if r < n {
+            xs[r * d + j] - mx[j]
+        } else if r - n == j {
+            scale
+        } else {
+            0.0
+        }
+    });
+    let rhs = faer::Mat::from_fn(n + d, d, |r, j| if r < n { ys[r * d + j] - my[j] } else { 0.0 });
+    let w_t = a.qr().solve_lstsq(&rhs); // d_in × d_out
+    let bias: Vec<f64> = (0..d).map(|o| my[o] - (0..d).map(|i| w_t[(i, o)] * mx[i]).sum::<f64>()).collect();
+
+    let relative = |got: &[f64], want: &dyn Fn(usize) -> f64| {
+        let num: f64 = got.iter().enumerate().map(|(i, g)| (g - want(i)).powi(2)).sum();
+        let den: f64 = (0..got.len()).map(|i| want(i).powi(2)).sum();
+        (num / den).sqrt()
+    };
+    let (seq_w, seq_b) = stored_map(&sequential, second);
+    let (shot_w, _) = stored_map(&one_shot, second);
+    let w_at = |i: usize| w_t[(i / d, i % d)];
+    // f32 storage of W (6e-8) and f32 activations summed in another order: 1e-5 is ample, and
+    // the one-shot map, fitted on the original model, is far outside it.
+    let seq_error = relative(&seq_w, &w_at);
+    let shot_error = relative(&shot_w, &w_at);
+    eprintln!(
+        "second layer's W: sequential {seq_error:.2e}, one-shot {shot_error:.2e} from the independent fit"
+    );
+    assert!(seq_error < 1e-5, "sequential W differs by {seq_error:e}");
+    assert!(
+        shot_error > 1e-3,
+        "the one-shot map is as close ({shot_error:e}): the test cannot tell them apart"
+    );
+    let b_error = relative(&seq_b, &|i| bias[i]);
+    assert!(b_error < 1e-5, "sequential b differs by {b_error:e}");
+}
