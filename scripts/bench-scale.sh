@@ -12,7 +12,9 @@
 #   5. `rewrite --layers 12` of the 32-layer model with its statistics (12 maps fitted again and
 #      quantised by GPTQ to the model's int4, the 6.6 GB data file copied): wall time, peak RSS, and
 #      the output's MB/s against `cp` of the same output file, measured right after;
-#   6. the file's size against the 3d² f64 per layer of format version 1.
+#   6. the file's size against the 3d² f64 per layer of format version 1;
+#   7. calibration's peak RSS for 1 and 2 layers of the short export (--layer-range 0..1, 0..2; 2 blocks
+#      of 128 tokens, moments on the host), the difference being one layer's, extrapolated to 32.
 # Writes bench/scale.json.
 #
 #   scripts/bench-scale.sh        # about 15 minutes on 2 cores; 19 GB of disk under bench/tmp
@@ -72,6 +74,12 @@ t = time.time(); shutil.copyfile(sys.argv[1], sys.argv[2]); print(time.time() - 
   "$work/rewritten/model.onnx.data" "$work/copy.data")
 rm -f "$work/copy.data"
 
+for range in 0..1 0..2; do
+  echo "==> calibrate layers $range of the short export, 2 threads"
+  measure "calibrate-$range" calibrate "$slice/model.onnx" --layer-range "$range" --seq-len 128 --samples 2 \
+    --moments host -o "$work/calibrate-$range.safetensors"
+done
+
 "$python" - "$work" "$d" "$layers" "$k" "$copy_s" <<'PY'
 import json, os, sys
 work, d, layers, k, copy_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
@@ -81,6 +89,9 @@ def timed(name):
 analyze_s, analyze_mb = timed("analyze")
 one_s, one_mb = timed("one")
 rewrite_s, rewrite_mb = timed("rewrite")
+_, one_layer_mb = timed("calibrate-0..1")
+_, two_layers_mb = timed("calibrate-0..2")
+per_layer_mb = two_layers_mb - one_layer_mb
 out = f"{work}/rewritten"
 out_bytes = sum(os.path.getsize(f"{out}/{f}") for f in os.listdir(out) if f.startswith("model.onnx"))
 report = json.load(open(f"{work}/rewrite.report.json"))
@@ -102,8 +113,14 @@ result = {
     "rewrite_output_mb_per_s": round(out_bytes / 1e6 / rewrite_s, 1),
     "disk_copy_s": round(copy_s, 2),
     "disk_copy_mb_per_s": round(out_bytes / 1e6 / copy_s, 1),
+    "calibrate_1_layer_peak_rss_mb": round(one_layer_mb, 1),
+    "calibrate_2_layers_peak_rss_mb": round(two_layers_mb, 1),
+    "calibrate_per_layer_mb": round(per_layer_mb, 1),
+    "calibrate_per_layer_mb_expected": round(3 * d * d * 8 / 2**20, 1),
+    "calibrate_32_layers_peak_rss_mb_extrapolated": round(one_layer_mb + (layers - 1) * per_layer_mb, 1),
     "note": "rewrite = analyze of all layers + the chosen layers' fits and GPTQ + copying the weights; "
-            "the model repeats one layer's weights (scripts/repeat_layers.py), the statistics are synthetic",
+            "the model repeats one layer's weights (scripts/repeat_layers.py), the statistics are synthetic; "
+            "calibration memory is measured on the short export (the model's weights are in its base)",
 }
 json.dump(result, open("bench/scale.json", "w"), indent=2)
 print(json.dumps(result, indent=2))
