@@ -111,3 +111,6 @@ echo "==> timing ${#models[@]} models (prefill $prompt_len, decode $gen, $runs r
 
 echo "==> writing bench/results.{json,md,svg}"
 python3 scripts/bench_report.py "$work"
+
+echo "==> choosing and fitting layers: scripts/bench-selection.sh"
+scripts/bench-selection.sh

@@ -282,6 +282,12 @@ pub struct RewriteArgs {
     /// Layers fitted per stage with --sequential (fewer stages: fewer passes)
     #[arg(long, default_value_t = 1, requires = "sequential")]
     pub stage_size: usize,
+    /// Text --criterion measured scores candidates on (default: the calibration data)
+    #[arg(long, num_args = 1..)]
+    pub select_data: Vec<PathBuf>,
+    /// Blocks of --seq-len tokens --criterion measured scores candidates on
+    #[arg(long, default_value_t = 4)]
+    pub probe_blocks: usize,
 }
 
 #[derive(clap::Args)]

@@ -188,7 +188,7 @@ pub fn evaluate(
 
 /// Log-softmax of the logits at every position of a one-row prompt, in f64, and the seconds the
 /// engine run took (the scoring itself is not inference).
-fn next_token_log_probs(
+pub(crate) fn next_token_log_probs(
     interface: &Interface,
     session: &mut dyn Session,
     ids: &Array2<i64>,

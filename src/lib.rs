@@ -3,8 +3,8 @@
 //! The data flows through one module per stage: [`onnx`] reads, edits ([`onnx::Patch`]) and writes
 //! models; [`blocks`] finds the attention blocks; [`engine`] runs models; [`data`] turns text into
 //! token blocks; [`calibrate`] measures every block into [`stats`]; [`nbl`] turns statistics into
-//! bounds, linear maps and the chosen layers, and [`sequential`] fits them stage by stage on the
-//! partly rewritten model; [`rewrite`] splices the maps in (with [`genai`] for
+//! bounds, linear maps and the chosen layers, [`measured`] chooses them by running the model and
+//! [`sequential`] fits them stage by stage on the partly rewritten model; [`rewrite`] splices the maps in (with [`genai`] for
 //! ONNX Runtime GenAI's companion files); [`check`], [`eval`] and [`bench`] validate and measure the
 //! result, with [`logits`] and [`cost`]; [`inspect`] and [`report`] present what was found and done.
 
@@ -21,6 +21,7 @@ pub mod genai;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod measured;
 pub mod nbl;
 pub mod onnx;
 pub mod progress;

@@ -14,9 +14,11 @@ use nbl_onnx::atomic::{check_output, check_output_creating_dir};
 use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::calibrate::{self, Shard, check_fingerprint};
 use nbl_onnx::check::{self, CheckOptions};
-use nbl_onnx::data::Split;
+use nbl_onnx::data::{DataSpec, Split};
 use nbl_onnx::engine::{self, EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::inspect::{inspect, trial_run};
+use nbl_onnx::measured;
+use nbl_onnx::nbl::{Criterion, Selection};
 use nbl_onnx::onnx::Model;
 use nbl_onnx::report::analyze;
 use nbl_onnx::rewrite::{MapSource, MapStorage, Replacement, RewriteReport, output_paths, rewrite_selected};
@@ -101,6 +103,10 @@ fn run_merge(args: &MergeArgs) -> Result<()> {
 
 fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
     // Read layer by layer: what is held does not grow with the number of layers.
+    ensure!(
+        args.select.criterion != Criterion::Measured,
+        "--criterion measured runs the model on text: use it with rewrite (analyze reads statistics only)"
+    );
     let stats = StatsFile::open(&args.stats)?;
     if let Some(path) = &args.model {
         let model = Model::load(path)?;
@@ -153,8 +159,13 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         !(args.sequential && args.replace == Replacement::Drop),
         "--sequential fits linear maps stage by stage; with --replace drop there is nothing to fit"
     );
-    // The engine and data are needed to calibrate, and by every stage after the first.
-    let needs_engine = args.stats.is_none() || args.sequential;
+    let measuring = args.select.criterion == Criterion::Measured;
+    ensure!(
+        !measuring || matches!(selection, Selection::Count(_)),
+        "--criterion measured chooses a number of layers (--layers K), not --layer-ids or --max-bound"
+    );
+    // The engine and data are needed to calibrate, by every stage after the first, and to measure.
+    let needs_engine = args.stats.is_none() || args.sequential || measuring;
     let engine = needs_engine.then(|| args.calibration.engine.open()).transpose()?;
     let data = needs_engine
         .then(|| {
@@ -180,7 +191,25 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
             Box::new(calibrate::run(&model, &blocks, engine, data, run)?)
         }
     };
-    let analysis = analyze(stats.as_ref(), args.select.criterion, &selection, args.select.lambda, false)?;
+    let mut analysis = analyze(stats.as_ref(), args.select.criterion, &selection, args.select.lambda, false)?;
+    let measured = if let (true, Selection::Count(k)) = (measuring, &selection) {
+        let spec = args.calibration.data.spec(model.dir(), Some(args.probe_blocks), Split::Calibration)?;
+        let spec = DataSpec {
+            files: if args.select_data.is_empty() { spec.files } else { args.select_data.clone() },
+            samples: Some(args.probe_blocks),
+            ..spec
+        };
+        let probe_blocks = spec.pack(model.dir(), blocks.vocab_size)?.blocks;
+        let probe =
+            measured::Probe { engine: engine.as_deref().expect("opened to measure"), blocks: &probe_blocks };
+        let fits: Vec<_> = analysis.layers.iter().map(|row| row.fit.clone()).collect();
+        let choice =
+            measured::choose(&model, &blocks, &fits, stats.as_ref(), *k, analysis.lambda, storage, &probe)?;
+        analysis.select(choice.layers());
+        Some(choice)
+    } else {
+        None
+    };
     eprintln!("{}", analysis.choice());
     if analysis.selected.is_empty() && !args.allow_noop {
         eprintln!(
@@ -248,6 +277,7 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         analysis,
         model: args.model.display().to_string(),
         output: output.display().to_string(),
+        measured,
         fitting,
         stages,
         rewrite: summary,

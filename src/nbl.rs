@@ -281,13 +281,20 @@ pub enum Criterion {
     Residual,
     /// Lowest CCA bound weighted by the branch's share of the block output first (scale-aware)
     WeightedCca,
+    /// Greedy by the KL divergence measured on probe text, among the 2k lowest-bound layers
+    /// (rewrite only: runs the model)
+    Measured,
 }
 
 /// Layers in the order they should be linearised, best candidate first.
 pub fn ranking(fits: &[LayerFit], criterion: Criterion) -> Vec<usize> {
     let mut order: Vec<&LayerFit> = fits.iter().collect();
     match criterion {
-        Criterion::Cca => order.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.layer.cmp(&b.layer))),
+        // Measured selection starts from the CCA order (its candidates); the choice is made by
+        // running the model (`crate::measured`).
+        Criterion::Cca | Criterion::Measured => {
+            order.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.layer.cmp(&b.layer)))
+        }
         Criterion::Cosine => order.sort_by(|a, b| b.cosine.total_cmp(&a.cosine).then(a.layer.cmp(&b.layer))),
         Criterion::Residual => order
             .sort_by(|a, b| a.relative_residual.total_cmp(&b.relative_residual).then(a.layer.cmp(&b.layer))),

@@ -71,6 +71,15 @@ pub fn analyze(
 }
 
 impl Analysis {
+    /// Replaces the choice with `layers` (in the order chosen), as a selection that runs the model
+    /// decided.
+    pub fn select(&mut self, layers: Vec<usize>) {
+        for row in &mut self.layers {
+            row.linearized = layers.contains(&row.fit.layer);
+        }
+        self.selected = layers;
+    }
+
     /// Which layers were chosen and why, in a line per layer: for people, before a rewrite.
     pub fn choice(&self) -> String {
         let mut out = format!(
@@ -82,6 +91,7 @@ impl Analysis {
                 Criterion::Cosine => "input/output cosine (the attention that changes the stream least)",
                 Criterion::Residual => "map error relative to the stream (the least wrong replacement)",
                 Criterion::WeightedCca => "CCA bound weighted by the branch's share of the stream",
+                Criterion::Measured => "measured KL divergence, greedily (the least harm together)",
             }
         );
         for &l in &self.selected {

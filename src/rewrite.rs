@@ -155,6 +155,9 @@ pub struct RewriteReport {
     pub analysis: Analysis,
     pub model: String,
     pub output: String,
+    /// With `--criterion measured`, each greedy step and what the search cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured: Option<crate::measured::MeasuredChoice>,
     /// `one-shot` (every map from the original model's statistics) or `sequential`.
     pub fitting: &'static str,
     /// With sequential fitting, what each stage fitted and cost.
@@ -232,6 +235,25 @@ pub fn rewrite_selected(
 pub struct MapSource<'a> {
     pub stats: &'a dyn MomentsSource,
     pub fitted: Option<Vec<(usize, LinearMap)>>,
+}
+
+/// A copy of `model` with `maps`' layers linearised, the maps stored as `storage`, the interface
+/// unchanged (the KV cache of those layers is still computed, so the same inputs run it): what
+/// sequential fitting calibrates and measured selection scores, never written.
+pub fn linearised_copy(
+    model: &Model,
+    blocks: &Blocks,
+    maps: &[(usize, &LinearMap)],
+    storage: MapStorage,
+) -> Result<Model> {
+    let mut copy = Model { path: model.path.clone(), proto: model.proto.clone() };
+    let edits = maps.iter().map(|&(layer, map)| {
+        let block =
+            blocks.layer(layer).with_context(|| format!("the model has no attention layer {layer}"))?;
+        Ok(LayerEdit { block, map: Some(map.clone()) })
+    });
+    rewrite_as(&mut copy, blocks, edits, Replacement::Linear, KvCache::Keep, storage, &[])?;
+    Ok(copy)
 }
 
 /// Layer `layer`'s LMMSE map from `stats`, with the input's second moment when GPTQ will quantise

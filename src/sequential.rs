@@ -20,7 +20,7 @@ use crate::blocks::Blocks;
 use crate::calibrate::{MomentsOn, calibrate, layer_tensors};
 use crate::engine::Engine;
 use crate::onnx::Model;
-use crate::rewrite::{KvCache, LayerEdit, LinearMap, MapStorage, Replacement, fit_map, rewrite_as};
+use crate::rewrite::{LinearMap, MapStorage, fit_map, linearised_copy};
 use crate::stats::{MomentsSource, Stats};
 
 /// How the later stages are measured.
@@ -74,7 +74,8 @@ pub fn fit_sequentially(
         let mut measured_layers = 0;
         if index > 0 {
             let rest = &chosen[maps.len()..];
-            let staged = linearised(model, blocks, &maps, storage)?;
+            let done: Vec<(usize, &LinearMap)> = maps.iter().map(|(l, m)| (*l, m)).collect();
+            let staged = linearised_copy(model, blocks, &done, storage)?;
             let mut to_measure = blocks.clone();
             to_measure.layers.retain(|b| rest.contains(&b.layer));
             measured_layers = to_measure.layers.len();
@@ -110,22 +111,4 @@ pub fn fit_sequentially(
         });
     }
     Ok(SequentialFit { maps, stages: report })
-}
-
-/// A copy of `model` with `maps`' layers linearised, the maps stored as `storage`, the interface
-/// unchanged (the KV cache of those layers is still computed, so that the same inputs run it).
-fn linearised(
-    model: &Model,
-    blocks: &Blocks,
-    maps: &[(usize, LinearMap)],
-    storage: MapStorage,
-) -> Result<Model> {
-    let mut staged = Model { path: model.path.clone(), proto: model.proto.clone() };
-    let edits = maps.iter().map(|(layer, map)| {
-        let block =
-            blocks.layer(*layer).with_context(|| format!("the model has no attention layer {layer}"))?;
-        Ok(LayerEdit { block, map: Some(map.clone()) })
-    });
-    rewrite_as(&mut staged, blocks, edits, Replacement::Linear, KvCache::Keep, storage, &[])?;
-    Ok(staged)
 }

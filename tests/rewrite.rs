@@ -800,3 +800,62 @@ fn the_second_stage_fits_the_model_with_the_first_layer_linearised() {
     let b_error = relative(&seq_b, &|i| bias[i]);
     assert!(b_error < 1e-5, "sequential b differs by {b_error:e}");
 }
+
+/// `--criterion measured` adds, at each step, the candidate whose linearisation together with the
+/// layers already chosen diverges least from the original on the probe blocks. The test scores
+/// every candidate set itself, by rewriting each with `--layer-ids` and running `eval` on the same
+/// blocks, and checks the choices and the KL each step reports (the search keeps the original's
+/// log-probabilities in f32, eval in f64).
+#[test]
+fn measured_selection_adds_the_layer_that_diverges_least() {
+    let ws = workspace("llama-optimum-past");
+    let probe = ["--data", ws.corpus.to_str().unwrap(), "--seq-len", "32"];
+    let (_, report) = rewrite_to(
+        &ws,
+        "measured.onnx",
+        &["--criterion", "measured", "--layers", "2", "--probe-blocks", "2"],
+    );
+    let steps = report["measured"]["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(report["measured"]["passes"], 1 + 3 + 2, "{}", report["measured"]);
+
+    let kl_of = |ids: &str| -> f64 {
+        let out = ws.dir.path().join(format!("ids-{}.onnx", ids.replace(',', "-")));
+        ok(nbl(&[
+            "rewrite",
+            ws.model.to_str().unwrap(),
+            "--stats",
+            ws.stats.to_str().unwrap(),
+            "--layer-ids",
+            ids,
+            "-o",
+            out.to_str().unwrap(),
+        ]));
+        let mut args = vec![
+            "eval",
+            ws.model.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--samples",
+            "2",
+            "--engine",
+            "ort",
+            "--json",
+        ];
+        args.extend_from_slice(&probe);
+        let eval: serde_json::Value = serde_json::from_slice(&ok(nbl(&args)).stdout).unwrap();
+        eval["models"][1]["kl_vs_first"].as_f64().unwrap()
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-9);
+    let singles: Vec<(usize, f64)> = (0..3).map(|l| (l, kl_of(&l.to_string()))).collect();
+    let first = singles.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(steps[0]["layer"], first.0, "singles {singles:?}");
+    assert!(close(steps[0]["kl"].as_f64().unwrap(), first.1), "{} vs {}", steps[0]["kl"], first.1);
+    let pairs: Vec<(usize, f64)> = (0..3)
+        .filter(|&l| l != first.0)
+        .map(|l| (l, kl_of(&format!("{},{}", first.0.min(l), first.0.max(l)))))
+        .collect();
+    let second = pairs.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(steps[1]["layer"], second.0, "pairs {pairs:?}");
+    assert!(close(steps[1]["kl"].as_f64().unwrap(), second.1), "{} vs {}", steps[1]["kl"], second.1);
+    assert_eq!(report["selected"], serde_json::json!([first.0, second.0]));
+}
