@@ -38,8 +38,6 @@ pub struct LayerFit {
     pub bound: f64,
     /// `bound / d`, in [0, 1].
     pub bound_normalized: f64,
-    /// `bound · tr(C_zz)`.
-    pub mse_bound: f64,
     /// `tr(C_yy − W C_yxᵀ) / tr(C_yy)`: the share of attention-output variance the map misses.
     pub fit_residual: f64,
     /// `tr(C_yy − W C_yxᵀ)`: the map's expected squared error per token, `E‖y − (W x + b)‖²`.
@@ -216,7 +214,6 @@ fn fit(layer: usize, m: Moments, lambda: f64, spectrum: bool, with_map: bool) ->
         layer,
         bound,
         bound_normalized: bound / d as f64,
-        mse_bound: bound * var_z,
         fit_residual,
         residual_energy,
         stream_energy,
@@ -382,7 +379,6 @@ mod tests {
             layer,
             bound,
             bound_normalized: bound / 10.0,
-            mse_bound: 0.0,
             fit_residual: 0.0,
             residual_energy: 0.0,
             stream_energy: 0.0,

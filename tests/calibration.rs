@@ -331,7 +331,9 @@ fn analyze_prints_the_documented_json_and_writes_a_chart() {
     let selected = json["selected"].as_array().unwrap();
     assert_eq!(selected.len(), 2);
     for row in layers {
-        for key in ["bound", "bound_normalized", "mse_bound", "fit_residual", "cosine"] {
+        for key in
+            ["bound", "bound_normalized", "residual_energy", "relative_residual", "fit_residual", "cosine"]
+        {
             assert!(row[key].as_f64().unwrap().is_finite(), "{key}: {row}");
         }
         let b = row["bound_normalized"].as_f64().unwrap();
