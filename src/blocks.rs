@@ -252,6 +252,23 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
         }
     }
 
+    if let Some(node) = stream_continues(graph, &index, stream) {
+        let n = &graph.node[node];
+        let op = if n.domain().is_empty() {
+            n.op_type().to_string()
+        } else {
+            format!("{}::{}", n.domain(), n.op_type())
+        };
+        bail!(
+            "{}: the residual stream goes on after {:?} through node {:?} ({op}), which nbl-onnx cannot see \
+             through, and more residual blocks follow it; refusing rather than treating the {} block(s) before \
+             it as the whole model",
+            model.path.display(),
+            index.name(stream),
+            n.name(),
+            layers.len()
+        );
+    }
     if layers.is_empty() {
         let mut msg = format!(
             "no attention block found in {}: walked the residual stream from {:?}",
@@ -281,6 +298,32 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
     let warnings = cross_check(graph, &index, &layers);
     let vocab_size = embedding_rows(graph, &index, start);
     Ok(Blocks { layers, hidden_size, dtype, vocab_size, branches, warnings })
+}
+
+/// Nodes an unknown operator on the stream may take before the next residual block shows.
+const HIDDEN_STEPS: usize = 4;
+
+/// Where the walk stopped at stream tensor `s`: a node that reads `s` and leads, through a chain of
+/// at most [`HIDDEN_STEPS`] nodes each reading the last one's output, to another residual block
+/// means the stream passes through an operator the walk does not know (a quantise/dequantise
+/// pair, a custom op). Returns the first node of the chain. At the true end of the stream (the
+/// final norm, the head) no residual block follows.
+fn stream_continues(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<usize> {
+    for view in stream_views(graph, index, s) {
+        for (first, _) in value_readers(graph, index, view) {
+            let mut t = index.output(first, 0);
+            for _ in 0..HIDDEN_STEPS {
+                let Some(tensor) = t else { break };
+                if next_join(graph, index, tensor).is_some() {
+                    return Some(first);
+                }
+                let readers = value_readers(graph, index, tensor);
+                let &[(next, _)] = readers.as_slice() else { break };
+                t = index.output(next, 0);
+            }
+        }
+    }
+    None
 }
 
 /// One residual block found on the walk from stream tensor `s`: the terms added to the stream
@@ -400,22 +443,29 @@ fn embedding_table(graph: &GraphProto, index: &GraphIndex, table: TensorId) -> O
 /// of a fused Skip norm, that node's normalised outputs (the norm is fused into the junction). A
 /// Cast to another type is a step of its own: the stream's type changes there.
 fn stream_views(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Vec<TensorId> {
+    // Identities and casts to the stream's own type, and chains of them (a dropped branch leaves
+    // the Cast that fed its junction in front of the next one's).
+    let dtype = stream_dtype(graph, index, s);
     let mut views = vec![s];
+    let mut next = 0;
+    while next < views.len() {
+        let view = views[next];
+        next += 1;
+        for &(c, _) in index.consumers(view) {
+            let n = &graph.node[c];
+            let same_type = || {
+                let to = crate::onnx::attr_int(n, "to").map(|code| DType::from_onnx(code as i32));
+                to.is_none() || dtype.is_none() || to == dtype
+            };
+            if n.op_type() == "Identity" || (n.op_type() == "Cast" && same_type()) {
+                views.extend(index.output(c, 0).filter(|o| !views.contains(o)));
+            }
+        }
+    }
     if let Some((node, 3)) = index.producer(s)
         && SKIP_NORM_OPS.contains(&graph.node[node].op_type())
     {
         views.extend((0..3).filter_map(|slot| index.output(node, slot)));
-    }
-    let dtype = stream_dtype(graph, index, s);
-    for &(c, _) in index.consumers(s) {
-        let n = &graph.node[c];
-        let same_type = || {
-            let to = crate::onnx::attr_int(n, "to").map(|code| DType::from_onnx(code as i32));
-            to.is_none() || dtype.is_none() || to == dtype
-        };
-        if n.op_type() == "Identity" || (n.op_type() == "Cast" && same_type()) {
-            views.extend(index.output(c, 0));
-        }
     }
     views
 }

@@ -274,6 +274,10 @@ pub struct RewriteArgs {
     /// How int4/int8 maps are rounded: GPTQ with the calibration second moments, or round to nearest
     #[arg(long, value_enum, default_value_t = Quantizer::Gptq)]
     pub quantizer: Quantizer,
+    /// Inputs per scale of int4/int8 maps (default: the replaced projections', else 32); must
+    /// divide the hidden size
+    #[arg(long)]
+    pub block_size: Option<usize>,
     /// Fit the chosen layers in stages, each on the activations of the model with the earlier
     /// stages' layers already linearised: one calibration pass on --data per stage after the
     /// first (give the data --stats was calibrated on)

@@ -147,7 +147,7 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
     let blocks = find_blocks(&model)?;
     let selection = args.select.selection(blocks.layers.len());
     selection.check(blocks.layers.len(), &format!("attention layers of {}", args.model.display()))?;
-    let storage = MapStorage::resolve(args.weight_format, args.quantizer, &model, &blocks)?;
+    let storage = MapStorage::resolve(args.weight_format, args.quantizer, args.block_size, &model, &blocks)?;
     if let (EngineChoice::Tract, MapStorage::Blocks { bits, .. }) = (args.calibration.engine.engine, &storage)
     {
         bail!(

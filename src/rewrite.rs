@@ -88,9 +88,12 @@ fn dtype_name<S: serde::Serializer>(dtype: &DType, s: S) -> std::result::Result<
 impl MapStorage {
     /// Resolves `format` for `model`: `auto` follows the projection that makes the first block's
     /// `Y` (a `MatMulNBits`' bits, block size and accuracy level; else the stream's float type).
+    ///
+    /// `block_size` overrides the block size of int4/int8 maps; it must divide the hidden size.
     pub fn resolve(
         format: WeightFormat,
         quantizer: Quantizer,
+        block_size: Option<usize>,
         model: &Model,
         blocks: &Blocks,
     ) -> Result<MapStorage> {
@@ -106,11 +109,13 @@ impl MapStorage {
             .filter(|n| n.op_type() == "MatMulNBits");
         let blocks_like = |bits: u32| MapStorage::Blocks {
             bits,
-            block_size: projection.and_then(|n| attr_int(n, "block_size")).map_or(32, |b| b as usize),
+            block_size: block_size
+                .or(projection.and_then(|n| attr_int(n, "block_size")).map(|b| b as usize))
+                .unwrap_or(32),
             accuracy_level: projection.and_then(|n| attr_int(n, "accuracy_level")).unwrap_or(0),
             quantizer,
         };
-        Ok(match format {
+        let storage = match format {
             WeightFormat::Auto => match projection {
                 Some(n) => blocks_like(attr_int(n, "bits").unwrap_or(4) as u32),
                 None => MapStorage::Float(stream),
@@ -120,7 +125,27 @@ impl MapStorage {
             WeightFormat::Bf16 => MapStorage::Float(DType::BF16),
             WeightFormat::Int4 => blocks_like(4),
             WeightFormat::Int8 => blocks_like(8),
-        })
+        };
+        let d = blocks.hidden_size;
+        match storage {
+            MapStorage::Blocks { bits, block_size, .. } => {
+                ensure!(
+                    block_size >= 16 && block_size.is_power_of_two(),
+                    "--block-size {block_size}: MatMulNBits blocks are a power of two of at least 16"
+                );
+                ensure!(
+                    d.is_multiple_of(block_size),
+                    "{}: the hidden size {d} is not a multiple of the block size {block_size}, and {bits}-bit \
+                     maps (MatMulNBits) quantise whole blocks of inputs; choose a --block-size that divides {d}, \
+                     or --weight-format f32|f16",
+                    model.path.display()
+                );
+            }
+            MapStorage::Float(_) => {
+                ensure!(block_size.is_none(), "--block-size applies to --weight-format int4|int8 only")
+            }
+        }
+        Ok(storage)
     }
 }
 

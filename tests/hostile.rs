@@ -145,6 +145,17 @@ fn flags_out_of_range_are_refused_naming_the_flag() {
     let (model, stats, corpus) =
         (s.model.to_str().unwrap(), s.stats.to_str().unwrap(), s.corpus.to_str().unwrap());
     refused(d, &["rewrite", model, "--stats", stats, "--max-bound", "nan"], "--max-bound");
+    // int4 maps quantise whole blocks of inputs: the hidden size (64) must be a multiple.
+    let int4 = |block: &'static str| {
+        ["rewrite", model, "--stats", stats, "--weight-format", "int4", "--block-size", block]
+    };
+    refused(d, &int4("128"), "the hidden size 64 is not a multiple of the block size 128");
+    refused(d, &int4("24"), "--block-size 24: MatMulNBits blocks are a power of two");
+    refused(
+        d,
+        &["rewrite", model, "--stats", stats, "--block-size", "32"],
+        "--block-size applies to --weight-format int4|int8",
+    );
     refused(d, &["check", model, "--reference", model, "--max-kl", "nan"], "--max-kl");
     refused(d, &["check", model, "--reference", model, "--min-top1=-1"], "--min-top1");
     let out = d.join("out.st");
@@ -276,6 +287,37 @@ fn damaged_models_are_refused_before_anything_is_written() {
         let g = p.graph.as_mut().unwrap();
         g.output.push(nbl_onnx::onnx::build::tensor_value("nowhere", nbl_onnx::onnx::DType::F32, None));
     });
+    // An operator the walk cannot see through on the stream between layers 0 and 1 (as a
+    // quantisation format unknown to the tool would put there): refused by name, not taken as the
+    // end of a one-layer model.
+    let unknown = damaged_model(d, fixture, "unknown.onnx", |p| {
+        use nbl_onnx::onnx::proto::{NodeProto, OperatorSetIdProto};
+        let g = p.graph.as_mut().unwrap();
+        let at = g.node.iter().position(|n| n.name() == "/model/layers.0/Add_1").unwrap();
+        let stream = g.node[at].output[0].clone();
+        let requantized = format!("{stream}/requantized");
+        for n in &mut g.node {
+            for input in n.input.iter_mut().filter(|i| **i == stream) {
+                *input = requantized.clone();
+            }
+        }
+        let node = NodeProto {
+            name: Some("/model/layers.0/requantize".into()),
+            op_type: Some("ResidualRequantize".into()),
+            domain: Some("com.example".into()),
+            input: vec![stream],
+            output: vec![requantized],
+            ..Default::default()
+        };
+        g.node.insert(at + 1, node);
+        p.opset_import.push(OperatorSetIdProto { domain: Some("com.example".into()), version: Some(1) });
+    });
+    for command in [
+        vec!["inspect", unknown.as_str()],
+        vec!["rewrite", unknown.as_str(), "--data", corpus, "--seq-len", "16"],
+    ] {
+        refused(d, &command, "through node \"/model/layers.0/requantize\" (com.example::ResidualRequantize)");
+    }
     refused(d, &["inspect", &skip_alone], "has 1 inputs; SkipSimplifiedLayerNormalization takes 3 to 4");
     refused(d, &["inspect", &wide_add], "has 100000 inputs; Add takes 2 to 2");
     refused(d, &["inspect", &undefined_output], "graph output \"nowhere\" is not produced");
