@@ -12,10 +12,12 @@
 # and the cost of measured and sequential against one calibration pass. Writes
 # bench/selection.{json,md}; scripts/bench-smollm2.sh runs it and puts the table in the README.
 #
-#   scripts/bench-selection.sh      # about an hour on 2 cores; reuses bench/tmp/stats.safetensors
+#   scripts/bench-selection.sh            # about an hour on 2 cores; reuses bench/tmp/stats.safetensors
+#   scripts/bench-selection.sh --resume   # reuses the one-shot rewrites and their evaluation
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seq_len=512 stage_size=2 stage_samples=48 probe_blocks=2
+seq_len=512 stage_size=2 stage_samples=48 probe_blocks=2 resume=0
+[[ ${1:-} == --resume ]] && resume=1
 data=../shared/data/c4_demo.json
 model=models/smollm2-optimum/model.onnx
 [[ -f $data ]] || { echo "error: $data not found" >&2; exit 2; }
@@ -37,17 +39,21 @@ if [[ ! -f $stats ]]; then
   echo "==> calibrating on documents 0-199"
   "$nbl" calibrate "$model" --data "$work/calibration.json" --seq-len "$seq_len" --samples 256 -o "$stats"
 fi
-echo "==> one calibration pass of $stage_samples blocks, for the cost of a stage"
-/usr/bin/time -f "%e" -o "$work/pass.time" "$nbl" calibrate "$model" --data "$work/calibration.json" \
-  --seq-len "$seq_len" --samples "$stage_samples" -o "$work/pass.safetensors" 2> "$work/pass.log"
+if ! ((resume)) || [[ ! -f $work/pass.time ]]; then
+  echo "==> one calibration pass of $stage_samples blocks, for the cost of a stage"
+  /usr/bin/time -f "%e" -o "$work/pass.time" "$nbl" calibrate "$model" --data "$work/calibration.json" \
+    --seq-len "$seq_len" --samples "$stage_samples" -o "$work/pass.safetensors" 2> "$work/pass.log"
+fi
 
-rewrite() { # rewrite NAME K ARGS...: the rewrite into $work/NAME-kK, timed
+rewrite() { # rewrite NAME K ARGS...: the rewrite of K layers (or of --layer-ids) into $work/NAME-kK, timed
   local name=$1 k=$2
   shift 2
   local out="$work/$name-k$k"
   rm -rf "$out" && mkdir -p "$out"
   echo "==> $name, k = $k"
-  /usr/bin/time -f "%e" -o "$out/time" "$nbl" rewrite "$model" --stats "$stats" --layers "$k" \
+  local choice=(--layers "$k")
+  [[ " $* " == *" --layer-ids "* ]] && choice=()
+  /usr/bin/time -f "%e" -o "$out/time" "$nbl" rewrite "$model" --stats "$stats" "${choice[@]}" \
     --data "$work/calibration.json" --seq-len "$seq_len" -o "$out/model.onnx" --report "$out/report.json" "$@" \
     2> "$out/log"
 }
@@ -57,18 +63,22 @@ evaluate() { # evaluate OUT MODELS...: the original and MODELS on documents 200-
   "$nbl" eval "$model" "$@" --data "$work/evaluation.json" --seq-len "$seq_len" --engine ort --json > "$out"
 }
 
-for k in 4 8 12; do
-  for criterion in cca cosine residual weighted-cca; do
-    rewrite "$criterion" "$k" --criterion "$criterion"
+if ((resume)) && [[ -f $work/eval-first.json ]]; then
+  echo "==> reusing the one-shot rewrites and $work/eval-first.json"
+else
+  for k in 4 8 12; do
+    for criterion in cca cosine residual weighted-cca; do
+      rewrite "$criterion" "$k" --criterion "$criterion"
+    done
+    rewrite measured "$k" --criterion measured --probe-blocks "$probe_blocks"
+    rewrite drop "$k" --criterion cosine --replace drop
   done
-  rewrite measured "$k" --criterion measured --probe-blocks "$probe_blocks"
-  rewrite drop "$k" --criterion cosine --replace drop
-done
-first=(cca cosine residual weighted-cca measured drop)
-paths=()
-for name in "${first[@]}"; do for k in 4 8 12; do paths+=("$work/$name-k$k/model.onnx"); done; done
-echo "==> evaluating ${#paths[@]} rewrites and the original on documents 200-299"
-evaluate "$work/eval-first.json" "${paths[@]}"
+  first=(cca cosine residual weighted-cca measured drop)
+  paths=()
+  for name in "${first[@]}"; do for k in 4 8 12; do paths+=("$work/$name-k$k/model.onnx"); done; done
+  echo "==> evaluating ${#paths[@]} rewrites and the original on documents 200-299"
+  evaluate "$work/eval-first.json" "${paths[@]}"
+fi
 
 best=$(python3 - "$work/eval-first.json" <<'PY'
 import json, sys
@@ -80,8 +90,10 @@ PY
 )
 echo "==> sequential fitting with the best ranking at k = 8: $best"
 for k in 4 8 12; do
-  rewrite sequential "$k" --criterion "$best" --sequential --stage-size "$stage_size" --samples "$stage_samples" \
-    --probe-blocks "$probe_blocks"
+  # The layers that ranking chose, in its order: only the fitting differs.
+  ids=$(python3 -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["selected"])))' \
+    "$work/$best-k$k/report.json")
+  rewrite sequential "$k" --layer-ids "$ids" --sequential --stage-size "$stage_size" --samples "$stage_samples"
 done
 evaluate "$work/eval-sequential.json" "$work"/sequential-k{4,8,12}/model.onnx
 

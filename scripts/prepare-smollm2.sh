@@ -14,9 +14,10 @@
 #   models/smollm2-genai/    `python -m onnxruntime_genai.models.builder -p fp32 -e cpu`: model.onnx,
 #                            model.onnx.data, genai_config.json (token ids checked against the GGUF) + the
 #                            checkpoint's tokenizer/config files.
-#   models/smollm2-genai-int4/, smollm2-genai-fp16-cuda/, smollm2-genai-int4-cuda/: the same builder with
-#                            `-p int4 -e cpu` (tied int4 embedding and LM head), `-p fp16 -e cuda` and
-#                            `-p int4 -e cuda`, the formats deployed on CPUs and NVIDIA GPUs.
+#   models/smollm2-genai-int4/, smollm2-genai-fp16/, smollm2-genai-fp16-cuda/, smollm2-genai-int4-cuda/:
+#                            the same builder with `-p int4 -e cpu` (tied int4 embedding and LM head),
+#                            `-p fp16 -e cpu`, `-p fp16 -e cuda` and `-p int4 -e cuda`, the formats
+#                            deployed on CPUs and NVIDIA GPUs.
 #
 # Then sanity checks: both ONNX models vs PyTorch float32 (last-position logits, greedy decoding with the
 # KV cache), a greedy chat completion printed for a human to read, onnxruntime-genai's own generation on
@@ -205,8 +206,10 @@ genai_export() {
 
 genai_export "$genai_dir" fp32 cpu "3/3 "
 # The formats deployed: int4 for CPUs (the builder's default ties the int4 embedding to the LM head,
-# as GatherBlockQuantized + MatMulNBits), fp16 and int4 for CUDA. Not part of the sanity checks.
+# as GatherBlockQuantized + MatMulNBits), fp16 for CPUs and CUDA, int4 for CUDA. Not part of the sanity
+# checks.
 genai_export "$models/smollm2-genai-int4" int4 cpu
+genai_export "$models/smollm2-genai-fp16" fp16 cpu
 genai_export "$models/smollm2-genai-fp16-cuda" fp16 cuda
 genai_export "$models/smollm2-genai-int4-cuda" int4 cuda
 
