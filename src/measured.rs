@@ -80,7 +80,7 @@ pub fn choose(
         .map(|&l| Ok((l, fit_map(stats, l, lambda, gptq).with_context(|| format!("layer {l}"))?)))
         .collect::<Result<_>>()?;
     let interface = Interface::of(model, Some(blocks.hidden_size))?;
-    let reference = log_probs(model, &interface, probe)?;
+    let reference = reference_log_probs(model, &interface, probe)?;
     ensure!(k <= candidates.len(), "cannot choose {k} of {} candidate layers", candidates.len());
     let total: usize = (0..k).map(|i| candidates.len() - i).sum();
     let progress = crate::progress::bar(
@@ -102,7 +102,7 @@ pub fn choose(
                 .map(|(l, m)| (*l, m))
                 .collect();
             let staged = linearised_copy(model, blocks, &chosen, storage)?;
-            let kl = mean_kl(&reference, &log_probs(&staged, &interface, probe)?);
+            let kl = mean_kl(&staged, &interface, probe, &reference)?;
             passes += 1;
             progress.inc(1);
             if best.is_none_or(|(_, b)| kl < b) {
@@ -118,27 +118,40 @@ pub fn choose(
     Ok(MeasuredChoice { steps, passes, probe_tokens, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// Next-token log-probabilities of `model` at every position of every probe block, in f32 (the
-/// reference's are held for the whole search: blocks × positions × vocabulary).
-fn log_probs(model: &Model, interface: &Interface, probe: &Probe<'_>) -> Result<Vec<Vec<f32>>> {
+/// Runs `model` on every probe block and hands `each` the block's next-token log-probabilities,
+/// position by position.
+fn for_each_block(
+    model: &Model,
+    interface: &Interface,
+    probe: &Probe<'_>,
+    mut each: impl FnMut(Vec<Vec<f64>>),
+) -> Result<()> {
     let mut session = probe.engine.load(model, &[])?;
-    let mut all = Vec::new();
     for block in probe.blocks {
         let ids = Array2::from_shape_vec((1, block.len()), block.clone()).expect("one row");
-        let (per_position, _) = next_token_log_probs(interface, session.as_mut(), &ids)?;
-        all.extend(per_position.into_iter().map(|lp| lp.into_iter().map(|v| v as f32).collect::<Vec<f32>>()));
+        each(next_token_log_probs(interface, session.as_mut(), &ids)?.0);
     }
+    Ok(())
+}
+
+/// The original's log-probabilities at every probe position, in f32: they are held for the whole
+/// search (positions × vocabulary).
+fn reference_log_probs(model: &Model, interface: &Interface, probe: &Probe<'_>) -> Result<Vec<Vec<f32>>> {
+    let mut all = Vec::new();
+    for_each_block(model, interface, probe, |block| {
+        all.extend(block.into_iter().map(|lp| lp.into_iter().map(|v| v as f32).collect::<Vec<f32>>()))
+    })?;
     Ok(all)
 }
 
-/// Mean over positions of `KL(p ‖ q)`, in f64.
-fn mean_kl(reference: &[Vec<f32>], model: &[Vec<f32>]) -> f64 {
-    let total: f64 = reference
-        .iter()
-        .zip(model)
-        .map(|(p, q)| {
-            p.iter().zip(q).map(|(&a, &b)| f64::from(a).exp() * (f64::from(a) - f64::from(b))).sum::<f64>()
-        })
-        .sum();
-    total / reference.len().max(1) as f64
+/// Mean over the probe positions of `KL(reference ‖ model)`, in f64, a block at a time.
+fn mean_kl(model: &Model, interface: &Interface, probe: &Probe<'_>, reference: &[Vec<f32>]) -> Result<f64> {
+    let mut positions = reference.iter();
+    let mut total = 0.0;
+    for_each_block(model, interface, probe, |block| {
+        for (q, p) in block.iter().zip(positions.by_ref()) {
+            total += p.iter().zip(q).map(|(&a, &b)| f64::from(a).exp() * (f64::from(a) - b)).sum::<f64>();
+        }
+    })?;
+    Ok(total / reference.len().max(1) as f64)
 }

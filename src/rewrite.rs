@@ -219,20 +219,20 @@ pub fn rewrite_selected(
         "writing maps {bar:40} {pos}/{len} layers  ETA {eta}",
         "layers",
     );
-    let MapSource { stats, fitted } = maps;
+    let MapSource { stats, mut fitted } = maps;
     let sequential = fitted.is_some();
-    let mut fitted = fitted.unwrap_or_default();
     let edits = analysis.selected.iter().map(|&l| {
         progress.inc(1);
         let block = blocks.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
-        let map = if sequential {
-            let at = fitted
-                .iter()
-                .position(|(layer, _)| *layer == l)
-                .with_context(|| format!("no map of layer {l}"))?;
-            fitted.swap_remove(at).1
-        } else {
-            fit_map(stats, l, analysis.lambda, gptq)?
+        let map = match &mut fitted {
+            Some(maps) => {
+                let at = maps
+                    .iter()
+                    .position(|(layer, _)| *layer == l)
+                    .with_context(|| format!("no map of layer {l}"))?;
+                maps.swap_remove(at).1
+            }
+            None => fit_map(stats, l, analysis.lambda, gptq)?,
         };
         Ok(LayerEdit { block, map: Some(map) })
     });

@@ -284,16 +284,7 @@ impl Stats {
     /// Reads statistics from the bytes of a file (`path` names it in messages), checking every
     /// tensor: see [`Stats::load`].
     pub fn from_bytes(map: &[u8], path: &Path) -> Result<Stats> {
-        let header = Header::parse(map, path)?;
-        let read = |i: usize, heldout: bool| header.moments(&map, i, heldout);
-        let moments = (0..header.layers.len()).map(|i| read(i, false)).collect::<Result<Vec<_>>>()?;
-        let heldout = if header.has_heldout {
-            Some((0..header.layers.len()).map(|i| read(i, true)).collect::<Result<Vec<_>>>()?)
-        } else {
-            None
-        };
-        let Header { fingerprint, hidden_size, layers, data, .. } = header;
-        Ok(Stats { fingerprint, hidden_size, layers, moments, heldout, data })
+        Header::parse(map, path)?.read_all(&map)
     }
 
     /// Combines statistics of the same model into what one run gives: files of disjoint data
@@ -540,6 +531,21 @@ impl Header {
         Ok(())
     }
 
+    /// Every layer's moments (and held-out moments, where the file has them), in memory.
+    fn read_all(&self, bytes: &dyn ReadAt) -> Result<Stats> {
+        let read = |heldout: bool| {
+            (0..self.layers.len()).map(|i| self.moments(bytes, i, heldout)).collect::<Result<Vec<_>>>()
+        };
+        Ok(Stats {
+            fingerprint: self.fingerprint.clone(),
+            hidden_size: self.hidden_size,
+            layers: self.layers.clone(),
+            moments: read(false)?,
+            heldout: if self.has_heldout { Some(read(true)?) } else { None },
+            data: self.data.clone(),
+        })
+    }
+
     /// The token count of the `index`-th layer (the same for every layer).
     fn count(&self, bytes: &dyn ReadAt, index: usize, heldout: bool) -> Result<u64> {
         let info = &self.layers[index];
@@ -658,23 +664,7 @@ impl StatsFile {
 
     /// Every layer's moments, in memory.
     pub fn read_all(&self) -> Result<Stats> {
-        let read = |i: usize, heldout: bool| self.header.moments(&self.file, i, heldout);
-        let layers = 0..self.header.layers.len();
-        let moments = layers.clone().map(|i| read(i, false)).collect::<Result<Vec<_>>>()?;
-        let heldout = if self.header.has_heldout {
-            Some(layers.map(|i| read(i, true)).collect::<Result<Vec<_>>>()?)
-        } else {
-            None
-        };
-        let h = &self.header;
-        Ok(Stats {
-            fingerprint: h.fingerprint.clone(),
-            hidden_size: h.hidden_size,
-            layers: h.layers.clone(),
-            moments,
-            heldout,
-            data: h.data.clone(),
-        })
+        self.header.read_all(&self.file)
     }
 }
 

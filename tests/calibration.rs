@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use nbl_onnx::blocks::find_blocks;
@@ -14,6 +14,14 @@ use nbl_onnx::onnx::{Model, Tensor};
 use nbl_onnx::stats::{Moments, Stats};
 
 /// The fixture's reference token ids as calibration blocks.
+/// `merge-stats PARTS... -o OUT`.
+fn merge_stats(parts: &[&Path], out: &Path) -> std::process::Output {
+    let mut args = vec!["merge-stats"];
+    args.extend(parts.iter().map(|p| p.to_str().unwrap()));
+    args.extend(["-o", out.to_str().unwrap()]);
+    nbl(&args)
+}
+
 fn reference_blocks(name: &str) -> Vec<Vec<i64>> {
     let Tensor::I64(ids) = reference(name)["inputs.input_ids"].clone() else { panic!("int64 ids") };
     ids.outer_iter().map(|row| row.iter().copied().collect()).collect()
@@ -187,13 +195,7 @@ fn layer_ranges_calibrated_apart_join_into_exactly_one_run() {
         ok(calibrate(&path("last"), &["--layer-range", "2..99"], "10"));
         assert_eq!(Stats::load(&path("first")).unwrap().layers.len(), 2);
         // Given last first: the joined file lists the layers in order all the same.
-        let merge = |parts: &[&Path], out: &Path| {
-            let mut args = vec!["merge-stats"];
-            args.extend(parts.iter().map(|p| p.to_str().unwrap()));
-            args.extend(["-o", out.to_str().unwrap()]);
-            nbl(&args)
-        };
-        ok(merge(&[&path("last"), &path("first")], &path("joined")));
+        ok(merge_stats(&[&path("last"), &path("first")], &path("joined")));
         let (whole, joined) = (Stats::load(&path("whole")).unwrap(), Stats::load(&path("joined")).unwrap());
         assert_eq!(whole.layers, joined.layers, "{fixture}");
         assert_eq!(whole.fingerprint, joined.fingerprint);
@@ -205,11 +207,14 @@ fn layer_ranges_calibrated_apart_join_into_exactly_one_run() {
 
         ok(calibrate(&path("middle"), &["--layer-range", "1..3"], "10"));
         assert_bad_input(
-            &merge(&[&path("first"), &path("middle")], &path("bad")),
+            &merge_stats(&[&path("first"), &path("middle")], &path("bad")),
             "already part of the merge",
         );
         ok(calibrate(&path("last-other-data"), &["--layer-range", "2..3"], "8"));
-        assert_bad_input(&merge(&[&path("first"), &path("last-other-data")], &path("bad")), "other data");
+        assert_bad_input(
+            &merge_stats(&[&path("first"), &path("last-other-data")], &path("bad")),
+            "other data",
+        );
         assert_bad_input(
             &calibrate(&path("bad"), &["--layer-range", "5..9"], "10"),
             "none of the model's layers",
@@ -245,10 +250,7 @@ fn sharded_calibration_merges_into_exactly_one_run() {
         shards.push(path);
     }
     let merged = dir.path().join("merged.safetensors");
-    let mut args = vec!["merge-stats"];
-    args.extend(shards.iter().map(|p| p.to_str().unwrap()));
-    args.extend(["-o", merged.to_str().unwrap()]);
-    let out = nbl(&args);
+    let out = merge_stats(&shards.iter().map(PathBuf::as_path).collect::<Vec<_>>(), &merged);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
     let (a, b) = (Stats::load(&whole).unwrap(), Stats::load(&merged).unwrap());
@@ -267,26 +269,12 @@ fn sharded_calibration_merges_into_exactly_one_run() {
     std::fs::copy(&shards[0], &copy).unwrap();
     let twice = dir.path().join("twice.safetensors");
     for (second, needle) in [(&shards[0], "is given twice"), (&copy, "already part of the merge")] {
-        let out = nbl(&[
-            "merge-stats",
-            shards[0].to_str().unwrap(),
-            second.to_str().unwrap(),
-            "-o",
-            twice.to_str().unwrap(),
-        ]);
-        assert_bad_input(&out, needle);
+        assert_bad_input(&merge_stats(&[&shards[0], second], &twice), needle);
     }
     // So is a whole run merged with itself.
     let whole_copy = dir.path().join("whole-copy.safetensors");
     std::fs::copy(&whole, &whole_copy).unwrap();
-    let out = nbl(&[
-        "merge-stats",
-        whole.to_str().unwrap(),
-        whole_copy.to_str().unwrap(),
-        "-o",
-        twice.to_str().unwrap(),
-    ]);
-    assert_bad_input(&out, "already part of the merge");
+    assert_bad_input(&merge_stats(&[&whole, &whole_copy], &twice), "already part of the merge");
     assert!(!twice.exists());
 }
 
@@ -559,14 +547,7 @@ fn held_out_blocks_show_what_the_fit_hides() {
     let plain = dir.path().join("plain.safetensors");
     assert_eq!(calibrate(&plain, &["--shard", "0/2"]).status.code(), Some(0));
     let merged = dir.path().join("merged.safetensors");
-    let out = nbl(&[
-        "merge-stats",
-        held.to_str().unwrap(),
-        plain.to_str().unwrap(),
-        "-o",
-        merged.to_str().unwrap(),
-    ]);
-    assert_bad_input(&out, "held-out moments");
+    assert_bad_input(&merge_stats(&[&held, &plain], &merged), "held-out moments");
     assert_bad_input(&calibrate(&merged, &["--holdout-every", "20"]), "holds out none");
     assert!(!merged.exists());
 }
