@@ -586,14 +586,14 @@ def genai_layer_outputs(onnx_path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------
 # Exporters. Each writes model.onnx (+ data) into `out` and returns (exporter name, exporter version).
 # ---------------------------------------------------------------------------------------------------------
-def export_optimum(hf_dir: Path, out: Path, with_past: bool) -> tuple[str, str]:
-    """Equivalent of `optimum-cli export onnx -m HF_DIR --task text-generation[-with-past] OUT`."""
+def export_optimum(hf_dir: Path, out: Path, with_past: bool, dtype: str = "fp32") -> tuple[str, str]:
+    """Equivalent of `optimum-cli export onnx -m HF_DIR --task text-generation[-with-past] --dtype DTYPE OUT`."""
     from importlib.metadata import version
 
     from optimum.exporters.onnx import main_export
 
     task = "text-generation-with-past" if with_past else "text-generation"
-    main_export(str(hf_dir), output=str(out), task=task, device="cpu")
+    main_export(str(hf_dir), output=str(out), task=task, device="cpu", dtype=dtype)
     return "optimum-onnx", f"optimum-onnx {version('optimum-onnx')} (optimum {version('optimum')})"
 
 
@@ -707,6 +707,12 @@ FIXTURES = [
     Fixture("llama-optimum-past", "llama", lambda h, o, a: export_optimum(h, o, with_past=True),
             notes="KV cache inputs past_key_values.N.key/value, outputs present.N.key/value."),
     Fixture("llama-optimum-nopast", "llama", lambda h, o, a: export_optimum(h, o, with_past=False)),
+    # Exported on the CPU; the same export on CUDA (--device cuda) writes a byte-identical graph.
+    Fixture("llama-optimum-fp16", "llama", lambda h, o, a: export_optimum(h, o, with_past=True, dtype="fp16"),
+            dtype="float16", tolerance=5e-2,
+            notes="--dtype fp16: float16 weights, KV cache and logits. The branches compute in float16, but the residual sums run in float32 (the "
+                  "f16 embedding is cast up before layer 0's Add), the attention's softmax and o_proj run in "
+                  "float32 (the mask is float32), and the norms compute in float32."),
     Fixture("llama-optimum-extdata", "llama", _optimum_extdata,
             notes="llama-optimum-past re-saved by onnx.save_model with every initializer in "
                   "model.onnx_data."),

@@ -109,6 +109,13 @@ pub struct AttentionBlock {
     pub nodes: usize,
     pub kv_inputs: Vec<String>,
     pub kv_outputs: Vec<String>,
+    /// The stream as the junction adds to it, which a linear map reads in place of the attention:
+    /// `x`, or a widening Cast of it where the stream's sums run in a wider type than `x` (Optimum's
+    /// fp16 exports add the f16 embedding to an f32 stream).
+    pub map_input: String,
+    /// The element type the junction adds in, which a map's output and bias take.
+    #[serde(serialize_with = "dtype_or_unknown")]
+    pub dtype: Option<DType>,
     #[serde(skip)]
     pub junction: Junction,
 }
@@ -233,6 +240,13 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
                     );
                 }
                 attention_y = Some(term.tensor);
+                // The junction reads the stream itself or one of its views; where it reads neither
+                // (the attention term of a parallel block meets the MLP's first), `x`.
+                let views = stream_views(graph, &index, stream);
+                let read =
+                    |t: &TensorId| graph.node[term.port.0].input.iter().any(|i| index.id(i) == Some(*t));
+                let map_input =
+                    if read(&stream) { stream } else { views.iter().copied().find(read).unwrap_or(stream) };
                 layers.push(AttentionBlock {
                     layer: layers.len(),
                     x: index.name(stream).to_string(),
@@ -242,6 +256,8 @@ pub fn find_blocks(model: &Model) -> Result<Blocks> {
                     nodes: analysis.dying.len(),
                     kv_inputs: analysis.kv_inputs.iter().map(|&t| index.name(t).to_string()).collect(),
                     kv_outputs: analysis.kv_outputs.iter().map(|&t| index.name(t).to_string()).collect(),
+                    map_input: index.name(map_input).to_string(),
+                    dtype: stream_dtype(graph, &index, map_input),
                     junction: Junction { node: term.port.0, slot: term.port.1 },
                 });
             }
@@ -438,30 +454,36 @@ fn embedding_table(graph: &GraphProto, index: &GraphIndex, table: TensorId) -> O
 }
 
 /// The tensors that carry the stream value `s` into a branch: `s` itself, the outputs of `Identity`
-/// nodes and of `Cast`s that keep its type reading it (TorchScript exports keep the norm's
-/// `x.to(float32)` on the residual path even when it is a no-op), and, when `s` is the sum output
+/// nodes and of `Cast`s that keep every value reading it (to its own type: TorchScript exports keep
+/// the norm's `x.to(float32)` on the residual path even when it is a no-op; or wider: Optimum's
+/// fp16 exports add the f16 embedding to an f32 residual stream), and, when `s` is the sum output
 /// of a fused Skip norm, that node's normalised outputs (the norm is fused into the junction). A
-/// Cast to another type is a step of its own: the stream's type changes there.
+/// narrowing Cast is a step of its own: it rounds the stream.
 fn stream_views(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Vec<TensorId> {
-    // Identities and casts to the stream's own type, and chains of them (a dropped branch leaves
-    // the Cast that fed its junction in front of the next one's).
-    let dtype = stream_dtype(graph, index, s);
-    let mut views = vec![s];
+    // Chains of them too (a dropped branch leaves the Cast that fed its junction in front of the
+    // next one's), each view with its own type.
+    let mut views = vec![(s, stream_dtype(graph, index, s))];
     let mut next = 0;
     while next < views.len() {
-        let view = views[next];
+        let (view, dtype) = views[next];
         next += 1;
         for &(c, _) in index.consumers(view) {
             let n = &graph.node[c];
-            let same_type = || {
-                let to = crate::onnx::attr_int(n, "to").map(|code| DType::from_onnx(code as i32));
-                to.is_none() || dtype.is_none() || to == dtype
+            let to = (n.op_type() == "Cast")
+                .then(|| crate::onnx::attr_int(n, "to").map(|code| DType::from_onnx(code as i32)))
+                .flatten();
+            let keeps_values = match (dtype, to) {
+                (Some(from), Some(to)) => from.widens_to(to),
+                _ => true,
             };
-            if n.op_type() == "Identity" || (n.op_type() == "Cast" && same_type()) {
-                views.extend(index.output(c, 0).filter(|o| !views.contains(o)));
+            if (n.op_type() == "Identity" || (n.op_type() == "Cast" && keeps_values))
+                && let Some(out) = index.output(c, 0).filter(|o| views.iter().all(|(v, _)| v != o))
+            {
+                views.push((out, to.or(dtype)));
             }
         }
     }
+    let mut views: Vec<TensorId> = views.into_iter().map(|(v, _)| v).collect();
     if let Some((node, 3)) = index.producer(s)
         && SKIP_NORM_OPS.contains(&graph.node[node].op_type())
     {

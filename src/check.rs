@@ -227,6 +227,10 @@ pub fn run(
             options.gen_tokens
         );
     }
+    // The reference stands for its function: its exporter's shape annotations are hints the
+    // rewrite does not carry, and a wrong one must not keep it from decoding.
+    let reference = reference.map(Model::without_value_info);
+    let reference = reference.as_ref();
     let mut report = CheckReport { model: model.path.display().to_string(), ..Default::default() };
     report.problems = structure(model);
     let hidden_size = blocks.map(|b| b.hidden_size);
@@ -266,7 +270,23 @@ pub fn run(
                 (format!("unsupported: {}", format!("{e:#}").lines().next().unwrap_or("")), vec![])
             }
             Err(e) => {
-                report.problems.push(format!("{}: {e:#}", engine.describe()));
+                let mut problem = format!("{}: {e:#}", engine.describe());
+                if !model.graph().value_info.is_empty()
+                    && run_and_decode(
+                        &model.without_value_info(),
+                        hidden_size,
+                        engine,
+                        prompt,
+                        options.decode_steps,
+                    )
+                    .is_ok()
+                {
+                    problem.push_str(
+                        " (it runs without the model's value_info: the exporter's shape annotations of \
+                         intermediate tensors are wrong; a `nbl-onnx rewrite` output carries none)",
+                    );
+                }
+                report.problems.push(problem);
                 (format!("failed: {e:#}"), vec![])
             }
         };

@@ -4,7 +4,8 @@
 //! KV layers the model declares, gaps included, and per-layer settings (`sliding_window.layers`)
 //! keep meaning the layers they meant. Renumbering them would change the model's interface for
 //! nothing and shift those settings onto other layers. The config is written beside the new model
-//! with its file name, with the tokenizer files.
+//! with its file name, with the tokenizer files; any other model written to a directory of its own
+//! gets the tokenizer and config files too.
 
 use std::path::{Path, PathBuf};
 
@@ -27,20 +28,24 @@ const COMPANION_FILES: &[&str] = &[
     "tokenizer.model",
 ];
 
-/// What goes beside a rewritten GenAI model: its config and the tokenizer files to copy.
+/// What goes beside a rewritten model in a directory of its own: the tokenizer and config files
+/// a runtime loads from the model's directory (Optimum's `ORTModelForCausalLM` needs `config.json`,
+/// `check` and `eval` the tokenizer), and a GenAI model's updated config.
 pub struct Companion {
     dir: PathBuf,
-    config: serde_json::Value,
+    genai_config: Option<serde_json::Value>,
     files: Vec<PathBuf>,
 }
 
 impl Companion {
     /// Writes the config and copies the files into the output model's directory.
     pub fn write(&self) -> Result<()> {
-        crate::atomic::write(
-            &self.dir.join("genai_config.json"),
-            serde_json::to_string_pretty(&self.config)?.as_bytes(),
-        )?;
+        if let Some(config) = &self.genai_config {
+            crate::atomic::write(
+                &self.dir.join("genai_config.json"),
+                serde_json::to_string_pretty(config)?.as_bytes(),
+            )?;
+        }
         for file in &self.files {
             let name = file.file_name().context("a companion file has a name")?;
             std::fs::copy(file, self.dir.join(name))
@@ -50,33 +55,41 @@ impl Companion {
     }
 }
 
-/// For an ONNX Runtime GenAI model (a `genai_config.json` beside it) to be written at `output`:
-/// what to write beside it. The input's directory is never written to: a GenAI output there gets a
-/// note instead.
+/// For `model` to be written at `output`: what to write beside it. The input's directory is never
+/// written to: a GenAI output there gets a note instead.
 pub fn prepare(model: &Model, output: &Path) -> Result<Option<Companion>> {
     let in_dir = model.dir().to_path_buf();
     let config_path = in_dir.join("genai_config.json");
-    if !config_path.is_file() {
-        return Ok(None);
-    }
+    let genai = config_path.is_file();
     let out_dir = dir_of(output).to_path_buf();
     if std::fs::canonicalize(&out_dir)? == std::fs::canonicalize(&in_dir)? {
-        eprintln!(
-            "note: {} is an ONNX Runtime GenAI model; its genai_config.json is left as it is. Write the \
-             rewritten model into its own directory (-o DIR/model.onnx) to get an updated config and the \
-             tokenizer files beside it",
-            model.path.display()
-        );
+        if genai {
+            eprintln!(
+                "note: {} is an ONNX Runtime GenAI model; its genai_config.json is left as it is. Write the \
+                 rewritten model into its own directory (-o DIR/model.onnx) to get an updated config and the \
+                 tokenizer files beside it",
+                model.path.display()
+            );
+        }
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {}", config_path.display()))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
-    let filename = output.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx");
-    let config = config_for(model, &config, filename)?;
-    let files = COMPANION_FILES.iter().map(|f| in_dir.join(f)).filter(|p| p.is_file()).collect();
-    Ok(Some(Companion { dir: out_dir, config, files }))
+    let genai_config = if genai {
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+        let filename = output.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx");
+        Some(config_for(model, &config, filename)?)
+    } else {
+        None
+    };
+    let files: Vec<PathBuf> =
+        COMPANION_FILES.iter().map(|f| in_dir.join(f)).filter(|p| p.is_file()).collect();
+    Ok((genai_config.is_some() || !files.is_empty()).then_some(Companion {
+        dir: out_dir,
+        genai_config,
+        files,
+    }))
 }
 
 /// The KV-cache naming patterns of a `genai_config.json` (`%d` = layer).

@@ -321,7 +321,10 @@ fn run_check(args: &CheckArgs) -> Result<()> {
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {
-    let models = args.models.iter().map(Model::load).collect::<Result<Vec<_>>>()?;
+    // Each model is scored for its function: exporters' shape annotations can be wrong in ways that
+    // stop a runtime from decoding (see `Model::without_value_info`), and a rewrite carries none.
+    let models =
+        args.models.iter().map(|p| Ok(Model::load(p)?.without_value_info())).collect::<Result<Vec<_>>>()?;
     let blocks = find_blocks(&models[0])?;
     let spec = args.data.spec(models[0].dir(), None, Split::Evaluation)?;
     let packed = spec.pack(models[0].dir(), blocks.vocab_size)?;

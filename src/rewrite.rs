@@ -170,6 +170,8 @@ pub struct RewriteSummary {
     pub kv_bytes_per_token_after: Option<u64>,
     pub removed_inputs: Vec<String>,
     pub removed_outputs: Vec<String>,
+    /// Shape annotations (`value_info`) of intermediate tensors not carried into the output.
+    pub value_info_dropped: usize,
 }
 
 /// The rewrite report (`<stem>.nbl.json`): the analysis that chose the layers, with the models and
@@ -325,11 +327,6 @@ pub fn rewrite_as<'b>(
     storage: MapStorage,
     provenance: &[(&str, String)],
 ) -> Result<RewriteSummary> {
-    let dtype = match blocks.dtype {
-        Some(dtype @ (DType::F32 | DType::F16 | DType::BF16)) => dtype,
-        Some(other) => bail!("cannot write the linear maps in the stream's element type {other}"),
-        None => bail!("cannot tell the stream's element type, so the linear maps cannot be written in it"),
-    };
     let hidden_size = Some(blocks.hidden_size);
     let kv_before = Interface::of(model, hidden_size).ok().map(|i| i.kv_bytes_per_token());
     let before = Footprint::of(model.graph(), |_| true)?;
@@ -346,6 +343,16 @@ pub fn rewrite_as<'b>(
             (Replacement::Linear, Some(LinearMap { w, b, second_moment })) => {
                 let d = w.nrows();
                 let n = edit.block.layer;
+                // The map computes in the type the junction adds in.
+                let dtype = match edit.block.dtype {
+                    Some(dtype @ (DType::F32 | DType::F16 | DType::BF16)) => dtype,
+                    Some(other) => {
+                        bail!("layer {n}: cannot write a linear map in the stream's element type {other}")
+                    }
+                    None => bail!(
+                        "layer {n}: cannot tell the stream's element type, so the linear map cannot be written in it"
+                    ),
+                };
                 // The bias stays in the stream's float type whatever W's format.
                 let b = Array1::from_iter(b.iter().map(|&v| v as f32)).into_dyn();
                 let bias = build::initializer(&format!("nbl.layers.{n}.bias"), Tensor::from_f32(dtype, b)?);
@@ -391,6 +398,13 @@ pub fn rewrite_as<'b>(
         }
     }
     *model.graph_mut() = patch.apply()?.graph;
+    // The exporter's shape annotations of intermediate tensors are optional hints that runtimes
+    // trust, and they are not always right: the GenAI builder's fp16 CPU export labels the keys and
+    // values repeated after the past-cache Concat with `sequence_length` where they have
+    // `total_sequence_length`, and ONNX Runtime's CPU provider then fails at the first decode step
+    // (it sizes the buffers of the Casts it inserts from them). Runtimes infer shapes themselves,
+    // so the rewrite writes none rather than vouch for ones it did not check.
+    let value_info_dropped = std::mem::take(&mut model.graph_mut().value_info).len();
     if matches!(storage, MapStorage::Blocks { .. }) && model.opset("com.microsoft").is_none() {
         model.proto.opset_import.push(crate::onnx::proto::OperatorSetIdProto {
             domain: Some("com.microsoft".into()),
@@ -433,6 +447,7 @@ pub fn rewrite_as<'b>(
         kv_bytes_per_token_after: kv_after,
         removed_inputs,
         removed_outputs,
+        value_info_dropped,
     })
 }
 
@@ -478,7 +493,7 @@ impl Patch<'_> {
             self.add_node(node)?;
             weight = cast;
         }
-        let product = build::node("MatMul", &[&block.x, &weight], &format!("nbl.layers.{n}.matmul"));
+        let product = build::node("MatMul", &[&block.map_input, &weight], &format!("nbl.layers.{n}.matmul"));
         self.splice_map(block, product, vec![w_t], b)
     }
 
@@ -524,7 +539,7 @@ impl Patch<'_> {
         };
         let scales_values = Array1::from_vec(q.scales.clone()).into_dyn();
         let scales_t = build::initializer(&scales, Tensor::from_f32(dtype, scales_values)?);
-        let mut node = build::node("MatMulNBits", &[&block.x, &packed, &scales], &product);
+        let mut node = build::node("MatMulNBits", &[&block.map_input, &packed, &scales], &product);
         node.domain = Some("com.microsoft".into());
         for (name, value) in [
             ("K", q.k as i64),

@@ -127,6 +127,15 @@ impl Model {
         self.proto.graph.as_mut().expect("checked at load")
     }
 
+    /// A copy without the graph's `value_info`: the same function, with none of the exporter's
+    /// shape annotations of intermediate tensors. Runtimes trust those annotations, and some are
+    /// wrong (see [`crate::rewrite::rewrite_as`]).
+    pub fn without_value_info(&self) -> Model {
+        let mut copy = Model { path: self.path.clone(), proto: self.proto.clone() };
+        copy.graph_mut().value_info.clear();
+        copy
+    }
+
     /// The opset version imported for `domain` ("" is ai.onnx).
     pub fn opset(&self, domain: &str) -> Option<i64> {
         self.proto

@@ -69,6 +69,13 @@ impl DType {
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
     }
+
+    /// Whether every value of `self` is exactly a value of `to`: a Cast from `self` to `to`
+    /// changes the type, not the value.
+    pub fn widens_to(self, to: DType) -> bool {
+        use DType::*;
+        self == to || matches!((self, to), (F16 | BF16, F32 | F64) | (F32, F64))
+    }
 }
 
 impl std::fmt::Display for DType {
