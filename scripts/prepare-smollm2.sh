@@ -18,6 +18,8 @@
 #                            the same builder with `-p int4 -e cpu` (tied int4 embedding and LM head),
 #                            `-p fp16 -e cpu`, `-p fp16 -e cuda` and `-p int4 -e cuda`, the formats
 #                            deployed on CPUs and NVIDIA GPUs.
+#   models/smollm2-optimum-fp16/: `optimum-cli export onnx --dtype fp16` on the CPU (the graph is the one
+#                            `--device cuda` writes: f16 branches, an f32 residual stream).
 #
 # Then sanity checks: both ONNX models vs PyTorch float32 (last-position logits, greedy decoding with the
 # KV cache), a greedy chat completion printed for a human to read, onnxruntime-genai's own generation on
@@ -181,6 +183,21 @@ else
   "$py" "$helper" fix-export "$hf_dir" "$tmp"
   rm -rf "$optimum_dir"
   mv "$tmp" "$optimum_dir"
+fi
+
+# Optimum's fp16 export, not part of the sanity checks (its own validation compares it with PyTorch fp16).
+optimum_fp16_dir="$models/smollm2-optimum-fp16"
+if [[ -f "$optimum_fp16_dir/model.onnx" && -f "$optimum_fp16_dir/tokenizer.json" ]]; then
+  step "Optimum fp16 export: $optimum_fp16_dir exists, skipping"
+else
+  step "Optimum export (text-generation-with-past, fp16): $optimum_fp16_dir"
+  tmp="$optimum_fp16_dir.tmp"
+  rm -rf "$tmp"
+  run_nice "$export_venv/bin/optimum-cli" export onnx -m "$hf_dir" --task text-generation-with-past \
+    --dtype fp16 --device cpu "$tmp"
+  "$py" "$helper" fix-export "$hf_dir" "$tmp"
+  rm -rf "$optimum_fp16_dir"
+  mv "$tmp" "$optimum_fp16_dir"
 fi
 
 # ---------------------------------------------------------------------------------------------------------

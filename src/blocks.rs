@@ -607,6 +607,9 @@ const PROLOGUE_OPS: &[&str] = &[
     "LayerNormalization",
     "SimplifiedLayerNormalization",
     "RMSNormalization",
+    // ONNX Runtime's dynamic quantiser stores the embedding table in int8 and dequantises the rows
+    // it gathers.
+    "DequantizeLinear",
 ];
 
 /// The next stream tensor of the prologue: `s` read by exactly one node (besides shape reads) of
@@ -853,6 +856,8 @@ fn stream_dtype(graph: &GraphProto, index: &GraphIndex, t: TensorId) -> Option<D
     let n = &graph.node[node];
     match n.op_type() {
         "Cast" => crate::onnx::attr_int(n, "to").map(|c| DType::from_onnx(c as i32)),
+        // Dequantised values take the scale's type.
+        "DequantizeLinear" => stream_dtype(graph, index, index.input(node, 1)?),
         // Gather (the embedding's table), Add and the norms keep their first input's type.
         _ => stream_dtype(graph, index, index.input(node, 0)?),
     }
@@ -1150,7 +1155,12 @@ mod tests {
             node("Gather", &["embed", "input_ids"], "tok"),
             node("LayerNormalization", &["tok", "g_emb", "b_emb"], "h0"),
         ];
-        for prologue in [gemma, gpt2, bloom] {
+        // ONNX Runtime's dynamic quantiser: an int8 table, its gathered rows dequantised.
+        let dynamic_int8 = vec![
+            node("Gather", &["embed", "input_ids"], "tok_quantized"),
+            node("DequantizeLinear", &["tok_quantized", "embed_scale", "embed_zero_point"], "h0"),
+        ];
+        for prologue in [gemma, gpt2, bloom, dynamic_int8] {
             let blocks = find_blocks(&two_layers(prologue, sequential_layer)).unwrap();
             assert_eq!(blocks.layers.len(), 2);
             assert_eq!(blocks.layers[0].x, "h0");
