@@ -80,7 +80,7 @@ for name in names:
         "bench": load(name, "bench.json"),
     }
 Path("bench/fp16.json").write_text(json.dumps(result, indent=2) + "\n")
-print("\n| export | W | check | perplexity (original → k = 8) | KL | top-1 | common tokens of 16 | prefill x | decode x |")
+print("\n| export | W | check | perplexity (original → k = 8) | KL | top-1 | greedy tokens in common | prefill x | decode x |")
 print("|---|---|---|---|---|---|---|---|---|")
 for name, r in result.items():
     original, rewritten = r["eval"]["models"]
@@ -90,5 +90,6 @@ for name, r in result.items():
     w = r["weight_format"].get("Float", r["weight_format"]) if isinstance(r["weight_format"], dict) else r["weight_format"]
     print(f"| {name} | {w} | {check} | {original['ppl']:.2f} → {rewritten['ppl']:.2f} | "
           f"{rewritten['kl_vs_first']:.3f} | {rewritten['top1_vs_first']:.3f} | "
-          f"{generation.get('mean_common_tokens', float('nan')):.2f} | {m['prefill_speedup']:.2f} | {m['decode_speedup']:.2f} |")
+          f"{generation.get('mean_common_tokens', float('nan')):.2f} of {generation.get('tokens', '-')} | "
+          f"{m['prefill_speedup']:.2f} | {m['decode_speedup']:.2f} |")
 PY

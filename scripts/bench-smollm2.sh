@@ -6,7 +6,9 @@
 # of the same model is calibrated on the same data (its layer ranking must match the Optimum one's)
 # and its NBL rewrites are timed too: its attention is one fused GroupQueryAttention node, so its
 # speed-ups show what the multiply-add count predicts without the decomposed graph's overheads.
-# Writes bench/results.json, bench/results.md (the README's table) and bench/results.svg.
+# Writes bench/results.json, bench/results.md (the README's table) and bench/results.svg, then runs
+# scripts/bench-selection.sh, and on the CPU scripts/bench-fp16.sh and scripts/bench-int4.sh where
+# their exports exist.
 #
 #   scripts/bench-smollm2.sh [--ep cpu|cuda|tensorrt] [--runs N]
 #
@@ -114,3 +116,14 @@ python3 scripts/bench_report.py "$work"
 
 echo "==> choosing and fitting layers: scripts/bench-selection.sh"
 scripts/bench-selection.sh
+
+# The deployed formats, where their exports exist (the GenAI int4 one needs onnxruntime-genai too).
+if [[ $ep == cpu && -f models/smollm2-genai-fp16/model.onnx && -f models/smollm2-optimum-fp16/model.onnx ]]; then
+  echo "==> fp16 exports: scripts/bench-fp16.sh"
+  scripts/bench-fp16.sh --runs "$runs"
+fi
+ort_python="${NBL_ORT_DIR:-$HOME/.cache/nbl-onnx/onnxruntime}/cpu/venv/bin/python"
+if [[ $ep == cpu && -f models/smollm2-genai-int4/model.onnx ]] && "$ort_python" -c "import onnxruntime_genai" 2>/dev/null; then
+  echo "==> int4 export: scripts/bench-int4.sh"
+  scripts/bench-int4.sh --runs "$runs"
+fi
