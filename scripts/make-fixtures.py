@@ -698,6 +698,21 @@ def _optimum_extdata(hf_dir: Path, out: Path, _args: argparse.Namespace) -> tupl
     return exporter
 
 
+def _optimum_dynamic_int8(hf_dir: Path, out: Path, _args: argparse.Namespace) -> tuple[str, str]:
+    """The Optimum export quantised by ONNX Runtime's `quantize_dynamic` (int8 weights)."""
+    from importlib.metadata import version
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, exporter_version = export_optimum(hf_dir, Path(tmp), with_past=True)
+        quantize_dynamic(Path(tmp) / "model.onnx", out / "model.onnx", weight_type=QuantType.QInt8)
+        for name in HF_FILES:
+            if (Path(tmp) / name).exists():
+                shutil.copy(Path(tmp) / name, out / name)
+    return "onnxruntime.quantization", f"quantize_dynamic (onnxruntime {version('onnxruntime')}) of {exporter_version}"
+
+
 def _optimum(notes: str = "", **kwargs) -> dict:
     return dict(export=lambda h, o, a: export_optimum(h, o, with_past=True), notes=notes, optional=True,
                 **kwargs)
@@ -716,6 +731,13 @@ FIXTURES = [
     Fixture("llama-optimum-extdata", "llama", _optimum_extdata,
             notes="llama-optimum-past re-saved by onnx.save_model with every initializer in "
                   "model.onnx_data."),
+    # Activations are quantised at run time, so no tolerance: the tests compare X and Y with PyTorch's
+    # float32 ones by direction (cosine), not value.
+    Fixture("llama-optimum-dynamic-int8", "llama", _optimum_dynamic_int8,
+            dtype="int8 weights (dynamic quantisation), float32 activations", tolerance=None,
+            notes="llama-optimum-past quantised by onnxruntime.quantization.quantize_dynamic (QInt8): every "
+                  "MatMul is DynamicQuantizeLinear + MatMulInteger + scale Mul, and the embedding table is "
+                  "int8, its gathered rows dequantised (DequantizeLinear)."),
     Fixture("mistral-optimum-past", "mistral", lambda h, o, a: export_optimum(h, o, with_past=True),
             notes="sliding_window=None."),
     Fixture("qwen2-optimum-past", "qwen2", lambda h, o, a: export_optimum(h, o, with_past=True),

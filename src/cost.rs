@@ -35,7 +35,8 @@ impl Cost {
         let mut weight_macs_per_token = 0;
         for (n, node) in graph.node.iter().enumerate() {
             weight_macs_per_token += match node.op_type() {
-                "MatMul" | "Gemm" | "FusedMatMul" => index
+                // int8 products (ONNX Runtime's dynamic quantiser) multiply by a constant matrix too.
+                "MatMul" | "Gemm" | "FusedMatMul" | "MatMulInteger" | "DynamicQuantizeMatMul" => index
                     .input(n, 1)
                     .and_then(|w| constant_weight(graph, &index, w))
                     .map_or(0, |dims| dims.iter().product::<usize>() as u64),
@@ -176,14 +177,15 @@ fn attention_width(graph: &crate::onnx::proto::GraphProto, index: &GraphIndex, y
         let (producer, _) = index.producer(tensor)?;
         let node = &graph.node[producer];
         match node.op_type() {
-            "MatMul" | "Gemm" => {
+            "MatMul" | "Gemm" | "MatMulInteger" | "DynamicQuantizeMatMul" => {
                 let dims = constant_weight(graph, index, index.input(producer, 1)?)?;
                 let trans_b = node.op_type() == "Gemm" && attr_int(node, "transB") == Some(1);
                 return if trans_b { dims.last().copied() } else { dims.first().copied() };
             }
             "MatMulNBits" => return attr_int(node, "K").map(|k| k as usize),
-            // A bias, or a reshape back to [batch, sequence, hidden]: look at what it is applied to.
-            "Add" | "Reshape" | "Cast" => {
+            // A bias, a reshape back to [batch, sequence, hidden], or an int8 product's scale: look
+            // at what it is applied to.
+            "Add" | "Reshape" | "Cast" | "Mul" => {
                 tensor = (0..2)
                     .filter_map(|slot| index.input(producer, slot))
                     .find(|&t| !index.is_initializer(t))?

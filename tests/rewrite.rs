@@ -547,10 +547,16 @@ fn every_rewrite_computes_what_the_patched_pytorch_model_computes() {
         let logits = &outputs[session.output_names().iter().position(|n| n == "logits").unwrap()];
         let (diff, scale) = max_abs_diff(logits, patched("logits"));
         let tolerance = tolerance(&fixture);
+        let cos = cosine(logits, patched("logits"));
         eprintln!(
-            "{fixture}: layer {layer} replaced, logits max abs diff {diff:.2e} from patched PyTorch (max {scale:.2})"
+            "{fixture}: layer {layer} replaced, logits max abs diff {diff:.2e} from patched PyTorch (max {scale:.2}), \
+             cosine {cos:.6}"
         );
-        assert!(diff <= tolerance * scale.max(1.0), "{fixture}: {diff} (max |logit| {scale})");
+        if quantised_activations(&fixture) {
+            assert!(cos >= QUANTISED_MIN_COSINE, "{fixture}: cosine {cos}");
+        } else {
+            assert!(diff <= tolerance * scale.max(1.0), "{fixture}: {diff} (max |logit| {scale})");
+        }
     }
 }
 

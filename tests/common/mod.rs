@@ -193,6 +193,16 @@ pub fn tolerance(name: &str) -> f32 {
     }
 }
 
+/// Whether a fixture quantises its activations at run time (ONNX Runtime's dynamic quantiser): its
+/// tensors then differ from PyTorch's float32 ones by that rounding, and are compared by direction.
+pub fn quantised_activations(name: &str) -> bool {
+    fixture_json(name)["dtype"].as_str().is_some_and(|d| d.contains("dynamic quantisation"))
+}
+
+/// The least cosine similarity accepted between a dynamically quantised fixture's tensors and
+/// PyTorch's (measured: the logits of `llama-optimum-dynamic-int8` differ by up to 0.8).
+pub const QUANTISED_MIN_COSINE: f64 = 0.99;
+
 /// Largest |a - b| and the largest |b| (for a relative reading).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
     let a = a.to_f32().unwrap();
