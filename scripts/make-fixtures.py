@@ -713,6 +713,46 @@ def _optimum_dynamic_int8(hf_dir: Path, out: Path, _args: argparse.Namespace) ->
     return "onnxruntime.quantization", f"quantize_dynamic (onnxruntime {version('onnxruntime')}) of {exporter_version}"
 
 
+def _optimum_qdq(hf_dir: Path, out: Path, _args: argparse.Namespace) -> tuple[str, str]:
+    """The Optimum export quantised by ONNX Runtime's `quantize_static` in QDQ format: MatMul inputs
+    (per-channel int8 weights, uint8 activations calibrated on random token ids) as
+    QuantizeLinear/DequantizeLinear pairs."""
+    from importlib.metadata import version
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, exporter_version = export_optimum(hf_dir, Path(tmp), with_past=True)
+        graph = onnx.load(Path(tmp) / "model.onnx").graph
+        names = [i.name for i in graph.input]
+        rng = np.random.default_rng(0)
+        feeds = []
+        for _ in range(8):
+            feed = {"input_ids": rng.integers(2, VOCAB, (1, SEQ)).astype(np.int64),
+                    "attention_mask": np.ones((1, SEQ), np.int64)}
+            if "position_ids" in names:
+                feed["position_ids"] = np.arange(SEQ, dtype=np.int64)[None]
+            for name in names:
+                if name.startswith("past_key_values"):
+                    feed[name] = np.zeros((1, KV_HEADS, 0, HEAD_DIM), np.float32)
+            feeds.append(feed)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.feeds = iter(feeds)
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        quantize_static(Path(tmp) / "model.onnx", out / "model.onnx", Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=True)
+        for name in HF_FILES:
+            if (Path(tmp) / name).exists():
+                shutil.copy(Path(tmp) / name, out / name)
+    return "onnxruntime.quantization", f"quantize_static QDQ (onnxruntime {version('onnxruntime')}) of {exporter_version}"
+
+
 def _optimum(notes: str = "", **kwargs) -> dict:
     return dict(export=lambda h, o, a: export_optimum(h, o, with_past=True), notes=notes, optional=True,
                 **kwargs)
@@ -734,10 +774,16 @@ FIXTURES = [
     # Activations are quantised at run time, so no tolerance: the tests compare X and Y with PyTorch's
     # float32 ones by direction (cosine), not value.
     Fixture("llama-optimum-dynamic-int8", "llama", _optimum_dynamic_int8,
-            dtype="int8 weights (dynamic quantisation), float32 activations", tolerance=None,
+            dtype="int8 weights, activations quantised at run time (dynamic)", tolerance=None,
             notes="llama-optimum-past quantised by onnxruntime.quantization.quantize_dynamic (QInt8): every "
                   "MatMul is DynamicQuantizeLinear + MatMulInteger + scale Mul, and the embedding table is "
                   "int8, its gathered rows dequantised (DequantizeLinear)."),
+    Fixture("llama-optimum-qdq", "llama", _optimum_qdq,
+            dtype="int8 weights, uint8 activations quantised statically (QDQ)", tolerance=None,
+            notes="llama-optimum-past quantised by onnxruntime.quantization.quantize_static in QDQ format, "
+                  "MatMuls only (per-channel int8 weights, uint8 activations): each MatMul reads "
+                  "DequantizeLinear(QuantizeLinear(x)) and DequantizeLinear(w), and its output is "
+                  "quantised and dequantised again. The residual stream itself stays float32."),
     Fixture("mistral-optimum-past", "mistral", lambda h, o, a: export_optimum(h, o, with_past=True),
             notes="sliding_window=None."),
     Fixture("qwen2-optimum-past", "qwen2", lambda h, o, a: export_optimum(h, o, with_past=True),

@@ -193,10 +193,10 @@ pub fn tolerance(name: &str) -> f32 {
     }
 }
 
-/// Whether a fixture quantises its activations at run time (ONNX Runtime's dynamic quantiser): its
+/// Whether a fixture quantises its activations (ONNX Runtime's dynamic and static quantisers): its
 /// tensors then differ from PyTorch's float32 ones by that rounding, and are compared by direction.
 pub fn quantised_activations(name: &str) -> bool {
-    fixture_json(name)["dtype"].as_str().is_some_and(|d| d.contains("dynamic quantisation"))
+    fixture_json(name)["dtype"].as_str().is_some_and(|d| d.contains("activations quantised"))
 }
 
 /// The least cosine similarity accepted between a dynamically quantised fixture's tensors and
