@@ -488,27 +488,29 @@ def dequantise_matmulnbits(node: onnx.NodeProto, initializers: dict[str, np.ndar
     """The float32 weight W [N, K] that a MatMulNBits node multiplies by (Y = A @ W^T).
 
     com.microsoft MatMulNBits (onnxruntime docs/ContribOperators.md): B is uint8 [N, n_blocks, blob_size],
-    each byte holding two 4-bit values, low nibble first, K padded up to n_blocks * block_size; scales are
-    [N * n_blocks] (or [N, n_blocks]); zero_points are optional, either uint8 packed like B
-    ([N * ceil(n_blocks / 2)]) or in the scales' dtype, and default to 8. Then
+    each byte holding two 4-bit values, low nibble first (bits = 4), or one 8-bit value (bits = 8), K padded
+    up to n_blocks * block_size; scales are [N * n_blocks] (or [N, n_blocks]); zero_points are optional,
+    either uint8 packed like B ([N * ceil(n_blocks * bits / 8)]) or in the scales' dtype, and default to
+    2^(bits - 1). Then
     W[n, k] = (q[n, k] - zero_point[n, k // block_size]) * scale[n, k // block_size].
     """
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
-    if bits != 4:
+    if bits not in (4, 8):
         raise NotImplementedError(f"{node.name}: MatMulNBits with bits={bits}")
-    if any(node.input[4:]):  # g_idx (act-order) and bias are not produced by the GenAI builder's int4 path
+    if any(node.input[4:]):  # g_idx (act-order) and bias are not produced by the GenAI builder
         raise NotImplementedError(f"{node.name}: MatMulNBits with g_idx or bias inputs")
     packed = initializers[node.input[1]]
     n_blocks = (k + block - 1) // block
-    assert packed.dtype == np.uint8 and packed.shape == (n, n_blocks, block // 2), (node.name, packed.shape)
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, n_blocks, block).astype(np.float32)
+    assert packed.dtype == np.uint8 and packed.shape == (n, n_blocks, block * bits // 8), (node.name, packed.shape)
+    unpack = (lambda b: np.stack([b & 0x0F, b >> 4], axis=-1)) if bits == 4 else (lambda b: b)
+    q = unpack(packed).reshape(n, n_blocks, block).astype(np.float32)
     scales = initializers[node.input[2]].astype(np.float32).reshape(n, n_blocks)
-    zero_points: np.ndarray | float = 8.0
+    zero_points: np.ndarray | float = float(2 ** (bits - 1))
     if len(node.input) > 3 and node.input[3]:
         zp = initializers[node.input[3]]
-        if zp.dtype == np.uint8:  # packed 4-bit, two blocks per byte, each row padded to whole bytes
-            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :n_blocks]
+        if zp.dtype == np.uint8:  # packed like B, each row padded to whole bytes
+            zp = unpack(zp).reshape(n, -1)[:, :n_blocks]
         zero_points = zp.astype(np.float32).reshape(n, n_blocks, 1)
     weight = (q - zero_points) * scales[:, :, None]
     return weight.reshape(n, n_blocks * block)[:, :k]
@@ -809,6 +811,18 @@ FIXTURES = [
                   "the fp32 checkpoint; the logits diff is measured with MatMulNBits accuracy_level=1 "
                   "(float32 compute), since the builder's accuracy_level=4 lets ONNX Runtime quantise the "
                   "activations to int8 (logits_max_abs_diff_onnx_as_written_vs_torch)."),
+    Fixture("llama-genai-int4-zp", "llama",
+            lambda h, o, a: export_genai(h, o, "int4", "cpu", a.genai_python,
+                                         ["int4_block_size=32", "is_symmetric=false"]),
+            dtype="int4 weights (MatMulNBits, zero points), float32 activations", optional=True,
+            dequantised_reference=True,
+            notes="As llama-genai-int4, built with --extra_options is_symmetric=false: uint4 weights with a "
+                  "packed 4-bit zero point per block (MatMulNBits input 3)."),
+    Fixture("llama-genai-int8", "llama",
+            lambda h, o, a: export_genai(h, o, "int8", "cpu", a.genai_python, ["int4_block_size=32"]),
+            dtype="int8 weights (MatMulNBits bits=8), float32 activations", optional=True,
+            dequantised_reference=True,
+            notes="-p int8 -e cpu, block size 32: MatMulNBits with bits=8 (symmetric, no zero points)."),
     # The builder lists FP16 CPU as unsupported but still writes a graph: with -e cpu it uses
     # com.microsoft MultiHeadAttention + RotaryEmbedding and takes position_ids, instead of GQA.
     # With tied embeddings the builder quantises the shared matrix once: the LM head reads it as
