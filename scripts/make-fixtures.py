@@ -715,6 +715,22 @@ def _optimum_dynamic_int8(hf_dir: Path, out: Path, _args: argparse.Namespace) ->
     return "onnxruntime.quantization", f"quantize_dynamic (onnxruntime {version('onnxruntime')}) of {exporter_version}"
 
 
+def _optimum_dynamic_int8_optimised(hf_dir: Path, out: Path, args: argparse.Namespace) -> tuple[str, str]:
+    """`_optimum_dynamic_int8`, then saved by ONNX Runtime at its extended optimisation level, as its
+    `optimized_model_filepath` writes it: fused MatMulIntegerToFloat, and a DequantizeLinear of the
+    int8 embedding for each of its consumers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, exporter_version = _optimum_dynamic_int8(hf_dir, Path(tmp), args)
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(out / "model.onnx")
+        onnxruntime.InferenceSession(str(Path(tmp) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        for name in HF_FILES:
+            if (Path(tmp) / name).exists():
+                shutil.copy(Path(tmp) / name, out / name)
+    return "onnxruntime", f"ORT_ENABLE_EXTENDED (onnxruntime {onnxruntime.__version__}) of {exporter_version}"
+
+
 def _optimum_qdq(hf_dir: Path, out: Path, _args: argparse.Namespace) -> tuple[str, str]:
     """The Optimum export quantised by ONNX Runtime's `quantize_static` in QDQ format: MatMul inputs
     (per-channel int8 weights, uint8 activations calibrated on random token ids) as
@@ -780,6 +796,11 @@ FIXTURES = [
             notes="llama-optimum-past quantised by onnxruntime.quantization.quantize_dynamic (QInt8): every "
                   "MatMul is DynamicQuantizeLinear + MatMulInteger + scale Mul, and the embedding table is "
                   "int8, its gathered rows dequantised (DequantizeLinear)."),
+    Fixture("llama-optimum-dynamic-int8-optimised", "llama", _optimum_dynamic_int8_optimised,
+            dtype="int8 weights, activations quantised at run time (dynamic)", tolerance=None,
+            notes="llama-optimum-dynamic-int8 as ONNX Runtime saves it optimised (ORT_ENABLE_EXTENDED): "
+                  "com.microsoft MatMulIntegerToFloat, and one DequantizeLinear copy of the int8 embedding "
+                  "per consumer."),
     Fixture("llama-optimum-qdq", "llama", _optimum_qdq,
             dtype="int8 weights, uint8 activations quantised statically (QDQ)", tolerance=None,
             notes="llama-optimum-past quantised by onnxruntime.quantization.quantize_static in QDQ format, "

@@ -484,12 +484,27 @@ fn stream_views(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Vec<Tens
         }
     }
     let mut views: Vec<TensorId> = views.into_iter().map(|(v, _)| v).collect();
+    // The same output of a copy of the node that made `s`: the same value.
+    if let Some((producer, slot)) = index.producer(s) {
+        let first_input = index.input(producer, 0);
+        let copies = first_input
+            .map_or(&[][..], |i| index.consumers(i))
+            .iter()
+            .filter(|&&(c, _)| c != producer && same_computation(&graph.node[producer], &graph.node[c]));
+        views.extend(copies.filter_map(|&(c, _)| index.output(c, slot)).collect::<Vec<_>>());
+    }
     if let Some((node, 3)) = index.producer(s)
         && SKIP_NORM_OPS.contains(&graph.node[node].op_type())
     {
         views.extend((0..3).filter_map(|slot| index.output(node, slot)));
     }
     views
+}
+
+/// Whether two nodes compute the same values: the same operator on the same inputs with the same
+/// attributes.
+fn same_computation(a: &NodeProto, b: &NodeProto) -> bool {
+    a.op_type() == b.op_type() && a.domain() == b.domain() && a.input == b.input && a.attribute == b.attribute
 }
 
 /// The block that adds branches computed from stream tensor `s` back into it.
@@ -616,7 +631,12 @@ const PROLOGUE_OPS: &[&str] = &[
 /// [`PROLOGUE_OPS`], whose other operands are not computed from `s`.
 fn prologue_step(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<TensorId> {
     let readers = value_readers(graph, index, s);
-    let &[(node, slot)] = readers.as_slice() else { return None };
+    // Copies of one node count as one reader (ONNX Runtime's optimiser gives each consumer of a
+    // dequantised tensor a DequantizeLinear of its own); [`stream_views`] takes the others' outputs.
+    let (node, slot) = *readers.first()?;
+    if !readers.iter().all(|&(other, _)| same_computation(&graph.node[node], &graph.node[other])) {
+        return None;
+    }
     if !PROLOGUE_OPS.contains(&graph.node[node].op_type()) {
         return None;
     }

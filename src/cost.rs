@@ -36,7 +36,12 @@ impl Cost {
         for (n, node) in graph.node.iter().enumerate() {
             weight_macs_per_token += match node.op_type() {
                 // int8 products (ONNX Runtime's dynamic quantiser) multiply by a constant matrix too.
-                "MatMul" | "Gemm" | "FusedMatMul" | "MatMulInteger" | "DynamicQuantizeMatMul" => index
+                "MatMul"
+                | "Gemm"
+                | "FusedMatMul"
+                | "MatMulInteger"
+                | "DynamicQuantizeMatMul"
+                | "MatMulIntegerToFloat" => index
                     .input(n, 1)
                     .and_then(|w| constant_weight(graph, &index, w))
                     .map_or(0, |dims| dims.iter().product::<usize>() as u64),
@@ -177,7 +182,7 @@ fn attention_width(graph: &crate::onnx::proto::GraphProto, index: &GraphIndex, y
         let (producer, _) = index.producer(tensor)?;
         let node = &graph.node[producer];
         match node.op_type() {
-            "MatMul" | "Gemm" | "MatMulInteger" | "DynamicQuantizeMatMul" => {
+            "MatMul" | "Gemm" | "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat" => {
                 let dims = constant_weight(graph, index, index.input(producer, 1)?)?;
                 let trans_b = node.op_type() == "Gemm" && attr_int(node, "transB") == Some(1);
                 return if trans_b { dims.last().copied() } else { dims.first().copied() };

@@ -215,11 +215,16 @@ fn stateful_decoding_matches_decoding_through_the_host_on_every_fixture() {
             let Ok(mut plain) = engine.load(&model, &[]) else { continue }; // tract: not every graph
             let names = plain.output_names().to_vec();
             let logits_at = names.iter().position(|n| n == "logits").unwrap();
+            // tract can build a graph it then cannot prepare for running (an operator it lacks).
+            let mut outputs = match plain.run(&interface.prefill(&prompt).unwrap()) {
+                Ok(outputs) => outputs,
+                Err(e) if e.downcast_ref::<nbl_onnx::engine::Unsupported>().is_some() => continue,
+                Err(e) => panic!("{name} on {}: {e:#}", engine.describe()),
+            };
             let mut stateful =
                 engine.load_stateful(&model, &interface.cache_pairs(), &["logits".to_string()]).unwrap();
             let (inputs, cache) = interface.split_cache(interface.prefill(&prompt).unwrap());
             stateful.reset(cache).unwrap();
-            let mut outputs = plain.run(&interface.prefill(&prompt).unwrap()).unwrap();
             let mut fetched = stateful.step(&inputs).unwrap();
             for length in 5..8 {
                 let (diff, scale) = max_abs_diff(&fetched[0], &outputs[logits_at]);

@@ -168,6 +168,7 @@ fn tract_names_the_operator_it_cannot_run() {
                 "MultiHeadAttention",
                 "SkipSimplifiedLayerNormalization",
                 "MatMulNBits",
+                "MatMulIntegerToFloat",
                 "SimplifiedLayerNormalization",
                 "RotaryEmbedding",
                 "SDPA",
