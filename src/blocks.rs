@@ -158,7 +158,8 @@ pub struct Branch {
 pub struct Blocks {
     pub layers: Vec<AttentionBlock>,
     pub hidden_size: usize,
-    /// The stream's element type, where it can be told.
+    /// The stream's element type where it enters the first block, where it can be told (each
+    /// block's own, where the sums run in a wider type, is [`AttentionBlock::dtype`]).
     #[serde(serialize_with = "dtype_or_unknown")]
     pub dtype: Option<DType>,
     /// Rows of the token embedding table, where the stream starts from one.
@@ -627,8 +628,8 @@ const PROLOGUE_OPS: &[&str] = &[
     "DequantizeLinear",
 ];
 
-/// The next stream tensor of the prologue: `s` read by exactly one node (besides shape reads) of
-/// [`PROLOGUE_OPS`], whose other operands are not computed from `s`.
+/// The next stream tensor of the prologue: `s` read by one node (besides shape reads, and counting
+/// copies of it as one) of [`PROLOGUE_OPS`], whose other operands are not computed from `s`.
 fn prologue_step(graph: &GraphProto, index: &GraphIndex, s: TensorId) -> Option<TensorId> {
     let readers = value_readers(graph, index, s);
     // Copies of one node count as one reader (ONNX Runtime's optimiser gives each consumer of a
