@@ -73,7 +73,7 @@ pub fn choose(
 ) -> Result<MeasuredChoice> {
     ensure!(!probe.blocks.is_empty(), "measured selection needs at least one probe block");
     let started = Instant::now();
-    let gptq = matches!(storage, MapStorage::Blocks { quantizer: crate::quantize::Quantizer::Gptq, .. });
+    let gptq = storage.quantizer() == Some(crate::quantize::Quantizer::Gptq);
     let candidates: Vec<usize> = ranking(fits, Criterion::Cca).into_iter().take(2 * k).collect();
     let maps: Vec<(usize, LinearMap)> = candidates
         .iter()

@@ -58,6 +58,11 @@ impl Quantized {
         (byte >> shift) & ((1u16 << self.bits) - 1) as u8
     }
 
+    /// The integer at row `n`, input `k`, as the signed value it stands for (`q − 2^(bits−1)`).
+    pub fn signed(&self, n: usize, k: usize) -> i8 {
+        (i32::from(self.q(n, k)) - self.offset()) as i8
+    }
+
     /// The `N×K` matrix the integers and scales stand for.
     pub fn dequantize(&self) -> Mat<f64> {
         Mat::from_fn(self.n, self.k, |n, k| {
@@ -67,8 +72,10 @@ impl Quantized {
     }
 }
 
-/// Quantises `w` (`N×K`) to `bits` ∈ {4, 8} in blocks of `block_size` inputs. GPTQ needs the
-/// second moment `h = E[x xᵀ]` (`K×K`) of the inputs.
+/// Quantises `w` (`N×K`) to `bits` ∈ {4, 8} in blocks of `block_size` inputs: a power of two of
+/// at least 16 (`MatMulNBits`), or `K` itself, one scale per output row (per channel, as a
+/// `DequantizeLinear` along the outputs reads it). GPTQ needs the second moment `h = E[x xᵀ]`
+/// (`K×K`) of the inputs.
 pub fn quantize(
     w: Mat<f64>,
     bits: u32,
@@ -79,8 +86,8 @@ pub fn quantize(
     let (n, k) = (w.nrows(), w.ncols());
     ensure!(bits == 4 || bits == 8, "MatMulNBits weights have 4 or 8 bits, not {bits}");
     ensure!(
-        block_size >= 16 && block_size.is_power_of_two(),
-        "block size {block_size} is not a power of two ≥ 16"
+        (block_size >= 16 && block_size.is_power_of_two()) || block_size == k,
+        "block size {block_size} is neither a power of two ≥ 16 nor the whole input width {k}"
     );
     ensure!(
         k.is_multiple_of(block_size),

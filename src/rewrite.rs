@@ -15,8 +15,9 @@ use serde::Serialize;
 
 use crate::blocks::{AttentionBlock, Blocks, Junction};
 use crate::cost::Footprint;
+use crate::onnx::proto::GraphProto;
 use crate::onnx::proto::{NodeProto, StringStringEntryProto, TensorProto};
-use crate::onnx::{DType, GraphIndex, Interface, Model, Patch, Tensor, attr_int, build};
+use crate::onnx::{DType, GraphIndex, Interface, Model, Patch, Tensor, TensorId, attr_int, build};
 use crate::quantize::{Quantized, Quantizer, quantize};
 use crate::report::Analysis;
 use crate::stats::MomentsSource;
@@ -61,7 +62,8 @@ pub struct LinearMap {
 #[serde(rename_all = "lowercase")]
 pub enum WeightFormat {
     /// The format of the replaced attention's projections (MatMulNBits int4/int8 with their
-    /// block size and accuracy level, or a float type)
+    /// block size and accuracy level; int8 per output, dequantised by DequantizeLinear, for ONNX
+    /// Runtime's quantisers' graphs; or a float type)
     Auto,
     F32,
     F16,
@@ -79,6 +81,21 @@ pub enum MapStorage {
     Float(#[serde(serialize_with = "crate::rewrite::dtype_name")] DType),
     /// A `MatMulNBits` of `W` quantised by `quantizer`.
     Blocks { bits: u32, block_size: usize, accuracy_level: i64, quantizer: Quantizer },
+    /// A `MatMul` by int8 `Wᵀ` with one scale per output, dequantised by a standard
+    /// `DequantizeLinear` (the form of ONNX Runtime's QDQ quantiser, which every runtime runs).
+    PerChannelInt8 { quantizer: Quantizer },
+}
+
+impl MapStorage {
+    /// How `W` is rounded, when it is.
+    pub fn quantizer(&self) -> Option<Quantizer> {
+        match *self {
+            MapStorage::Float(_) => None,
+            MapStorage::Blocks { quantizer, .. } | MapStorage::PerChannelInt8 { quantizer } => {
+                Some(quantizer)
+            }
+        }
+    }
 }
 
 fn dtype_name<S: serde::Serializer>(dtype: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -87,7 +104,9 @@ fn dtype_name<S: serde::Serializer>(dtype: &DType, s: S) -> std::result::Result<
 
 impl MapStorage {
     /// Resolves `format` for `model`: `auto` follows the projection that makes the first block's
-    /// `Y` (a `MatMulNBits`' bits, block size and accuracy level; else the stream's float type).
+    /// `Y` (a `MatMulNBits`' bits, block size and accuracy level; int8 per output for an int8
+    /// product of ONNX Runtime's quantisers, in the standard operators those graphs use, so that
+    /// every engine that ran the model still does; else the stream's float type).
     ///
     /// `block_size` overrides the block size of int4/int8 maps; it must divide the hidden size.
     pub fn resolve(
@@ -118,6 +137,12 @@ impl MapStorage {
         let storage = match format {
             WeightFormat::Auto => match projection {
                 Some(n) => blocks_like(attr_int(n, "bits").unwrap_or(4) as u32),
+                // A per-axis DequantizeLinear needs opset 13.
+                None if int8_projection(graph, &index, blocks)
+                    && model.opset("").is_some_and(|v| v >= 13) =>
+                {
+                    MapStorage::PerChannelInt8 { quantizer }
+                }
                 None => MapStorage::Float(stream),
             },
             WeightFormat::F32 => MapStorage::Float(DType::F32),
@@ -141,12 +166,55 @@ impl MapStorage {
                     model.path.display()
                 );
             }
-            MapStorage::Float(_) => {
-                ensure!(block_size.is_none(), "--block-size applies to --weight-format int4|int8 only")
-            }
+            MapStorage::Float(_) | MapStorage::PerChannelInt8 { .. } => ensure!(
+                block_size.is_none(),
+                "--block-size applies to --weight-format int4|int8 (MatMulNBits maps) only, not to {storage:?}"
+            ),
         }
         Ok(storage)
     }
+}
+
+/// Whether the first block's output projection multiplies by int8 weights the way ONNX Runtime's
+/// quantisers write it: `MatMulInteger`, `DynamicQuantizeMatMul` or `MatMulIntegerToFloat`
+/// (dynamic quantisation), or a `MatMul` of a `DequantizeLinear`'d 8-bit initializer (QDQ). It is
+/// found from `Y` back through the output's scale and bias (`Mul`, `Add`, `Cast`, and the QDQ pair
+/// on the output).
+fn int8_projection(graph: &GraphProto, index: &GraphIndex, blocks: &Blocks) -> bool {
+    let eight_bit = |t: Option<TensorId>| {
+        t.and_then(|t| index.initializer(t)).is_some_and(|i| {
+            matches!(DType::from_onnx(graph.initializer[i].data_type()), DType::I8 | DType::U8)
+        })
+    };
+    let found = |node: usize| match graph.node[node].op_type() {
+        "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat" => {
+            Some(eight_bit(index.input(node, 1)))
+        }
+        "MatMul" => Some(index.input(node, 1).and_then(|w| index.producer(w)).is_some_and(|(dq, _)| {
+            graph.node[dq].op_type() == "DequantizeLinear" && eight_bit(index.input(dq, 0))
+        })),
+        _ => None,
+    };
+    // A few steps back, through any operand: an int8 product's scale is computed too.
+    fn back(
+        graph: &GraphProto,
+        index: &GraphIndex,
+        t: TensorId,
+        steps: usize,
+        found: &dyn Fn(usize) -> Option<bool>,
+    ) -> bool {
+        let Some((node, _)) = index.producer(t) else { return false };
+        if let Some(answer) = found(node) {
+            return answer;
+        }
+        steps > 0
+            && matches!(
+                graph.node[node].op_type(),
+                "Mul" | "Add" | "Cast" | "QuantizeLinear" | "DequantizeLinear"
+            )
+            && (0..2).filter_map(|i| index.input(node, i)).any(|o| back(graph, index, o, steps - 1, found))
+    }
+    blocks.layers.first().and_then(|l| index.id(&l.y)).is_some_and(|y| back(graph, index, y, 3, &found))
 }
 
 /// What the rewrite changed, for the report.
@@ -215,7 +283,7 @@ pub fn rewrite_selected(
     kv: KvCache,
     storage: MapStorage,
 ) -> Result<RewriteSummary> {
-    let gptq = matches!(storage, MapStorage::Blocks { quantizer: Quantizer::Gptq, .. });
+    let gptq = storage.quantizer() == Some(Quantizer::Gptq);
     let progress = crate::progress::bar(
         analysis.selected.len() as u64,
         "writing maps {bar:40} {pos}/{len} layers  ETA {eta}",
@@ -370,6 +438,15 @@ pub fn rewrite_as<'b>(
                         let q = quantize(w, bits, block_size, quantizer, second_moment)
                             .with_context(|| format!("layer {n}: quantising W to {bits} bits"))?;
                         patch.replace_with_blocks(edit.block, &q, accuracy_level, dtype, bias)?;
+                    }
+                    MapStorage::PerChannelInt8 { quantizer } => {
+                        ensure!(
+                            dtype == DType::F32,
+                            "layer {n}: int8 maps dequantise to f32, the stream is {dtype}"
+                        );
+                        let q = quantize(w, 8, d, quantizer, second_moment)
+                            .with_context(|| format!("layer {n}: quantising W to int8 per output"))?;
+                        patch.replace_with_per_channel(edit.block, &q, bias)?;
                     }
                 }
             }
@@ -551,6 +628,39 @@ impl Patch<'_> {
             node.attribute.push(build::int_attribute(name, value));
         }
         self.splice_map(block, node, vec![packed_t, scales_t], b)
+    }
+
+    /// `Y := MatMul(X, DequantizeLinear(Q, scales)) + b`: as [`Patch::replace_with_affine`], with
+    /// `Wᵀ` stored as int8 `[d_in, d_out]` and one f32 scale per output (`axis = 1`, zero point 0).
+    pub fn replace_with_per_channel(
+        &mut self,
+        block: &AttentionBlock,
+        q: &Quantized,
+        b: TensorProto,
+    ) -> Result<()> {
+        ensure!(q.bits == 8 && q.blocks() == 1, "layer {}: not an int8 per-output quantisation", block.layer);
+        let n = block.layer;
+        let (name, scales, dequantised) = (
+            format!("nbl.layers.{n}.weight"),
+            format!("nbl.layers.{n}.weight_scales"),
+            format!("nbl.layers.{n}.weight_dq"),
+        );
+        // Row-major [d_in, d_out]: byte k·N + out is W[out, k].
+        let bytes: Vec<u8> = (0..q.k)
+            .flat_map(|k| (0..q.n).map(move |out| (k, out)))
+            .map(|(k, out)| q.signed(out, k) as u8)
+            .collect();
+        let w_t = build::initializer(&name, Tensor::from_le_bytes(DType::I8, &[q.k, q.n], &bytes)?);
+        let scales_t = build::initializer(
+            &scales,
+            Tensor::from_f32(DType::F32, Array1::from_vec(q.scales.clone()).into_dyn())?,
+        );
+        let mut dq = build::node("DequantizeLinear", &[&name, &scales], &dequantised);
+        dq.attribute.push(build::int_attribute("axis", 1));
+        self.add_node(dq)?;
+        let product =
+            build::node("MatMul", &[&block.map_input, &dequantised], &format!("nbl.layers.{n}.matmul"));
+        self.splice_map(block, product, vec![w_t, scales_t], b)
     }
 
     /// `Y := 0`. An `Add` junction becomes the stream itself (its readers read the stream); a

@@ -65,7 +65,7 @@ pub fn fit_sequentially(
     stages: &Stages<'_>,
 ) -> Result<SequentialFit> {
     ensure!(stages.size > 0, "--stage-size must be at least 1");
-    let gptq = matches!(storage, MapStorage::Blocks { quantizer: crate::quantize::Quantizer::Gptq, .. });
+    let gptq = storage.quantizer() == Some(crate::quantize::Quantizer::Gptq);
     let mut maps: Vec<(usize, LinearMap)> = Vec::with_capacity(chosen.len());
     let mut report = Vec::new();
     let mut measured: Option<Stats> = None;

@@ -741,6 +741,52 @@ fn a_map_on_a_widened_stream_computes_in_the_junctions_type() {
     assert!(moved > 1e-3 * scale, "the rewrite changed layer 0: {moved}");
 }
 
+/// On ONNX Runtime's quantised graphs `auto` keeps the maps int8: `Wᵀ` as int8 with one scale per
+/// output, dequantised by a standard `DequantizeLinear`, so tract still runs the model. With
+/// round-to-nearest, each stored weight is the f32 map's weight rounded on its output's grid:
+/// `scale = max |w| / 127` and `|w − q · scale| ≤ scale / 2`.
+#[test]
+fn int8_maps_on_quantised_graphs_are_per_output_int8_that_every_engine_runs() {
+    for fixture in ["llama-optimum-dynamic-int8", "llama-optimum-qdq"] {
+        let ws = workspace(fixture);
+        let (int8, report) = rewrite_to(&ws, "int8.onnx", &["--layer-ids", "1", "--quantizer", "rtn"]);
+        assert_eq!(
+            report["rewrite"]["weight_format"],
+            serde_json::json!({"PerChannelInt8": {"quantizer": "rtn"}})
+        );
+        let (float, _) = rewrite_to(&ws, "f32.onnx", &["--layer-ids", "1", "--weight-format", "f32"]);
+        let (w_t, _) = stored_map(&float, 1);
+        let model = Model::load(&int8).unwrap();
+        let get = |name: &str| {
+            let t = model.graph().initializer.iter().find(|t| t.name() == name).unwrap();
+            model.tensor(t).unwrap().to_f64().unwrap().iter().copied().collect::<Vec<f64>>()
+        };
+        let (q, scales) = (get("nbl.layers.1.weight"), get("nbl.layers.1.weight_scales"));
+        let d = scales.len();
+        assert_eq!((q.len(), w_t.len()), (d * d, d * d));
+        for out in 0..d {
+            let amax = (0..d).map(|k| w_t[k * d + out].abs()).fold(0.0, f64::max);
+            assert!((scales[out] - amax / 127.0).abs() <= 1e-6 * amax, "{fixture} output {out}");
+            for k in 0..d {
+                let error = (w_t[k * d + out] - q[k * d + out] * scales[out]).abs();
+                assert!(error <= scales[out] / 2.0 * (1.0 + 1e-5), "{fixture} W[{out}, {k}]: {error}");
+            }
+        }
+        let dq = model
+            .graph()
+            .node
+            .iter()
+            .find(|n| n.op_type() == "DequantizeLinear" && n.input[0] == "nbl.layers.1.weight");
+        assert!(
+            dq.is_some_and(|n| n.attribute.iter().any(|a| a.name() == "axis" && a.i() == 1)),
+            "{fixture}"
+        );
+        let (code, check) = check(&int8, &["--reference", ws.model.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{fixture}: {check}");
+        assert_eq!(status(&check, "tract"), "ok", "{fixture}: tract runs the int8 maps");
+    }
+}
+
 /// The stored `Wᵀ` (row-major `[d_in, d_out]`) and `b` of layer `layer` in a rewritten model.
 fn stored_map(path: &Path, layer: usize) -> (Vec<f64>, Vec<f64>) {
     let model = Model::load(path).unwrap();
