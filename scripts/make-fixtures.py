@@ -549,6 +549,11 @@ def load_dequantised_weights(model: torch.nn.Module, onnx_path: Path) -> list[st
     """
     graph = onnx.load(onnx_path)  # with the external data
     nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if tied and not any(n.op_type == "GatherBlockQuantized" for n in graph.graph.node):
+        # The builder quantised the LM head but kept the embedding table in float (its int8 path):
+        # the graph unties them, and so must the reference.
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     needed = {name for n in nodes for name in n.input[1:4] if name}
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer if i.name in needed}
     params = {id(p): name for name, p in model.named_parameters()}
@@ -839,6 +844,13 @@ FIXTURES = [
             dequantised_reference=True,
             notes="As llama-genai-int4, built with --extra_options is_symmetric=false: uint4 weights with a "
                   "packed 4-bit zero point per block (MatMulNBits input 3)."),
+    Fixture("llama-tied-genai-int8", "llama_tied",
+            lambda h, o, a: export_genai(h, o, "int8", "cpu", a.genai_python, ["int4_block_size=32"]),
+            dtype="int8 weights (MatMulNBits bits=8), float32 activations", optional=True,
+            dequantised_reference=True,
+            notes="Tied embeddings, -p int8: unlike its int4 path, the builder quantises only the LM head "
+                  "(MatMulNBits bits=8) and keeps the token embedding a float Gather, so the graph unties "
+                  "them (and the reference with it)."),
     Fixture("llama-genai-int8", "llama",
             lambda h, o, a: export_genai(h, o, "int8", "cpu", a.genai_python, ["int4_block_size=32"]),
             dtype="int8 weights (MatMulNBits bits=8), float32 activations", optional=True,
