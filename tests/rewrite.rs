@@ -787,6 +787,82 @@ fn int8_maps_on_quantised_graphs_are_per_output_int8_that_every_engine_runs() {
     }
 }
 
+/// `MatMulNBits` may carry `g_idx` (act-order GPTQ) and a bias, its inputs 4 and 5. No exporter
+/// reachable here writes them, so this test adds them to the int4 fixture with values that keep
+/// its function: each input in its own block's group, a zero bias. The model then computes the
+/// same logits, and calibrates, rewrites and passes `check` as the fixture does; its weights count
+/// the biases but not `g_idx`.
+#[test]
+fn matmulnbits_with_g_idx_and_bias_is_read_like_any_other() {
+    use nbl_onnx::onnx::{DType, Tensor, build};
+    let ws = workspace("llama-genai-int4");
+    let mut model = Model::load(&ws.model).unwrap();
+    // In f32 (accuracy level 1): at level 4 ONNX Runtime quantises the activations to int8 without
+    // g_idx and not with it, and the logits would differ by that.
+    for node in model.graph_mut().node.iter_mut().filter(|n| n.op_type() == "MatMulNBits") {
+        for attr in node.attribute.iter_mut().filter(|a| a.name() == "accuracy_level") {
+            attr.i = Some(1);
+        }
+    }
+    let plain = ws.dir.path().join("plain-f32.onnx");
+    model.save(&plain).unwrap();
+    let graph = model.graph_mut();
+    let (mut added, mut biases) = (Vec::new(), 0u64);
+    for (i, node) in graph.node.iter_mut().enumerate().filter(|(_, n)| n.op_type() == "MatMulNBits") {
+        let attr = |name: &str| node.attribute.iter().find(|a| a.name() == name).unwrap().i() as usize;
+        let (k, n, block) = (attr("K"), attr("N"), attr("block_size"));
+        let g_idx: Vec<u8> = (0..k).flat_map(|c| ((c / block) as i32).to_le_bytes()).collect();
+        let (g, b) = (format!("test.g_idx.{i}"), format!("test.bias.{i}"));
+        added.push(build::initializer(&g, Tensor::from_le_bytes(DType::I32, &[k], &g_idx).unwrap()));
+        let zeros = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[n]));
+        added.push(build::initializer(&b, Tensor::from_f32(DType::F32, zeros).unwrap()));
+        biases += n as u64;
+        node.input.resize(4, String::new()); // no zero points
+        node.input.extend([g, b]);
+    }
+    assert!(biases > 0);
+    graph.initializer.extend(added);
+    let extended = ws.dir.path().join("g_idx.onnx");
+    model.save(&extended).unwrap();
+
+    let logits = |path: &Path| {
+        let (names, outputs) = run(path, "llama-genai-int4", &[]);
+        outputs[names.iter().position(|n| n == "logits").unwrap()].clone()
+    };
+    let (diff, scale) = max_abs_diff(&logits(&extended), &logits(&plain));
+    assert!(diff <= 1e-5 * scale.max(1.0), "g_idx and a zero bias change nothing: {diff}");
+
+    let stats = ws.dir.path().join("g_idx.nblstats");
+    let data = ["--data", ws.corpus.to_str().unwrap(), "--seq-len", "32", "--samples", "8"];
+    let mut args = vec!["calibrate", extended.to_str().unwrap(), "-o", stats.to_str().unwrap()];
+    args.extend_from_slice(&data);
+    ok(nbl(&args));
+    let out = ws.dir.path().join("g_idx-out/model.onnx");
+    let args = [
+        "rewrite",
+        extended.to_str().unwrap(),
+        "--stats",
+        stats.to_str().unwrap(),
+        "--layers",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    ok(nbl(&args));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_file_name("model.nbl.json")).unwrap()).unwrap();
+    let (_, original) = rewrite_to(&ws, "plain.onnx", &["--layers", "1"]);
+    let weights = |r: &serde_json::Value| r["rewrite"]["weights_before"]["weights"].as_u64().unwrap();
+    assert_eq!(weights(&report), weights(&original) + biases, "biases are weights, g_idx is not");
+    let format = &report["rewrite"]["weight_format"]["Blocks"];
+    assert_eq!(
+        (&format["bits"], &format["block_size"], &format["accuracy_level"]),
+        (&4.into(), &32.into(), &1.into())
+    );
+    let (code, check) = check(&out, &["--reference", extended.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{check}");
+}
+
 /// The stored `Wᵀ` (row-major `[d_in, d_out]`) and `b` of layer `layer` in a rewritten model.
 fn stored_map(path: &Path, layer: usize) -> (Vec<f64>, Vec<f64>) {
     let model = Model::load(path).unwrap();
