@@ -172,33 +172,27 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------------------
-if [[ -f "$optimum_dir/model.onnx" && -f "$optimum_dir/tokenizer.json" && -f "$optimum_dir/generation_config.json" ]]; then
-  step "2/3 Optimum export: $optimum_dir exists, skipping"
-else
-  step "2/3 Optimum export (text-generation-with-past, fp32): $optimum_dir"
-  tmp="$optimum_dir.tmp"
+# One Optimum export: optimum_export DIR DTYPE LABEL.
+optimum_export() {
+  local dir="$1" dtype="$2" label="$3"
+  if [[ -f "$dir/model.onnx" && -f "$dir/tokenizer.json" && -f "$dir/generation_config.json" ]]; then
+    step "${label}Optimum export: $dir exists, skipping"
+    return
+  fi
+  step "${label}Optimum export (text-generation-with-past, $dtype): $dir"
+  local tmp="$dir.tmp"
   rm -rf "$tmp"
   run_nice "$export_venv/bin/optimum-cli" export onnx -m "$hf_dir" --task text-generation-with-past \
-    --dtype fp32 --device cpu "$tmp"
+    --dtype "$dtype" --device cpu "$tmp"
   "$py" "$helper" fix-export "$hf_dir" "$tmp"
-  rm -rf "$optimum_dir"
-  mv "$tmp" "$optimum_dir"
-fi
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+}
 
-# Optimum's fp16 export, not part of the sanity checks (its own validation compares it with PyTorch fp16).
-optimum_fp16_dir="$models/smollm2-optimum-fp16"
-if [[ -f "$optimum_fp16_dir/model.onnx" && -f "$optimum_fp16_dir/tokenizer.json" ]]; then
-  step "Optimum fp16 export: $optimum_fp16_dir exists, skipping"
-else
-  step "Optimum export (text-generation-with-past, fp16): $optimum_fp16_dir"
-  tmp="$optimum_fp16_dir.tmp"
-  rm -rf "$tmp"
-  run_nice "$export_venv/bin/optimum-cli" export onnx -m "$hf_dir" --task text-generation-with-past \
-    --dtype fp16 --device cpu "$tmp"
-  "$py" "$helper" fix-export "$hf_dir" "$tmp"
-  rm -rf "$optimum_fp16_dir"
-  mv "$tmp" "$optimum_fp16_dir"
-fi
+optimum_export "$optimum_dir" fp32 "2/3 "
+# Optimum's fp16 export, not part of the sanity checks (its own validation compares it with PyTorch
+# fp16). Exported on the CPU: --device cuda writes the same graph.
+optimum_export "$models/smollm2-optimum-fp16" fp16 ""
 
 # ---------------------------------------------------------------------------------------------------------
 # One GenAI builder export: genai_export DIR PRECISION PROVIDER [LABEL].

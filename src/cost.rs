@@ -174,23 +174,24 @@ fn weights_in(graph: &GraphProto, index: &GraphIndex, id: TensorId, elements: u6
     if quantisation_only { 0 } else { elements }
 }
 
-/// The input width of the projection that makes an attention block's output `y` (`o_proj`):
-/// heads × head size, whatever the grouping of the keys and values.
-fn attention_width(graph: &crate::onnx::proto::GraphProto, index: &GraphIndex, y: &str) -> Option<usize> {
+/// The node of the projection that makes an attention block's output `y` (`o_proj`): a product by
+/// a weight matrix, found back from `y` through a bias, a reshape back to [batch, sequence,
+/// hidden], a Cast, an int8 product's scale, or a quantise/dequantise pair on the output.
+pub fn output_projection(graph: &GraphProto, index: &GraphIndex, y: &str) -> Option<usize> {
     let mut tensor = index.id(y)?;
     for _ in 0..4 {
         let (producer, _) = index.producer(tensor)?;
-        let node = &graph.node[producer];
-        match node.op_type() {
-            "MatMul" | "Gemm" | "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat" => {
-                let dims = constant_weight(graph, index, index.input(producer, 1)?)?;
-                let trans_b = node.op_type() == "Gemm" && attr_int(node, "transB") == Some(1);
-                return if trans_b { dims.last().copied() } else { dims.first().copied() };
+        match graph.node[producer].op_type() {
+            "MatMul"
+            | "Gemm"
+            | "MatMulNBits"
+            | "MatMulInteger"
+            | "DynamicQuantizeMatMul"
+            | "MatMulIntegerToFloat" => {
+                return Some(producer);
             }
-            "MatMulNBits" => return attr_int(node, "K").map(|k| k as usize),
-            // A bias, a reshape back to [batch, sequence, hidden], or an int8 product's scale: look
-            // at what it is applied to.
-            "Add" | "Reshape" | "Cast" | "Mul" => {
+            // Look at what it is applied to.
+            "Add" | "Reshape" | "Cast" | "Mul" | "QuantizeLinear" | "DequantizeLinear" => {
                 tensor = (0..2)
                     .filter_map(|slot| index.input(producer, slot))
                     .find(|&t| !index.is_initializer(t))?
@@ -199,4 +200,17 @@ fn attention_width(graph: &crate::onnx::proto::GraphProto, index: &GraphIndex, y
         }
     }
     None
+}
+
+/// The input width of the projection that makes an attention block's output `y` (`o_proj`):
+/// heads × head size, whatever the grouping of the keys and values.
+fn attention_width(graph: &GraphProto, index: &GraphIndex, y: &str) -> Option<usize> {
+    let producer = output_projection(graph, index, y)?;
+    let node = &graph.node[producer];
+    if node.op_type() == "MatMulNBits" {
+        return attr_int(node, "K").map(|k| k as usize);
+    }
+    let dims = constant_weight(graph, index, index.input(producer, 1)?)?;
+    let trans_b = node.op_type() == "Gemm" && attr_int(node, "transB") == Some(1);
+    if trans_b { dims.last().copied() } else { dims.first().copied() }
 }

@@ -14,7 +14,7 @@ use ndarray::{Array1, Array2};
 use serde::Serialize;
 
 use crate::blocks::{AttentionBlock, Blocks, Junction};
-use crate::cost::Footprint;
+use crate::cost::{Footprint, output_projection};
 use crate::onnx::proto::GraphProto;
 use crate::onnx::proto::{NodeProto, StringStringEntryProto, TensorProto};
 use crate::onnx::{DType, GraphIndex, Interface, Model, Patch, Tensor, TensorId, attr_int, build};
@@ -119,13 +119,12 @@ impl MapStorage {
         let stream = blocks.dtype.context("cannot tell the stream's element type")?;
         let graph = model.graph();
         let index = GraphIndex::new(graph)?;
-        let projection = blocks
+        let output_projection = blocks
             .layers
             .first()
-            .and_then(|l| index.id(&l.y))
-            .and_then(|y| index.producer(y))
-            .map(|(node, _)| &graph.node[node])
-            .filter(|n| n.op_type() == "MatMulNBits");
+            .and_then(|l| output_projection(graph, &index, &l.y))
+            .map(|n| &graph.node[n]);
+        let projection = output_projection.filter(|n| n.op_type() == "MatMulNBits");
         let blocks_like = |bits: u32| MapStorage::Blocks {
             bits,
             block_size: block_size
@@ -138,7 +137,7 @@ impl MapStorage {
             WeightFormat::Auto => match projection {
                 Some(n) => blocks_like(attr_int(n, "bits").unwrap_or(4) as u32),
                 // A per-axis DequantizeLinear needs opset 13.
-                None if int8_projection(graph, &index, blocks)
+                None if output_projection.is_some_and(|n| int8_product(graph, &index, n))
                     && model.opset("").is_some_and(|v| v >= 13) =>
                 {
                     MapStorage::PerChannelInt8 { quantizer }
@@ -175,46 +174,23 @@ impl MapStorage {
     }
 }
 
-/// Whether the first block's output projection multiplies by int8 weights the way ONNX Runtime's
-/// quantisers write it: `MatMulInteger`, `DynamicQuantizeMatMul` or `MatMulIntegerToFloat`
-/// (dynamic quantisation), or a `MatMul` of a `DequantizeLinear`'d 8-bit initializer (QDQ). It is
-/// found from `Y` back through the output's scale and bias (`Mul`, `Add`, `Cast`, and the QDQ pair
-/// on the output).
-fn int8_projection(graph: &GraphProto, index: &GraphIndex, blocks: &Blocks) -> bool {
+/// Whether `product` multiplies by int8 weights the way ONNX Runtime's quantisers write it:
+/// `MatMulInteger`, `DynamicQuantizeMatMul` or `MatMulIntegerToFloat` (dynamic quantisation), or a
+/// `MatMul` of a `DequantizeLinear`'d 8-bit initializer (QDQ).
+fn int8_product(graph: &GraphProto, index: &GraphIndex, product: &NodeProto) -> bool {
     let eight_bit = |t: Option<TensorId>| {
         t.and_then(|t| index.initializer(t)).is_some_and(|i| {
             matches!(DType::from_onnx(graph.initializer[i].data_type()), DType::I8 | DType::U8)
         })
     };
-    let found = |node: usize| match graph.node[node].op_type() {
-        "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat" => {
-            Some(eight_bit(index.input(node, 1)))
-        }
-        "MatMul" => Some(index.input(node, 1).and_then(|w| index.producer(w)).is_some_and(|(dq, _)| {
+    let weights = product.input.get(1).and_then(|w| index.id(w));
+    match product.op_type() {
+        "MatMulInteger" | "DynamicQuantizeMatMul" | "MatMulIntegerToFloat" => eight_bit(weights),
+        "MatMul" => weights.and_then(|w| index.producer(w)).is_some_and(|(dq, _)| {
             graph.node[dq].op_type() == "DequantizeLinear" && eight_bit(index.input(dq, 0))
-        })),
-        _ => None,
-    };
-    // A few steps back, through any operand: an int8 product's scale is computed too.
-    fn back(
-        graph: &GraphProto,
-        index: &GraphIndex,
-        t: TensorId,
-        steps: usize,
-        found: &dyn Fn(usize) -> Option<bool>,
-    ) -> bool {
-        let Some((node, _)) = index.producer(t) else { return false };
-        if let Some(answer) = found(node) {
-            return answer;
-        }
-        steps > 0
-            && matches!(
-                graph.node[node].op_type(),
-                "Mul" | "Add" | "Cast" | "QuantizeLinear" | "DequantizeLinear"
-            )
-            && (0..2).filter_map(|i| index.input(node, i)).any(|o| back(graph, index, o, steps - 1, found))
+        }),
+        _ => false,
     }
-    blocks.layers.first().and_then(|l| index.id(&l.y)).is_some_and(|y| back(graph, index, y, 3, &found))
 }
 
 /// What the rewrite changed, for the report.

@@ -833,10 +833,8 @@ fn matmulnbits_with_g_idx_and_bias_is_read_like_any_other() {
     assert!(diff <= 1e-5 * scale.max(1.0), "g_idx and a zero bias change nothing: {diff}");
 
     let stats = ws.dir.path().join("g_idx.nblstats");
-    let data = ["--data", ws.corpus.to_str().unwrap(), "--seq-len", "32", "--samples", "8"];
-    let mut args = vec!["calibrate", extended.to_str().unwrap(), "-o", stats.to_str().unwrap()];
-    args.extend_from_slice(&data);
-    ok(nbl(&args));
+    let (corpus, stats_path) = (ws.corpus.to_str().unwrap(), stats.to_str().unwrap());
+    ok(nbl(&calibrate_args(extended.to_str().unwrap(), corpus, "32", "8", stats_path)));
     let out = ws.dir.path().join("g_idx-out/model.onnx");
     let args = [
         "rewrite",

@@ -174,8 +174,6 @@ impl GraphIndex {
         !self.consumers(id).is_empty() || self.is_graph_output(id)
     }
 
-    /// Node indices in dependency order (Kahn's algorithm, ties by position). Fails on a cycle or on
-    /// a tensor that nothing provides, naming the node.
     /// Whether every node comes after the producers of everything it reads (the order ONNX
     /// requires). Not the same as [`GraphIndex::topological_order`] being the identity: that is one
     /// particular order among those the graph allows.
@@ -184,6 +182,8 @@ impl GraphIndex {
             .all(|node| self.all_inputs(node).all(|id| self.producer(id).is_none_or(|(p, _)| p < node)))
     }
 
+    /// Node indices in dependency order (Kahn's algorithm, ties by position). Fails on a cycle or on
+    /// a tensor that nothing provides, naming the node.
     pub fn topological_order(&self, graph: &GraphProto) -> Result<Vec<usize>> {
         let n = self.node_count();
         let mut missing = vec![0usize; n];
