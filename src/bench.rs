@@ -10,9 +10,9 @@ use anyhow::{Context, Result, ensure};
 use ndarray::{Array2, Axis};
 use serde::Serialize;
 
-use crate::blocks::{Blocks, find_blocks};
 use crate::cost::Cost;
 use crate::data::sample_prompt;
+use crate::detect::{DecoderLayout, find_layout};
 use crate::engine::{Engine, ExecutionProvider, StatefulSession};
 use crate::logits::{self, argmax};
 use crate::onnx::{Interface, Model, Tensor};
@@ -58,26 +58,26 @@ pub struct BenchOptions {
 /// A model to time, with what is read off it once.
 struct Subject<'m> {
     model: &'m Model,
-    blocks: Option<Blocks>,
+    layout: Option<DecoderLayout>,
     interface: Interface,
 }
 
 impl Subject<'_> {
     fn of(model: &Model, decode_steps: usize) -> Result<Subject<'_>> {
-        let blocks = find_blocks(model).ok();
+        let layout = find_layout(model).ok();
         let interface =
-            Interface::of(model, blocks.as_ref().map(|b| b.hidden_size))?.with_decode_room(decode_steps);
+            Interface::of(model, layout.as_ref().map(|b| b.hidden_size))?.with_decode_room(decode_steps);
         ensure!(
             interface.has_cache(),
             "{} has no KV cache: decode throughput needs one",
             model.path.display()
         );
-        Ok(Subject { model, blocks, interface })
+        Ok(Subject { model, layout, interface })
     }
 
     /// The benchmark prompt: `len` ids drawn from the model's vocabulary (2 when it cannot be told).
     fn prompt(&self, len: usize) -> Array2<i64> {
-        sample_prompt(len, self.blocks.as_ref().and_then(|b| b.vocab_size).unwrap_or(2))
+        sample_prompt(len, self.layout.as_ref().and_then(|b| b.vocab_size).unwrap_or(2))
     }
 }
 
@@ -149,7 +149,7 @@ fn peak_rss_mb() -> Option<f64> {
 
 /// Peak resident memory of this process after loading `model` and running a prefill and four
 /// decode steps, in MiB. Meant for a fresh process that has run nothing else: the hidden
-/// `bench --peak-memory` that [`peak_memory_in_child`] starts.
+/// process the command line starts for each model.
 pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> Result<f64> {
     let subject = Subject::of(model, 4)?;
     let mut session = load(model, &subject.interface, engine)?;
@@ -157,33 +157,17 @@ pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> 
     peak_rss_mb().context("cannot read VmHWM from /proc/self/status")
 }
 
-/// Runs this executable's `bench MODEL --peak-memory` in a fresh process and reads its answer.
-fn peak_memory_in_child(model: &Model, options: &BenchOptions) -> Result<f64> {
-    let exe = std::env::current_exe().context("cannot find this executable to measure memory")?;
-    let mut command = std::process::Command::new(exe);
-    command.arg("bench").arg(&model.path).arg("--peak-memory");
-    command.args(["--ep", &options.ep.to_string().to_lowercase()]);
-    command.args(["--prompt-len", &options.prompt_len.to_string()]);
-    if let Some(threads) = options.threads {
-        command.args(["--threads", &threads.to_string()]);
-    }
-    let out = command.output().context("cannot start the memory measurement")?;
-    ensure!(
-        out.status.success(),
-        "measuring the peak memory of {} failed: {}",
-        model.path.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim().parse().with_context(|| format!("unexpected peak-memory output {text:?}"))
-}
-
 /// Times every model (alternately, after a warm-up run each), then measures each one's peak
-/// memory in a fresh process.
-pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> Result<Vec<ModelTiming>> {
+/// memory with `peak_memory` (in a fresh process: see [`peak_memory_mb`]).
+pub fn bench(
+    models: &[Model],
+    engine: &dyn Engine,
+    options: &BenchOptions,
+    peak_memory: &dyn Fn(&Model) -> Result<f64>,
+) -> Result<BenchReport> {
     ensure!(
         options.runs > 0 && options.new_tokens > 0 && options.prompt_len > 0,
-        "--runs, --gen and --prompt-len must be positive"
+        "the runs, the tokens generated and the prompt's length must be positive"
     );
     let subjects = models.iter().map(|m| Subject::of(m, options.new_tokens)).collect::<Result<Vec<_>>>()?;
     let prompt = subjects[0].prompt(options.prompt_len);
@@ -212,7 +196,7 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
             );
         }
     }
-    let costs = subjects.iter().map(|s| Cost::of(s.model, s.blocks.as_ref())).collect::<Result<Vec<_>>>()?;
+    let costs = subjects.iter().map(|s| Cost::of(s.model, s.layout.as_ref())).collect::<Result<Vec<_>>>()?;
     let prefill_ms: Vec<f64> = prefill.iter().cloned().map(median).collect();
     let decode_tok_s: Vec<f64> = decode.iter().cloned().map(median).collect();
     let prefill_macs: Vec<f64> = costs.iter().map(|c| c.prefill(options.prompt_len)).collect();
@@ -224,7 +208,7 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
         .zip(&subjects)
         .map(|(c, s)| c.decode_bytes(context, s.interface.kv_bytes_per_token()))
         .collect();
-    subjects
+    let timings = subjects
         .iter()
         .enumerate()
         .map(|(i, subject)| {
@@ -234,7 +218,7 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
                 decode_tok_s: decode_tok_s[i],
                 prefill_ms_runs: prefill[i].clone(),
                 decode_tok_s_runs: decode[i].clone(),
-                peak_mem_mb: peak_memory_in_child(subject.model, options)?,
+                peak_mem_mb: peak_memory(subject.model)?,
                 kv_bytes_per_token: subject.interface.kv_bytes_per_token(),
                 prefill_gmacs: prefill_macs[i] / 1e9,
                 decode_mmacs_per_token: decode_macs[i] / 1e6,
@@ -246,42 +230,67 @@ pub fn bench(models: &[Model], engine: &dyn Engine, options: &BenchOptions) -> R
                 predicted_decode_speedup_bytes: decode_bytes[0] / decode_bytes[i],
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok(BenchReport {
+        ep: options.ep.to_string(),
+        engine: engine.describe(),
+        threads: options.threads,
+        prompt_len: options.prompt_len,
+        new_tokens: options.new_tokens,
+        runs: options.runs,
+        models: timings,
+    })
 }
 
-/// The readable table of a bench run.
-pub fn table(timings: &[ModelTiming], options: &BenchOptions, engine: &str) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "prompt {} tokens, {} generated, median of {} runs on {engine}",
-        options.prompt_len, options.new_tokens, options.runs
-    );
-    let _ = writeln!(
-        out,
-        "{:>10}  {:>12}  {:>17}  {:>25}  {:>8}  {:>12}  model",
-        "prefill ms",
-        "decode tok/s",
-        "prefill x (MACs)",
-        "decode x (MACs, bytes)",
-        "peak MiB",
-        "KV bytes/tok"
-    );
-    for t in timings {
+/// The bench JSON: `{"ep","engine","threads","prompt_len","gen","runs","models":[...]}`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub ep: String,
+    pub engine: String,
+    pub threads: Option<usize>,
+    pub prompt_len: usize,
+    /// Tokens generated (`gen` in the JSON, as on the command line).
+    #[serde(rename = "gen")]
+    pub new_tokens: usize,
+    pub runs: usize,
+    pub models: Vec<ModelTiming>,
+}
+
+impl BenchReport {
+    /// The readable table of a bench run.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:>10.1}  {:>12.2}  {:>17}  {:>25}  {:>8.0}  {:>12}  {}",
-            t.prefill_ms,
-            t.decode_tok_s,
-            format!("{:.3} ({:.3})", t.prefill_speedup, t.predicted_prefill_speedup),
-            format!(
-                "{:.3} ({:.3}, {:.3})",
-                t.decode_speedup, t.predicted_decode_speedup, t.predicted_decode_speedup_bytes
-            ),
-            t.peak_mem_mb,
-            t.kv_bytes_per_token,
-            t.path
+            "prompt {} tokens, {} generated, median of {} runs on {}",
+            self.prompt_len, self.new_tokens, self.runs, self.engine
         );
+        let _ = writeln!(
+            out,
+            "{:>10}  {:>12}  {:>17}  {:>25}  {:>8}  {:>12}  model",
+            "prefill ms",
+            "decode tok/s",
+            "prefill x (MACs)",
+            "decode x (MACs, bytes)",
+            "peak MiB",
+            "KV bytes/tok"
+        );
+        for t in &self.models {
+            let _ = writeln!(
+                out,
+                "{:>10.1}  {:>12.2}  {:>17}  {:>25}  {:>8.0}  {:>12}  {}",
+                t.prefill_ms,
+                t.decode_tok_s,
+                format!("{:.3} ({:.3})", t.prefill_speedup, t.predicted_prefill_speedup),
+                format!(
+                    "{:.3} ({:.3}, {:.3})",
+                    t.decode_speedup, t.predicted_decode_speedup, t.predicted_decode_speedup_bytes
+                ),
+                t.peak_mem_mb,
+                t.kv_bytes_per_token,
+                t.path
+            );
+        }
+        out
     }
-    out
 }

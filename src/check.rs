@@ -9,9 +9,9 @@ use anyhow::{Context, Result, anyhow, ensure};
 use ndarray::{Array2, ArrayD};
 use serde::Serialize;
 
-use crate::blocks::Blocks;
 use crate::data::DataSpec;
 use crate::data::sample_prompt;
+use crate::detect::DecoderLayout;
 use crate::engine::{Engine, Unsupported};
 use crate::generate::{Continuations, Decoder, GenerationAgreement};
 use crate::logits::{Divergence, log_softmax};
@@ -37,10 +37,37 @@ pub struct CheckReport {
 pub struct EngineRun {
     pub engine: String,
     /// `ok`, `failed: ...` or `unsupported: ...` (tract lacks some operators; not a failure).
-    pub status: String,
+    pub status: RunStatus,
     /// Tokens decoded greedily after the prompt, when the model has a KV cache.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub decoded: Vec<i64>,
+}
+
+/// How a model fared on one engine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunStatus {
+    Ok,
+    /// The engine does not implement an operator the model uses: reported, not failed, unless
+    /// the engine runs the reference.
+    Unsupported(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunStatus::Ok => f.write_str("ok"),
+            RunStatus::Unsupported(why) => write!(f, "unsupported: {why}"),
+            RunStatus::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+/// Written as one string: `ok`, `unsupported: …` or `failed: …`.
+impl Serialize for RunStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Next-token agreement with a reference model on the same prompts, and how their greedy
@@ -57,18 +84,6 @@ pub struct Agreement {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<GenerationAgreement>,
 }
-
-/// A check or gate failed (the report says why): what `main` turns into exit code 1.
-#[derive(Debug)]
-pub struct Failed;
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("check failed")
-    }
-}
-
-impl std::error::Error for Failed {}
 
 impl CheckReport {
     pub fn passed(&self) -> bool {
@@ -161,137 +176,156 @@ pub fn structure(model: &Model) -> Vec<String> {
 
 /// What `check` runs and gates on.
 pub struct CheckOptions {
-    /// Natural text to prompt with (blocks of the prompt length, as many as prompts wanted).
+    /// Natural text to prompt with (sequences of the prompt length, as many as prompts wanted).
     pub prompts: DataSpec,
     pub decode_steps: usize,
     /// Tokens generated greedily from every prompt by the model and the reference.
     pub gen_tokens: usize,
-    /// Fail if the mean KL divergence from the reference exceeds this.
+    pub gates: Gates,
+}
+
+/// The quality gates: a check with a reference fails when any set is not met.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gates {
+    /// The most mean KL divergence from the reference allowed.
     pub max_kl: Option<f64>,
-    /// Fail if top-1 agreement with the reference is below this.
+    /// The least top-1 agreement with the reference allowed.
     pub min_top1: Option<f64>,
-    /// Fail if the continuations share fewer tokens than this on average.
+    /// The fewest tokens the greedy continuations may share on average.
     pub min_common_tokens: Option<f64>,
+}
+
+impl Gates {
+    /// Each gate by its name (as the report and the command line call it) and its limit.
+    fn named(&self) -> [(&'static str, Option<f64>); 3] {
+        [("max-kl", self.max_kl), ("min-top1", self.min_top1), ("min-common-tokens", self.min_common_tokens)]
+    }
+
+    fn any(&self) -> bool {
+        self.named().iter().any(|(_, v)| v.is_some())
+    }
+
+    /// What the agreement fails of these gates.
+    fn failures(&self, agreement: &Agreement) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(max) = self.max_kl
+            && agreement.mean_kl > max
+        {
+            problems.push(format!("mean KL {:.4e} exceeds the max-kl gate {max}", agreement.mean_kl));
+        }
+        if let Some(min) = self.min_top1
+            && agreement.top1_agreement < min
+        {
+            problems.push(format!(
+                "top-1 agreement {:.4} is below the min-top1 gate {min}",
+                agreement.top1_agreement
+            ));
+        }
+        match (&agreement.generation, self.min_common_tokens) {
+            (Some(g), Some(min)) if g.mean_common_tokens < min => problems.push(format!(
+                "the continuations share {:.2} tokens on average, below the min-common-tokens gate {min}",
+                g.mean_common_tokens
+            )),
+            (None, Some(_)) => problems.push(
+                "the min-common-tokens gate is set, but a model has no KV cache to generate with".to_string(),
+            ),
+            _ => {}
+        }
+        problems
+    }
 }
 
 /// The prompts: blocks of natural text, or, without a tokenizer beside the model, synthetic ids
 /// (with a note: agreement on them says little).
 fn prompts(
     model: &Model,
-    blocks: Option<&Blocks>,
+    layout: Option<&DecoderLayout>,
     spec: &DataSpec,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Array2<i64>>> {
-    let vocab = blocks.and_then(|b| b.vocab_size);
+    let vocab = layout.and_then(|b| b.vocab_size);
     let no_tokenizer = spec.tokenizer.is_none() && !model.dir().join("tokenizer.json").is_file();
     if no_tokenizer && spec.files.is_empty() {
         notes.push(format!(
             "no tokenizer.json beside the model: the prompt is {} synthetic token ids, on which agreement with \
-             the reference says little (pass --tokenizer)",
+             the reference says little (name a tokenizer)",
             spec.seq_len
         ));
         return Ok(vec![sample_prompt(spec.seq_len, vocab.unwrap_or(2))]);
     }
     let packed = spec.pack(model.dir(), vocab)?;
-    Ok(packed.blocks.into_iter().map(|b| Array2::from_shape_vec((1, b.len()), b).expect("one row")).collect())
+    Ok(packed
+        .sequences
+        .into_iter()
+        .map(|b| Array2::from_shape_vec((1, b.len()), b).expect("one row"))
+        .collect())
 }
 
-/// Checks `model` (whose blocks are `blocks`, where any are left): its structure, a prompt and a
+/// Fails unless the options can be checked with.
+fn validate(options: &CheckOptions) -> Result<()> {
+    ensure!(options.prompts.seq_len > 0, "a prompt must hold at least 1 token");
+    ensure!(options.gen_tokens > 0, "at least 1 token must be generated");
+    for (gate, value) in options.gates.named() {
+        if let Some(v) = value {
+            ensure!(v.is_finite() && v >= 0.0, "the {gate} gate must be a finite number ≥ 0, not {v}");
+        }
+    }
+    if let Some(min) = options.gates.min_common_tokens {
+        ensure!(
+            min <= options.gen_tokens as f64,
+            "the min-common-tokens gate {min} is more than the {} tokens generated",
+            options.gen_tokens
+        );
+    }
+    Ok(())
+}
+
+/// Checks `model` (whose layers are `layout`, where any are left): its structure, a prompt and a
 /// greedy decode on ONNX Runtime (`ort`) and tract, and, with a `reference`, the agreement of
-/// their next-token distributions. tract lacks some operators: a model it cannot build is
-/// reported, not failed, unless tract runs the reference (then the rewrite broke portability).
+/// their next-token distributions and the gates. tract lacks some operators: a model it cannot
+/// build is reported, not failed, unless tract runs the reference (then the rewrite broke
+/// portability).
 pub fn run(
     model: &Model,
-    blocks: Option<&Blocks>,
+    layout: Option<&DecoderLayout>,
     reference: Option<&Model>,
     ort: &dyn Engine,
     tract: &dyn Engine,
     options: &CheckOptions,
 ) -> Result<CheckReport> {
-    ensure!(options.prompts.seq_len > 0, "--prompt-len must be at least 1");
-    ensure!(options.gen_tokens > 0, "--gen-tokens must be at least 1");
-    let gates = [
-        ("--max-kl", options.max_kl),
-        ("--min-top1", options.min_top1),
-        ("--min-common-tokens", options.min_common_tokens),
-    ];
-    for (gate, value) in gates {
-        if let Some(v) = value {
-            ensure!(v.is_finite() && v >= 0.0, "{gate} must be a finite number ≥ 0, not {v}");
-        }
-    }
-    if let Some(min) = options.min_common_tokens {
-        ensure!(
-            min <= options.gen_tokens as f64,
-            "--min-common-tokens {min} is more than the --gen-tokens {} generated",
-            options.gen_tokens
-        );
-    }
+    validate(options)?;
     // The reference stands for its function: its exporter's shape annotations are hints the
     // rewrite does not carry, and a wrong one must not keep it from decoding.
     let reference = reference.map(Model::without_value_info);
     let reference = reference.as_ref();
-    let mut report = CheckReport { model: model.path.display().to_string(), ..Default::default() };
-    report.problems = structure(model);
-    let hidden_size = blocks.map(|b| b.hidden_size);
+    let hidden_size = layout.map(|b| b.hidden_size);
+    let mut report = CheckReport {
+        model: model.path.display().to_string(),
+        problems: structure(model),
+        gated: options.gates.any(),
+        ..Default::default()
+    };
     if options.decode_steps > 0 && Interface::of(model, hidden_size).is_ok_and(|i| !i.has_cache()) {
         report.notes.push(format!(
             "the model has no KV cache: the {} decode steps were skipped",
             options.decode_steps
         ));
     }
-    report.gated = gates.iter().any(|(_, v)| v.is_some());
     if !report.gated {
         report.notes.push(
-            "no quality gate set (--max-kl, --min-top1, --min-common-tokens): passing says the model is well \
+            "no quality gate set (max-kl, min-top1, min-common-tokens): passing says the model is well \
              formed and runs, not that it agrees with its reference"
                 .to_string(),
         );
     }
-    let prompts = prompts(model, blocks, &options.prompts, &mut report.notes)?;
-    let prompt = &prompts[0];
-
-    let mut ort_logits = None;
+    let prompts = prompts(model, layout, &options.prompts, &mut report.notes)?;
+    let trial = Trial { model, reference, hidden_size, prompt: &prompts[0], steps: options.decode_steps };
     for engine in [ort, tract] {
-        let (status, decoded) = match run_and_decode(model, hidden_size, engine, prompt, options.decode_steps)
-        {
-            Ok((logits, decoded)) => {
-                ort_logits.get_or_insert(logits);
-                ("ok".to_string(), decoded)
-            }
-            Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
-                let reference_runs =
-                    reference.is_some_and(|r| run_and_decode(r, hidden_size, engine, prompt, 0).is_ok());
-                if reference_runs {
-                    report
-                        .problems
-                        .push(format!("{} runs the reference but not this model: {e:#}", engine.describe()));
-                }
-                (format!("unsupported: {}", format!("{e:#}").lines().next().unwrap_or("")), vec![])
-            }
-            Err(e) => {
-                let mut problem = format!("{}: {e:#}", engine.describe());
-                if !model.graph().value_info.is_empty()
-                    && run_and_decode(
-                        &model.without_value_info(),
-                        hidden_size,
-                        engine,
-                        prompt,
-                        options.decode_steps,
-                    )
-                    .is_ok()
-                {
-                    problem.push_str(
-                        " (it runs without the model's value_info: the exporter's shape annotations of \
-                         intermediate tensors are wrong; a `nbl-onnx rewrite` output carries none)",
-                    );
-                }
-                report.problems.push(problem);
-                (format!("failed: {e:#}"), vec![])
-            }
-        };
-        report.runs.push(EngineRun { engine: engine.describe(), status, decoded });
+        let (run, problem) = trial.on(engine);
+        report.problems.extend(problem);
+        report.runs.push(run);
     }
+    let ran = report.runs.iter().any(|r| r.status == RunStatus::Ok);
     let decodes: Vec<&Vec<i64>> =
         report.runs.iter().filter(|r| !r.decoded.is_empty()).map(|r| &r.decoded).collect();
     if decodes.len() == 2 && decodes[0] != decodes[1] {
@@ -299,42 +333,63 @@ pub fn run(
             .problems
             .push(format!("ONNX Runtime and tract decode differently: {:?} vs {:?}", decodes[0], decodes[1]));
     }
-    if let (Some(reference), Some(_)) = (reference, &ort_logits) {
-        let agreement = match compare(model, reference, hidden_size, ort, &prompts, options.gen_tokens) {
+    if let (Some(reference), true) = (reference, ran) {
+        match compare(model, reference, hidden_size, ort, &prompts, options.gen_tokens) {
             Ok((agreement, note)) => {
                 report.notes.extend(note);
-                agreement
+                report.problems.extend(options.gates.failures(&agreement));
+                report.reference = Some(agreement);
             }
-            Err(e) => {
-                report.problems.push(format!("comparing with {}: {e:#}", reference.path.display()));
-                return Ok(report);
-            }
-        };
-        if let Some(max) = options.max_kl
-            && agreement.mean_kl > max
-        {
-            report.problems.push(format!("mean KL {:.4e} exceeds --max-kl {max}", agreement.mean_kl));
+            Err(e) => report.problems.push(format!("comparing with {}: {e:#}", reference.path.display())),
         }
-        if let Some(min) = options.min_top1
-            && agreement.top1_agreement < min
-        {
-            report
-                .problems
-                .push(format!("top-1 agreement {:.4} is below --min-top1 {min}", agreement.top1_agreement));
-        }
-        match (&agreement.generation, options.min_common_tokens) {
-            (Some(g), Some(min)) if g.mean_common_tokens < min => report.problems.push(format!(
-                "the continuations share {:.2} tokens on average, below --min-common-tokens {min}",
-                g.mean_common_tokens
-            )),
-            (None, Some(_)) => report
-                .problems
-                .push("--min-common-tokens is set, but a model has no KV cache to generate with".to_string()),
-            _ => {}
-        }
-        report.reference = Some(agreement);
     }
     Ok(report)
+}
+
+/// One model's prompt and greedy decode, tried on an engine.
+struct Trial<'a> {
+    model: &'a Model,
+    reference: Option<&'a Model>,
+    hidden_size: Option<usize>,
+    prompt: &'a Array2<i64>,
+    steps: usize,
+}
+
+impl Trial<'_> {
+    /// How the model fared on `engine`, and the problem that makes, if any.
+    fn on(&self, engine: &dyn Engine) -> (EngineRun, Option<String>) {
+        let run = |status, decoded| EngineRun { engine: engine.describe(), status, decoded };
+        let e = match run_and_decode(self.model, self.hidden_size, engine, self.prompt, self.steps) {
+            Ok((_, decoded)) => return (run(RunStatus::Ok, decoded), None),
+            Err(e) => e,
+        };
+        if e.downcast_ref::<Unsupported>().is_some() {
+            let reference_runs = self
+                .reference
+                .is_some_and(|r| run_and_decode(r, self.hidden_size, engine, self.prompt, 0).is_ok());
+            let problem = reference_runs
+                .then(|| format!("{} runs the reference but not this model: {e:#}", engine.describe()));
+            let first_line = format!("{e:#}").lines().next().unwrap_or("").to_string();
+            return (run(RunStatus::Unsupported(first_line), vec![]), problem);
+        }
+        let mut problem = format!("{}: {e:#}", engine.describe());
+        if !self.model.graph().value_info.is_empty()
+            && run_and_decode(
+                &self.model.without_value_info(),
+                self.hidden_size,
+                engine,
+                self.prompt,
+                self.steps,
+            )
+            .is_ok()
+        {
+            problem.push_str(
+                " (it runs without the model's value_info: the exporter's shape annotations of \
+                 intermediate tensors are wrong; a `nbl-onnx rewrite` output carries none)",
+            );
+        }
+        (run(RunStatus::Failed(format!("{e:#}")), vec![]), Some(problem))
+    }
 }
 
 impl CheckReport {

@@ -1,17 +1,24 @@
 //! The command line's arguments: one clap struct per subcommand, and the groups they share
-//! (engine, data, layer selection), turned into the library's options.
+//! (engine, data, layer selection), validated once into the pipeline's plans. The rules that
+//! join flags live here, and so do the flag names: the library speaks of quantities.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand};
 
+use nbl_onnx::bench::BenchOptions;
 use nbl_onnx::calibrate::{LayerRange, MomentsOn, Shard};
-use nbl_onnx::data::{DataSpec, Split, check_context, context_length};
-use nbl_onnx::engine::{self, Engine, EngineChoice, EngineOptions, ExecutionProvider};
-use nbl_onnx::nbl::{Criterion, DEFAULT_LAMBDA, Selection};
-use nbl_onnx::quantize::Quantizer;
-use nbl_onnx::rewrite::{KvCache, Replacement, WeightFormat};
+use nbl_onnx::check::{CheckOptions, Gates};
+use nbl_onnx::data::{DataRequest, DataSpec, Split};
+use nbl_onnx::engine::{EngineChoice, EngineOptions, ExecutionProvider};
+use nbl_onnx::fit::quantize::Quantizer;
+use nbl_onnx::fit::storage::WeightFormat;
+use nbl_onnx::nbl::DEFAULT_LAMBDA;
+use nbl_onnx::onnx::Model;
+use nbl_onnx::pipeline::{Calibration, RewritePlan, SelectPlan, output_paths};
+use nbl_onnx::rewrite::{KvCache, Replacement};
+use nbl_onnx::select::{Criterion, Selection};
 
 #[derive(Parser)]
 #[command(name = "nbl-onnx", version, about = "Neural Block Linearization for ONNX LLM exports")]
@@ -42,6 +49,9 @@ pub enum Command {
     /// Prefill latency and greedy decode throughput with the KV cache (batch 1), models run
     /// alternately, medians over runs
     Bench(BenchArgs),
+    /// Write a statistics file of a given size without calibrating, for benchmarks at scale
+    #[command(hide = true)]
+    SyntheticStats(SyntheticStatsArgs),
 }
 
 #[derive(clap::Args)]
@@ -73,12 +83,8 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// Opens the engine and says on stderr which one actually runs.
-    pub fn open(&self) -> Result<Box<dyn Engine>> {
-        let engine =
-            engine::open(&EngineOptions { engine: self.engine, ep: self.ep, threads: self.threads })?;
-        eprintln!("engine: {}", engine.describe());
-        Ok(engine)
+    pub fn options(&self) -> EngineOptions {
+        EngineOptions { engine: self.engine, ep: self.ep, threads: self.threads }
     }
 }
 
@@ -96,38 +102,23 @@ pub struct DataArgs {
     /// tokenizer_config.json beside the model)
     #[arg(long)]
     pub eos_id: Option<i64>,
-    /// Tokens per block (default: 2048, or the model's context where it is shorter)
-    #[arg(long)]
+    /// Tokens per sequence (default: 2048, or the model's context where it is shorter)
+    #[arg(long, value_parser = at_least_one)]
     pub seq_len: Option<usize>,
-    /// Number of packed blocks to use (default: 256 to calibrate, every block to evaluate)
-    #[arg(long)]
+    /// Number of packed sequences to use (default: 256 to calibrate, every sequence to evaluate)
+    #[arg(long, value_parser = at_least_one)]
     pub samples: Option<usize>,
 }
 
 impl DataArgs {
-    /// The data to read for the model in `model_dir`; without `--data`, the built-in sample's
-    /// `built_in` split, said on stderr. Blocks longer than the model's context are refused.
-    pub fn spec(
-        &self,
-        model_dir: &Path,
-        default_samples: Option<usize>,
-        built_in: Split,
-    ) -> Result<DataSpec> {
-        let context = context_length(model_dir).map(|(n, _)| n);
-        let seq_len =
-            self.seq_len.unwrap_or_else(|| context.map_or(DEFAULT_SEQ_LEN, |c| c.min(DEFAULT_SEQ_LEN)));
-        check_context(model_dir, seq_len, &format!("--seq-len {seq_len}"))?;
-        if self.data.is_empty() {
-            eprintln!("data: {} (pass --data FILE for your own)", built_in.describe());
-        }
-        Ok(DataSpec {
+    pub fn request(&self) -> DataRequest {
+        DataRequest {
             files: self.data.clone(),
-            built_in,
             tokenizer: self.tokenizer.clone(),
             eos_id: self.eos_id,
-            seq_len,
-            samples: self.samples.or(default_samples),
-        })
+            seq_len: self.seq_len,
+            samples: self.samples,
+        }
     }
 }
 
@@ -136,13 +127,13 @@ impl DataArgs {
 pub struct CalibrationArgs {
     #[command(flatten)]
     pub data: DataArgs,
-    /// Blocks per engine run
-    #[arg(long, default_value_t = 1)]
+    /// Sequences per engine run
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub batch: usize,
     /// Where the moments are formed: in the measuring graph, where the model runs, or on the host
     #[arg(long, value_enum, default_value_t = MomentsOn::Auto)]
     pub moments: MomentsOn,
-    /// Hold every N-th block out of the fit and keep its moments apart, so that analyze and rewrite
+    /// Hold every N-th sequence out of the fit and keep its moments apart, so that analyze and rewrite
     /// show each map's error on text it was not fitted to (0: none; doubles the statistics' size)
     #[arg(long, default_value_t = 0)]
     pub holdout_every: usize,
@@ -151,17 +142,16 @@ pub struct CalibrationArgs {
 }
 
 impl CalibrationArgs {
-    /// `--moments`, with `auto` resolved for the execution provider.
-    pub fn moments(&self) -> MomentsOn {
-        self.moments.resolve(self.engine.ep)
+    pub fn calibration(&self) -> Calibration {
+        Calibration {
+            data: self.data.request(),
+            engine: self.engine.options(),
+            batch: self.batch,
+            moments: self.moments,
+            holdout_every: self.holdout_every,
+        }
     }
 }
-
-/// Tokens per block when --seq-len is not given and the model's context is longer.
-const DEFAULT_SEQ_LEN: usize = 2048;
-
-/// Blocks calibrated when --samples is not given.
-pub const DEFAULT_CALIBRATION_SAMPLES: usize = 256;
 
 #[derive(clap::Args)]
 pub struct CalibrateArgs {
@@ -169,7 +159,7 @@ pub struct CalibrateArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
-    /// Calibrate slice I of N disjoint slices of the blocks (merge the results with merge-stats)
+    /// Calibrate slice I of N disjoint slices of the sequences (merge the results with merge-stats)
     #[arg(long, default_value = "0/1")]
     pub shard: Shard,
     /// Calibrate only layers A to B-1, e.g. 0..16 (merge the files of disjoint ranges with
@@ -204,20 +194,22 @@ pub struct SelectArgs {
     #[arg(long, value_delimiter = ',', conflicts_with = "max_bound")]
     pub layer_ids: Option<Vec<usize>>,
     /// Every layer whose normalised bound (bound/d) is at most B
-    #[arg(long)]
+    #[arg(long, value_parser = non_negative)]
     pub max_bound: Option<f64>,
     /// Ridge λ: ε = λ · tr(C)/d is added to the covariances
-    #[arg(long, default_value_t = DEFAULT_LAMBDA)]
+    #[arg(long, default_value_t = DEFAULT_LAMBDA, value_parser = non_negative)]
     pub lambda: f64,
 }
 
 impl SelectArgs {
-    pub fn selection(&self, layers: usize) -> Selection {
-        match (&self.layer_ids, self.max_bound) {
-            (Some(ids), _) => Selection::Layers(ids.clone()),
-            (None, Some(max)) => Selection::MaxBound(max),
-            (None, None) => Selection::Count(self.layers.unwrap_or((layers / 4).max(1).min(layers))),
-        }
+    pub fn plan(&self) -> SelectPlan {
+        let selection = match (&self.layer_ids, self.max_bound, self.layers) {
+            (Some(ids), _, _) => Some(Selection::Layers(ids.clone())),
+            (None, Some(max), _) => Some(Selection::MaxBound(max)),
+            (None, None, Some(k)) => Some(Selection::Count(k)),
+            (None, None, None) => None,
+        };
+        SelectPlan { criterion: self.criterion, selection, lambda: self.lambda }
     }
 }
 
@@ -274,24 +266,58 @@ pub struct RewriteArgs {
     /// How int4/int8 maps are rounded: GPTQ with the calibration second moments, or round to nearest
     #[arg(long, value_enum, default_value_t = Quantizer::Gptq)]
     pub quantizer: Quantizer,
-    /// Inputs per scale of int4/int8 maps (default: the replaced projections', else 32); must
-    /// divide the hidden size
-    #[arg(long)]
-    pub block_size: Option<usize>,
+    /// Inputs per scale of int4/int8 maps, MatMulNBits' block_size (default: the replaced
+    /// projections', else 32); must divide the hidden size
+    #[arg(long = "block-size", value_name = "GROUP_SIZE")]
+    pub group_size: Option<usize>,
     /// Fit the chosen layers in stages, each on the activations of the model with the earlier
     /// stages' layers already linearised: one calibration pass on --data per stage after the
     /// first (give the data --stats was calibrated on)
     #[arg(long)]
     pub sequential: bool,
     /// Layers fitted per stage with --sequential (fewer stages: fewer passes)
-    #[arg(long, default_value_t = 1, requires = "sequential")]
+    #[arg(long, default_value_t = 1, requires = "sequential", value_parser = at_least_one)]
     pub stage_size: usize,
     /// Text --criterion measured scores candidates on (default: the calibration data)
     #[arg(long, num_args = 1..)]
     pub select_data: Vec<PathBuf>,
-    /// Blocks of --seq-len tokens --criterion measured scores candidates on
-    #[arg(long, default_value_t = 4)]
-    pub probe_blocks: usize,
+    /// Sequences of --seq-len tokens --criterion measured scores candidates on
+    #[arg(long, alias = "probe-blocks", default_value_t = 4, value_parser = at_least_one)]
+    pub probe_sequences: usize,
+}
+
+impl RewriteArgs {
+    /// The rewrite to run, with the rules that join flags checked.
+    pub fn plan(&self) -> Result<RewritePlan> {
+        let (output, report) = output_paths(&self.model, self.output.as_deref(), self.report.as_deref());
+        ensure!(
+            !(self.sequential && self.replace == Replacement::Drop),
+            "--sequential fits linear maps stage by stage; with --replace drop there is nothing to fit"
+        );
+        let select = self.select.plan();
+        let measuring = select.criterion == Criterion::Measured;
+        ensure!(
+            !measuring || matches!(select.selection, None | Some(Selection::Count(_))),
+            "--criterion measured chooses a number of layers (--layers K), not --layer-ids or --max-bound"
+        );
+        Ok(RewritePlan {
+            model: self.model.clone(),
+            output,
+            report,
+            stats: self.stats.clone(),
+            calibration: self.calibration.calibration(),
+            select,
+            probe_data: self.select_data.clone(),
+            probe_sequences: self.probe_sequences,
+            replace: self.replace,
+            kv: self.kv,
+            weight_format: self.weight_format,
+            quantizer: self.quantizer,
+            group_size: self.group_size,
+            stage_size: self.sequential.then_some(self.stage_size),
+            allow_noop: self.allow_noop,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -305,22 +331,22 @@ pub struct CheckArgs {
     #[arg(long)]
     pub json: bool,
     /// Fail if the mean KL divergence from the reference exceeds this
-    #[arg(long, requires = "reference")]
+    #[arg(long, requires = "reference", value_parser = non_negative)]
     pub max_kl: Option<f64>,
     /// Fail if top-1 agreement with the reference is below this (0..1)
-    #[arg(long, requires = "reference")]
+    #[arg(long, requires = "reference", value_parser = non_negative)]
     pub min_top1: Option<f64>,
     /// Fail if the greedy continuations share fewer tokens than this on average
-    #[arg(long, requires = "reference")]
+    #[arg(long, requires = "reference", value_parser = non_negative)]
     pub min_common_tokens: Option<f64>,
     /// Prompt length: tokens of natural text per prompt
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub prompt_len: usize,
-    /// Prompts to compare on (blocks of --prompt-len tokens of the text)
-    #[arg(long, default_value_t = 8)]
+    /// Prompts to compare on (sequences of --prompt-len tokens of the text)
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     pub prompts: usize,
     /// Tokens generated greedily from each prompt by the model and the reference
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub gen_tokens: usize,
     /// Text to prompt with: .json, .jsonl or .txt (default: the built-in C4 sample's held-out
     /// documents 200-299)
@@ -337,17 +363,46 @@ pub struct CheckArgs {
     pub ep: ExecutionProvider,
 }
 
+impl CheckArgs {
+    pub fn options(&self) -> Result<CheckOptions> {
+        if let Some(min) = self.min_common_tokens {
+            ensure!(
+                min <= self.gen_tokens as f64,
+                "--min-common-tokens {min} is more than the --gen-tokens {} generated",
+                self.gen_tokens
+            );
+        }
+        Ok(CheckOptions {
+            prompts: DataSpec {
+                files: self.data.clone(),
+                built_in: Split::Evaluation,
+                tokenizer: self.tokenizer.clone(),
+                eos_id: None,
+                seq_len: self.prompt_len,
+                samples: Some(self.prompts),
+            },
+            decode_steps: self.decode_steps,
+            gen_tokens: self.gen_tokens,
+            gates: Gates {
+                max_kl: self.max_kl,
+                min_top1: self.min_top1,
+                min_common_tokens: self.min_common_tokens,
+            },
+        })
+    }
+}
+
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// Models to score; the first is the reference for KL and top-1 agreement
     #[arg(required = true, num_args = 1..)]
     pub models: Vec<PathBuf>,
     /// Tokens generated greedily by every model from the first half of each of --gen-prompts
-    /// blocks, compared with the first model's (needs a KV cache)
-    #[arg(long, default_value_t = 32)]
+    /// sequences, compared with the first model's (needs a KV cache)
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub gen_tokens: usize,
-    /// Blocks whose first halves are generation prompts
-    #[arg(long, default_value_t = 16)]
+    /// Sequences whose first halves are generation prompts
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub gen_prompts: usize,
     #[command(flatten)]
     pub data: DataArgs,
@@ -364,13 +419,13 @@ pub struct BenchArgs {
     #[arg(required = true, num_args = 1..)]
     pub models: Vec<PathBuf>,
     /// Prompt tokens for the prefill
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
     pub prompt_len: usize,
     /// Tokens generated greedily with the KV cache
-    #[arg(long = "gen", default_value_t = 128)]
+    #[arg(long = "gen", default_value_t = 128, value_parser = at_least_one)]
     pub new_tokens: usize,
     /// Timed runs per model (after one warm-up run each)
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub runs: usize,
     /// ONNX Runtime execution provider
     #[arg(long, value_enum, default_value_t = ExecutionProvider::Cpu)]
@@ -385,4 +440,72 @@ pub struct BenchArgs {
     /// in a fresh process per model)
     #[arg(long, hide = true)]
     pub peak_memory: bool,
+}
+
+impl BenchArgs {
+    pub fn options(&self) -> BenchOptions {
+        BenchOptions {
+            prompt_len: self.prompt_len,
+            new_tokens: self.new_tokens,
+            runs: self.runs,
+            ep: self.ep,
+            threads: self.threads,
+        }
+    }
+}
+
+/// Peak memory of `model`, measured by this executable's hidden `bench --peak-memory` in a fresh
+/// process (memory a process has freed stays resident, so one process cannot measure several).
+pub fn peak_memory_in_child(model: &Model, options: &BenchOptions) -> Result<f64> {
+    let exe = std::env::current_exe().context("cannot find this executable to measure memory")?;
+    let mut command = std::process::Command::new(exe);
+    command.arg("bench").arg(&model.path).arg("--peak-memory");
+    command.args(["--ep", &options.ep.to_string().to_lowercase()]);
+    command.args(["--prompt-len", &options.prompt_len.to_string()]);
+    if let Some(threads) = options.threads {
+        command.args(["--threads", &threads.to_string()]);
+    }
+    let out = command.output().context("cannot start the memory measurement")?;
+    ensure!(
+        out.status.success(),
+        "measuring the peak memory of {} failed: {}",
+        model.path.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().with_context(|| format!("unexpected peak-memory output {text:?}"))
+}
+
+#[derive(clap::Args)]
+pub struct SyntheticStatsArgs {
+    /// Output statistics file
+    pub output: PathBuf,
+    /// Take the hidden size, layers and fingerprint from this model, so that rewrite accepts the
+    /// file for it
+    #[arg(long, conflicts_with_all = ["hidden_size", "layers"])]
+    pub model: Option<PathBuf>,
+    /// Hidden size d
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
+    pub hidden_size: usize,
+    /// Layers
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
+    pub layers: usize,
+}
+
+/// A count of at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A finite number ≥ 0.
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number ≥ 0, not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -7,10 +7,10 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::blocks::Blocks;
+use crate::detect::DecoderLayout;
 use crate::onnx::model::{external_location, tensor_shape};
 use crate::onnx::proto::{GraphProto, TensorProto};
-use crate::onnx::{DType, GraphIndex, Model, TensorId, attr_int};
+use crate::onnx::{DType, GraphIndex, Model, Port, TensorId, attr_int};
 
 /// A model's multiply-add count, per token.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -27,9 +27,9 @@ pub struct Cost {
 }
 
 impl Cost {
-    /// Counts `model`'s multiply-adds; `blocks` are its attention blocks (`None` when it has no
+    /// Counts `model`'s multiply-adds; `layout` is its decoder layout (`None` when it has no
     /// attention left, which then has no attention term).
-    pub fn of(model: &Model, blocks: Option<&Blocks>) -> Result<Cost> {
+    pub fn of(model: &Model, layout: Option<&DecoderLayout>) -> Result<Cost> {
         let graph = model.graph();
         let index = GraphIndex::new(graph)?;
         let mut weight_macs_per_token = 0;
@@ -52,18 +52,18 @@ impl Cost {
                 _ => 0,
             };
         }
-        let attention_widths = blocks.map_or_else(Vec::new, |blocks| {
-            blocks
+        let attention_widths = layout.map_or_else(Vec::new, |layout| {
+            layout
                 .layers
                 .iter()
-                .map(|l| attention_width(graph, &index, &l.y).unwrap_or(blocks.hidden_size) as u64)
+                .map(|l| attention_width(graph, &index, &l.y).unwrap_or(layout.hidden_size) as u64)
                 .collect()
         });
         let gathered_only = |t: &TensorProto| {
             index.id(t.name()).is_some_and(|id| {
                 let readers = index.consumers(id);
                 !readers.is_empty()
-                    && readers.iter().all(|&(c, slot)| {
+                    && readers.iter().all(|&Port { node: c, slot }| {
                         slot == 0 && matches!(graph.node[c].op_type(), "Gather" | "GatherBlockQuantized")
                     })
             })
@@ -137,16 +137,16 @@ impl Footprint {
 
 /// The values a stored tensor of `elements` elements holds, judged by what reads it.
 fn weights_in(graph: &GraphProto, index: &GraphIndex, id: TensorId, elements: u64) -> u64 {
-    let mut readers: Vec<(usize, usize)> = index.consumers(id).to_vec();
+    let mut readers: Vec<Port> = index.consumers(id).to_vec();
     // A reshape of a packed matrix (the GenAI builder's tied int4 embedding) reads it as its readers do.
-    for &(node, _) in index.consumers(id) {
+    for &Port { node, .. } in index.consumers(id) {
         if graph.node[node].op_type() == "Reshape"
             && let Some(out) = index.output(node, 0)
         {
             readers.extend(index.consumers(out));
         }
     }
-    for &(node, slot) in &readers {
+    for &Port { node, slot } in &readers {
         let n = &graph.node[node];
         match (n.op_type(), slot) {
             ("MatMulNBits", 1) => {
@@ -162,7 +162,7 @@ fn weights_in(graph: &GraphProto, index: &GraphIndex, id: TensorId, elements: u6
         }
     }
     let quantisation_only = !readers.is_empty()
-        && readers.iter().all(|&(node, slot)| {
+        && readers.iter().all(|&Port { node, slot }| {
             matches!(
                 (graph.node[node].op_type(), slot),
                 ("MatMulNBits", 2..=4)
@@ -180,7 +180,7 @@ fn weights_in(graph: &GraphProto, index: &GraphIndex, id: TensorId, elements: u6
 pub fn output_projection(graph: &GraphProto, index: &GraphIndex, y: &str) -> Option<usize> {
     let mut tensor = index.id(y)?;
     for _ in 0..4 {
-        let (producer, _) = index.producer(tensor)?;
+        let Port { node: producer, .. } = index.producer(tensor)?;
         match graph.node[producer].op_type() {
             "MatMul"
             | "Gemm"

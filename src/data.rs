@@ -1,4 +1,4 @@
-//! Calibration and evaluation text → token ids → packed blocks of `seq_len` tokens.
+//! Calibration and evaluation text → token ids → packed sequences of `seq_len` tokens.
 //!
 //! Files: `.json` (an array of strings, or of objects with `text` or `input_ids`), `.jsonl` (one
 //! such value per line), `.txt` (one document). Without files, the built-in C4 sample is read
@@ -6,7 +6,7 @@
 //!
 //! Packing, in data order: a record of exactly `seq_len` `input_ids` is a block as it is (data that
 //! was tokenized and packed on purpose is used as given). Everything else joins one stream that is
-//! cut into blocks of `seq_len`, the remainder dropped: text documents are tokenized without
+//! cut into sequences of `seq_len`, the remainder dropped: text documents are tokenized without
 //! special tokens and followed by EOS; `input_ids` records of other lengths are appended as they
 //! are, with no EOS added.
 
@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use tokenizers::Tokenizer;
+
+use crate::invalid::{Setting, require};
 
 /// One document: text to tokenize, or ids given as they are.
 #[derive(Clone, Debug, PartialEq)]
@@ -166,7 +168,9 @@ impl TextEncoder {
             Some(id) => id,
             None => find_eos(model_dir, tokenizer.as_ref())?,
         };
-        ensure!(eos_id >= 0, "--eos-id {eos_id} is negative: it must name a vocabulary entry");
+        require(eos_id >= 0, Setting::EosId, || {
+            format!("{eos_id} is negative: an end-of-text id must name a vocabulary entry")
+        })?;
         if let Some(t) = &tokenizer {
             let vocab = t.get_vocab_size(true);
             ensure!(
@@ -185,7 +189,7 @@ impl TextEncoder {
     fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let tokenizer = self.tokenizer.as_ref().with_context(|| {
             format!(
-                "no tokenizer for text documents: {} does not exist; pass --tokenizer PATH/tokenizer.json",
+                "no tokenizer for text documents: {} does not exist; name a tokenizer.json",
                 self.tokenizer_path.display()
             )
         })?;
@@ -224,12 +228,58 @@ fn find_eos(model_dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<i64> {
     }
     bail!(
         "cannot tell the end-of-text token: no eos_token_id in {dir}/generation_config.json nor eos_token in \
-         {dir}/tokenizer_config.json; pass --eos-id",
+         {dir}/tokenizer_config.json; give the end-of-text id",
         dir = model_dir.display()
     )
 }
 
-/// Which text, tokenized how, cut into which blocks: what `calibrate`, `rewrite` and `eval` read.
+/// Tokens per sequence when none is asked for and the model's context is longer.
+pub const DEFAULT_SEQ_LEN: usize = 2048;
+
+/// The data a command was asked to read, before it is fitted to a model: the sequence length and
+/// the tokenizer default to the model's.
+#[derive(Clone, Debug, Default)]
+pub struct DataRequest {
+    /// Data files; none: the built-in C4 sample.
+    pub files: Vec<PathBuf>,
+    /// `tokenizer.json` (default: beside the model).
+    pub tokenizer: Option<PathBuf>,
+    /// End-of-text id appended to each document (default: from the model's configs).
+    pub eos_id: Option<i64>,
+    /// Tokens per sequence (default: [`DEFAULT_SEQ_LEN`], or the model's context where shorter).
+    pub seq_len: Option<usize>,
+    /// Sequences to keep (default: the command's).
+    pub samples: Option<usize>,
+}
+
+impl DataRequest {
+    /// The data to read for the model in `model_dir`; without files, the built-in sample's
+    /// `built_in` split. Sequences longer than the model's context are refused.
+    pub fn resolve(
+        &self,
+        model_dir: &Path,
+        default_samples: Option<usize>,
+        built_in: Split,
+    ) -> Result<DataSpec> {
+        let context = context_length(model_dir).map(|(n, _)| n);
+        let seq_len =
+            self.seq_len.unwrap_or_else(|| context.map_or(DEFAULT_SEQ_LEN, |c| c.min(DEFAULT_SEQ_LEN)));
+        check_context(model_dir, seq_len, &format!("a sequence length of {seq_len}"))?;
+        if self.files.is_empty() {
+            eprintln!("data: {} (give data files for your own)", built_in.describe());
+        }
+        Ok(DataSpec {
+            files: self.files.clone(),
+            built_in,
+            tokenizer: self.tokenizer.clone(),
+            eos_id: self.eos_id,
+            seq_len,
+            samples: self.samples.or(default_samples),
+        })
+    }
+}
+
+/// Which text, tokenized how, cut into which sequences: what `calibrate`, `rewrite` and `eval` read.
 #[derive(Clone, Debug)]
 pub struct DataSpec {
     /// Data files; none: the built-in C4 sample's `built_in` split.
@@ -240,7 +290,7 @@ pub struct DataSpec {
     /// End-of-text id appended to each document (default: from the model's configs).
     pub eos_id: Option<i64>,
     pub seq_len: usize,
-    /// Blocks to keep (default: all the data gives).
+    /// Sequences to keep (default: all the data gives).
     pub samples: Option<usize>,
 }
 
@@ -306,15 +356,15 @@ pub fn check_context(model_dir: &Path, tokens: usize, what: &str) -> Result<()> 
 /// What the packed data holds, for reports.
 #[derive(Clone, Debug)]
 pub struct Packed {
-    /// Blocks of exactly `seq_len` ids.
-    pub blocks: Vec<Vec<i64>>,
+    /// Sequences of exactly `seq_len` ids.
+    pub sequences: Vec<Vec<i64>>,
     pub documents: usize,
-    /// Tokens available before cutting to whole blocks and `samples`.
+    /// Tokens available before cutting to whole sequences and `samples`.
     pub tokens: usize,
 }
 
-/// Packs the documents of `sources` (a name for messages, and its documents) into blocks of
-/// `seq_len` by the rule in the module documentation; keeps the first `samples` blocks. Ids must be
+/// Packs the documents of `sources` (a name for messages, and its documents) into sequences of
+/// `seq_len` by the rule in the module documentation; keeps the first `samples` sequences. Ids must be
 /// below `vocab` (the model's embedding rows) when it is known.
 pub fn pack(
     sources: &[(String, Vec<Document>)],
@@ -323,8 +373,8 @@ pub fn pack(
     samples: Option<usize>,
     vocab: Option<usize>,
 ) -> Result<Packed> {
-    ensure!(seq_len > 0, "--seq-len must be at least 1");
-    ensure!(!sources.is_empty(), "no data given (--data FILE)");
+    ensure!(seq_len > 0, "a sequence must hold at least 1 token");
+    ensure!(!sources.is_empty(), "no data files given");
     if let Some(vocab) = vocab {
         ensure!(
             (encoder.eos_id as usize) < vocab,
@@ -332,10 +382,10 @@ pub fn pack(
             encoder.eos_id
         );
     }
-    let mut blocks: Vec<Vec<i64>> = Vec::new();
+    let mut sequences: Vec<Vec<i64>> = Vec::new();
     let mut stream: Vec<i64> = Vec::new();
     let (mut documents, mut tokens) = (0, 0);
-    let full = |blocks: &Vec<Vec<i64>>| samples.is_some_and(|s| blocks.len() >= s);
+    let full = |sequences: &Vec<Vec<i64>>| samples.is_some_and(|s| sequences.len() >= s);
     'sources: for (name, docs) in sources {
         for doc in docs {
             let (ids, verbatim) = match doc {
@@ -354,26 +404,27 @@ pub fn pack(
             documents += 1;
             tokens += ids.len();
             if verbatim {
-                blocks.push(ids);
+                sequences.push(ids);
             } else {
                 stream.extend(ids);
-                while stream.len() >= seq_len && !full(&blocks) {
-                    blocks.push(stream.drain(..seq_len).collect());
+                while stream.len() >= seq_len && !full(&sequences) {
+                    sequences.push(stream.drain(..seq_len).collect());
                 }
             }
-            if full(&blocks) {
+            if full(&sequences) {
                 break 'sources;
             }
         }
     }
-    ensure!(
-        !blocks.is_empty(),
-        "the data gives {tokens} tokens ({documents} documents), fewer than one block of --seq-len {seq_len}"
-    );
+    require(!sequences.is_empty(), Setting::SequenceLength, || {
+        format!(
+            "the data gives {tokens} tokens ({documents} documents), fewer than one sequence of {seq_len}"
+        )
+    })?;
     if let Some(samples) = samples {
-        blocks.truncate(samples);
+        sequences.truncate(samples);
     }
-    Ok(Packed { blocks, documents, tokens })
+    Ok(Packed { sequences, documents, tokens })
 }
 
 /// A fixed prompt of `len` ids below `vocab` (a deterministic mix, not a repeated token), for runs
@@ -424,7 +475,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let json = r#"[{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}, {"input_ids": [6, 7, 8]}, {"input_ids": [9]}]"#;
         let packed = packed(dir.path(), json, 3, None);
-        assert_eq!(packed.blocks, vec![vec![1, 2, 3], vec![6, 7, 8], vec![4, 5, 9]]);
+        assert_eq!(packed.sequences, vec![vec![1, 2, 3], vec![6, 7, 8], vec![4, 5, 9]]);
         assert_eq!((packed.documents, packed.tokens), (4, 9));
     }
 
@@ -438,14 +489,14 @@ mod tests {
         let packed = pack(&[("text".into(), docs)], &encoder, ids.len() + 1, None, None).unwrap();
         let mut block = ids.clone();
         block.push(0);
-        assert_eq!(packed.blocks, vec![block.clone(), block]);
+        assert_eq!(packed.sequences, vec![block.clone(), block]);
     }
 
     #[test]
     fn samples_limit_the_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let packed = packed(dir.path(), r#"[{"input_ids": [1, 2, 3, 4, 5, 6, 7]}]"#, 2, Some(2));
-        assert_eq!(packed.blocks, vec![vec![1, 2], vec![3, 4]]);
+        assert_eq!(packed.sequences, vec![vec![1, 2], vec![3, 4]]);
     }
 
     #[test]
@@ -465,7 +516,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tokenizer = Some(fixture.as_path());
         let err = TextEncoder::new(dir.path(), tokenizer, None).err().unwrap().to_string();
-        assert!(err.contains("pass --eos-id"), "{err}");
+        assert!(err.contains("give the end-of-text id"), "{err}");
         write(dir.path(), "tokenizer_config.json", r#"{"eos_token": {"content": "<|pad|>"}}"#);
         assert_eq!(TextEncoder::new(dir.path(), tokenizer, None).unwrap().eos_id, 1);
         write(dir.path(), "generation_config.json", r#"{"eos_token_id": [0, 1]}"#);
@@ -478,7 +529,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let short = write(dir.path(), "short.json", r#"[{"input_ids": [1]}]"#);
         let err = pack(&read_sources(&[short]).unwrap(), &ids_only(), 8, None, None).unwrap_err().to_string();
-        assert!(err.contains("fewer than one block of --seq-len 8"), "{err}");
+        assert!(err.contains("fewer than one sequence of 8"), "{err}");
         let empty = write(dir.path(), "empty.json", "[]");
         let err = read_sources(&[empty]).unwrap_err().to_string();
         assert!(err.contains("empty.json holds no documents"), "{err}");

@@ -1,4 +1,4 @@
-//! `nbl-onnx eval`: perplexity of each model on packed held-out blocks and, for every model after
+//! `nbl-onnx eval`: perplexity of each model on packed held-out sequences and, for every model after
 //! the first, how far its next-token distributions are from the first's (mean KL divergence and
 //! top-1 agreement), measured on the same tokens in the same run.
 
@@ -7,14 +7,14 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::engine::{Engine, Session};
-use crate::generate::{Continuations, Decoder, GenerationAgreement};
-use crate::logits::{self, Divergence, log_softmax};
+use crate::generate::{Continuations, Decoder, GenerationAgreement, next_token_log_probs};
+use crate::logits::Divergence;
 use crate::onnx::{Interface, Model};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelScore {
     pub path: String,
-    /// `exp(mean negative log-likelihood)` of every token after the first of each block.
+    /// `exp(mean negative log-likelihood)` of every token after the first of each sequence.
     pub ppl: f64,
     /// Tokens scored.
     pub tokens: u64,
@@ -32,19 +32,26 @@ pub struct ModelScore {
     pub generation_vs_first: Option<GenerationAgreement>,
 }
 
-/// The eval JSON: `{"engine","seq_len","blocks","models":[...]}`.
+/// The eval JSON: `{"engine","seq_len","sequences","models":[...]}`, with `blocks` (the former
+/// name of `sequences`) kept for one release.
 #[derive(Serialize)]
 pub struct Report {
     pub engine: String,
     pub seq_len: usize,
-    pub blocks: usize,
+    pub sequences: usize,
+    #[serde(rename = "blocks")]
+    sequences_alias: usize,
     pub models: Vec<ModelScore>,
 }
 
 impl Report {
+    pub fn new(engine: String, seq_len: usize, sequences: usize, models: Vec<ModelScore>) -> Report {
+        Report { engine, seq_len, sequences, sequences_alias: sequences, models }
+    }
+
     /// The readable table: one line per model.
     pub fn table(&self) -> String {
-        let mut out = format!("{} blocks of {} tokens on {}\n", self.blocks, self.seq_len, self.engine);
+        let mut out = format!("{} sequences of {} tokens on {}\n", self.sequences, self.seq_len, self.engine);
         out.push_str(&format!(
             "{:>10}  {:>10}  {:>10}  {:>8}  {:>14}  model\n",
             "ppl", "tokens", "KL", "top-1", "gen common/id"
@@ -64,26 +71,26 @@ impl Report {
     }
 }
 
-/// How every model after the first continues the first halves of `prompts` blocks of `blocks`,
+/// How every model after the first continues the first halves of `prompts` sequences of `sequences`,
 /// `tokens` tokens each, greedily, against the first model; `None` where a model has no KV cache.
 pub fn generation_agreement(
     models: &[Model],
     hidden_size: Option<usize>,
     engine: &dyn Engine,
-    blocks: &[Vec<i64>],
+    sequences: &[Vec<i64>],
     prompts: usize,
     tokens: usize,
 ) -> Result<Vec<Option<GenerationAgreement>>> {
-    ensure!(tokens > 0, "--gen-tokens must be at least 1");
+    ensure!(tokens > 0, "at least 1 token must be generated");
     let mut decoders =
         models.iter().map(|m| Decoder::load(m, hidden_size, engine, tokens)).collect::<Result<Vec<_>>>()?;
     if decoders.iter().any(|d| !d.has_cache()) {
         return Ok(models.iter().map(|_| None).collect());
     }
     let mut agreement: Vec<Continuations> = models.iter().map(|_| Continuations::default()).collect();
-    for block in blocks.iter().take(prompts) {
-        let prompt =
-            Array2::from_shape_vec((1, block.len() / 2), block[..block.len() / 2].to_vec()).expect("one row");
+    for sequence in sequences.iter().take(prompts) {
+        let prompt = Array2::from_shape_vec((1, sequence.len() / 2), sequence[..sequence.len() / 2].to_vec())
+            .expect("one row");
         let mut first = Vec::new();
         for (i, (decoder, model)) in decoders.iter_mut().zip(models).enumerate() {
             crate::atomic::check_interrupt()?;
@@ -113,38 +120,41 @@ struct Tally {
     seconds: f64,
 }
 
-/// Scores `models` (of one architecture, hidden size `hidden_size` where known) on `blocks` (each a
-/// row of token ids), one block at a time.
+/// Scores `models` (of one architecture, hidden size `hidden_size` where known) on `sequences` (each a
+/// row of token ids), one sequence at a time.
 pub fn evaluate(
     models: &[Model],
     hidden_size: Option<usize>,
     engine: &dyn Engine,
-    blocks: &[Vec<i64>],
+    sequences: &[Vec<i64>],
 ) -> Result<Vec<ModelScore>> {
     ensure!(!models.is_empty(), "no models to evaluate");
-    ensure!(!blocks.is_empty() && blocks[0].len() >= 2, "evaluation needs blocks of at least 2 tokens");
+    ensure!(
+        !sequences.is_empty() && sequences[0].len() >= 2,
+        "evaluation needs sequences of at least 2 tokens"
+    );
     let interfaces: Vec<Interface> =
         models.iter().map(|m| Interface::of(m, hidden_size)).collect::<Result<_>>()?;
     let mut sessions: Vec<Box<dyn Session>> =
         models.iter().map(|m| engine.load(m, &[])).collect::<Result<_>>()?;
     let mut tallies: Vec<Tally> = models.iter().map(|_| Tally::default()).collect();
     let progress = crate::progress::bar(
-        (blocks.len() * models.len()) as u64,
-        "evaluating {bar:40} {pos}/{len} model-blocks  {rate}  ETA {eta}",
-        "blocks",
+        (sequences.len() * models.len()) as u64,
+        "evaluating {bar:40} {pos}/{len} model-sequences  {rate}  ETA {eta}",
+        "sequences",
     );
-    for (b, block) in blocks.iter().enumerate() {
-        let ids = Array2::from_shape_vec((1, block.len()), block.clone()).expect("one row");
+    for (b, sequence) in sequences.iter().enumerate() {
+        let ids = Array2::from_shape_vec((1, sequence.len()), sequence.clone()).expect("one row");
         let mut reference: Option<Vec<Vec<f64>>> = None;
         for (i, (model, session)) in models.iter().zip(&mut sessions).enumerate() {
             crate::atomic::check_interrupt()?;
             let (log_probs, seconds) = next_token_log_probs(&interfaces[i], session.as_mut(), &ids)
-                .with_context(|| format!("{}: block {b}", model.path.display()))?;
+                .with_context(|| format!("{}: sequence {b}", model.path.display()))?;
             let tally = &mut tallies[i];
             tally.seconds += seconds;
             // Position t predicts token t+1.
-            for (t, lp) in log_probs.iter().take(block.len() - 1).enumerate() {
-                let next = block[t + 1] as usize;
+            for (t, lp) in log_probs.iter().take(sequence.len() - 1).enumerate() {
+                let next = sequence[t + 1] as usize;
                 ensure!(
                     next < lp.len(),
                     "token id {next} is outside the vocabulary of {}",
@@ -180,33 +190,8 @@ pub fn evaluate(
             tokens: t.tokens,
             kl_vs_first: (i > 0).then(|| t.divergence.mean_kl()),
             top1_vs_first: (i > 0).then(|| t.divergence.top1_agreement()),
-            tokens_per_s: (blocks.len() * blocks[0].len()) as f64 / t.seconds,
+            tokens_per_s: (sequences.len() * sequences[0].len()) as f64 / t.seconds,
             generation_vs_first: None,
         })
         .collect())
-}
-
-/// Log-softmax of the logits at every position of a one-row prompt, in f64, and the seconds the
-/// engine run took (the scoring itself is not inference).
-pub(crate) fn next_token_log_probs(
-    interface: &Interface,
-    session: &mut dyn Session,
-    ids: &Array2<i64>,
-) -> Result<(Vec<Vec<f64>>, f64)> {
-    let inputs = interface.prefill(ids)?;
-    let started = std::time::Instant::now();
-    let outputs = session.run(&inputs)?;
-    let seconds = started.elapsed().as_secs_f64();
-    let logits = logits::logits(session.output_names(), &outputs)?;
-    ensure!(
-        logits.shape()[1] == ids.ncols(),
-        "logits have shape {:?}; expected [1, {}, vocabulary]",
-        logits.shape(),
-        ids.ncols()
-    );
-    let vocab = logits.shape()[2];
-    let flat = logits.as_standard_layout();
-    let flat = flat.as_slice().expect("standard layout");
-    let log_probs = flat.chunks(vocab).map(log_softmax).collect();
-    Ok((log_probs, seconds))
 }

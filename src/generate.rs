@@ -2,12 +2,12 @@
 //! continuations of the same prompt agree: what `check` and `eval` compare besides next-token
 //! statistics (layer pruning is known to hold up on likelihood and fall on generation).
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use ndarray::{Array2, ArrayD, Axis};
 use serde::Serialize;
 
 use crate::engine::{Engine, Session};
-use crate::logits::{self, argmax};
+use crate::logits::{self, argmax, log_softmax};
 use crate::onnx::{Interface, Model, present_as_past};
 
 /// A model loaded for greedy generation.
@@ -118,6 +118,31 @@ impl GenerationAgreement {
             exact_match_rate: c.exact_match_rate(),
         }
     }
+}
+
+/// Log-softmax of the logits at every position of a one-row prompt, in f64, and the seconds the
+/// engine run took (the scoring itself is not inference).
+pub fn next_token_log_probs(
+    interface: &Interface,
+    session: &mut dyn Session,
+    ids: &Array2<i64>,
+) -> Result<(Vec<Vec<f64>>, f64)> {
+    let inputs = interface.prefill(ids)?;
+    let started = std::time::Instant::now();
+    let outputs = session.run(&inputs)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let logits = logits::logits(session.output_names(), &outputs)?;
+    ensure!(
+        logits.shape()[1] == ids.ncols(),
+        "logits have shape {:?}; expected [1, {}, vocabulary]",
+        logits.shape(),
+        ids.ncols()
+    );
+    let vocab = logits.shape()[2];
+    let flat = logits.as_standard_layout();
+    let flat = flat.as_slice().expect("standard layout");
+    let log_probs = flat.chunks(vocab).map(log_softmax).collect();
+    Ok((log_probs, seconds))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use anyhow::{Result, ensure};
 use ndarray::Array2;
 use serde::Serialize;
 
-use crate::blocks::{Blocks, Verdict};
+use crate::detect::{DecoderLayout, Verdict};
 use crate::engine::{Engine, select};
 use crate::onnx::{Interface, Model};
 
@@ -21,8 +21,8 @@ pub struct Inspection {
     /// What statistics files are matched to the model by (its structure, not its weights).
     pub fingerprint: String,
     #[serde(flatten)]
-    pub blocks: Blocks,
-    /// Present when the blocks were also computed on an engine (`inspect --run`).
+    pub layout: DecoderLayout,
+    /// Present when the layers were also computed on an engine (`inspect --run`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run: Option<TrialRun>,
 }
@@ -38,19 +38,19 @@ pub struct TrialRun {
 
 /// Runs `model` once on `engine` over a short token sequence and checks every X and Y: shape
 /// `[batch, sequence, hidden]`, finite values.
-pub fn trial_run(model: &Model, blocks: &Blocks, engine: &dyn Engine) -> Result<TrialRun> {
+pub fn trial_run(model: &Model, layout: &DecoderLayout, engine: &dyn Engine) -> Result<TrialRun> {
     const BATCH: usize = 1;
     const SEQUENCE: usize = 8;
     let ids = Array2::from_shape_fn((BATCH, SEQUENCE), |(_, s)| 1 + s as i64);
-    let inputs = Interface::of(model, Some(blocks.hidden_size))?.prefill(&ids)?;
-    let extra = blocks.xy_tensors();
+    let inputs = Interface::of(model, Some(layout.hidden_size))?.prefill(&ids)?;
+    let extra = layout.xy_tensors();
     let mut session = engine.load(model, &extra)?;
     let outputs = session.run(&inputs)?;
     let captured = select(session.as_ref(), &outputs, &extra)?;
     let mut shapes = Vec::new();
-    for (layer, pair) in blocks.layers.iter().zip(captured.chunks(2)) {
+    for (layer, pair) in layout.layers.iter().zip(captured.chunks(2)) {
         for (name, t) in [(&layer.x, pair[0]), (&layer.y, pair[1])] {
-            let expected = [BATCH, SEQUENCE, blocks.hidden_size];
+            let expected = [BATCH, SEQUENCE, layout.hidden_size];
             ensure!(
                 t.shape() == expected,
                 "layer {}: {name:?} has shape {:?}, expected {expected:?}",
@@ -68,8 +68,8 @@ pub fn trial_run(model: &Model, blocks: &Blocks, engine: &dyn Engine) -> Result<
     Ok(TrialRun { engine: engine.describe(), tokens: [BATCH, SEQUENCE], shapes })
 }
 
-/// What `inspect` reports of `model`, whose blocks are `blocks`.
-pub fn inspect(model: &Model, blocks: Blocks) -> Inspection {
+/// What `inspect` reports of `model`, whose layers are `layout`.
+pub fn inspect(model: &Model, layout: DecoderLayout) -> Inspection {
     Inspection {
         model: model.path.display().to_string(),
         producer: format!("{} {}", model.proto.producer_name(), model.proto.producer_version())
@@ -78,8 +78,8 @@ pub fn inspect(model: &Model, blocks: Blocks) -> Inspection {
         opset: model.opset("").unwrap_or(0),
         graph_nodes: model.graph().node.len(),
         external_data: model.external_files(),
-        fingerprint: crate::calibrate::fingerprint(model, &blocks),
-        blocks,
+        fingerprint: crate::calibrate::fingerprint(model, &layout),
+        layout,
         run: None,
     }
 }
@@ -88,10 +88,10 @@ impl Inspection {
     /// The readable report: one line per attention block, then the non-attention branches' verdicts.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let b = &self.blocks;
+        let b = &self.layout;
         let _ = writeln!(
             out,
-            "{}: {} attention blocks, hidden size {}, {} ({} nodes, opset {}, {})",
+            "{}: {} attention layers, hidden size {}, {} ({} nodes, opset {}, {})",
             self.model,
             b.layers.len(),
             b.hidden_size,

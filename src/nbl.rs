@@ -1,5 +1,5 @@
 //! The math of Neural Block Linearization, in f64: the CCA bound that ranks layers, the LMMSE map
-//! that replaces a layer's attention, and the selection of layers.
+//! that replaces a layer's attention, and the ridged Cholesky factorisation both rest on.
 //!
 //! With `z = x + y` (the block's output with the residual), `C_zz = C_yy + C_yx + C_yxᵀ + C_xx` and
 //! `C_zx = C_yx + C_xx`, the canonical correlations `ρ_i` of `x` and `z` are the singular values of
@@ -18,7 +18,7 @@
 //! - `weighted_bound = bound/d · tr(C_yy) / tr(C_zz)`: the CCA bound weighted by the branch's share
 //!   of the block output's variance (criterion `weighted-cca`).
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, bail};
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt::factor::{LltRegularization, cholesky_in_place, cholesky_in_place_scratch};
 use faer::linalg::triangular_solve::{solve_lower_triangular_in_place, solve_upper_triangular_in_place};
@@ -82,35 +82,40 @@ struct Ridge {
 /// statistics): results stay finite and are flagged. A failed attempt leaves `a` spoilt, so
 /// `restore` writes `C` into it again before the next.
 fn factor_in_place(mut a: MatMut<'_, f64>, lambda: f64, restore: impl Fn(MatMut<'_, f64>)) -> Result<Ridge> {
-    let d = a.nrows();
-    let trace = trace(a.as_ref());
-    if !trace.is_finite() {
+    if !trace(a.as_ref()).is_finite() {
         bail!("the covariance has non-finite entries (NaN or Inf in the activations?)");
     }
-    let par = faer::get_global_parallelism();
-    let scale = if trace > 0.0 { trace / d as f64 } else { 1.0 };
-    let mut ridge = lambda * scale;
-    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f64>(d, par, Default::default()));
+    let mut ridge = lambda * ridge_scale(a.as_ref());
     for attempt in 0..16 {
         if attempt > 0 {
             restore(a.as_mut());
         }
-        for i in 0..d {
-            a[(i, i)] += ridge;
-        }
-        let factored = cholesky_in_place(
-            a.as_mut(),
-            LltRegularization::default(),
-            par,
-            MemStack::new(&mut scratch),
-            Default::default(),
-        );
-        if factored.is_ok() {
+        if cholesky_with_ridge(a.as_mut(), ridge) {
             return Ok(Ridge { value: ridge, escalated: attempt > 0 });
         }
         ridge = if ridge > 0.0 { ridge * 10.0 } else { f64::MIN_POSITIVE.sqrt() };
     }
     bail!("the covariance is not positive definite even with a ridge of {ridge:e}")
+}
+
+/// The scale a ridge is given in: the mean diagonal `tr(C)/d`, or 1 where that is not positive.
+pub fn ridge_scale(c: MatRef<'_, f64>) -> f64 {
+    let mean = trace(c) / c.nrows().max(1) as f64;
+    if mean > 0.0 { mean } else { 1.0 }
+}
+
+/// Overwrites `a` (holding a symmetric `C`) with the lower Cholesky factor `L` of
+/// `C + ridge · I = L Lᵀ`, on faer's global parallelism. `false` when `C + ridge · I` is not
+/// positive definite; `a` is then spoilt.
+pub fn cholesky_with_ridge(mut a: MatMut<'_, f64>, ridge: f64) -> bool {
+    let d = a.nrows();
+    for i in 0..d {
+        a[(i, i)] += ridge;
+    }
+    let par = faer::get_global_parallelism();
+    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f64>(d, par, Default::default()));
+    cholesky_in_place(a, LltRegularization::default(), par, MemStack::new(&mut scratch), Default::default())
+        .is_ok()
 }
 
 fn trace(m: MatRef<'_, f64>) -> f64 {
@@ -263,158 +268,5 @@ impl LayerFit {
             .sum();
         let error = (energy / n).max(0.0) + bias;
         if var_y > 0.0 { error / var_y } else { 0.0 }
-    }
-}
-
-/// How layers are ranked for linearisation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Criterion {
-    /// Lowest CCA bound first (NBL)
-    Cca,
-    /// Highest input/output cosine similarity first (LLM-Drop)
-    Cosine,
-    /// Lowest LMMSE residual relative to the block output's energy first (scale-aware)
-    Residual,
-    /// Lowest CCA bound weighted by the branch's share of the block output first (scale-aware)
-    WeightedCca,
-    /// Greedy by the KL divergence measured on probe text, among the 2k lowest-bound layers
-    /// (rewrite only: runs the model)
-    Measured,
-}
-
-/// Layers in the order they should be linearised, best candidate first.
-pub fn ranking(fits: &[LayerFit], criterion: Criterion) -> Vec<usize> {
-    let mut order: Vec<&LayerFit> = fits.iter().collect();
-    match criterion {
-        // Measured selection starts from the CCA order (its candidates); the choice is made by
-        // running the model (`crate::measured`).
-        Criterion::Cca | Criterion::Measured => {
-            order.sort_by(|a, b| a.bound.total_cmp(&b.bound).then(a.layer.cmp(&b.layer)))
-        }
-        Criterion::Cosine => order.sort_by(|a, b| b.cosine.total_cmp(&a.cosine).then(a.layer.cmp(&b.layer))),
-        Criterion::Residual => order
-            .sort_by(|a, b| a.relative_residual.total_cmp(&b.relative_residual).then(a.layer.cmp(&b.layer))),
-        Criterion::WeightedCca => {
-            order.sort_by(|a, b| a.weighted_bound.total_cmp(&b.weighted_bound).then(a.layer.cmp(&b.layer)))
-        }
-    }
-    order.iter().map(|f| f.layer).collect()
-}
-
-/// The fits of `layers`, in that order.
-fn fits_in<'f>(layers: &[usize], fits: &'f [LayerFit]) -> impl Iterator<Item = &'f LayerFit> {
-    layers.iter().filter_map(|&l| fits.iter().find(|f| f.layer == l))
-}
-
-/// Which layers to linearise.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Selection {
-    /// The first `K` of the ranking.
-    Count(usize),
-    /// Exactly these layers (each once, whatever the repeats given).
-    Layers(Vec<usize>),
-    /// Every layer whose normalised bound (`bound/d`) is at most this, in ranking order.
-    MaxBound(f64),
-}
-
-impl Selection {
-    /// Fails unless the selection makes sense for `layers` layers; `what` names them in the
-    /// message (`attention layers of model.onnx`).
-    pub fn check(&self, layers: usize, what: &str) -> Result<()> {
-        match self {
-            Selection::Count(k) if *k > layers => bail!("--layers {k} is more than the {layers} {what}"),
-            Selection::Layers(ids) => {
-                if let Some(id) = ids.iter().find(|&&id| id >= layers) {
-                    bail!(
-                        "--layer-ids: layer {id} does not exist (the {what} are 0..{})",
-                        layers.saturating_sub(1)
-                    );
-                }
-            }
-            Selection::MaxBound(b) if !b.is_finite() || *b < 0.0 => {
-                bail!("--max-bound must be a finite number ≥ 0, not {b}")
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-}
-
-/// The layers to linearise, in the order they were chosen: the ranking's best first, or the
-/// layers named, in the order named without repeats.
-pub fn select(fits: &[LayerFit], criterion: Criterion, selection: &Selection) -> Result<Vec<usize>> {
-    if !matches!(selection, Selection::Layers(_)) {
-        selection.check(fits.len(), "layers")?;
-    }
-    let order = ranking(fits, criterion);
-    Ok(match selection {
-        Selection::Count(k) => order.into_iter().take(*k).collect(),
-        Selection::Layers(ids) => {
-            let mut chosen = Vec::with_capacity(ids.len());
-            for &id in ids {
-                ensure!(
-                    fits.iter().any(|f| f.layer == id),
-                    "--layer-ids: layer {id} does not exist (the statistics hold layers {})",
-                    order.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", ")
-                );
-                if !chosen.contains(&id) {
-                    chosen.push(id);
-                }
-            }
-            chosen
-        }
-        Selection::MaxBound(max) => {
-            fits_in(&order, fits).filter(|f| f.bound_normalized <= *max).map(|f| f.layer).collect()
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fit(layer: usize, bound: f64) -> LayerFit {
-        LayerFit {
-            layer,
-            bound,
-            bound_normalized: bound / 10.0,
-            fit_residual: 0.0,
-            residual_energy: 0.0,
-            stream_energy: 0.0,
-            relative_residual: 0.0,
-            weighted_bound: 0.0,
-            cosine: 0.0,
-            ridge_x: 0.0,
-            ridge_z: 0.0,
-            rank_deficient: false,
-            heldout_residual: None,
-            rho: None,
-            w: Mat::zeros(0, 0),
-            b: Vec::new(),
-        }
-    }
-
-    fn fits() -> Vec<LayerFit> {
-        [5.0, 1.0, 3.0, 2.0, 4.0].iter().enumerate().map(|(l, &b)| fit(l, b)).collect()
-    }
-
-    #[test]
-    fn named_layers_are_selected_exactly_once_each() {
-        let select_ids =
-            |ids: &[usize]| select(&fits(), Criterion::Cca, &Selection::Layers(ids.to_vec())).unwrap();
-        assert_eq!(select_ids(&[3, 1, 3]), [3, 1]);
-        assert_eq!(select_ids(&[1, 0]), [1, 0]);
-        assert_eq!(select_ids(&[4, 4, 4]), [4]);
-        let err = select(&fits(), Criterion::Cca, &Selection::Layers(vec![2, 5])).unwrap_err().to_string();
-        assert!(err.contains("layer 5 does not exist"), "{err}");
-    }
-
-    #[test]
-    fn counts_and_bounds_follow_the_ranking() {
-        assert_eq!(select(&fits(), Criterion::Cca, &Selection::Count(3)).unwrap(), [1, 3, 2]);
-        assert_eq!(select(&fits(), Criterion::Cca, &Selection::MaxBound(0.3)).unwrap(), [1, 3, 2]);
-        assert!(select(&fits(), Criterion::Cca, &Selection::Count(6)).is_err());
-        assert!(select(&fits(), Criterion::Cca, &Selection::MaxBound(f64::NAN)).is_err());
     }
 }

@@ -6,7 +6,8 @@ use std::fmt::Write;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::nbl::{Criterion, LayerFit, Selection, fit_layer, fit_measures, ranking, select};
+use crate::nbl::{LayerFit, fit_layer, fit_measures};
+use crate::select::{Criterion, Selection, ranking, select};
 use crate::stats::MomentsSource;
 
 /// One layer of the analysis: its fit (the map itself is not serialised) and whether it was chosen.
@@ -41,7 +42,10 @@ pub fn analyze(
     lambda: f64,
     spectrum: bool,
 ) -> Result<Analysis> {
-    anyhow::ensure!(lambda >= 0.0 && lambda.is_finite(), "--lambda must be a finite number ≥ 0");
+    anyhow::ensure!(
+        lambda >= 0.0 && lambda.is_finite(),
+        "the ridge λ must be a finite number ≥ 0, not {lambda}"
+    );
     let progress = crate::progress::bar(
         stats.layers().len() as u64,
         "fitting {bar:40} {pos}/{len} layers  ETA {eta}",
@@ -63,8 +67,8 @@ pub fn analyze(
         })
         .collect::<Result<_>>()?;
     progress.finish_and_clear();
-    let order = ranking(&fits, criterion);
-    let selected = select(&fits, criterion, selection)?;
+    let order = ranking(&fits, criterion.ranking());
+    let selected = select(&fits, criterion.ranking(), selection)?;
     let layers =
         fits.into_iter().map(|fit| LayerRow { linearized: selected.contains(&fit.layer), fit }).collect();
     Ok(Analysis { tokens: stats.tokens(), criterion, selected, order, lambda, layers })
@@ -86,13 +90,7 @@ impl Analysis {
             "chose {} of {} layers, best {} first:",
             self.selected.len(),
             self.layers.len(),
-            match self.criterion {
-                Criterion::Cca => "CCA bound (the most linear attention)",
-                Criterion::Cosine => "input/output cosine (the attention that changes the stream least)",
-                Criterion::Residual => "map error relative to the stream (the least wrong replacement)",
-                Criterion::WeightedCca => "CCA bound weighted by the branch's share of the stream",
-                Criterion::Measured => "measured KL divergence, greedily (the least harm together)",
-            }
+            self.criterion.describe()
         );
         for &l in &self.selected {
             if let Some(f) = self.fit(l) {
@@ -122,7 +120,7 @@ impl Analysis {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} tokens, criterion {:?}, ridge λ = {:e}; suggested order: {}",
+            "{} tokens, criterion {}, ridge λ = {:e}; suggested order: {}",
             self.tokens,
             self.criterion,
             self.lambda,

@@ -6,11 +6,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::calibrate::{MomentsOn, calibrate};
+use nbl_onnx::detect::find_layout;
 use nbl_onnx::engine::Engine;
-use nbl_onnx::nbl::{Criterion, fit_layer, ranking};
+use nbl_onnx::nbl::fit_layer;
 use nbl_onnx::onnx::{Model, Tensor};
+use nbl_onnx::select::{Ranking, ranking};
 use nbl_onnx::stats::{Moments, Stats};
 
 /// The fixture's reference token ids as calibration blocks.
@@ -22,7 +23,7 @@ fn merge_stats(parts: &[&Path], out: &Path) -> std::process::Output {
     nbl(&args)
 }
 
-fn reference_blocks(name: &str) -> Vec<Vec<i64>> {
+fn reference_sequences(name: &str) -> Vec<Vec<i64>> {
     let Tensor::I64(ids) = reference(name)["inputs.input_ids"].clone() else { panic!("int64 ids") };
     ids.outer_iter().map(|row| row.iter().copied().collect()).collect()
 }
@@ -68,8 +69,8 @@ fn max_relative_difference(a: &Moments, b: &Moments) -> f64 {
 
 fn engine_moments(name: &str, engine: &dyn Engine) -> Vec<Moments> {
     let model = Model::load(model_path(name)).unwrap();
-    let blocks = find_blocks(&model).unwrap();
-    calibrate(&model, &blocks, engine, &reference_blocks(name), 1, MomentsOn::Host).unwrap()
+    let layout = find_layout(&model).unwrap();
+    calibrate(&model, &layout, engine, &reference_sequences(name), 1, MomentsOn::Host).unwrap()
 }
 
 /// f32 activations agree to ~1e-5 relative between engines and PyTorch (see the X/Y test);
@@ -105,7 +106,7 @@ fn genai_statistics_agree_with_pytorch() {
 }
 
 /// Six blocks of 16 fixed pseudo-random token ids (below every fixture's vocabulary of 512).
-fn random_blocks() -> Vec<Vec<i64>> {
+fn random_sequences() -> Vec<Vec<i64>> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     (0..6)
         .map(|_| {
@@ -125,15 +126,15 @@ fn random_blocks() -> Vec<Vec<i64>> {
 /// merge across batches is exercised).
 fn graph_and_host_moments(name: &str, engine: &dyn Engine) -> (Vec<Moments>, Vec<Moments>) {
     let model = Model::load(model_path(name)).unwrap();
-    let blocks = find_blocks(&model).unwrap();
-    let run = |on| calibrate(&model, &blocks, engine, &random_blocks(), 2, on).unwrap();
+    let layout = find_layout(&model).unwrap();
+    let run = |on| calibrate(&model, &layout, engine, &random_sequences(), 2, on).unwrap();
     (run(MomentsOn::Graph), run(MomentsOn::Host))
 }
 
 fn bound_order(moments: &[Moments]) -> Vec<usize> {
     let fits: Vec<_> =
         moments.iter().enumerate().map(|(l, m)| fit_layer(l, m.clone(), 1e-6, false).unwrap()).collect();
-    ranking(&fits, Criterion::Cca)
+    ranking(&fits, Ranking::Cca)
 }
 
 /// The graph computes in f64 what the host computes in f64, from the same activations: they agree
@@ -339,7 +340,7 @@ fn analyze_prints_the_documented_json_and_writes_a_chart() {
     // The table form.
     let out = nbl(&["analyze", stats.to_str().unwrap(), "--criterion", "cosine"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("criterion Cosine"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("criterion cosine"));
 }
 
 /// Calibration on 4 blocks of 16 tokens.
@@ -368,7 +369,10 @@ fn bad_calibration_input_is_refused_clearly() {
 
     let short = dir.path().join("short.jsonl");
     std::fs::write(&short, "{\"text\": \"Too short.\"}\n").unwrap();
-    assert_bad_input(&nbl(&calibrate_args_16x4(model, short.to_str().unwrap(), out)), "fewer than one block");
+    assert_bad_input(
+        &nbl(&calibrate_args_16x4(model, short.to_str().unwrap(), out)),
+        "fewer than one sequence",
+    );
 
     let mut args = calibrate_args_16x4(model, corpus.to_str().unwrap(), out);
     args.extend(["--tokenizer", "/nonexistent/tokenizer.json"]);
@@ -494,24 +498,24 @@ fn optimum_and_genai_exports_of_one_model_rank_layers_alike() {
 #[test]
 fn in_graph_statistics_refuse_opsets_before_13() {
     let mut model = Model::load(model_path("llama-optimum-past")).unwrap();
-    let blocks = find_blocks(&model).unwrap();
+    let layout = find_layout(&model).unwrap();
     for opset in &mut model.proto.opset_import {
         if opset.domain().is_empty() {
             opset.version = Some(12);
         }
     }
-    let err = match nbl_onnx::calibrate::in_graph::MomentsGraph::new(&model, &blocks) {
+    let err = match nbl_onnx::calibrate::in_graph::MomentsGraph::new(&model, &layout) {
         Ok(_) => panic!("an opset-12 model was accepted"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(err.contains("opset 13") && err.contains("--moments host"), "{err}");
+    assert!(err.contains("opset 13") && err.contains("moments on the host"), "{err}");
 }
 
 /// `--holdout-every N` keeps every N-th block out of the fit; analyze then shows each map's error on
 /// those blocks beside its in-sample error. Fitted on 1.25 tokens per dimension, every map errs more
 /// on the held-out text. A held-out file does not merge with one without.
 #[test]
-fn held_out_blocks_show_what_the_fit_hides() {
+fn held_out_sequences_show_what_the_fit_hides() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = write_corpus(dir.path());
     let model = model_path("llama-optimum-past");

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::cost::Cost;
+use nbl_onnx::detect::find_layout;
 use nbl_onnx::onnx::Model;
 
 #[test]
@@ -25,7 +25,7 @@ fn every_fixture_counts_the_multiply_adds_of_its_pytorch_model() {
         let (q_width, layers) = (get("attention_width"), get("num_layers"));
 
         let model = Model::load(model_path(&fixture)).unwrap();
-        let cost = Cost::of(&model, find_blocks(&model).ok().as_ref()).unwrap();
+        let cost = Cost::of(&model, find_layout(&model).ok().as_ref()).unwrap();
         assert_eq!(cost.weight_macs_per_token, expected, "{fixture}");
         assert_eq!(cost.attention_widths, vec![q_width; layers as usize], "{fixture}");
 
@@ -44,7 +44,7 @@ fn every_fixture_counts_the_multiply_adds_of_its_pytorch_model() {
 fn decode_bytes_follow_the_stored_format() {
     let bytes_per_weight = |fixture: &str| {
         let model = Model::load(model_path(fixture)).unwrap();
-        let cost = Cost::of(&model, find_blocks(&model).ok().as_ref()).unwrap();
+        let cost = Cost::of(&model, find_layout(&model).ok().as_ref()).unwrap();
         let ratio = cost.weight_bytes_per_step as f64 / cost.weight_macs_per_token as f64;
         eprintln!(
             "{fixture}: {} bytes per step, {ratio:.3} per multiply-add weight",

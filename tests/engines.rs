@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
-use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::detect::find_layout;
 use nbl_onnx::onnx::{Interface, Model};
 use ndarray::Array2;
 
@@ -144,7 +144,7 @@ fn prefill_inputs_match_the_reference_inputs_of_every_fixture() {
         let ids = reference["inputs.input_ids"].clone();
         let nbl_onnx::onnx::Tensor::I64(ids) = ids else { panic!("{name}: int64 ids") };
         let ids: Array2<i64> = ids.into_dimensionality().unwrap();
-        let hidden_size = find_blocks(&model).unwrap().hidden_size;
+        let hidden_size = find_layout(&model).unwrap().hidden_size;
         let mut built = Interface::of(&model, Some(hidden_size))
             .and_then(|i| i.prefill(&ids))
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -164,13 +164,20 @@ fn prefill_inputs_match_the_reference_inputs_of_every_fixture() {
 /// never written), which changes the logits, and ONNX Runtime and tract agree on the new ones.
 #[test]
 fn a_model_edited_in_memory_runs_alike_on_both_engines() {
-    use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, rewrite};
+    use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, RewriteOptions, apply};
     let fixture = "llama-optimum-past";
     let original = Model::load(model_path(fixture)).unwrap();
-    let blocks = find_blocks(&original).unwrap();
+    let layout = find_layout(&original).unwrap();
     let mut edited = Model::load(model_path(fixture)).unwrap();
-    let edits = vec![LayerEdit { block: &blocks.layers[1], map: None }];
-    rewrite(&mut edited, &blocks, edits, Replacement::Drop, KvCache::Drop, &[]).unwrap();
+    let edits = vec![LayerEdit { site: &layout.layers[1], map: None }];
+    apply(
+        &mut edited,
+        &layout,
+        edits.into_iter().map(Ok),
+        RewriteOptions::float(&layout, Replacement::Drop, KvCache::Drop),
+        &[],
+    )
+    .unwrap();
 
     let reference = reference(fixture);
     let logits = |model: &Model, engine: &dyn nbl_onnx::engine::Engine| {
@@ -205,7 +212,7 @@ fn stateful_decoding_matches_decoding_through_the_host_on_every_fixture() {
     for name in fixture_names() {
         // The function, not the exporter's shape annotations: see the next test.
         let model = Model::load(model_path(&name)).unwrap().without_value_info();
-        let hidden = find_blocks(&model).ok().map(|b| b.hidden_size);
+        let hidden = find_layout(&model).ok().map(|b| b.hidden_size);
         let interface = Interface::of(&model, hidden).unwrap().with_decode_room(3);
         if !interface.has_cache() {
             continue;
@@ -258,7 +265,7 @@ fn a_wrong_shape_annotation_breaks_decoding_on_onnx_runtime_and_dropping_annotat
     let function = as_written.without_value_info();
     assert!(function.graph().value_info.is_empty());
     assert_eq!(function.graph().node.len(), as_written.graph().node.len());
-    let hidden = find_blocks(&as_written).ok().map(|b| b.hidden_size);
+    let hidden = find_layout(&as_written).ok().map(|b| b.hidden_size);
     let interface = Interface::of(&as_written, hidden).unwrap().with_decode_room(1);
     let prompt = Array2::from_shape_fn((1, 5), |(_, t)| 3 + 7 * t as i64);
     let engine = ort();

@@ -1,10 +1,10 @@
-//! Every fixture, from every exporter: `find_blocks` names the right X and Y for every layer, proven
+//! Every fixture, from every exporter: `find_layout` names the right X and Y for every layer, proven
 //! by running the graph with them as extra outputs and comparing with the tensors PyTorch saved.
 
 mod common;
 
 use common::*;
-use nbl_onnx::blocks::{Blocks, find_blocks};
+use nbl_onnx::detect::{DecoderLayout, find_layout};
 use nbl_onnx::engine::Engine;
 use nbl_onnx::onnx::Model;
 
@@ -28,11 +28,11 @@ fn expected_dtype(name: &str) -> &'static str {
 
 /// Runs `name` on `engine` with every layer's X and Y exposed; checks them against PyTorch and
 /// returns the report lines.
-fn check_xy(name: &str, engine: &dyn Engine, blocks: &Blocks) -> Vec<String> {
+fn check_xy(name: &str, engine: &dyn Engine, layout: &DecoderLayout) -> Vec<String> {
     let mut model = Model::load(model_path(name)).unwrap();
     compute_matmulnbits_in_f32(&mut model);
     let reference = reference(name);
-    let extra: Vec<String> = blocks.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
+    let extra: Vec<String> = layout.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect();
     let mut session = engine.load(&model, &extra).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let outputs = session.run(&reference_inputs(&reference)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let by_name = |n: &str| {
@@ -40,7 +40,7 @@ fn check_xy(name: &str, engine: &dyn Engine, blocks: &Blocks) -> Vec<String> {
         &outputs[i]
     };
     let mut lines = Vec::new();
-    for layer in &blocks.layers {
+    for layer in &layout.layers {
         for (tensor, key) in [(&layer.x, "x"), (&layer.y, "y")] {
             let got = by_name(tensor);
             let want = &reference[&format!("layers.{}.{key}", layer.layer)];
@@ -71,13 +71,13 @@ fn inspect_finds_every_layer_with_the_pytorch_x_and_y_on_onnx_runtime() {
     let mut report = Vec::new();
     for name in fixture_names() {
         let model = Model::load(model_path(&name)).unwrap();
-        let blocks = find_blocks(&model).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let layout = find_layout(&model).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let meta = fixture_json(&name);
-        assert_eq!(blocks.layers.len() as u64, meta["num_layers"].as_u64().unwrap(), "{name}");
-        assert_eq!(blocks.hidden_size as u64, meta["hidden_size"].as_u64().unwrap(), "{name}");
-        assert_eq!(blocks.dtype.map(|d| d.to_string()).as_deref(), Some(expected_dtype(&name)), "{name}");
+        assert_eq!(layout.layers.len() as u64, meta["num_layers"].as_u64().unwrap(), "{name}");
+        assert_eq!(layout.hidden_size as u64, meta["hidden_size"].as_u64().unwrap(), "{name}");
+        assert_eq!(layout.dtype.map(|d| d.to_string()).as_deref(), Some(expected_dtype(&name)), "{name}");
         let kind = meta["attention_kind"].as_str().unwrap();
-        for layer in &blocks.layers {
+        for layer in &layout.layers {
             assert_eq!(layer.kind.to_string(), kind, "{name} layer {}", layer.layer);
             let has_kv = meta["has_kv_cache"].as_bool().unwrap();
             let expected_kv = if has_kv { 2 } else { 0 };
@@ -100,8 +100,8 @@ fn inspect_finds_every_layer_with_the_pytorch_x_and_y_on_onnx_runtime() {
             }
             assert!(layer.nodes >= 3, "{name} layer {}: {} nodes", layer.layer, layer.nodes);
         }
-        assert!(blocks.warnings.is_empty(), "{name}: {:?}", blocks.warnings);
-        report.extend(check_xy(&name, engine.as_ref(), &blocks));
+        assert!(layout.warnings.is_empty(), "{name}: {:?}", layout.warnings);
+        report.extend(check_xy(&name, engine.as_ref(), &layout));
     }
     eprintln!("{}", report.join("\n"));
 }
@@ -137,8 +137,8 @@ fn tract_gives_the_same_x_and_y_where_its_op_set_allows() {
     let mut report = Vec::new();
     for name in fixture_names().into_iter().filter(|n| tract_runs(n)) {
         let model = Model::load(model_path(&name)).unwrap();
-        let blocks = find_blocks(&model).unwrap();
-        report.extend(check_xy(&name, engine.as_ref(), &blocks));
+        let layout = find_layout(&model).unwrap();
+        report.extend(check_xy(&name, engine.as_ref(), &layout));
     }
     eprintln!("{}", report.join("\n"));
 }

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::detect::find_layout;
+use nbl_onnx::fit::LinearMap;
 use nbl_onnx::onnx::{Model, Tensor};
-use nbl_onnx::rewrite::{KvCache, LayerEdit, LinearMap, Replacement, rewrite};
+use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, RewriteOptions, apply};
 
 /// The Python that has onnxruntime-genai: `NBL_GENAI_PYTHON`, else the virtualenv that
 /// `scripts/setup-ort.sh --with-genai` (run by scripts/test.sh) installs it into.
@@ -88,16 +89,23 @@ fn rewritten_genai_models_generate_what_the_patched_pytorch_model_generates() {
         companion.write().unwrap();
         assert_same_tokens(&fixture, "as exported", &generate(&exact, &prompt, want.len()), &want);
 
-        let blocks = find_blocks(&model).unwrap();
+        let layout = find_layout(&model).unwrap();
         let layer = ids(&reference["patched.layer"])[0] as usize;
         let w = reference["patched.weight"].to_f64().unwrap();
         let w = faer::Mat::from_fn(w.shape()[0], w.shape()[1], |i, j| w[[i, j]]);
         let b: Vec<f64> = reference["patched.bias"].to_f64().unwrap().iter().copied().collect();
         let edit = LayerEdit {
-            block: blocks.layer(layer).unwrap(),
+            site: layout.layer(layer).unwrap(),
             map: Some(LinearMap { w, b, second_moment: None }),
         };
-        rewrite(&mut model, &blocks, vec![edit], Replacement::Linear, KvCache::Drop, &[]).unwrap();
+        apply(
+            &mut model,
+            &layout,
+            vec![Ok(edit)],
+            RewriteOptions::float(&layout, Replacement::Linear, KvCache::Drop),
+            &[],
+        )
+        .unwrap();
         let patched = dir.path().join("patched");
         std::fs::create_dir(&patched).unwrap();
         let companion = nbl_onnx::genai::prepare(&model, &patched.join("model.onnx")).unwrap().unwrap();

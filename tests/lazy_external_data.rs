@@ -6,7 +6,7 @@ mod common;
 use std::fs::OpenOptions;
 
 use common::*;
-use nbl_onnx::blocks::find_blocks;
+use nbl_onnx::detect::find_layout;
 use nbl_onnx::inspect::inspect;
 use nbl_onnx::onnx::Model;
 
@@ -31,11 +31,11 @@ fn inspect_reads_no_weight_bytes() {
 
     let before = bytes_read();
     let model = Model::load(&model_file).unwrap();
-    let report = inspect(&model, find_blocks(&model).unwrap());
+    let report = inspect(&model, find_layout(&model).unwrap());
     let read = bytes_read() - before;
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
 
-    assert_eq!(report.blocks.layers.len(), 3);
+    assert_eq!(report.layout.layers.len(), 3);
     // The .onnx file is memory-mapped (not counted in rchar); everything else read, e.g. nothing,
     // must stay far below the real weights (~0.9 MB here).
     eprintln!(

@@ -121,7 +121,7 @@ fn statistics_survive_a_file_round_trip_exactly() {
         data: vec![DataSummary {
             files: vec!["data.json".into()],
             seq_len: 16,
-            blocks: 3,
+            sequences: 3,
             shard: [0, 1],
             engine: "test".into(),
         }],

@@ -6,7 +6,8 @@ mod common;
 use common::Gaussian;
 use faer::linalg::solvers::{DenseSolveCore, Solve, SolveLstsq};
 use faer::{Mat, MatRef, Side};
-use nbl_onnx::nbl::{Criterion, fit_layer, fit_measures, ranking};
+use nbl_onnx::nbl::{fit_layer, fit_measures};
+use nbl_onnx::select::{Ranking, ranking};
 use nbl_onnx::stats::Moments;
 
 /// `a · b` for row-major slices viewed as faer matrices.
@@ -244,8 +245,8 @@ fn ranking_orders_by_bound_or_by_cosine() {
         m.add_batch(&to32(&x), &to32(&y));
         fits.push(fit_layer(layer, m.clone(), 1e-6, false).unwrap());
     }
-    assert_eq!(ranking(&fits, Criterion::Cca), vec![1, 2, 0]);
-    assert_eq!(ranking(&fits, Criterion::Cosine), vec![1, 2, 0]);
+    assert_eq!(ranking(&fits, Ranking::Cca), vec![1, 2, 0]);
+    assert_eq!(ranking(&fits, Ranking::Cosine), vec![1, 2, 0]);
 }
 
 /// `y = A x + e` with `Cov(x) = I`, noise `Cov(e) = σ² I` independent of x, means `μ_x`, `μ_y`:
@@ -305,9 +306,9 @@ fn the_residual_criterion_sees_how_large_the_error_is_next_to_the_stream() {
         fits[0].relative_residual,
         fits[1].relative_residual
     );
-    assert_eq!(ranking(&fits, Criterion::Cca), [1, 0], "the scale-free bound prefers the plain layer");
+    assert_eq!(ranking(&fits, Ranking::Cca), [1, 0], "the scale-free bound prefers the plain layer");
     assert_eq!(
-        ranking(&fits, Criterion::Residual),
+        ranking(&fits, Ranking::Residual),
         [0, 1],
         "relative to the stream, the massive one errs least"
     );

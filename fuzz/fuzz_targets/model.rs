@@ -8,9 +8,9 @@ fuzz_target!(|data: &[u8]| {
     let path = std::path::Path::new("/nonexistent/fuzz/model.onnx");
     if let Ok(model) = nbl_onnx::onnx::Model::from_bytes(bytes::Bytes::copy_from_slice(data), path) {
         let _ = nbl_onnx::check::structure(&model);
-        if let Ok(blocks) = nbl_onnx::blocks::find_blocks(&model) {
-            let _ = nbl_onnx::onnx::Interface::of(&model, Some(blocks.hidden_size));
-            let _ = nbl_onnx::cost::Cost::of(&model, Some(&blocks));
+        if let Ok(layout) = nbl_onnx::detect::find_layout(&model) {
+            let _ = nbl_onnx::onnx::Interface::of(&model, Some(layout.hidden_size));
+            let _ = nbl_onnx::cost::Cost::of(&model, Some(&layout));
         }
     }
 });

@@ -8,8 +8,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(stats) = nbl_onnx::stats::Stats::from_bytes(data, path) {
         let _ = nbl_onnx::report::analyze(
             &stats,
-            nbl_onnx::nbl::Criterion::Cca,
-            &nbl_onnx::nbl::Selection::Count(1),
+            nbl_onnx::select::Criterion::Cca,
+            &nbl_onnx::select::Selection::Count(1),
             nbl_onnx::nbl::DEFAULT_LAMBDA,
             false,
         );

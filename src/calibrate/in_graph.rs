@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 use faer::Mat;
 use ndarray::{ArrayD, IxDyn};
 
-use crate::blocks::Blocks;
+use crate::detect::DecoderLayout;
 use crate::onnx::proto::NodeProto;
 use crate::onnx::{DType, Model, Patch, Tensor, build};
 use crate::stats::Moments;
@@ -43,17 +43,17 @@ pub struct MomentsGraph {
 }
 
 impl MomentsGraph {
-    /// Builds the graph for the attention blocks of `model` (all of them: the measured tensors are
-    /// the blocks' X and Y).
-    pub fn new(model: &Model, blocks: &Blocks) -> Result<MomentsGraph> {
+    /// Builds the graph for the attention sites of `model` (all of them: the measured tensors are
+    /// the sites' X and Y).
+    pub fn new(model: &Model, layout: &DecoderLayout) -> Result<MomentsGraph> {
         let opset = default_opset(model);
         ensure!(
             opset >= MIN_OPSET,
             "in-graph statistics need opset {MIN_OPSET} or later, and {} declares opset {opset}: \
-             use --moments host",
+             form the moments on the host",
             model.path.display()
         );
-        let d = blocks.hidden_size;
+        let d = layout.hidden_size;
         let mut patch = Patch::new(model.graph())?;
         for output in &model.graph().output {
             patch.remove_output(output.name())?;
@@ -70,7 +70,7 @@ impl MomentsGraph {
             patch.add_initializer(build::initializer(name, value))?;
         }
         let mut carried = Vec::new();
-        for layer in &blocks.layers {
+        for layer in &layout.layers {
             let prefix = format!("nbl.moments.{}.", layer.layer);
             let state: Vec<(String, String)> =
                 STATE.iter().map(|s| (format!("{prefix}{s}"), format!("{prefix}{s}.next"))).collect();
@@ -93,7 +93,7 @@ impl MomentsGraph {
             model: Model { path: model.path.clone(), proto },
             carried,
             hidden_size: d,
-            layers: blocks.layers.len(),
+            layers: layout.layers.len(),
         })
     }
 

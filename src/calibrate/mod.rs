@@ -12,8 +12,8 @@ use clap::ValueEnum;
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use crate::blocks::Blocks;
 use crate::data::DataSpec;
+use crate::detect::DecoderLayout;
 use crate::engine::{Engine, ExecutionProvider, select};
 use crate::onnx::proto::tensor_proto;
 use crate::onnx::{Interface, Model, Patch, Tensor};
@@ -70,14 +70,14 @@ impl std::str::FromStr for LayerRange {
 }
 
 impl LayerRange {
-    /// The blocks of the layers in this range; fails when none of the model's layers is in it.
-    pub fn of(&self, blocks: &Blocks) -> Result<Blocks> {
-        let mut chosen = blocks.clone();
+    /// The layout of the layers in this range; fails when none of the model's layers is in it.
+    pub fn of(&self, layout: &DecoderLayout) -> Result<DecoderLayout> {
+        let mut chosen = layout.clone();
         chosen.layers.retain(|l| (self.start..self.end).contains(&l.layer));
-        let numbers: Vec<usize> = blocks.layers.iter().map(|l| l.layer).collect();
+        let numbers: Vec<usize> = layout.layers.iter().map(|l| l.layer).collect();
         ensure!(
             !chosen.layers.is_empty(),
-            "--layer-range {}..{} holds none of the model's layers {numbers:?}",
+            "the layer range {}..{} holds none of the model's layers {numbers:?}",
             self.start,
             self.end
         );
@@ -85,7 +85,7 @@ impl LayerRange {
     }
 }
 
-/// Which slice of the data this run calibrates: blocks `[index·B/count, (index+1)·B/count)`.
+/// Which slice of the data this run calibrates: sequences `[index·S/count, (index+1)·S/count)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shard {
     pub index: usize,
@@ -110,52 +110,58 @@ impl std::str::FromStr for Shard {
 impl Shard {
     pub const WHOLE: Shard = Shard { index: 0, count: 1 };
 
-    /// The blocks of `blocks` this shard owns (contiguous, sizes differing by at most one).
-    pub fn slice<'a, T>(&self, blocks: &'a [T]) -> &'a [T] {
-        let n = blocks.len();
-        &blocks[self.index * n / self.count..(self.index + 1) * n / self.count]
+    /// The items of `all` this shard owns (contiguous, sizes differing by at most one).
+    pub fn slice<'a, T>(&self, all: &'a [T]) -> &'a [T] {
+        let n = all.len();
+        &all[self.index * n / self.count..(self.index + 1) * n / self.count]
     }
 }
 
 /// What one calibration run covers and how it runs.
 #[derive(Clone, Copy, Debug)]
 pub struct Run {
-    /// Blocks per engine run.
+    /// Sequences per engine run.
     pub batch: usize,
     pub shard: Shard,
     /// `None`: every layer.
     pub layers: Option<LayerRange>,
     /// Where the moments are formed (not `Auto`).
     pub moments: MomentsOn,
-    /// Every N-th block is held out of the fit, its moments kept apart (0: none).
+    /// Every N-th sequence is held out of the fit, its moments kept apart (0: none).
     pub holdout_every: usize,
 }
 
 /// Calibrates `model` on the data, layers and shard `run` says into statistics.
-pub fn run(model: &Model, blocks: &Blocks, engine: &dyn Engine, data: &DataSpec, run: Run) -> Result<Stats> {
+pub fn run(
+    model: &Model,
+    layout: &DecoderLayout,
+    engine: &dyn Engine,
+    data: &DataSpec,
+    run: Run,
+) -> Result<Stats> {
     let Run { batch, shard, layers, moments: on, holdout_every } = run;
     let measured = match layers {
-        Some(range) => Cow::Owned(range.of(blocks)?),
-        None => Cow::Borrowed(blocks),
+        Some(range) => Cow::Owned(range.of(layout)?),
+        None => Cow::Borrowed(layout),
     };
-    ensure!(data.samples != Some(0), "--samples must be at least 1");
-    let packed = data.pack(model.dir(), blocks.vocab_size)?;
+    ensure!(data.samples != Some(0), "at least 1 sequence must be calibrated");
+    let packed = data.pack(model.dir(), layout.vocab_size)?;
     if let Some(samples) = data.samples
-        && packed.blocks.len() < samples
+        && packed.sequences.len() < samples
     {
         eprintln!(
-            "note: the data gives {} blocks of {} tokens, fewer than --samples {samples}",
-            packed.blocks.len(),
+            "note: the data gives {} sequences of {} tokens, fewer than the {samples} asked for",
+            packed.sequences.len(),
             data.seq_len,
         );
     }
-    let slice = shard.slice(&packed.blocks);
+    let slice = shard.slice(&packed.sequences);
     ensure!(
         !slice.is_empty(),
-        "shard {}/{} has no blocks: the data gives only {}",
+        "shard {}/{} has no sequences: the data gives only {}",
         shard.index,
         shard.count,
-        packed.blocks.len()
+        packed.sequences.len()
     );
     // Every `holdout_every`-th block (the last of each group) is held out of the fit.
     let held = |i: usize| holdout_every > 0 && i % holdout_every == holdout_every - 1;
@@ -165,59 +171,59 @@ pub fn run(model: &Model, blocks: &Blocks, engine: &dyn Engine, data: &DataSpec,
         slice.iter().enumerate().filter(|&(i, _)| held(i)).map(|(_, b)| b.clone()).collect();
     ensure!(
         holdout_every == 0 || (!heldout.is_empty() && !fit.is_empty()),
-        "--holdout-every {holdout_every} holds out none of the {} blocks, or all: calibrate on at least \
-         {holdout_every} blocks",
+        "holding out every {holdout_every}-th sequence holds out none of the {}, or all: calibrate on at \
+         least {holdout_every} sequences",
         slice.len()
     );
     let tokens = fit.len() * data.seq_len;
-    let per_dimension = tokens as f64 / blocks.hidden_size as f64;
+    let per_dimension = tokens as f64 / layout.hidden_size as f64;
     if per_dimension < FEW_TOKENS_PER_DIMENSION {
         eprintln!(
             "note: {tokens} tokens for hidden size {d}: {per_dimension:.1} per dimension. Each map has d² = {} \
              weights, fitted here on fewer than {FEW_TOKENS_PER_DIMENSION} tokens per dimension: it will fit \
              these tokens better than new text, and the bounds will look better than held-out quality is. \
-             Calibrate on more text (--samples, --seq-len, --data); --holdout-every 8 measures the gap.",
-            blocks.hidden_size * blocks.hidden_size,
-            d = blocks.hidden_size,
+             Calibrate on more text; holding every 8th sequence out measures the gap.",
+            layout.hidden_size * layout.hidden_size,
+            d = layout.hidden_size,
         );
     }
     let moments = calibrate(model, &measured, engine, &fit, batch, on)?;
     let heldout = if heldout.is_empty() {
         None
     } else {
-        eprintln!("held-out blocks ({} of {}), not fitted to:", heldout.len(), slice.len());
+        eprintln!("held-out sequences ({} of {}), not fitted to:", heldout.len(), slice.len());
         Some(calibrate(model, &measured, engine, &heldout, batch, on)?)
     };
     Ok(Stats {
         // The whole model's, so that files of other layers of it merge with this one.
-        fingerprint: fingerprint(model, blocks),
-        hidden_size: blocks.hidden_size,
+        fingerprint: fingerprint(model, layout),
+        hidden_size: layout.hidden_size,
         layers: layer_tensors(&measured),
         moments,
         heldout,
         data: vec![DataSummary {
             files: data.describe(),
             seq_len: data.seq_len,
-            blocks: slice.len(),
+            sequences: slice.len(),
             shard: [shard.index, shard.count],
             engine: engine.describe(),
         }],
     })
 }
 
-/// Runs `model` over `blocks` (each `seq_len` ids), `batch` blocks at a time, and returns every
+/// Runs `model` over `data` (sequences of `seq_len` ids), `batch` at a time, and returns every
 /// attention block's moments, formed `on` the host or in the graph. Shows progress on a terminal.
 pub fn calibrate(
     model: &Model,
-    blocks: &Blocks,
+    layout: &DecoderLayout,
     engine: &dyn Engine,
     data: &[Vec<i64>],
     batch: usize,
     on: MomentsOn,
 ) -> Result<Vec<Moments>> {
-    ensure!(batch > 0, "--batch must be at least 1");
-    ensure!(!data.is_empty(), "no calibration blocks to run");
-    let d = blocks.hidden_size;
+    ensure!(batch > 0, "a batch must hold at least 1 sequence");
+    ensure!(!data.is_empty(), "no calibration sequences to run");
+    let d = layout.hidden_size;
     let interface = Interface::of(model, Some(d))?;
     let seq_len = data[0].len();
     let total_tokens = (data.len() * seq_len) as u64;
@@ -232,7 +238,7 @@ pub fn calibrate(
 
     let moments = match on {
         MomentsOn::Graph => {
-            let graph = in_graph::MomentsGraph::new(model, blocks)?;
+            let graph = in_graph::MomentsGraph::new(model, layout)?;
             let mut session = engine.load_stateful(&graph.model, &graph.carried, &[])?;
             session.reset(graph.initial_state())?;
             for (b, ids) in batches.enumerate() {
@@ -241,7 +247,7 @@ pub fn calibrate(
                 progress.inc(ids.len() as u64);
             }
             let moments = graph.moments(session.state()?)?;
-            for (m, layer) in moments.iter().zip(&blocks.layers) {
+            for (m, layer) in moments.iter().zip(&layout.layers) {
                 ensure!(
                     m.is_finite(),
                     "layer {}: the moments of {:?} and {:?} are not finite; the model overflows on this data \
@@ -254,9 +260,9 @@ pub fn calibrate(
             moments
         }
         MomentsOn::Host | MomentsOn::Auto => {
-            let extra = blocks.xy_tensors();
+            let extra = layout.xy_tensors();
             let mut session = engine.load(&measuring_graph(model, &extra)?, &[])?;
-            let mut moments: Vec<Moments> = blocks.layers.iter().map(|_| Moments::new(d)).collect();
+            let mut moments: Vec<Moments> = layout.layers.iter().map(|_| Moments::new(d)).collect();
             for (b, ids) in batches.enumerate() {
                 crate::atomic::check_interrupt()?;
                 let outputs = session
@@ -265,7 +271,7 @@ pub fn calibrate(
                 let captured = select(session.as_ref(), &outputs, &extra)?;
                 moments
                     .par_iter_mut()
-                    .zip(blocks.layers.par_iter())
+                    .zip(layout.layers.par_iter())
                     .zip(captured.par_chunks(2))
                     .try_for_each(|((m, layer), xy)| -> Result<()> {
                         let x = activations(xy[0], d, layer.layer, &layer.x, b)?;
@@ -282,7 +288,7 @@ pub fn calibrate(
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
         "calibrated {} layers on {total_tokens} tokens in {seconds:.1} s ({:.0} tokens/s, moments {})",
-        blocks.layers.len(),
+        layout.layers.len(),
         total_tokens as f64 / seconds.max(1e-9),
         if on == MomentsOn::Graph { "in the graph" } else { "on the host" }
     );
@@ -338,13 +344,13 @@ fn activations<'t>(
 }
 
 /// The tensors each layer's moments were measured on.
-pub fn layer_tensors(blocks: &Blocks) -> Vec<LayerTensors> {
-    blocks.layers.iter().map(|l| LayerTensors { layer: l.layer, x: l.x.clone(), y: l.y.clone() }).collect()
+pub fn layer_tensors(layout: &DecoderLayout) -> Vec<LayerTensors> {
+    layout.layers.iter().map(|l| LayerTensors { layer: l.layer, x: l.x.clone(), y: l.y.clone() }).collect()
 }
 
 /// Identifies a model's structure for matching statistics to it: hidden size, the X/Y tensors and
 /// every initializer's name, type and shape (not its values), hashed with FNV-1a.
-pub fn fingerprint(model: &Model, blocks: &Blocks) -> String {
+pub fn fingerprint(model: &Model, layout: &DecoderLayout) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
         for &b in bytes {
@@ -354,8 +360,8 @@ pub fn fingerprint(model: &Model, blocks: &Blocks) -> String {
         hash ^= 0xff;
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     };
-    feed(&blocks.hidden_size.to_le_bytes());
-    for l in &blocks.layers {
+    feed(&layout.hidden_size.to_le_bytes());
+    for l in &layout.layers {
         feed(l.x.as_bytes());
         feed(l.y.as_bytes());
     }
@@ -376,9 +382,9 @@ pub fn check_fingerprint(
     stats: &dyn MomentsSource,
     stats_path: &std::path::Path,
     model: &Model,
-    blocks: &Blocks,
+    layout: &DecoderLayout,
 ) -> Result<()> {
-    let expected = fingerprint(model, blocks);
+    let expected = fingerprint(model, layout);
     ensure!(
         expected == stats.fingerprint(),
         "{} was measured on another model (fingerprint {}, {} has {expected})",
@@ -387,7 +393,7 @@ pub fn check_fingerprint(
         model.path.display()
     );
     // The fingerprint covers the model; the layer list is the file's own.
-    let want = layer_tensors(blocks);
+    let want = layer_tensors(layout);
     if stats.layers() != want {
         let have: Vec<usize> = stats.layers().iter().map(|l| l.layer).collect();
         let need: Vec<usize> = want.iter().map(|l| l.layer).collect();
@@ -397,11 +403,11 @@ pub fn check_fingerprint(
         );
     }
     ensure!(
-        stats.hidden_size() == blocks.hidden_size,
+        stats.hidden_size() == layout.hidden_size,
         "{} has hidden size {}, the model {}",
         stats_path.display(),
         stats.hidden_size(),
-        blocks.hidden_size
+        layout.hidden_size
     );
     Ok(())
 }

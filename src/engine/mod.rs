@@ -184,7 +184,7 @@ pub fn open(options: &EngineOptions) -> Result<Box<dyn Engine>> {
         EngineChoice::Tract => {
             if options.ep != ExecutionProvider::Cpu {
                 bail!(
-                    "tract runs on the CPU only; use --engine ort for the {} execution provider",
+                    "tract runs on the CPU only; use ONNX Runtime for the {} execution provider",
                     options.ep
                 );
             }

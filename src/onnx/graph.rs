@@ -10,8 +10,12 @@ use super::proto::{GraphProto, NodeProto};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorId(pub u32);
 
-/// A node input or output position: (node index, slot).
-pub type Port = (usize, usize);
+/// A node input or output position: input or output `slot` of the node at index `node`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Port {
+    pub node: usize,
+    pub slot: usize,
+}
 
 /// Producer/consumer maps over one `GraphProto`. Node indices are positions in `graph.node`.
 pub struct GraphIndex {
@@ -55,14 +59,14 @@ impl GraphIndex {
                     continue;
                 }
                 let id = index.intern(name);
-                if let Some((other, _)) = index.producer[id.0 as usize] {
+                if let Some(Port { node: other, .. }) = index.producer[id.0 as usize] {
                     bail!(
                         "tensor {name:?} is produced twice: by node {:?} and node {:?}",
                         graph.node[other].name(),
                         node.name()
                     );
                 }
-                index.producer[id.0 as usize] = Some((n, slot));
+                index.producer[id.0 as usize] = Some(Port { node: n, slot });
                 outputs.push(Some(id));
             }
             index.node_outputs.push(outputs);
@@ -75,7 +79,7 @@ impl GraphIndex {
                     continue;
                 }
                 let id = index.intern(name);
-                index.consumers[id.0 as usize].push((n, slot));
+                index.consumers[id.0 as usize].push(Port { node: n, slot });
                 inputs.push(Some(id));
             }
             index.node_inputs.push(inputs);
@@ -84,7 +88,7 @@ impl GraphIndex {
             implicit.sort();
             implicit.dedup();
             for &id in &implicit {
-                index.consumers[id.0 as usize].push((n, usize::MAX));
+                index.consumers[id.0 as usize].push(Port { node: n, slot: usize::MAX });
             }
             index.implicit_inputs.push(implicit);
         }
@@ -178,8 +182,9 @@ impl GraphIndex {
     /// requires). Not the same as [`GraphIndex::topological_order`] being the identity: that is one
     /// particular order among those the graph allows.
     pub fn is_sorted(&self) -> bool {
-        (0..self.node_count())
-            .all(|node| self.all_inputs(node).all(|id| self.producer(id).is_none_or(|(p, _)| p < node)))
+        (0..self.node_count()).all(|node| {
+            self.all_inputs(node).all(|id| self.producer(id).is_none_or(|Port { node: p, .. }| p < node))
+        })
     }
 
     /// Node indices in dependency order (Kahn's algorithm, ties by position). Fails on a cycle or on
@@ -191,7 +196,7 @@ impl GraphIndex {
         for (node, waiting) in missing.iter_mut().enumerate() {
             for id in self.all_inputs(node) {
                 match self.producer(id) {
-                    Some((p, _)) => {
+                    Some(Port { node: p, .. }) => {
                         *waiting += 1;
                         dependents[p].push(node);
                     }
@@ -239,7 +244,7 @@ impl GraphIndex {
             if let Some(i) = self.initializer(tensor) {
                 return Some(&graph.initializer[i]);
             }
-            let (producer, _) = self.producer(tensor)?;
+            let Port { node: producer, .. } = self.producer(tensor)?;
             match graph.node[producer].op_type() {
                 "Transpose" | "Cast" | "Identity" | "DequantizeLinear" | "Reshape" => {
                     tensor = self.input(producer, 0)?
@@ -256,7 +261,7 @@ impl GraphIndex {
         let mut stack: Vec<TensorId> = self.graph_outputs.clone();
         let mut seen: HashSet<TensorId> = stack.iter().copied().collect();
         while let Some(id) = stack.pop() {
-            if let Some((node, _)) = self.producer(id)
+            if let Some(Port { node, .. }) = self.producer(id)
                 && !live[node]
             {
                 live[node] = true;
@@ -275,7 +280,7 @@ impl GraphIndex {
         let mut mask = vec![false; self.node_count()];
         let mut stack: Vec<TensorId> = tensors.to_vec();
         while let Some(id) = stack.pop() {
-            if let Some((node, _)) = self.producer(id)
+            if let Some(Port { node, .. }) = self.producer(id)
                 && !mask[node]
             {
                 mask[node] = true;
@@ -406,10 +411,10 @@ mod tests {
         let g = sample();
         let index = GraphIndex::new(&g).unwrap();
         let ta = index.id("ta").unwrap();
-        assert_eq!(index.producer(ta), Some((2, 0)));
+        assert_eq!(index.producer(ta), Some(Port { node: 2, slot: 0 }));
         let mut consumers: Vec<_> = index.consumers(ta).to_vec();
         consumers.sort();
-        assert_eq!(consumers, vec![(0, 0), (1, 0)]);
+        assert_eq!(consumers, vec![Port { node: 0, slot: 0 }, Port { node: 1, slot: 0 }]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
-pub use graph::{GraphIndex, TensorId};
+pub use graph::{GraphIndex, Port, TensorId};
 pub use interface::{Interface, present_as_past};
 pub use model::Model;
 pub use patch::{Patch, Patched};

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::graph::{GraphIndex, eliminate_dead};
+use super::graph::{GraphIndex, Port, eliminate_dead};
 use super::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
 
 /// Edits of one graph, collected before anything changes.
@@ -398,7 +398,7 @@ fn rename_in_subgraph(graph: &mut GraphProto, renames: &HashMap<String, String>)
 fn check_interface(graph: &GraphProto, index: &GraphIndex, removed_inputs: &HashSet<String>) -> Result<()> {
     for name in removed_inputs {
         if let Some(id) = index.id(name)
-            && let Some(&(reader, _)) = index.consumers(id).first()
+            && let Some(&Port { node: reader, .. }) = index.consumers(id).first()
         {
             bail!(
                 "graph input {name:?} was removed but node {:?} ({}) still reads it",

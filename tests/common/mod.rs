@@ -260,3 +260,69 @@ impl Gaussian {
         (0..rows * cols).map(|_| self.sample()).collect()
     }
 }
+
+/// Asserts that the command succeeded, showing its stderr otherwise.
+pub fn ok(out: std::process::Output) -> std::process::Output {
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    out
+}
+
+/// A copy of a fixture in a temporary directory, with statistics from 256 tokens of text.
+pub fn workspace(fixture: &str) -> Workspace {
+    calibrated_copy(fixture, "32", "8")
+}
+
+/// `rewrite` of the workspace's model from its statistics, with `extra` arguments; the output path.
+pub fn rewrite(ws: &Workspace, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["rewrite", ws.model.to_str().unwrap(), "--stats", ws.stats.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ok(nbl(&args));
+    ws.dir.path().join("model.nbl.onnx")
+}
+
+/// The data the workspace was calibrated on, as `rewrite`, `calibrate` and `eval` take it.
+pub fn data_args(ws: &Workspace) -> [&str; 8] {
+    ["--data", ws.corpus.to_str().unwrap(), "--seq-len", "32", "--samples", "8", "--engine", "ort"]
+}
+
+/// As [`rewrite`], into `out` in the workspace, with the calibration data given (for the steps
+/// that run the model); the output and the report.
+pub fn rewrite_to(ws: &Workspace, out: &str, extra: &[&str]) -> (PathBuf, Value) {
+    let out = ws.dir.path().join(out);
+    let mut args = vec!["rewrite", ws.model.to_str().unwrap(), "--stats", ws.stats.to_str().unwrap()];
+    args.extend_from_slice(&data_args(ws));
+    args.extend_from_slice(&["-o", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    ok(nbl(&args));
+    let report = std::fs::read(out.with_extension("").with_extension("nbl.json")).unwrap();
+    (out, serde_json::from_slice(&report).unwrap())
+}
+
+/// `check MODEL --json` with `extra` arguments: the exit code and the report.
+pub fn check(model: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut args = vec!["check", model.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let out = nbl(&args);
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("no JSON: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), json)
+}
+
+pub fn engine_run<'r>(report: &'r serde_json::Value, engine: &str) -> &'r serde_json::Value {
+    report["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["engine"].as_str().unwrap().starts_with(engine))
+        .unwrap()
+}
+
+pub fn decoded(report: &serde_json::Value, engine: &str) -> Vec<i64> {
+    let run = engine_run(report, engine);
+    run["decoded"].as_array().map(|d| d.iter().map(|v| v.as_i64().unwrap()).collect()).unwrap_or_default()
+}
+
+/// `ok`, or the first word of what went wrong (`unsupported:`, `failed:`).
+pub fn status<'r>(report: &'r serde_json::Value, engine: &str) -> &'r str {
+    engine_run(report, engine)["status"].as_str().unwrap()
+}

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use faer::Mat;
-use nbl_onnx::blocks::find_blocks;
 use nbl_onnx::calibrate::{fingerprint, layer_tensors};
+use nbl_onnx::detect::find_layout;
 use nbl_onnx::onnx::DType;
 use nbl_onnx::onnx::Model;
 use nbl_onnx::onnx::build::{node, tensor_value};
@@ -105,7 +105,7 @@ pub fn synthetic_model(dir: &Path, shape: Shape) -> u64 {
 /// Statistics for the synthetic model: y = 0.5 x + noise, in closed form.
 pub fn synthetic_stats(model: &Model, path: &Path, shape: Shape) -> u64 {
     let Shape { d: width, layers, .. } = shape;
-    let blocks = find_blocks(model).unwrap();
+    let layout = find_layout(model).unwrap();
     let d = width as usize;
     let n = 100_000u64;
     let moments = (0..layers)
@@ -120,15 +120,15 @@ pub fn synthetic_stats(model: &Model, path: &Path, shape: Shape) -> u64 {
         })
         .collect();
     let stats = Stats {
-        fingerprint: fingerprint(model, &blocks),
+        fingerprint: fingerprint(model, &layout),
         hidden_size: d,
-        layers: layer_tensors(&blocks),
+        layers: layer_tensors(&layout),
         moments,
         heldout: None,
         data: vec![DataSummary {
             files: vec![],
             seq_len: 0,
-            blocks: 0,
+            sequences: 0,
             shard: [0, 1],
             engine: "synthetic".into(),
         }],

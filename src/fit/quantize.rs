@@ -1,6 +1,6 @@
-//! Block-wise integer quantisation of a linear map `y = W x` (`W` is `N×K`: `N` outputs, `K`
-//! inputs) into the layout of `com.microsoft::MatMulNBits`: per output row, blocks of
-//! `block_size` inputs share one scale; values are unsigned `bits`-bit integers `q` with the
+//! Group-wise integer quantisation of a linear map `y = W x` (`W` is `N×K`: `N` outputs, `K`
+//! inputs) into the layout of `com.microsoft::MatMulNBits`: per output row, groups of
+//! `group_size` inputs share one scale; values are unsigned `bits`-bit integers `q` with the
 //! default zero point `2^(bits−1)`, so `w = (q − 2^(bits−1)) · scale`, packed low bits first.
 //!
 //! Two quantisers:
@@ -10,15 +10,15 @@
 //!   `E‖(W − Q) x‖²` for `H = E[x xᵀ] = C_xx + μ μᵀ`: exactly what the calibration statistics hold.
 
 use anyhow::{Context, Result, ensure};
-use faer::dyn_stack::{MemBuffer, MemStack};
-use faer::linalg::cholesky::llt::factor::{LltRegularization, cholesky_in_place, cholesky_in_place_scratch};
 use faer::linalg::matmul::matmul;
 use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Accum, Mat};
 
+use crate::nbl::{cholesky_with_ridge, ridge_scale};
+
 /// How weights are rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Quantizer {
     /// GPTQ with the calibration second moments (error feedback through H⁻¹)
     Gptq,
@@ -30,18 +30,18 @@ pub enum Quantizer {
 #[derive(Clone, Debug)]
 pub struct Quantized {
     pub bits: u32,
-    pub block_size: usize,
+    pub group_size: usize,
     pub n: usize,
     pub k: usize,
-    /// `[N, blocks, block_size · bits / 8]` bytes.
+    /// `[N, groups, group_size · bits / 8]` bytes.
     pub packed: Vec<u8>,
-    /// `[N, blocks]`.
+    /// `[N, groups]`.
     pub scales: Vec<f32>,
 }
 
 impl Quantized {
-    pub fn blocks(&self) -> usize {
-        self.k.div_ceil(self.block_size)
+    pub fn groups(&self) -> usize {
+        self.k.div_ceil(self.group_size)
     }
 
     fn offset(&self) -> i32 {
@@ -51,9 +51,9 @@ impl Quantized {
     /// The integer at row `n`, input `k`.
     fn q(&self, n: usize, k: usize) -> u8 {
         let per_byte = 8 / self.bits as usize;
-        let blob = self.block_size / per_byte;
-        let (block, within) = (k / self.block_size, k % self.block_size);
-        let byte = self.packed[(n * self.blocks() + block) * blob + within / per_byte];
+        let blob = self.group_size / per_byte;
+        let (group, within) = (k / self.group_size, k % self.group_size);
+        let byte = self.packed[(n * self.groups() + group) * blob + within / per_byte];
         let shift = (within % per_byte) * self.bits as usize;
         (byte >> shift) & ((1u16 << self.bits) - 1) as u8
     }
@@ -66,40 +66,40 @@ impl Quantized {
     /// The `N×K` matrix the integers and scales stand for.
     pub fn dequantize(&self) -> Mat<f64> {
         Mat::from_fn(self.n, self.k, |n, k| {
-            let scale = f64::from(self.scales[n * self.blocks() + k / self.block_size]);
+            let scale = f64::from(self.scales[n * self.groups() + k / self.group_size]);
             f64::from(i32::from(self.q(n, k)) - self.offset()) * scale
         })
     }
 }
 
-/// Quantises `w` (`N×K`) to `bits` ∈ {4, 8} in blocks of `block_size` inputs: a power of two of
+/// Quantises `w` (`N×K`) to `bits` ∈ {4, 8} in groups of `group_size` inputs: a power of two of
 /// at least 16 (`MatMulNBits`), or `K` itself, one scale per output row (per channel, as a
 /// `DequantizeLinear` along the outputs reads it). GPTQ needs the second moment `h = E[x xᵀ]`
 /// (`K×K`) of the inputs.
 pub fn quantize(
     w: Mat<f64>,
     bits: u32,
-    block_size: usize,
+    group_size: usize,
     quantizer: Quantizer,
     h: Option<Mat<f64>>,
 ) -> Result<Quantized> {
     let (n, k) = (w.nrows(), w.ncols());
     ensure!(bits == 4 || bits == 8, "MatMulNBits weights have 4 or 8 bits, not {bits}");
     ensure!(
-        (block_size >= 16 && block_size.is_power_of_two()) || block_size == k,
-        "block size {block_size} is neither a power of two ≥ 16 nor the whole input width {k}"
+        (group_size >= 16 && group_size.is_power_of_two()) || group_size == k,
+        "group size {group_size} is neither a power of two ≥ 16 nor the whole input width {k}"
     );
     ensure!(
-        k.is_multiple_of(block_size),
-        "the input width {k} is not a multiple of the block size {block_size}"
+        k.is_multiple_of(group_size),
+        "the input width {k} is not a multiple of the group size {group_size}"
     );
-    let blocks = k / block_size;
+    let groups = k / group_size;
     let max_q = (1i32 << bits) - 1;
     let offset = 1i32 << (bits - 1);
     let mut q = vec![0u8; n * k];
-    let mut scales = vec![0f32; n * blocks];
-    // The scale of one row's block, symmetric: the largest magnitude maps to the largest positive code.
-    let block_scale = |values: &mut dyn Iterator<Item = f64>| -> f32 {
+    let mut scales = vec![0f32; n * groups];
+    // The scale of one row's group, symmetric: the largest magnitude maps to the largest positive code.
+    let group_scale = |values: &mut dyn Iterator<Item = f64>| -> f32 {
         let amax = values.fold(0f64, |m, v| m.max(v.abs()));
         if amax > 0.0 { (amax / f64::from(offset - 1)) as f32 } else { 1.0 }
     };
@@ -109,10 +109,10 @@ pub fn quantize(
     match quantizer {
         Quantizer::Rtn => {
             for r in 0..n {
-                for b in 0..blocks {
-                    let cols = b * block_size..(b + 1) * block_size;
-                    let scale = block_scale(&mut cols.clone().map(|c| w[(r, c)]));
-                    scales[r * blocks + b] = scale;
+                for b in 0..groups {
+                    let cols = b * group_size..(b + 1) * group_size;
+                    let scale = group_scale(&mut cols.clone().map(|c| w[(r, c)]));
+                    scales[r * groups + b] = scale;
                     for c in cols {
                         q[r * k + c] = round(w[(r, c)], scale);
                     }
@@ -124,19 +124,19 @@ pub fn quantize(
             ensure!(h.nrows() == k && h.ncols() == k, "the second moments are not {k}×{k}");
             let u = inverse_cholesky_upper(h)?;
             let mut w = w;
-            // GPTQ's lazy batches: a column's error goes to the rest of its block at once, and a
-            // block's errors to the columns after it in one product (the same arithmetic as
+            // GPTQ's lazy batches: a column's error goes to the rest of its group at once, and a
+            // group's errors to the columns after it in one product (the same arithmetic as
             // column by column, in an order that reads memory contiguously).
-            let mut err = Mat::<f64>::zeros(n, block_size);
-            for b in 0..blocks {
-                let (start, end) = (b * block_size, (b + 1) * block_size);
-                // Scales from the weights as the earlier blocks' errors left them.
+            let mut err = Mat::<f64>::zeros(n, group_size);
+            for b in 0..groups {
+                let (start, end) = (b * group_size, (b + 1) * group_size);
+                // Scales from the weights as the earlier groups' errors left them.
                 for r in 0..n {
-                    scales[r * blocks + b] = block_scale(&mut (start..end).map(|cc| w[(r, cc)]));
+                    scales[r * groups + b] = group_scale(&mut (start..end).map(|cc| w[(r, cc)]));
                 }
                 for c in start..end {
                     for r in 0..n {
-                        let scale = scales[r * blocks + b];
+                        let scale = scales[r * groups + b];
                         let code = round(w[(r, c)], scale);
                         q[r * k + c] = code;
                         err[(r, c - start)] = (w[(r, c)] - value(code, scale)) / u[(c, c)];
@@ -153,7 +153,7 @@ pub fn quantize(
                         w.as_mut().subcols_mut(end, k - end),
                         Accum::Add,
                         err.as_ref(),
-                        u.as_ref().submatrix(start, end, block_size, k - end),
+                        u.as_ref().submatrix(start, end, group_size, k - end),
                         -1.0,
                         faer::get_global_parallelism(),
                     );
@@ -166,7 +166,7 @@ pub fn quantize(
     for (i, &code) in q.iter().enumerate() {
         packed[i / per_byte] |= code << ((i % per_byte) * bits as usize);
     }
-    Ok(Quantized { bits, block_size, n, k, packed, scales })
+    Ok(Quantized { bits, group_size, n, k, packed, scales })
 }
 
 /// The upper Cholesky factor `U` of `(H + δ I)⁻¹ = Uᵀ U`, with GPTQ's damping `δ = 1%` of the mean
@@ -178,24 +178,12 @@ pub fn quantize(
 /// and factoring it again.
 fn inverse_cholesky_upper(mut h: Mat<f64>) -> Result<Mat<f64>> {
     let k = h.nrows();
-    let par = faer::get_global_parallelism();
-    let mean_diagonal = (0..k).map(|i| h[(i, i)]).sum::<f64>() / k as f64;
-    let damp = 0.01 * if mean_diagonal > 0.0 { mean_diagonal } else { 1.0 };
-    for i in 0..k {
-        h[(i, i)] += damp;
-    }
+    let damp = 0.01 * ridge_scale(h.as_ref());
+    // J (H + δ I) J = J H J + δ I.
     reverse_in_place(h.as_mut());
-    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f64>(k, par, Default::default()));
-    cholesky_in_place(
-        h.as_mut(),
-        LltRegularization::default(),
-        par,
-        MemStack::new(&mut scratch),
-        Default::default(),
-    )
-    .map_err(|e| anyhow::anyhow!("the inputs' second moments are not positive definite: {e:?}"))?;
+    ensure!(cholesky_with_ridge(h.as_mut(), damp), "the inputs' second moments are not positive definite");
     let mut u = Mat::<f64>::zeros(k, k);
-    invert_lower_triangular(u.as_mut(), h.as_ref(), par);
+    invert_lower_triangular(u.as_mut(), h.as_ref(), faer::get_global_parallelism());
     drop(h);
     reverse_in_place(u.as_mut());
     Ok(u)
@@ -284,16 +272,16 @@ mod tests {
     #[test]
     fn lazy_batches_give_the_codes_of_column_by_column_gptq() {
         let (w, h) = problem(24, 128, 512);
-        let (n, k, block) = (24, 128, 32);
-        let fast = quantize(w.clone(), 4, block, Quantizer::Gptq, Some(h.clone())).unwrap();
+        let (n, k, group) = (24, 128, 32);
+        let fast = quantize(w.clone(), 4, group, Quantizer::Gptq, Some(h.clone())).unwrap();
         let u = inverse_cholesky_upper(h).unwrap();
         let mut w = w.clone();
         let mut scales = vec![0f64; n];
         let mut same = 0;
         for c in 0..k {
-            if c % block == 0 {
+            if c % group == 0 {
                 for (r, scale) in scales.iter_mut().enumerate() {
-                    let amax = (c..c + block).map(|cc| w[(r, cc)].abs()).fold(0.0, f64::max);
+                    let amax = (c..c + group).map(|cc| w[(r, cc)].abs()).fold(0.0, f64::max);
                     *scale = f64::from((amax / 7.0) as f32);
                 }
             }
@@ -314,7 +302,7 @@ mod tests {
     fn widths_that_do_not_fill_blocks_are_refused() {
         let (w, _) = problem(4, 48, 4);
         let err = quantize(w, 4, 32, Quantizer::Rtn, None).unwrap_err().to_string();
-        assert!(err.contains("not a multiple of the block size 32"), "{err}");
+        assert!(err.contains("not a multiple of the group size 32"), "{err}");
     }
 
     /// `Uᵀ U (H + δ I) = I`, and `U` is upper triangular with a positive diagonal (so it is the

@@ -1,16 +1,16 @@
-//! Streaming moments of each attention block's input `x` and output `y`: means and centred
-//! cross-products in f64, merged across batches and shards with the pairwise update of Chan et al.,
-//! and their safetensors file. Activations are never stored: each batch goes straight in.
+//! The statistics file: safetensors with tensors `layers.N.{count,mean_x,mean_y,sxx,syx,syy,cos_sum}`
+//! (f64; `sxx`, `syy` as packed upper triangles from version 2) and the model's fingerprint, layers
+//! and data in the metadata. This module is the format's one writer and reader.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Mat, MatRef};
 use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors, View};
-use serde::{Deserialize, Serialize};
+
+use super::{DataSummary, LayerTensors, Moments, MomentsSource, Stats, for_each_tiled, transposed};
 
 /// The file format's name and version, stored in the metadata.
 const FORMAT: &str = "nbl-onnx-stats";
@@ -19,232 +19,7 @@ const FORMAT: &str = "nbl-onnx-stats";
 const VERSION: &str = "2";
 const VERSIONS_READ: [&str; 2] = ["1", "2"];
 
-/// Moments of one layer over `count` tokens (all `d×d` matrices in f64):
-/// `mean_x = Σx/n`, `sxx = Σ(x-μx)(x-μx)ᵀ`, `syx = Σ(y-μy)(x-μx)ᵀ`, `syy = Σ(y-μy)(y-μy)ᵀ`,
-/// and `cos_sum = Σ cos(x, x+y)` (the LLM-Drop criterion).
-#[derive(Clone, Debug)]
-pub struct Moments {
-    pub count: u64,
-    pub mean_x: Vec<f64>,
-    pub mean_y: Vec<f64>,
-    pub sxx: Mat<f64>,
-    pub syx: Mat<f64>,
-    pub syy: Mat<f64>,
-    pub cos_sum: f64,
-}
-
-impl Moments {
-    pub fn new(d: usize) -> Moments {
-        Moments {
-            count: 0,
-            mean_x: vec![0.0; d],
-            mean_y: vec![0.0; d],
-            sxx: Mat::zeros(d, d),
-            syx: Mat::zeros(d, d),
-            syy: Mat::zeros(d, d),
-            cos_sum: 0.0,
-        }
-    }
-
-    pub fn dim(&self) -> usize {
-        self.mean_x.len()
-    }
-
-    /// Whether every mean, cross-product and the cosine sum is finite.
-    pub fn is_finite(&self) -> bool {
-        let finite = |m: &Mat<f64>| (0..m.ncols()).all(|j| m.col(j).iter().all(|v| v.is_finite()));
-        self.mean_x.iter().chain(&self.mean_y).all(|v| v.is_finite())
-            && finite(&self.sxx)
-            && finite(&self.syx)
-            && finite(&self.syy)
-            && self.cos_sum.is_finite()
-    }
-
-    /// Adds a batch of tokens: `x` and `y` are `n×d`, row-major. The batch is centred on its own
-    /// mean (in f64) before its cross-products are formed, then merged (Chan et al.), so that large
-    /// common offsets (massive activations) do not cancel catastrophically.
-    pub fn add_batch(&mut self, x: &[f32], y: &[f32]) {
-        let d = self.dim();
-        assert!(x.len() == y.len() && x.len().is_multiple_of(d), "x and y must both be n×{d}");
-        let n = x.len() / d;
-        if n == 0 {
-            return;
-        }
-        let column_mean = |v: &[f32]| {
-            let mut mean = vec![0.0f64; d];
-            for row in v.chunks_exact(d) {
-                for (m, &e) in mean.iter_mut().zip(row) {
-                    *m += f64::from(e);
-                }
-            }
-            mean.iter_mut().for_each(|m| *m /= n as f64);
-            mean
-        };
-        let mean_x = column_mean(x);
-        let mean_y = column_mean(y);
-        let xc = Mat::from_fn(n, d, |t, j| f64::from(x[t * d + j]) - mean_x[j]);
-        let yc = Mat::from_fn(n, d, |t, j| f64::from(y[t * d + j]) - mean_y[j]);
-        let cos_sum: f64 =
-            x.chunks_exact(d).zip(y.chunks_exact(d)).map(|(xt, yt)| cosine_with_sum(xt, yt)).sum();
-
-        add_gram(self.sxx.as_mut(), xc.as_ref());
-        matmul(self.syx.as_mut(), Accum::Add, yc.transpose(), xc.as_ref(), 1.0, Par::Seq);
-        add_gram(self.syy.as_mut(), yc.as_ref());
-        self.absorb(n as u64, &mean_x, &mean_y, cos_sum);
-    }
-
-    /// Merges the moments of a disjoint set of tokens:
-    /// `S = S_a + S_b + δ δᵀ · n_a n_b / n` with `δ = μ_b − μ_a`.
-    pub fn merge(&mut self, other: &Moments) {
-        assert_eq!(self.dim(), other.dim());
-        if other.count == 0 {
-            return;
-        }
-        self.sxx += &other.sxx;
-        self.syx += &other.syx;
-        self.syy += &other.syy;
-        self.absorb(other.count, &other.mean_x, &other.mean_y, other.cos_sum);
-    }
-
-    /// Counts in `n` more tokens with means `mean_x`, `mean_y`, whose own centred cross-products
-    /// were just added: corrects the cross-products for the shift of the mean
-    /// (`δ δᵀ · n_a n_b / n`), then updates the means, the count and the cosine sum.
-    fn absorb(&mut self, n: u64, mean_x: &[f64], mean_y: &[f64], cos_sum: f64) {
-        let (na, nb) = (self.count as f64, n as f64);
-        let total = na + nb;
-        let delta_x: Vec<f64> = mean_x.iter().zip(&self.mean_x).map(|(b, a)| b - a).collect();
-        let delta_y: Vec<f64> = mean_y.iter().zip(&self.mean_y).map(|(b, a)| b - a).collect();
-        self.add_mean_correction(&delta_x, &delta_y, na * nb / total);
-        for (m, dlt) in self.mean_x.iter_mut().zip(&delta_x) {
-            *m += dlt * nb / total;
-        }
-        for (m, dlt) in self.mean_y.iter_mut().zip(&delta_y) {
-            *m += dlt * nb / total;
-        }
-        self.count += n;
-        self.cos_sum += cos_sum;
-    }
-
-    fn add_mean_correction(&mut self, delta_x: &[f64], delta_y: &[f64], weight: f64) {
-        if weight == 0.0 {
-            return;
-        }
-        let d = self.dim();
-        for j in 0..d {
-            let wx = delta_x[j] * weight;
-            for (i, dy) in delta_y.iter().enumerate() {
-                self.syx[(i, j)] += dy * wx;
-            }
-            // The symmetric ones get one value per pair, so that they stay exactly symmetric (the
-            // file stores their upper triangles).
-            for i in 0..=j {
-                let (xx, yy) = (delta_x[i] * wx, delta_y[i] * delta_y[j] * weight);
-                self.sxx[(i, j)] += xx;
-                self.syy[(i, j)] += yy;
-                if i != j {
-                    self.sxx[(j, i)] += xx;
-                    self.syy[(j, i)] += yy;
-                }
-            }
-        }
-    }
-
-    /// Sample covariances `C = S / (n − 1)`: (`C_xx`, `C_yx`, `C_yy`).
-    pub fn covariances(&self) -> (Mat<f64>, Mat<f64>, Mat<f64>) {
-        let scale = 1.0 / (self.count.max(2) - 1) as f64;
-        (scaled(self.sxx.as_ref(), scale), scaled(self.syx.as_ref(), scale), scaled(self.syy.as_ref(), scale))
-    }
-
-    /// The input's second moment `E[x xᵀ] = C_xx + μ_x μ_xᵀ` (what GPTQ weighs errors by).
-    pub fn second_moment_x(&self) -> Mat<f64> {
-        let scale = 1.0 / (self.count.max(2) - 1) as f64;
-        let d = self.dim();
-        Mat::from_fn(d, d, |i, j| self.sxx[(i, j)] * scale + self.mean_x[i] * self.mean_x[j])
-    }
-
-    /// Mean cosine similarity of a block's input and output, `cos(x, x + y)`.
-    pub fn mean_cosine(&self) -> f64 {
-        if self.count == 0 { f64::NAN } else { self.cos_sum / self.count as f64 }
-    }
-}
-
-/// `S += AᵀA` for symmetric `S`: only the lower triangle is multiplied (half a GEMM's work, the
-/// bulk of calibration's own cost), then mirrored to the upper.
-fn add_gram(mut s: faer::MatMut<'_, f64>, a: MatRef<'_, f64>) {
-    use faer::linalg::matmul::triangular::{BlockStructure, matmul as triangular_matmul};
-    let rect = BlockStructure::Rectangular;
-    triangular_matmul(
-        s.as_mut(),
-        BlockStructure::TriangularLower,
-        Accum::Add,
-        a.transpose(),
-        rect,
-        a,
-        rect,
-        1.0,
-        Par::Seq,
-    );
-    for j in 0..s.ncols() {
-        for i in 0..j {
-            s[(i, j)] = s[(j, i)];
-        }
-    }
-}
-
-fn scaled(m: MatRef<'_, f64>, s: f64) -> Mat<f64> {
-    Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] * s)
-}
-
-/// `cos(x, x + y)` in f64; 0 for a zero vector.
-fn cosine_with_sum(x: &[f32], y: &[f32]) -> f64 {
-    let (mut xz, mut xx, mut zz) = (0.0f64, 0.0f64, 0.0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        let (a, z) = (f64::from(a), f64::from(a) + f64::from(b));
-        xz += a * z;
-        xx += a * a;
-        zz += z * z;
-    }
-    let norms = (xx * zz).sqrt();
-    if norms > 0.0 { xz / norms } else { 0.0 }
-}
-
-/// Which tensors a layer's statistics were measured on.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerTensors {
-    pub layer: usize,
-    pub x: String,
-    pub y: String,
-}
-
-/// Where the statistics come from: the data and how it was cut, for reports and for merging.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DataSummary {
-    pub files: Vec<String>,
-    pub seq_len: usize,
-    pub blocks: usize,
-    /// `[index, count]` of the shard, `[0, 1]` for a whole run.
-    pub shard: [usize; 2],
-    pub engine: String,
-}
-
-/// All layers' moments of one model, with what identifies the model and the data.
-pub struct Stats {
-    pub fingerprint: String,
-    pub hidden_size: usize,
-    pub layers: Vec<LayerTensors>,
-    pub moments: Vec<Moments>,
-    /// Moments of held-out blocks, layer by layer, not used in any fit: where calibrate kept some
-    /// (`--holdout-every`), the maps' error on text they were not fitted to.
-    pub heldout: Option<Vec<Moments>>,
-    /// One entry per shard merged in (a single run has one).
-    pub data: Vec<DataSummary>,
-}
-
 impl Stats {
-    pub fn tokens(&self) -> u64 {
-        self.moments.first().map_or(0, |m| m.count)
-    }
-
     /// Writes the statistics as safetensors, atomically (temporary file, then rename). Tensors
     /// `layers.N.{count,mean_x,mean_y,sxx,syx,syy,cos_sum}` in f64, matrices row-major.
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -261,19 +36,12 @@ impl Stats {
             tensors.push((format!("{prefix}syy"), F64Tensor::packed(m.syy.as_ref())));
             tensors.push((format!("{prefix}cos_sum"), F64Tensor::scalar(m.cos_sum)));
         }
-        let metadata = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("version".to_string(), VERSION.to_string()),
-            ("model_fingerprint".to_string(), self.fingerprint.clone()),
-            ("hidden_size".to_string(), self.hidden_size.to_string()),
-            ("tokens".to_string(), self.tokens().to_string()),
-            ("layers".to_string(), serde_json::to_string(&self.layers)?),
-            ("data".to_string(), serde_json::to_string(&self.data)?),
-        ]);
-        let tmp = crate::atomic::temp_beside(path)?;
-        safetensors::serialize_to_file(tensors, Some(metadata), tmp.path())
-            .with_context(|| format!("writing {}", path.display()))?;
-        crate::atomic::persist(tmp, path)
+        let summary = FileSummary {
+            fingerprint: &self.fingerprint,
+            hidden_size: self.hidden_size,
+            tokens: self.tokens(),
+        };
+        write(path, &summary, &self.layers, &self.data, tensors)
     }
 
     /// Reads a statistics file whole, checking its format and every tensor's shape.
@@ -285,95 +53,6 @@ impl Stats {
     /// tensor: see [`Stats::load`].
     pub fn from_bytes(map: &[u8], path: &Path) -> Result<Stats> {
         Header::parse(map, path)?.read_all(&map)
-    }
-
-    /// Combines statistics of the same model into what one run gives: files of disjoint data
-    /// (shards) of the same layers are merged token-wise; files of disjoint layer ranges over the
-    /// same data are joined, layers in order.
-    pub fn merge(mut parts: Vec<(std::path::PathBuf, Stats)>) -> Result<Stats> {
-        ensure!(!parts.is_empty(), "no statistics to merge");
-        let (first_path, mut merged) = parts.remove(0);
-        for (path, part) in parts {
-            ensure!(
-                part.fingerprint == merged.fingerprint,
-                "{} and {} were measured on different models (fingerprints {} and {})",
-                first_path.display(),
-                path.display(),
-                merged.fingerprint,
-                part.fingerprint
-            );
-            if part.layers != merged.layers {
-                merged.join_layers(part, &path)?;
-                continue;
-            }
-            for d in &part.data {
-                // The same shard of the same data, or the same whole run: the same tokens twice.
-                ensure!(
-                    !merged
-                        .data
-                        .iter()
-                        .any(|m| m == d || (m.shard == d.shard && d.shard[1] > 1 && m.files == d.files)),
-                    "{}: shard {}/{} is already part of the merge",
-                    path.display(),
-                    d.shard[0],
-                    d.shard[1]
-                );
-            }
-            ensure_same_heldout(&merged, &part, &path)?;
-            for (a, b) in merged.moments.iter_mut().zip(&part.moments) {
-                a.merge(b);
-            }
-            for (a, b) in merged.heldout.iter_mut().flatten().zip(part.heldout.iter().flatten()) {
-                a.merge(b);
-            }
-            merged.data.extend(part.data);
-        }
-        Ok(merged)
-    }
-
-    /// Adds the layers of `part` (from `path`), measured on the same data as these.
-    fn join_layers(&mut self, part: Stats, path: &Path) -> Result<()> {
-        let overlap: Vec<usize> = part
-            .layers
-            .iter()
-            .filter(|l| self.layers.iter().any(|m| m.layer == l.layer))
-            .map(|l| l.layer)
-            .collect();
-        ensure!(
-            overlap.is_empty(),
-            "{}: layers {overlap:?} are already part of the merge; files of different layers must not \
-             overlap, files of the same layers must hold the same ones",
-            path.display()
-        );
-        ensure!(
-            part.data == self.data && part.tokens() == self.tokens(),
-            "{}: its layers were measured on other data ({} tokens) than the rest ({} tokens): layer \
-             ranges join only when calibrated on the same blocks",
-            path.display(),
-            part.tokens(),
-            self.tokens()
-        );
-        ensure_same_heldout(self, &part, path)?;
-        let mut heldout: Vec<(usize, Moments)> = self
-            .layers
-            .iter()
-            .chain(&part.layers)
-            .map(|l| l.layer)
-            .zip(self.heldout.take().into_iter().flatten().chain(part.heldout.into_iter().flatten()))
-            .collect();
-        heldout.sort_by_key(|(layer, _)| *layer);
-        if !heldout.is_empty() {
-            self.heldout = Some(heldout.into_iter().map(|(_, m)| m).collect());
-        }
-        let mut layers: Vec<(LayerTensors, Moments)> = self
-            .layers
-            .drain(..)
-            .zip(self.moments.drain(..))
-            .chain(part.layers.into_iter().zip(part.moments))
-            .collect();
-        layers.sort_by_key(|(info, _)| info.layer);
-        (self.layers, self.moments) = layers.into_iter().unzip();
-        Ok(())
     }
 }
 
@@ -616,29 +295,6 @@ impl Header {
     }
 }
 
-/// Calls `f(i, j)` for every cell of an `rows×cols` matrix, in square tiles, so that a loop that
-/// reads a matrix and its transpose together touches few cache lines at a time (at d = 4096 a
-/// plain loop over a transpose is five times slower).
-pub(crate) fn for_each_tiled(rows: usize, cols: usize, mut f: impl FnMut(usize, usize)) {
-    const TILE: usize = 32;
-    for j0 in (0..cols).step_by(TILE) {
-        for i0 in (0..rows).step_by(TILE) {
-            for j in j0..(j0 + TILE).min(cols) {
-                for i in i0..(i0 + TILE).min(rows) {
-                    f(i, j);
-                }
-            }
-        }
-    }
-}
-
-/// `m` transposed, in a new column-major matrix.
-pub(crate) fn transposed(m: MatRef<'_, f64>) -> Mat<f64> {
-    let mut t = Mat::zeros(m.ncols(), m.nrows());
-    for_each_tiled(m.nrows(), m.ncols(), |i, j| t[(j, i)] = m[(i, j)]);
-    t
-}
-
 /// A statistics file read layer by layer: its header at once, each layer's moments read from the
 /// file when asked for, so that what is held does not grow with the number of layers (nor with
 /// the pages of a memory map).
@@ -665,43 +321,6 @@ impl StatsFile {
     /// Every layer's moments, in memory.
     pub fn read_all(&self) -> Result<Stats> {
         self.header.read_all(&self.file)
-    }
-}
-
-/// Per-layer moments, from memory ([`Stats`]) or read from a file as needed ([`StatsFile`]).
-pub trait MomentsSource: Sync {
-    fn fingerprint(&self) -> &str;
-    fn hidden_size(&self) -> usize;
-    fn layers(&self) -> &[LayerTensors];
-    fn data(&self) -> &[DataSummary];
-    fn tokens(&self) -> u64;
-    /// The `index`-th layer's moments.
-    fn moments(&self, index: usize) -> Result<std::borrow::Cow<'_, Moments>>;
-    /// The `index`-th layer's held-out moments, where there are some.
-    fn heldout(&self, index: usize) -> Result<Option<std::borrow::Cow<'_, Moments>>>;
-}
-
-impl MomentsSource for Stats {
-    fn fingerprint(&self) -> &str {
-        &self.fingerprint
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-    fn layers(&self) -> &[LayerTensors] {
-        &self.layers
-    }
-    fn data(&self) -> &[DataSummary] {
-        &self.data
-    }
-    fn tokens(&self) -> u64 {
-        Stats::tokens(self)
-    }
-    fn moments(&self, index: usize) -> Result<std::borrow::Cow<'_, Moments>> {
-        Ok(std::borrow::Cow::Borrowed(&self.moments[index]))
-    }
-    fn heldout(&self, index: usize) -> Result<Option<std::borrow::Cow<'_, Moments>>> {
-        Ok(self.heldout.as_ref().map(|h| std::borrow::Cow::Borrowed(&h[index])))
     }
 }
 
@@ -732,18 +351,6 @@ impl MomentsSource for StatsFile {
     }
 }
 
-/// Files merge only when both hold held-out moments or neither does.
-fn ensure_same_heldout(merged: &Stats, part: &Stats, path: &Path) -> Result<()> {
-    ensure!(
-        merged.heldout.is_some() == part.heldout.is_some(),
-        "{}: {} held-out moments and the rest {}: calibrate every part with the same --holdout-every",
-        path.display(),
-        if part.heldout.is_some() { "it holds" } else { "it holds no" },
-        if merged.heldout.is_some() { "do" } else { "do not" }
-    );
-    Ok(())
-}
-
 /// An f64 tensor borrowed for serialisation; matrices are written row-major.
 struct F64Tensor<'a> {
     shape: Vec<usize>,
@@ -752,6 +359,13 @@ struct F64Tensor<'a> {
 
 enum Values<'a> {
     Scalar(f64),
+    /// Cells computed by `f(row, column)`: a whole `d×d` matrix, or with `packed` its upper
+    /// triangle, row by row.
+    Cells {
+        d: usize,
+        packed: bool,
+        f: &'a (dyn Fn(usize, usize) -> f64 + Sync),
+    },
     Vector(&'a [f64]),
     Matrix(MatRef<'a, f64>),
     /// The upper triangle of a symmetric matrix, row by row.
@@ -769,6 +383,11 @@ impl<'a> F64Tensor<'a> {
 
     fn matrix(m: MatRef<'a, f64>) -> Self {
         F64Tensor { shape: vec![m.nrows(), m.ncols()], values: Values::Matrix(m) }
+    }
+
+    fn cells(d: usize, packed: bool, f: &'a (dyn Fn(usize, usize) -> f64 + Sync)) -> Self {
+        let shape = if packed { vec![d * (d + 1) / 2] } else { vec![d, d] };
+        F64Tensor { shape, values: Values::Cells { d, packed, f } }
     }
 
     fn packed(m: MatRef<'a, f64>) -> Self {
@@ -798,6 +417,13 @@ impl View for F64Tensor<'_> {
                     }
                 }
             }
+            Values::Cells { d, packed, f } => {
+                for i in 0..*d {
+                    for j in if *packed { i } else { 0 }..*d {
+                        out.extend(f(i, j).to_le_bytes());
+                    }
+                }
+            }
             Values::Packed(m) => {
                 for i in 0..m.nrows() {
                     for j in i..m.ncols() {
@@ -812,4 +438,73 @@ impl View for F64Tensor<'_> {
     fn data_len(&self) -> usize {
         8 * self.shape.iter().product::<usize>()
     }
+}
+
+/// What the metadata says of the statistics besides their layers and data.
+struct FileSummary<'a> {
+    fingerprint: &'a str,
+    hidden_size: usize,
+    tokens: u64,
+}
+
+/// Writes `tensors` with the format's metadata, atomically (temporary file, then rename): the one
+/// place the format is written. Tensors are encoded one at a time as the file is written.
+fn write(
+    path: &Path,
+    summary: &FileSummary<'_>,
+    layers: &[LayerTensors],
+    data: &[DataSummary],
+    tensors: Vec<(String, F64Tensor<'_>)>,
+) -> Result<()> {
+    let metadata = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("version".to_string(), VERSION.to_string()),
+        ("model_fingerprint".to_string(), summary.fingerprint.to_string()),
+        ("hidden_size".to_string(), summary.hidden_size.to_string()),
+        ("tokens".to_string(), summary.tokens.to_string()),
+        ("layers".to_string(), serde_json::to_string(layers)?),
+        ("data".to_string(), serde_json::to_string(data)?),
+    ]);
+    let tmp = crate::atomic::temp_beside(path)?;
+    safetensors::serialize_to_file(tensors, Some(metadata), tmp.path())
+        .with_context(|| format!("writing {}", path.display()))?;
+    crate::atomic::persist(tmp, path)
+}
+
+/// Writes statistics of `layers` at hidden size `d` without calibrating, for benchmarks of what
+/// the statistics cost at scale: every layer's moments are those of `n = 10⁶` tokens whose input
+/// has covariance `I + 0.1·J/d` (`J` all ones: every entry nonzero, nothing sparse) and whose
+/// output is `y = 0.5 x + noise` of variance 0.1. Each tensor is computed as it is written, so
+/// a file of many gigabytes needs one row's memory. Returns the file's size in bytes.
+pub fn write_synthetic(path: &Path, fingerprint: &str, d: usize, layers: &[LayerTensors]) -> Result<u64> {
+    const N: f64 = 1e6;
+    ensure!(d > 0 && !layers.is_empty(), "synthetic statistics need a hidden size and at least one layer");
+    let off = 0.1 * N / d as f64;
+    let eye = |i: usize, j: usize| f64::from(u8::from(i == j));
+    // Σxx = n (I + 0.1 J/d), Σyx = 0.5 Σxx, Σyy = 0.25 Σxx + 0.1 n I.
+    let sxx = move |i: usize, j: usize| N * eye(i, j) + off;
+    let syx = move |i: usize, j: usize| 0.5 * sxx(i, j);
+    let syy = move |i: usize, j: usize| 0.25 * sxx(i, j) + 0.1 * N * eye(i, j);
+    let zeros = vec![0.0; d];
+    let mut tensors: Vec<(String, F64Tensor<'_>)> = Vec::new();
+    for layer in layers {
+        let prefix = format!("layers.{}.", layer.layer);
+        tensors.push((format!("{prefix}count"), F64Tensor::scalar(N)));
+        tensors.push((format!("{prefix}mean_x"), F64Tensor::vector(&zeros)));
+        tensors.push((format!("{prefix}mean_y"), F64Tensor::vector(&zeros)));
+        tensors.push((format!("{prefix}sxx"), F64Tensor::cells(d, true, &sxx)));
+        tensors.push((format!("{prefix}syx"), F64Tensor::cells(d, false, &syx)));
+        tensors.push((format!("{prefix}syy"), F64Tensor::cells(d, true, &syy)));
+        tensors.push((format!("{prefix}cos_sum"), F64Tensor::scalar(0.9 * N)));
+    }
+    let data = [DataSummary {
+        files: vec!["synthetic".to_string()],
+        seq_len: 2048,
+        sequences: N as usize / 2048,
+        shard: [0, 1],
+        engine: "none".to_string(),
+    }];
+    let summary = FileSummary { fingerprint, hidden_size: d, tokens: N as u64 };
+    write(path, &summary, layers, &data, tensors)?;
+    Ok(std::fs::metadata(path)?.len())
 }

@@ -1,0 +1,282 @@
+//! Finding decoder layers and their attention sites, by walking the residual stream from the token
+//! embedding: every residual junction adds a branch computed from the stream back into it, and the
+//! branches that hold attention are the blocks NBL can linearise.
+//!
+//! A junction is `s' = Add(s, t)` or a fused `SkipLayerNormalization`/`SkipSimplifiedLayerNormalization`
+//! (inputs 0 and 1 summed, the sum on output 3 and its normalisation on output 0), where the branch
+//! tensor `t` is computed from the stream tensor `s`. For an attention branch, `X = s` and `Y = t`.
+//! Boundaries are found from the data flow alone; names only label layers and are cross-checked.
+
+mod branch;
+mod fused;
+mod junction;
+mod naming;
+mod stream;
+#[cfg(test)]
+mod tests;
+mod view;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use crate::onnx::{DType, GraphIndex, Model, Port, TensorId};
+use branch::analyse_branch;
+pub use fused::FusedAttention;
+use junction::next_join;
+use naming::cross_check;
+use stream::{
+    MAX_PROLOGUE, embedding_rows, hidden_size, prologue_step, stream_continues, stream_dtype, stream_start,
+    stream_views,
+};
+use view::GraphView;
+
+/// The attention a branch holds: decomposed (`Softmax` into a `MatMul`, or a KV-cache input), or a
+/// fused operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKind {
+    Decomposed,
+    Fused(FusedAttention),
+}
+
+impl std::fmt::Display for AttentionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttentionKind::Decomposed => f.pad("decomposed"),
+            AttentionKind::Fused(op) => f.pad(op.op_type()),
+        }
+    }
+}
+
+/// Written as in `inspect --json`: `decomposed` or the fused operator's type.
+impl Serialize for AttentionKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One decoder layer's attention site: what enters it and what it adds back to the stream.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttentionSite {
+    pub layer: usize,
+    /// The residual-stream tensor entering the attention's input norm.
+    pub x: String,
+    /// The attention output entering the residual junction.
+    pub y: String,
+    pub kind: AttentionKind,
+    /// Attention and the MLP read the same stream and are both added to it (GPT-NeoX, Phi-2,
+    /// Falcon, Cohere): `Y` is the attention term alone.
+    pub parallel: bool,
+    /// Nodes that no output needs any more once the site and its KV cache are removed.
+    pub nodes: usize,
+    pub kv_inputs: Vec<String>,
+    pub kv_outputs: Vec<String>,
+    /// The stream as the junction adds to it, which a linear map reads in place of the attention:
+    /// `x`, or a widening Cast of it where the stream's sums run in a wider type than `x` (Optimum's
+    /// fp16 exports add the f16 embedding to an f32 stream).
+    pub map_input: String,
+    /// The element type the junction adds in, which a map's output and bias take.
+    #[serde(serialize_with = "dtype_or_unknown")]
+    pub dtype: Option<DType>,
+    #[serde(skip)]
+    /// Where the branch joins the stream: the junction node's input that reads `Y` (a position in
+    /// the graph the layers were found in).
+    pub junction: Port,
+}
+
+/// Whether a residual branch was taken as attention, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Attention(AttentionKind),
+    /// No Softmax feeding a MatMul, no fused attention op, no KV-cache input; `ops` summarises
+    /// what the branch holds instead.
+    NotAttention {
+        ops: String,
+    },
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Attention(kind) => write!(f, "attention ({kind})"),
+            Verdict::NotAttention { ops } => write!(
+                f,
+                "not attention: no Softmax feeding a MatMul, no fused attention op, no KV-cache input (ops: {ops})"
+            ),
+        }
+    }
+}
+
+/// Every residual branch found on the walk, with the reason it was or was not taken as attention.
+#[derive(Clone, Debug)]
+pub struct Branch {
+    /// The branch tensor and the name of the node where it joins the stream (for messages).
+    pub branch: String,
+    pub junction: String,
+    pub nodes: usize,
+    pub verdict: Verdict,
+}
+
+/// The decoder's structure as far as NBL needs it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecoderLayout {
+    pub layers: Vec<AttentionSite>,
+    pub hidden_size: usize,
+    /// The stream's element type where it enters the first block, where it can be told (each
+    /// block's own, where the sums run in a wider type, is [`AttentionSite::dtype`]).
+    #[serde(serialize_with = "dtype_or_unknown")]
+    pub dtype: Option<DType>,
+    /// Rows of the token embedding table, where the stream starts from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
+    #[serde(skip)]
+    pub branches: Vec<Branch>,
+    /// Where the layer numbers in names disagree with the stream order.
+    pub warnings: Vec<String>,
+}
+
+fn dtype_or_unknown<S: serde::Serializer>(
+    dtype: &Option<DType>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match dtype {
+        Some(d) => s.collect_str(d),
+        None => s.serialize_str("unknown"),
+    }
+}
+
+impl DecoderLayout {
+    /// Every layer's X and Y tensor names, in layer order: `[x0, y0, x1, y1, ...]`.
+    pub fn xy_tensors(&self) -> Vec<String> {
+        self.layers.iter().flat_map(|l| [l.x.clone(), l.y.clone()]).collect()
+    }
+
+    /// The attention site of layer `layer`.
+    pub fn layer(&self, layer: usize) -> Option<&AttentionSite> {
+        self.layers.iter().find(|l| l.layer == layer)
+    }
+}
+
+/// Finds every attention site of a decoder-only LLM graph.
+pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
+    let graph = model.graph();
+    let index = GraphIndex::new(graph)?;
+    index.topological_order(graph)?;
+    let g = GraphView { graph, index: &index };
+    let start = stream_start(&g)?;
+    let live = index.live_nodes();
+
+    let mut branches = Vec::new();
+    let mut layers: Vec<AttentionSite> = Vec::new();
+    let mut stream = start;
+    let mut prologue = 0;
+    loop {
+        let Some(join) = next_join(&g, stream) else {
+            // Before the first block, the stream may pass through a prologue: a scale (Gemma's
+            // `× √d`), an added position embedding (GPT-2), a Cast, an embedding norm (BLOOM). A
+            // block's input is read at least twice (by its branch and its junction), a prologue
+            // step's only once.
+            match prologue_step(&g, stream) {
+                Some(next) if branches.is_empty() && prologue < MAX_PROLOGUE => {
+                    stream = next;
+                    prologue += 1;
+                    continue;
+                }
+                _ => break,
+            }
+        };
+        let mut attention_y: Option<TensorId> = None;
+        for term in &join.terms {
+            let analysis = analyse_branch(&g, &live, term)?;
+            branches.push(Branch {
+                branch: index.name(term.tensor).to_string(),
+                junction: g.node(term.port.node).name().to_string(),
+                nodes: analysis.dying.len(),
+                verdict: analysis.verdict.clone(),
+            });
+            if let Verdict::Attention(kind) = analysis.verdict {
+                if let Some(first) = attention_y {
+                    bail!(
+                        "{}: the block after stream tensor {:?} adds two attention branches to the stream \
+                         ({:?} and {:?}); which one to linearise cannot be told",
+                        model.path.display(),
+                        index.name(stream),
+                        index.name(first),
+                        index.name(term.tensor)
+                    );
+                }
+                attention_y = Some(term.tensor);
+                // The junction reads the stream itself or one of its views; where it reads neither
+                // (the attention term of a parallel block meets the MLP's first), `x`.
+                let views = stream_views(&g, stream);
+                let read =
+                    |t: &TensorId| g.node(term.port.node).input.iter().any(|i| index.id(i) == Some(*t));
+                let map_input =
+                    if read(&stream) { stream } else { views.iter().copied().find(read).unwrap_or(stream) };
+                layers.push(AttentionSite {
+                    layer: layers.len(),
+                    x: index.name(stream).to_string(),
+                    y: index.name(term.tensor).to_string(),
+                    kind,
+                    parallel: join.terms.len() > 1,
+                    nodes: analysis.dying.len(),
+                    kv_inputs: analysis.kv_inputs.iter().map(|&t| index.name(t).to_string()).collect(),
+                    kv_outputs: analysis.kv_outputs.iter().map(|&t| index.name(t).to_string()).collect(),
+                    map_input: index.name(map_input).to_string(),
+                    dtype: stream_dtype(&g, map_input),
+                    junction: term.port,
+                });
+            }
+        }
+        match join.out {
+            Some(out) => stream = out,
+            None => break,
+        }
+    }
+
+    if let Some(node) = stream_continues(&g, stream) {
+        let n = g.node(node);
+        let op = if n.domain().is_empty() {
+            n.op_type().to_string()
+        } else {
+            format!("{}::{}", n.domain(), n.op_type())
+        };
+        bail!(
+            "{}: the residual stream goes on after {:?} through node {:?} ({op}), which nbl-onnx cannot see \
+             through, and more residual junctions follow it; refusing rather than treating the {} layer(s) before \
+             it as the whole model",
+            model.path.display(),
+            index.name(stream),
+            n.name(),
+            layers.len()
+        );
+    }
+    if layers.is_empty() {
+        let mut msg = format!(
+            "no attention block found in {}: walked the residual stream from {:?}",
+            model.path.display(),
+            index.name(start)
+        );
+        if branches.is_empty() {
+            msg.push_str(&format!(
+                " to {:?}, but no node adds a branch computed from it back into it (no residual junction); \
+                 it is read by {}",
+                index.name(stream),
+                g.readers(stream)
+            ));
+        }
+        for (i, b) in branches.iter().enumerate() {
+            msg.push_str(&format!(
+                "\n  branch {i}: {:?} joins at node {:?} ({} nodes): {}",
+                b.branch, b.junction, b.nodes, b.verdict
+            ));
+        }
+        bail!(msg);
+    }
+
+    let first_x = index.id(&layers[0].x).expect("indexed");
+    let dtype = stream_dtype(&g, first_x);
+    let hidden_size = hidden_size(&g, first_x, start)?;
+    let warnings = cross_check(&g, &layers);
+    let vocab_size = embedding_rows(&g, start);
+    Ok(DecoderLayout { layers, hidden_size, dtype, vocab_size, branches, warnings })
+}

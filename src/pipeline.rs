@@ -1,0 +1,595 @@
+//! The order of the work, one function per command: each loads what it reads, checks where it
+//! writes, and sequences the stages (calibrate → select → fit → rewrite → report for `rewrite`).
+//! It owns the reports it assembles. Options arrive validated (see the binary's `cli`); errors
+//! speak of quantities and files, the command line adds the flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::Serialize;
+
+use crate::atomic::{check_output, check_output_creating_dir};
+use crate::calibrate::{self, LayerRange, MomentsOn, Shard, check_fingerprint};
+use crate::check::{CheckOptions, CheckReport};
+use crate::data::{DataRequest, DataSpec, Split};
+use crate::detect::{DecoderLayout, find_layout};
+use crate::engine::{self, Engine, EngineChoice, EngineOptions, ExecutionProvider};
+use crate::fit::quantize::Quantizer;
+use crate::fit::sequential::{SequentialFit, Stage, fit_sequentially};
+use crate::fit::storage::{MapStorage, WeightFormat};
+use crate::fit::{Fitting, LinearMap, fit_map};
+use crate::inspect::Inspection;
+use crate::onnx::Model;
+use crate::report::Analysis;
+use crate::rewrite::{KvCache, LayerEdit, Replacement, RewriteOptions, RewriteSummary};
+use crate::select::measured::MeasuredChoice;
+use crate::select::{Criterion, Selection};
+use crate::stats::{MomentsSource, Stats, StatsFile};
+use crate::{bench, eval, genai, inspect, probe, rewrite, select};
+
+/// Opens the engine `options` ask for and says on stderr which one actually runs.
+pub fn open_engine(options: &EngineOptions) -> Result<Box<dyn Engine>> {
+    let engine = engine::open(options)?;
+    eprintln!("engine: {}", engine.describe());
+    Ok(engine)
+}
+
+/// Every file a command reads for `model` besides `others`: the model, its external data, and
+/// the data files and tokenizer `data` names.
+fn files_read(model: &Model, data: Option<&DataRequest>, others: &[&Path]) -> Vec<PathBuf> {
+    let mut files = model.files();
+    if let Some(data) = data {
+        files.extend(data.files.iter().cloned());
+        files.push(data.tokenizer.clone().unwrap_or_else(|| model.dir().join("tokenizer.json")));
+    }
+    files.extend(others.iter().map(|p| p.to_path_buf()));
+    files
+}
+
+fn as_paths(files: &[PathBuf]) -> Vec<&Path> {
+    files.iter().map(PathBuf::as_path).collect()
+}
+
+/// What `inspect` found in `model`, and with an engine, one run proving every X and Y exists.
+pub fn inspect(model: &Path, run_on: Option<&EngineOptions>) -> Result<Inspection> {
+    let model = Model::load(model)?;
+    let layout = find_layout(&model)?;
+    let mut report = inspect::inspect(&model, layout);
+    if let Some(options) = run_on {
+        report.run = Some(inspect::trial_run(&model, &report.layout, open_engine(options)?.as_ref())?);
+    }
+    Ok(report)
+}
+
+/// How calibration runs: the data, the engine and where the moments are formed.
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    pub data: DataRequest,
+    pub engine: EngineOptions,
+    /// Sequences per engine run.
+    pub batch: usize,
+    pub moments: MomentsOn,
+    /// Every N-th sequence held out of the fit (0: none).
+    pub holdout_every: usize,
+}
+
+impl Calibration {
+    fn run(&self, shard: Shard, layers: Option<LayerRange>) -> calibrate::Run {
+        calibrate::Run {
+            batch: self.batch,
+            shard,
+            layers,
+            moments: self.moments.resolve(self.engine.ep),
+            holdout_every: self.holdout_every,
+        }
+    }
+}
+
+/// Sequences calibrated when no count is asked for.
+pub const DEFAULT_CALIBRATION_SAMPLES: usize = 256;
+
+/// `calibrate`: measures `model` into a statistics file at `output`.
+pub fn calibrate(
+    model: &Path,
+    calibration: &Calibration,
+    shard: Shard,
+    layers: Option<LayerRange>,
+    output: &Path,
+) -> Result<Stats> {
+    let model = Model::load(model)?;
+    check_output(output, &as_paths(&files_read(&model, Some(&calibration.data), &[])))?;
+    let layout = find_layout(&model)?;
+    let engine = open_engine(&calibration.engine)?;
+    let data =
+        calibration.data.resolve(model.dir(), Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration)?;
+    let stats = calibrate::run(&model, &layout, engine.as_ref(), &data, calibration.run(shard, layers))?;
+    stats.save(output)?;
+    Ok(stats)
+}
+
+/// `merge-stats`: statistics of disjoint shards or layer ranges combined into `output`.
+pub fn merge_stats(inputs: &[PathBuf], output: &Path) -> Result<Stats> {
+    check_output(output, &as_paths(inputs))?;
+    for (i, a) in inputs.iter().enumerate() {
+        for b in &inputs[..i] {
+            let same =
+                std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b);
+            ensure!(!same, "{} is given twice: its tokens would count twice", a.display());
+        }
+    }
+    let parts = inputs.iter().map(|p| Ok((p.clone(), Stats::load(p)?))).collect::<Result<Vec<_>>>()?;
+    let merged = Stats::merge(parts)?;
+    merged.save(output)?;
+    Ok(merged)
+}
+
+/// How layers are ranked and chosen.
+#[derive(Clone, Debug)]
+pub struct SelectPlan {
+    pub criterion: Criterion,
+    /// `None`: a quarter of the layers, rounded down, at least one.
+    pub selection: Option<Selection>,
+    /// The ridge `λ`.
+    pub lambda: f64,
+}
+
+impl SelectPlan {
+    fn selection(&self, layers: usize) -> Selection {
+        self.selection.clone().unwrap_or(Selection::Count((layers / 4).max(1).min(layers)))
+    }
+}
+
+/// `analyze`: every layer of `stats` fitted and ranked, checked against `model` where given; the
+/// chart written to `chart`.
+pub fn analyze(
+    stats_path: &Path,
+    select: &SelectPlan,
+    spectrum: bool,
+    model: Option<&Path>,
+    chart: &Path,
+) -> Result<Analysis> {
+    // Read layer by layer: what is held does not grow with the number of layers.
+    let stats = StatsFile::open(stats_path)?;
+    if let Some(path) = model {
+        let model = Model::load(path)?;
+        check_fingerprint(&stats, stats_path, &model, &find_layout(&model)?)?;
+    }
+    let layers = stats.layers().len();
+    let selection = select.selection(layers);
+    selection.check(layers, &format!("layers in {}", stats_path.display()))?;
+    let analysis = crate::report::analyze(&stats, select.criterion, &selection, select.lambda, spectrum)?;
+    let mut inputs = vec![stats_path.to_path_buf()];
+    inputs.extend(model.map(Path::to_path_buf));
+    check_output(chart, &as_paths(&inputs))?;
+    crate::atomic::write(chart, analysis.svg().as_bytes()).context("writing the chart")?;
+    Ok(analysis)
+}
+
+/// Everything a rewrite needs, validated.
+#[derive(Clone, Debug)]
+pub struct RewritePlan {
+    pub model: PathBuf,
+    pub output: PathBuf,
+    pub report: PathBuf,
+    /// Statistics to fit from; `None`: calibrate first.
+    pub stats: Option<PathBuf>,
+    pub calibration: Calibration,
+    pub select: SelectPlan,
+    /// Measured selection: text to score on (none: the calibration data) and how many sequences.
+    pub probe_data: Vec<PathBuf>,
+    pub probe_sequences: usize,
+    pub replace: Replacement,
+    pub kv: KvCache,
+    pub weight_format: WeightFormat,
+    pub quantizer: Quantizer,
+    pub group_size: Option<usize>,
+    /// Fit sequentially, this many layers per stage.
+    pub stage_size: Option<usize>,
+    /// Write an unchanged copy when the selection replaces no layer.
+    pub allow_noop: bool,
+}
+
+/// The selection replaced no layer and an unchanged copy was not asked for.
+#[derive(Debug)]
+pub struct NothingToRewrite;
+
+impl std::fmt::Display for NothingToRewrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("nothing to rewrite: the selection replaces no layer")
+    }
+}
+
+impl std::error::Error for NothingToRewrite {}
+
+/// The rewrite report (`<stem>.nbl.json`): the analysis that chose the layers, with the models and
+/// what the rewrite changed.
+#[derive(Serialize)]
+pub struct RewriteReport {
+    #[serde(flatten)]
+    pub analysis: Analysis,
+    pub model: String,
+    pub output: String,
+    /// With measured selection, each greedy step and what the search cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured: Option<MeasuredChoice>,
+    pub fitting: Fitting,
+    /// With sequential fitting, what each stage fitted and cost.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
+    pub rewrite: RewriteSummary,
+}
+
+/// Where a rewrite of `model` goes: `output` or `<stem>.nbl.onnx` beside the input, and `report`
+/// or `<stem>.nbl.json` beside the output.
+pub fn output_paths(model: &Path, output: Option<&Path>, report: Option<&Path>) -> (PathBuf, PathBuf) {
+    let stem = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let output = output.map_or_else(|| model.with_file_name(format!("{stem}.nbl.onnx")), Path::to_path_buf);
+    let out_stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("model").trim_end_matches(".nbl");
+    let report =
+        report.map_or_else(|| output.with_file_name(format!("{out_stem}.nbl.json")), Path::to_path_buf);
+    (output, report)
+}
+
+/// The model being rewritten, what was found in it and how its maps are stored: what every
+/// stage of a rewrite reads.
+struct Subject {
+    model: Model,
+    layout: DecoderLayout,
+    storage: MapStorage,
+    /// The engine and calibration data, where a stage runs the model.
+    engine: Option<Box<dyn Engine>>,
+    data: Option<DataSpec>,
+}
+
+impl Subject {
+    fn engine(&self) -> Result<&dyn Engine> {
+        self.engine.as_deref().context("no engine was opened for this rewrite")
+    }
+
+    fn sequences(&self) -> Result<Vec<Vec<i64>>> {
+        let data = self.data.as_ref().context("no calibration data was given for this rewrite")?;
+        Ok(data.pack(self.model.dir(), self.layout.vocab_size)?.sequences)
+    }
+}
+
+/// `rewrite`: calibrate (or read statistics), select, fit, rewrite, write the model and its report.
+pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
+    let subject = rewrite_subject(plan)?;
+    let stats = moments(plan, &subject)?;
+    let selection = plan.select.selection(subject.layout.layers.len());
+    let mut analysis =
+        crate::report::analyze(stats.as_ref(), plan.select.criterion, &selection, plan.select.lambda, false)?;
+    let measured = match (plan.select.criterion, &selection) {
+        (Criterion::Measured, Selection::Count(k)) => {
+            let choice = choose_by_measurement(plan, &subject, &analysis, stats.as_ref(), *k)?;
+            analysis.select(choice.layers());
+            Some(choice)
+        }
+        _ => None,
+    };
+    eprintln!("{}", analysis.choice());
+    if analysis.selected.is_empty() && !plan.allow_noop {
+        bail!(NothingToRewrite);
+    }
+    let (fitted, stages) = match plan.stage_size {
+        Some(size) => {
+            let fit = fit_in_stages(plan, &subject, &analysis.selected, stats.as_ref(), size)?;
+            (Some(fit.maps), fit.stages)
+        }
+        None => (None, Vec::new()),
+    };
+    let fitting = if plan.stage_size.is_some() { Fitting::Sequential } else { Fitting::OneShot };
+    let Subject { mut model, layout, storage, .. } = subject;
+    let provenance = provenance(plan, &analysis, fitting, storage, stats.as_ref())?;
+    let progress = crate::progress::bar(
+        analysis.selected.len() as u64,
+        "writing maps {bar:40} {pos}/{len} layers  ETA {eta}",
+        "layers",
+    );
+    let summary = {
+        let maps = MapSource { fitted, stats: stats.as_ref(), lambda: plan.select.lambda, storage };
+        let edits = maps.edits(&layout, &analysis.selected, &progress);
+        let options = RewriteOptions { replace: plan.replace, kv: plan.kv, storage };
+        rewrite::apply(&mut model, &layout, edits, options, &provenance)?
+    };
+    progress.finish_and_clear();
+    write_rewrite(plan, &model)?;
+    let report = RewriteReport {
+        analysis,
+        model: plan.model.display().to_string(),
+        output: plan.output.display().to_string(),
+        measured,
+        fitting,
+        stages,
+        rewrite: summary,
+    };
+    crate::atomic::write(&plan.report, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    Ok(report)
+}
+
+/// Loads the model, checks every output path, finds the layers, resolves the storage, and opens
+/// the engine and data where a stage will run the model.
+fn rewrite_subject(plan: &RewritePlan) -> Result<Subject> {
+    let model = Model::load(&plan.model)?;
+    let stats: Vec<&Path> = plan.stats.iter().map(PathBuf::as_path).collect();
+    let inputs = files_read(&model, Some(&plan.calibration.data), &stats);
+    for out in [Some(plan.output.clone()), model.data_file_for(&plan.output), Some(plan.report.clone())]
+        .iter()
+        .flatten()
+    {
+        check_output_creating_dir(out, &as_paths(&inputs))?;
+    }
+    ensure!(
+        plan.output != plan.report,
+        "the report {} would overwrite the model written there",
+        plan.report.display()
+    );
+    let layout = find_layout(&model)?;
+    let layers = layout.layers.len();
+    plan.select.selection(layers).check(layers, &format!("attention layers of {}", plan.model.display()))?;
+    let storage = MapStorage::resolve(plan.weight_format, plan.quantizer, plan.group_size, &model, &layout)?;
+    if let (EngineChoice::Tract, MapStorage::Grouped { bits, .. }) = (plan.calibration.engine.engine, storage)
+    {
+        bail!(
+            "{bits}-bit maps are com.microsoft::MatMulNBits nodes, which tract cannot run; choose float maps or ONNX Runtime"
+        );
+    }
+    // The engine and data are needed to calibrate, by every stage after the first, and to measure.
+    let runs_model =
+        plan.stats.is_none() || plan.stage_size.is_some() || plan.select.criterion == Criterion::Measured;
+    let engine = runs_model.then(|| open_engine(&plan.calibration.engine)).transpose()?;
+    let data = runs_model
+        .then(|| {
+            plan.calibration.data.resolve(model.dir(), Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration)
+        })
+        .transpose()?;
+    Ok(Subject { model, layout, storage, engine, data })
+}
+
+/// The original model's moments: the statistics file, checked against the model, or a
+/// calibration run.
+fn moments(plan: &RewritePlan, subject: &Subject) -> Result<Box<dyn MomentsSource>> {
+    if let Some(path) = &plan.stats {
+        let stats = StatsFile::open(path)?;
+        check_fingerprint(&stats, path, &subject.model, &subject.layout)?;
+        return Ok(Box::new(stats));
+    }
+    let data = subject.data.as_ref().context("no calibration data was given for this rewrite")?;
+    let run = plan.calibration.run(Shard::WHOLE, None);
+    Ok(Box::new(calibrate::run(&subject.model, &subject.layout, subject.engine()?, data, run)?))
+}
+
+/// Measured selection: `k` of the `2k` lowest-bound layers, chosen greedily by the KL of the
+/// model with them linearised, on probe sequences.
+fn choose_by_measurement(
+    plan: &RewritePlan,
+    subject: &Subject,
+    analysis: &Analysis,
+    stats: &dyn MomentsSource,
+    k: usize,
+) -> Result<MeasuredChoice> {
+    let Subject { model, layout, storage, .. } = subject;
+    let mut request = plan.calibration.data.clone();
+    if !plan.probe_data.is_empty() {
+        request.files = plan.probe_data.clone();
+    }
+    request.samples = Some(plan.probe_sequences);
+    let sequences = request
+        .resolve(model.dir(), None, Split::Calibration)?
+        .pack(model.dir(), layout.vocab_size)?
+        .sequences;
+    let engine = subject.engine()?;
+    let probe = probe::Probe::new(model, layout.hidden_size, engine, &sequences)?;
+    let candidates: Vec<usize> = analysis.order.iter().copied().take(2 * k).collect();
+    let maps: Vec<(usize, LinearMap)> = candidates
+        .iter()
+        .map(|&l| {
+            Ok((l, fit_map(stats, l, analysis.lambda, *storage).with_context(|| format!("layer {l}"))?))
+        })
+        .collect::<Result<_>>()?;
+    select::measured::choose(&candidates, k, probe.tokens(), |set| {
+        let chosen: Vec<(usize, &LinearMap)> =
+            maps.iter().filter(|(l, _)| set.contains(l)).map(|(l, m)| (*l, m)).collect();
+        probe.mean_kl(&rewrite::linearised_copy(model, layout, &chosen, *storage)?)
+    })
+}
+
+/// Sequential fitting: each stage after the first calibrates the model with the maps fitted so
+/// far in place.
+fn fit_in_stages(
+    plan: &RewritePlan,
+    subject: &Subject,
+    chosen: &[usize],
+    stats: &dyn MomentsSource,
+    stage_size: usize,
+) -> Result<SequentialFit> {
+    let Subject { model, layout, storage, .. } = subject;
+    let sequences = subject.sequences()?;
+    let engine = subject.engine()?;
+    let on = plan.calibration.moments.resolve(plan.calibration.engine.ep);
+    let fit = fit_sequentially(chosen, stage_size, stats, plan.select.lambda, *storage, |fitted, rest| {
+        let staged = rewrite::linearised_copy(model, layout, fitted, *storage)?;
+        let mut measured = layout.clone();
+        measured.layers.retain(|s| rest.contains(&s.layer));
+        let moments =
+            calibrate::calibrate(&staged, &measured, engine, &sequences, plan.calibration.batch, on)?;
+        let layers = calibrate::layer_tensors(&measured);
+        Ok(Box::new(Stats::measured(layout.hidden_size, layers, moments)) as Box<dyn MomentsSource>)
+    })?;
+    for (i, stage) in fit.stages.iter().enumerate() {
+        eprintln!("stage {}: fitted layers {:?} in {:.1} s", i + 1, stage.layers, stage.seconds);
+    }
+    Ok(fit)
+}
+
+/// Where the chosen layers' maps come from: `fitted` where they were fitted already
+/// (sequentially), else fitted from `stats` as the rewrite reaches each layer, so that one layer's
+/// moments and map are held at a time, then only the map's encoding.
+struct MapSource<'a> {
+    fitted: Option<Vec<(usize, LinearMap)>>,
+    stats: &'a dyn MomentsSource,
+    lambda: f64,
+    storage: MapStorage,
+}
+
+impl<'a> MapSource<'a> {
+    /// The edits of the `chosen` layers, taken one at a time.
+    fn edits(
+        mut self,
+        layout: &'a DecoderLayout,
+        chosen: &'a [usize],
+        progress: &'a indicatif::ProgressBar,
+    ) -> impl Iterator<Item = Result<LayerEdit<'a>>> + 'a {
+        chosen.iter().map(move |&l| {
+            progress.inc(1);
+            let site = layout.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
+            let map = match &mut self.fitted {
+                Some(maps) => {
+                    let at = maps
+                        .iter()
+                        .position(|(layer, _)| *layer == l)
+                        .with_context(|| format!("no map of layer {l}"))?;
+                    maps.swap_remove(at).1
+                }
+                None => fit_map(self.stats, l, self.lambda, self.storage)?,
+            };
+            Ok(LayerEdit { site, map: Some(map) })
+        })
+    }
+}
+
+/// A value as the report JSON spells it.
+fn spelling(value: &impl Serialize) -> Result<String> {
+    Ok(match serde_json::to_value(value)? {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    })
+}
+
+/// What the rewrite records in the model's `metadata_props`, spelt as the report spells it.
+fn provenance(
+    plan: &RewritePlan,
+    analysis: &Analysis,
+    fitting: Fitting,
+    storage: MapStorage,
+    stats: &dyn MomentsSource,
+) -> Result<Vec<(&'static str, String)>> {
+    let layers = analysis.selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
+    Ok(vec![
+        ("nbl.version", env!("CARGO_PKG_VERSION").to_string()),
+        ("nbl.layers", layers),
+        ("nbl.replace", spelling(&plan.replace)?),
+        ("nbl.kv", spelling(&plan.kv)?),
+        ("nbl.criterion", spelling(&analysis.criterion)?),
+        ("nbl.fitting", spelling(&fitting)?),
+        ("nbl.weight_format", serde_json::to_string(&storage)?),
+        ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data()}).to_string()),
+    ])
+}
+
+/// Writes the rewritten model, its external data and its companion files.
+fn write_rewrite(plan: &RewritePlan, model: &Model) -> Result<()> {
+    crate::atomic::create_dir(&plan.output)?;
+    crate::atomic::create_dir(&plan.report)?;
+    let companion = genai::prepare(model, &plan.output)?;
+    model.save(&plan.output)?;
+    if let Some(companion) = companion {
+        companion.write()?;
+    }
+    Ok(())
+}
+
+/// `check`: `model` validated, run on ONNX Runtime (`ep`) and tract, and compared with
+/// `reference` where given.
+pub fn check(
+    model: &Path,
+    reference: Option<&Path>,
+    ep: ExecutionProvider,
+    options: &CheckOptions,
+) -> Result<CheckReport> {
+    let model = Model::load(model)?;
+    let tokens = options.prompts.seq_len + options.gen_tokens.max(options.decode_steps);
+    crate::data::check_context(model.dir(), tokens, "a prompt with its generated tokens")?;
+    let reference = reference.map(Model::load).transpose()?;
+    let layout = find_layout(&model).ok();
+    let ort = engine::open(&EngineOptions { engine: EngineChoice::Ort, ep, threads: None })?;
+    let tract = engine::open(&EngineOptions {
+        engine: EngineChoice::Tract,
+        ep: ExecutionProvider::Cpu,
+        threads: None,
+    })?;
+    crate::check::run(&model, layout.as_ref(), reference.as_ref(), ort.as_ref(), tract.as_ref(), options)
+}
+
+/// The models `eval` and `bench` compare, each for its function: exporters' shape annotations can
+/// be wrong in ways that stop a runtime from decoding (see `Model::without_value_info`), a rewrite
+/// carries none, and they do not change the speed (1.004x prefill, 1.002x decode on the SmolLM2
+/// int4 GenAI export).
+fn load_functions(paths: &[PathBuf]) -> Result<Vec<Model>> {
+    paths.iter().map(|p| Ok(Model::load(p)?.without_value_info())).collect()
+}
+
+/// Greedy generation compared with the first model: `prompts` prompts, `tokens` tokens each.
+#[derive(Clone, Copy, Debug)]
+pub struct GenerationPlan {
+    pub prompts: usize,
+    pub tokens: usize,
+}
+
+/// `eval`: perplexity of every model, and KL, top-1 and generation agreement with the first.
+pub fn eval(
+    models: &[PathBuf],
+    data: &DataRequest,
+    engine: &EngineOptions,
+    generation: GenerationPlan,
+) -> Result<eval::Report> {
+    let models = load_functions(models)?;
+    let layout = find_layout(&models[0])?;
+    let spec = data.resolve(models[0].dir(), None, Split::Evaluation)?;
+    let packed = spec.pack(models[0].dir(), layout.vocab_size)?;
+    let engine = open_engine(engine)?;
+    let hidden_size = Some(layout.hidden_size);
+    let mut scores = eval::evaluate(&models, hidden_size, engine.as_ref(), &packed.sequences)?;
+    if models.len() > 1 {
+        let agreement = eval::generation_agreement(
+            &models,
+            hidden_size,
+            engine.as_ref(),
+            &packed.sequences,
+            generation.prompts,
+            generation.tokens,
+        )?;
+        for (score, generation) in scores.iter_mut().zip(agreement) {
+            score.generation_vs_first = generation;
+        }
+    }
+    Ok(eval::Report::new(engine.describe(), spec.seq_len, packed.sequences.len(), scores))
+}
+
+/// `bench`: every model timed on ONNX Runtime, alternately; `peak_memory` measures each alone.
+pub fn bench(
+    models: &[PathBuf],
+    options: &bench::BenchOptions,
+    peak_memory: &dyn Fn(&Model) -> Result<f64>,
+) -> Result<bench::BenchReport> {
+    let models = load_functions(models)?;
+    for model in &models {
+        crate::data::check_context(
+            model.dir(),
+            options.prompt_len + options.new_tokens,
+            "a prompt with its generated tokens",
+        )?;
+    }
+    let engine =
+        engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: options.ep, threads: options.threads })?;
+    eprintln!("engine: {}", engine.describe());
+    bench::bench(&models, engine.as_ref(), options, peak_memory)
+}
+
+/// The peak memory of loading and running `model` (what `bench` measures in a process of its own).
+pub fn peak_memory(model: &Path, options: &bench::BenchOptions) -> Result<f64> {
+    let model = Model::load(model)?.without_value_info();
+    let engine =
+        engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: options.ep, threads: options.threads })?;
+    bench::peak_memory_mb(&model, engine.as_ref(), options.prompt_len)
+}
