@@ -206,3 +206,42 @@ fn version_1_statistics_still_load() {
     let (size_v1, size_v2) = (std::fs::metadata(&v1).unwrap().len(), std::fs::metadata(&v2).unwrap().len());
     assert!(size_v2 < size_v1, "{size_v2} vs {size_v1}");
 }
+
+/// Synthetic statistics are moments with a known answer: `Σxx = n (I + 0.1 J/d)`,
+/// `Σyx = 0.5 Σxx`, `Σyy = 0.25 Σxx + 0.1 n I`, so the LMMSE map is `W = 0.5 I`, `b = 0`, and it
+/// misses `tr(0.1 I) = 0.1 d` of the output's variance per token. Written as the file format's
+/// one writer writes it, read back through the reader.
+#[test]
+fn synthetic_statistics_read_back_as_the_moments_they_describe() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("synthetic.safetensors");
+    let d = 48;
+    let layers: Vec<LayerTensors> =
+        (0..2).map(|l| LayerTensors { layer: l, x: format!("x{l}"), y: format!("y{l}") }).collect();
+    let bytes = nbl_onnx::stats::write_synthetic(&path, "synthetic", d, &layers).unwrap();
+    assert_eq!(bytes, std::fs::metadata(&path).unwrap().len());
+    let stats = Stats::load(&path).unwrap();
+    assert_eq!((stats.hidden_size, stats.layers.clone(), stats.tokens()), (d, layers, 1_000_000));
+    let n = 1e6;
+    for m in &stats.moments {
+        for i in 0..d {
+            for j in 0..d {
+                let sxx = n * f64::from(u8::from(i == j)) + 0.1 * n / d as f64;
+                assert_eq!(m.sxx[(i, j)], sxx, "sxx[{i},{j}]");
+                assert_eq!(m.syx[(i, j)], 0.5 * sxx, "syx[{i},{j}]");
+                assert_eq!(m.syy[(i, j)], 0.25 * sxx + 0.1 * n * f64::from(u8::from(i == j)), "syy[{i},{j}]");
+            }
+        }
+        let fit = nbl_onnx::nbl::fit_layer(0, m.clone(), 0.0, false).unwrap();
+        for i in 0..d {
+            for j in 0..d {
+                let want = if i == j { 0.5 } else { 0.0 };
+                assert!((fit.w[(i, j)] - want).abs() < 1e-9, "W[{i},{j}] = {}", fit.w[(i, j)]);
+            }
+        }
+        assert!(fit.b.iter().all(|b| b.abs() < 1e-9));
+        // The covariances are S/(n − 1): 0.1 d up to the factor n/(n − 1).
+        let expected = 0.1 * d as f64 * n / (n - 1.0);
+        assert!((fit.residual_energy - expected).abs() < 1e-9 * expected, "{}", fit.residual_energy);
+    }
+}
