@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The device check: nbl-onnx end to end on an NVIDIA GPU, in a few minutes, written to bench/gpu.json.
+# The device check: nbl-onnx end to end on an NVIDIA GPU, in a few minutes, written to bench/gpu.json
+# and to the table of docs/results/gpu.md named after that file (python3 -m nblbench.gpu).
 #
 #   scripts/gpu-check.sh [MODEL_DIR[:K] ...]
 #
@@ -11,15 +12,17 @@
 #      that is a clear error, recorded as such);
 #   4. bench original and rewrite side by side on CUDA.
 #
-# Environment: NBL (the binary; default target/release/nbl-onnx, built if missing), ORT_DYLIB_PATH (an
-# onnxruntime-gpu libonnxruntime.so; default: scripts/setup-ort.sh --gpu), SAMPLES and SEQ_LEN
-# (calibration blocks; default 16 x 512), PROMPT_LEN and GEN (bench; default 512, 128), GPU_JSON, WORK
-# (a folder to keep the intermediate files in; default a temporary one, removed), and
-# EP (default cuda; EP=cpu runs the same steps on the CPU, to try the script without a GPU).
+# Environment: NBL (the binary; default target/release/nbl-onnx where it exists, else a release build
+# as scripts/lib.sh's nbl_binary makes it), ORT_DYLIB_PATH (an onnxruntime-gpu libonnxruntime.so;
+# default: scripts/setup-ort.sh --gpu), SAMPLES and SEQ_LEN (calibration sequences; default 16 x 512),
+# PROMPT_LEN and GEN (bench; default 512, 128), GPU_JSON (default bench/gpu.json; a file outside bench/
+# leaves docs/results/gpu.md alone), WORK (a folder to keep the intermediate files in; default a
+# temporary one, removed), and EP (default cuda; EP=cpu runs the same steps on the CPU, to try the
+# script without a GPU: give it a GPU_JSON outside bench/).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$NBL_REPO"
 
-nbl=${NBL:-target/release/nbl-onnx}
 out=${GPU_JSON:-bench/gpu.json}
 samples=${SAMPLES:-16}
 seq_len=${SEQ_LEN:-512}
@@ -29,14 +32,16 @@ ep=${EP:-cuda}
 models=("$@")
 [[ ${#models[@]} -gt 0 ]] || models=(fixtures/llama-genai-fp16-cuda:1)
 
-if [[ -z "${ORT_DYLIB_PATH:-}" && $ep != cpu ]]; then
-  scripts/setup-ort.sh --gpu
+if [[ $ep == cpu ]]; then ensure_ort; else ensure_ort --gpu; fi
+use_nblbench
+if [[ -z "${NBL:-}" && -x target/release/nbl-onnx ]]; then
+  NBL=target/release/nbl-onnx
 fi
-[[ -x $nbl ]] || cargo build --release --locked
+nbl=$(nbl_binary)
 if [[ $ep == cpu ]]; then
   gpu="none (EP=cpu)"
 else
-  command -v nvidia-smi >/dev/null || { echo "error: nvidia-smi not found: this script needs an NVIDIA GPU" >&2; exit 2; }
+  command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this script needs an NVIDIA GPU (EP=cpu tries it without one)"
   gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -n 1)
 fi
 
@@ -84,38 +89,9 @@ for spec in "${models[@]}"; do
   echo "==> $name: bench on $ep (prompt $prompt_len, $gen new tokens)"
   "$nbl" bench "$dir/model.onnx" "$w/nbl/model.onnx" --ep "$ep" --prompt-len "$prompt_len" --gen "$gen" --json \
     > "$w/bench.json"
-  python3 - "$w" "$name" "$k" "$samples" "$seq_len" > "$w/result.json" <<'EOF'
-import json, pathlib, re, sys
-w, name, k, samples, seq_len = sys.argv[1:]
-w = pathlib.Path(w)
-load = lambda f: json.loads((w / f).read_text()) if (w / f).exists() and (w / f).stat().st_size else None
-bench = load("bench.json")
-prefill_tok_s = int(bench["prompt_len"]) / (bench["models"][0]["prefill_ms"] / 1000)
-calibration = {"samples": int(samples), "seq_len": int(seq_len), "prefill_tokens_per_s": prefill_tok_s}
-for moments in ("host", "graph"):
-    rate = float(re.search(r"\(([\d.]+) tokens/s", (w / f"calibrate-{moments}.log").read_text()).group(1))
-    calibration[f"{moments}_tokens_per_s"] = rate
-    calibration[f"{moments}_relative_to_inference"] = rate / prefill_tok_s
-host, graph = (load(f"analyze-{m}.json")["layers"] for m in ("host", "graph"))
-calibration["bound_max_relative_difference"] = max(
-    abs(h["bound"] - g["bound"]) / max(abs(h["bound"]), 1e-300) for h, g in zip(host, graph))
-calibration["same_ranking"] = load("analyze-host.json")["order"] == load("analyze-graph.json")["order"]
-err = (w / "check-tensorrt.err").read_text().strip().splitlines()
-print(json.dumps({
-    "model": name, "k": int(k),
-    "calibration": calibration,
-    "rewrite": load("rewrite.json"),
-    "check": load("check.json"),
-    "check_tensorrt": load("check-tensorrt.json") or {"error": err[-1] if err else None},
-    "bench": bench,
-}, indent=2))
-EOF
+  python3 -m nblbench.gpu model "$w" "$name" "$k" "$samples" "$seq_len" > "$w/result.json"
   results+=("$w/result.json")
 done
 
-python3 - "$out" "$gpu" "$ep" "${results[@]}" <<'EOF'
-import json, sys
-out, gpu, ep, *files = sys.argv[1:]
-json.dump({"gpu": gpu, "ep": ep, "models": [json.load(open(f)) for f in files]}, open(out, "w"), indent=2)
-EOF
+python3 -m nblbench.gpu combine "$out" "$gpu" "$ep" "${results[@]}"
 echo "==> wrote $out"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Helper of ``scripts/prepare-smollm2.sh``: SmolLM2-135M-Instruct from its GGUF to checked ONNX exports.
+"""Helper of ``scripts/models/prepare-smollm2.sh``: SmolLM2-135M-Instruct from its GGUF to checked ONNX exports.
 
 Subcommands (the shell script calls them; each takes paths, nothing is downloaded):
 

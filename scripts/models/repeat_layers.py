@@ -6,7 +6,7 @@
 A model with Llama-3-8B's full depth needs 32 layers of weights, which the builder would have to hold
 in memory to export (more than this machine has), and which nothing here needs to differ: speed and
 memory at scale depend on shapes. This script takes a short export (at least 3 layers, from
-`scripts/make_synthetic.py --layers 3`), keeps its layer 0, repeats its layer 1 as layers 1..N-2 and
+`scripts/models/make_synthetic.py --layers 3`), keeps its layer 0, repeats its layer 1 as layers 1..N-2 and
 its last layer as layer N-1, with the names the builder would give them (`/model/layers.{i}/...`,
 `model.layers.{i}....`, `past_key_values.{i}.key`, `present.{i}.value`), and points every repeated
 layer's weights at the source layer's bytes in the data file. The data file is hard-linked (copied

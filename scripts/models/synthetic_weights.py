@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Zero or redraw the large random tensors of a model made by `scripts/make_synthetic.py`.
+"""Zero or redraw the large random tensors of a model made by `scripts/models/make_synthetic.py`.
 
     synthetic_weights.py hollow DIR   # zero every external tensor of >= 2^20 elements, in place
     synthetic_weights.py fill DIR     # draw them again: N(0, 0.02^2), seeded by tensor order

@@ -6,11 +6,11 @@ downloaded here. This script writes a Hugging Face Llama checkpoint with the sha
 random weights, exports it with the GenAI builder (default `-p fp16 -e cuda`, the format deployed on
 NVIDIA GPUs), and copies the fixtures' tokenizer (512 tokens; every id is valid in a larger vocabulary).
 
-Run it with the GenAI virtualenv's interpreter (see `scripts/make-fixtures.py`):
+Run it with the GenAI virtualenv's interpreter (see `scripts/fixtures/make-fixtures.py`):
 
-    /root/.cache/nbl-fixtures/genai/bin/python scripts/make_synthetic.py --shape llama-3.2-1b --out DIR
+    /root/.cache/nbl-fixtures/genai/bin/python scripts/models/make_synthetic.py --shape llama-3.2-1b --out DIR
 
-The model's large tensors are random, so they need not travel: `scripts/synthetic_weights.py hollow DIR`
+The model's large tensors are random, so they need not travel: `scripts/models/synthetic_weights.py hollow DIR`
 zeroes them in place (the data file then compresses to almost nothing) and `fill DIR` draws them again,
 the same values from the same seed, on the machine that runs the model.
 """
@@ -34,7 +34,7 @@ SHAPES = {
                        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                        rope_theta=500000.0),
 }
-TOKENIZER_FROM = Path(__file__).resolve().parent.parent / "fixtures" / "llama-genai-fp16-cuda"
+TOKENIZER_FROM = Path(__file__).resolve().parents[2] / "fixtures" / "llama-genai-fp16-cuda"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 
 

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # The end-to-end benchmark on a real model: SmolLM2-135M-Instruct (Optimum export), calibrated on
-# C4 documents 0-199 and evaluated on documents 200-299 (../shared/data/c4_demo.json), for
+# C4 documents 0-199 and evaluated on documents 200-299 (the built-in sample, data/c4_demo.json.gz), for
 # k = 0, 4, 8, 12 replaced attention layers with NBL (--criterion cca), NBL ranked by cosine, and
 # attention dropping (--replace drop, ranked by cosine as LLM-Drop does). The ONNX Runtime GenAI export
 # of the same model is calibrated on the same data (its layer ranking must match the Optimum one's)
 # and its NBL rewrites are timed too: its attention is one fused GroupQueryAttention node, so its
 # speed-ups show what the multiply-add count predicts without the decomposed graph's overheads.
-# Writes bench/results.json, bench/results.md (the README's table) and bench/results.svg, then runs
-# scripts/bench-selection.sh, and on the CPU scripts/bench-fp16.sh and scripts/bench-int4.sh where
-# their exports exist.
+# Writes bench/results.json, docs/results/smollm2.svg and the table of docs/results/smollm2.md
+# (python3 -m nblbench.smollm2), then runs scripts/bench/bench-selection.sh, and on the CPU
+# scripts/bench/bench-fp16.sh and scripts/bench/bench-int4.sh where their exports exist.
 #
-#   scripts/bench-smollm2.sh [--ep cpu|cuda|tensorrt] [--runs N]
+#   scripts/bench/bench-smollm2.sh [--ep cpu|cuda|tensorrt] [--runs N]
 #
-# Needs models/smollm2-{optimum,genai} (scripts/prepare-smollm2.sh makes them) and ONNX Runtime
-# (scripts/setup-ort.sh). Takes about 45 minutes on 2 CPU cores.
+# Needs models/smollm2-{optimum,genai} (scripts/models/prepare-smollm2.sh makes them); builds nbl-onnx
+# and installs ONNX Runtime (scripts/setup-ort.sh) if missing. Takes about 45 minutes on 2 CPU cores.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+cd "$NBL_REPO"
 
 ep=cpu runs=3 seq_len=512 prompt_len=512 gen=128
 while [[ $# -gt 0 ]]; do
@@ -26,27 +27,18 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-data=../shared/data/c4_demo.json
 model=models/smollm2-optimum/model.onnx
 genai=models/smollm2-genai/model.onnx
-[[ -f $data ]] || { echo "error: $data not found" >&2; exit 2; }
-for m in "$model" "$genai"; do
-  [[ -f $m ]] || { echo "error: $m not found: run scripts/prepare-smollm2.sh" >&2; exit 2; }
-done
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/nbl-onnx/target}"
-echo "==> building nbl-onnx (release)"
-cargo build --release --locked --quiet
-nbl="$CARGO_TARGET_DIR/release/nbl-onnx"
+need_model "$(dirname "$model")"
+need_model "$(dirname "$genai")"
+use_nblbench
+if [[ $ep == cpu ]]; then ensure_ort; else ensure_ort --gpu; fi
+nbl=$(nbl_binary)
 work=bench/tmp
 mkdir -p "$work"
 
-echo "==> splitting $data: documents 0-199 calibrate, 200-299 evaluate"
-python3 - "$data" "$work" <<'PY'
-import json, sys
-docs = json.load(open(sys.argv[1]))
-json.dump(docs[:200], open(f"{sys.argv[2]}/calibration.json", "w"))
-json.dump(docs[200:300], open(f"{sys.argv[2]}/evaluation.json", "w"))
-PY
+echo "==> splitting the C4 sample: documents 0-199 calibrate, 200-299 evaluate"
+python3 -m nblbench.corpus "$work" > /dev/null
 
 echo "==> calibrating the Optimum export (seq-len $seq_len)"
 "$nbl" calibrate "$model" --data "$work/calibration.json" --seq-len "$seq_len" --samples 256 --ep "$ep" \
@@ -80,8 +72,7 @@ done
 for k in 4 8 12; do
   out="$work/cca-keep0-k$k/model.onnx"
   mkdir -p "$(dirname "$out")"
-  ids=$(python3 -c 'import json, sys; o = json.load(open(sys.argv[1]))["order"]; print(",".join(map(str, [l for l in o if l != 0][: int(sys.argv[2])])))' \
-    "$work/analysis-optimum.json" "$k")
+  ids=$(python3 -m nblbench.layers ranked "$work/analysis-optimum.json" --skip 0 --take "$k")
   echo "==> rewrite: cca with layer 0 kept, k=$k (layers $ids)"
   "$nbl" rewrite "$model" --stats "$work/stats.safetensors" --layer-ids "$ids" -o "$out" \
     --report "$work/cca-keep0-k$k/report.json"
@@ -111,19 +102,19 @@ echo "==> timing ${#models[@]} models (prefill $prompt_len, decode $gen, $runs r
 "$nbl" bench "${models[@]}" --prompt-len "$prompt_len" --gen "$gen" --runs "$runs" --ep "$ep" --json \
   > "$work/bench.json"
 
-echo "==> writing bench/results.{json,md,svg}"
-python3 scripts/bench_report.py "$work"
+echo "==> writing bench/results.json, docs/results/smollm2.{md,svg}"
+python3 -m nblbench.smollm2 "$work"
 
-echo "==> choosing and fitting layers: scripts/bench-selection.sh"
-scripts/bench-selection.sh
+echo "==> choosing and fitting layers: scripts/bench/bench-selection.sh"
+NBL="$nbl" scripts/bench/bench-selection.sh
 
-# The deployed formats, where their exports exist (the GenAI int4 one needs onnxruntime-genai too).
+# The deployed formats, where their exports exist (the GenAI int4 one needs onnxruntime-genai too,
+# which bench-int4.sh installs).
 if [[ $ep == cpu && -f models/smollm2-genai-fp16/model.onnx && -f models/smollm2-optimum-fp16/model.onnx ]]; then
-  echo "==> fp16 exports: scripts/bench-fp16.sh"
-  scripts/bench-fp16.sh --runs "$runs"
+  echo "==> fp16 exports: scripts/bench/bench-fp16.sh"
+  NBL="$nbl" scripts/bench/bench-fp16.sh --runs "$runs"
 fi
-ort_python="${NBL_ORT_DIR:-$HOME/.cache/nbl-onnx/onnxruntime}/cpu/venv/bin/python"
-if [[ $ep == cpu && -f models/smollm2-genai-int4/model.onnx ]] && "$ort_python" -c "import onnxruntime_genai" 2>/dev/null; then
-  echo "==> int4 export: scripts/bench-int4.sh"
-  scripts/bench-int4.sh --runs "$runs"
+if [[ $ep == cpu && -f models/smollm2-genai-int4/model.onnx ]]; then
+  echo "==> int4 export: scripts/bench/bench-int4.sh"
+  NBL="$nbl" scripts/bench/bench-int4.sh --runs "$runs"
 fi
