@@ -32,16 +32,6 @@ pub enum Fitting {
     Sequential,
 }
 
-impl Fitting {
-    /// The spelling shared by the report JSON and the model's metadata.
-    pub fn name(self) -> &'static str {
-        match self {
-            Fitting::OneShot => "one-shot",
-            Fitting::Sequential => "sequential",
-        }
-    }
-}
-
 /// Layer `layer`'s LMMSE map from `stats`, with the input's second moment when `storage` rounds
 /// it by GPTQ (which weighs each input by the layer's `E[x xᵀ]`).
 pub fn fit_map(
