@@ -10,15 +10,17 @@ use clap::{Parser, Subcommand};
 use nbl_onnx::bench::BenchOptions;
 use nbl_onnx::calibrate::{LayerRange, MomentsOn, Shard};
 use nbl_onnx::check::{CheckOptions, Gates};
+use nbl_onnx::cost::Optimize;
 use nbl_onnx::data::{DataRequest, DataSpec, Split};
 use nbl_onnx::engine::{EngineChoice, EngineOptions, ExecutionProvider};
 use nbl_onnx::fit::quantize::Quantizer;
 use nbl_onnx::fit::storage::WeightFormat;
 use nbl_onnx::nbl::DEFAULT_LAMBDA;
 use nbl_onnx::onnx::Model;
-use nbl_onnx::pipeline::{Calibration, RewritePlan, SelectPlan, output_paths};
+use nbl_onnx::pipeline::{Budget, Calibration, RewritePlan, SelectPlan, output_paths};
 use nbl_onnx::rewrite::{KvCache, Replacement};
 use nbl_onnx::select::{Criterion, Selection};
+use nbl_onnx::unit::UnitKind;
 
 #[derive(Parser)]
 #[command(name = "nbl-onnx", version, about = "Neural Block Linearization for ONNX LLM exports")]
@@ -137,8 +139,35 @@ pub struct CalibrationArgs {
     /// show each map's error on text it was not fitted to (0: none; doubles the statistics' size)
     #[arg(long, default_value_t = 0)]
     pub holdout_every: usize,
+    /// Which units to measure, comma-separated: attention, mlp, layer, run, or all. Each kind
+    /// besides attention costs about as much memory and time as attention does (runs: three
+    /// times, for spans of 2, 3 and 4 layers)
+    #[arg(long, default_value = "attention", value_parser = unit_kinds)]
+    pub units: UnitKinds,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// A set of unit kinds, as `--units` spells it.
+#[derive(Clone, Debug)]
+pub struct UnitKinds(pub Vec<UnitKind>);
+
+/// `attention,mlp,layer,run` or `all`.
+fn unit_kinds(s: &str) -> Result<UnitKinds, String> {
+    if s.trim() == "all" {
+        return Ok(UnitKinds(UnitKind::ALL.to_vec()));
+    }
+    let mut kinds = Vec::new();
+    for name in s.split(',').map(str::trim) {
+        let kind = UnitKind::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
+            format!("unknown unit {name:?}: expected attention, mlp, layer, run (comma-separated) or all")
+        })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    kinds.sort_unstable();
+    Ok(UnitKinds(kinds))
 }
 
 impl CalibrationArgs {
@@ -149,6 +178,7 @@ impl CalibrationArgs {
             batch: self.batch,
             moments: self.moments,
             holdout_every: self.holdout_every,
+            units: self.units.0.clone(),
         }
     }
 }
@@ -281,9 +311,22 @@ pub struct RewriteArgs {
     /// Text --criterion measured scores candidates on (default: the calibration data)
     #[arg(long, num_args = 1..)]
     pub select_data: Vec<PathBuf>,
-    /// Sequences of --seq-len tokens --criterion measured scores candidates on
+    /// Sequences of --seq-len tokens --criterion measured and --max-kl score candidates on
     #[arg(long, alias = "probe-blocks", default_value_t = 4, value_parser = at_least_one)]
     pub probe_sequences: usize,
+    /// Budget mode: replace as much as the predicted saving allows while the mean KL(original ‖
+    /// rewrite) on the probe sequences stays at most this; the units come from --units, measured
+    /// by running the model. The final model's KL on held-out text is measured and reported
+    #[arg(long, value_parser = positive, conflicts_with_all = ["layers", "layer_ids", "max_bound", "sequential"])]
+    pub max_kl: Option<f64>,
+    /// What --max-kl saves: bytes read per decode step (weights and KV cache at 576 positions) or
+    /// prefill multiply-adds (512 tokens)
+    #[arg(long, value_enum, default_value_t = Optimize::Decode, requires = "max_kl")]
+    pub optimize: Optimize,
+    /// Held-out text the final model's KL is confirmed on (default: the built-in C4 sample's
+    /// documents 200-299)
+    #[arg(long, num_args = 1.., requires = "max_kl")]
+    pub heldout_data: Vec<PathBuf>,
 }
 
 impl RewriteArgs {
@@ -299,6 +342,16 @@ impl RewriteArgs {
         ensure!(
             !measuring || matches!(select.selection, None | Some(Selection::Count(_))),
             "--criterion measured chooses a number of layers (--layers K), not --layer-ids or --max-bound"
+        );
+        ensure!(
+            !(measuring && self.max_kl.is_some()),
+            "--max-kl chooses by measurement already; leave out --criterion measured"
+        );
+        let units = &self.calibration.units.0;
+        ensure!(
+            self.max_kl.is_some() || units == &[UnitKind::Attention],
+            "--units {} without --max-kl: only a budget chooses among units besides attention",
+            units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
         );
         Ok(RewritePlan {
             model: self.model.clone(),
@@ -316,6 +369,11 @@ impl RewriteArgs {
             group_size: self.group_size,
             stage_size: self.sequential.then_some(self.stage_size),
             allow_noop: self.allow_noop,
+            budget: self.max_kl.map(|max_kl| Budget {
+                max_kl,
+                optimize: self.optimize,
+                heldout_data: self.heldout_data.clone(),
+            }),
         })
     }
 }
@@ -502,6 +560,14 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 }
 
 /// A finite number ≥ 0.
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number > 0, not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn non_negative(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),

@@ -12,6 +12,34 @@ use crate::onnx::model::{external_location, tensor_shape};
 use crate::onnx::proto::{GraphProto, TensorProto};
 use crate::onnx::{DType, GraphIndex, Model, Port, TensorId, attr_int};
 
+/// What a rewrite saves: the bytes a decode step reads, or a prefill's multiply-adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimize {
+    /// bytes read per decode step: the weights and the KV cache at [`PREDICTED_CONTEXT`] positions
+    Decode,
+    /// multiply-adds of a prefill of [`PREDICTED_PROMPT`] tokens
+    Prefill,
+}
+
+/// The prompt a prediction assumes: `bench`'s default.
+pub const PREDICTED_PROMPT: usize = 512;
+
+/// The context of a mean decode step after it: 512 prompt tokens and half of `bench`'s 128
+/// generated.
+pub const PREDICTED_CONTEXT: usize = 576;
+
+impl Optimize {
+    /// What a model with `cost` and `kv_bytes_per_token` of KV cache spends, in the units this
+    /// optimises.
+    pub fn spent(self, cost: &Cost, kv_bytes_per_token: u64) -> f64 {
+        match self {
+            Optimize::Decode => cost.decode_bytes(PREDICTED_CONTEXT as f64, kv_bytes_per_token),
+            Optimize::Prefill => cost.prefill(PREDICTED_PROMPT),
+        }
+    }
+}
+
 /// A model's multiply-add count, per token.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Cost {

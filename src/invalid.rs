@@ -16,6 +16,8 @@ pub enum Setting {
     SequenceLength,
     /// The end-of-text token id appended to each document.
     EosId,
+    /// The kinds of units to replace.
+    Units,
 }
 
 /// `message` about the value of `setting`.

@@ -39,3 +39,4 @@ pub mod report;
 pub mod rewrite;
 pub mod select;
 pub mod stats;
+pub mod unit;

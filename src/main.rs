@@ -16,6 +16,7 @@ use nbl_onnx::invalid::{Invalid, Setting};
 use nbl_onnx::onnx::Model;
 use nbl_onnx::pipeline::{self, GenerationPlan, NothingToRewrite};
 use nbl_onnx::select::Criterion;
+use nbl_onnx::select::budget::Unreachable;
 use nbl_onnx::stats::write_synthetic;
 
 /// A run that worked but did not pass: a failed check or gate, or nothing to rewrite. Exit code 1.
@@ -78,15 +79,19 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
             eprintln!("{e}; pass --allow-noop to write an unchanged copy");
             return Err(NotPassed.into());
         }
+        Err(e) if e.is::<Unreachable>() => {
+            eprintln!("{e}; nothing was written");
+            return Err(NotPassed.into());
+        }
         other => other?,
     };
     let s = &report.rewrite;
+    let units = s.units.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
     let kv = |b: Option<u64>| b.map_or("?".to_string(), |b| b.to_string());
     eprintln!(
-        "wrote {} ({:?} layers {:?}; nodes {} -> {}; parameters -{} +{}; KV cache {} -> {} bytes/token) and {}",
+        "wrote {} ({:?} {units}; nodes {} -> {}; parameters -{} +{}; KV cache {} -> {} bytes/token) and {}",
         plan.output.display(),
         s.replace,
-        report.analysis.selected,
         s.nodes_before,
         s.nodes_after,
         s.params_removed,
@@ -132,7 +137,7 @@ fn run_synthetic_stats(args: &SyntheticStatsArgs) -> Result<()> {
         }
         None => {
             let layers = (0..args.layers)
-                .map(|l| nbl_onnx::stats::LayerTensors { layer: l, x: format!("x{l}"), y: format!("y{l}") })
+                .map(|l| nbl_onnx::stats::LayerTensors::attention(l, &format!("x{l}"), &format!("y{l}")))
                 .collect();
             ("synthetic".to_string(), args.hidden_size, layers)
         }
@@ -161,6 +166,7 @@ fn flag(setting: Setting) -> &'static str {
         Setting::GroupSize => "--block-size ",
         Setting::SequenceLength => "--seq-len: ",
         Setting::EosId => "--eos-id ",
+        Setting::Units => "--units: ",
     }
 }
 

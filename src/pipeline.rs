@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::atomic::{check_output, check_output_creating_dir};
 use crate::calibrate::{self, LayerRange, MomentsOn, Shard, check_fingerprint};
 use crate::check::{CheckOptions, CheckReport};
+use crate::cost::{Cost, Optimize};
 use crate::data::{DataRequest, DataSpec, Split};
 use crate::detect::{DecoderLayout, find_layout};
 use crate::engine::{self, Engine, EngineChoice, EngineOptions, ExecutionProvider};
@@ -19,12 +20,15 @@ use crate::fit::sequential::{SequentialFit, Stage, fit_sequentially};
 use crate::fit::storage::{MapStorage, WeightFormat};
 use crate::fit::{Fitting, LinearMap, fit_map};
 use crate::inspect::Inspection;
-use crate::onnx::Model;
+use crate::invalid::{Invalid, Setting};
+use crate::onnx::{Interface, Model};
 use crate::report::Analysis;
-use crate::rewrite::{KvCache, LayerEdit, Replacement, RewriteOptions, RewriteSummary};
+use crate::rewrite::{KvCache, Replacement, RewriteOptions, RewriteSummary, UnitEdit};
+use crate::select::budget::{BudgetChoice, Candidate, FRONT};
 use crate::select::measured::MeasuredChoice;
 use crate::select::{Criterion, Selection};
 use crate::stats::{MomentsSource, Stats, StatsFile};
+use crate::unit::{Unit, UnitKind};
 use crate::{bench, eval, genai, inspect, probe, rewrite, select};
 
 /// Opens the engine `options` ask for and says on stderr which one actually runs.
@@ -71,6 +75,28 @@ pub struct Calibration {
     pub moments: MomentsOn,
     /// Every N-th sequence held out of the fit (0: none).
     pub holdout_every: usize,
+    /// The kinds of units measured besides attention (every unit of each kind the model has).
+    pub units: Vec<UnitKind>,
+}
+
+/// Every unit of `kinds` the model has that a map can replace. A kind of which none can be
+/// replaced is refused with the reason; single units that cannot are skipped with a note.
+pub fn candidate_units(layout: &DecoderLayout, kinds: &[UnitKind]) -> Result<Vec<Unit>> {
+    let (usable, refused) = layout.units(kinds);
+    for &kind in kinds {
+        if !usable.iter().any(|u| u.kind == kind) {
+            let reason =
+                refused.iter().find(|(u, _)| u.kind == kind).map_or("the model has none", |(_, r)| r);
+            bail!(Invalid {
+                setting: Setting::Units,
+                message: format!("no {} unit can be replaced: {reason}", kind.name())
+            });
+        }
+    }
+    for (unit, reason) in &refused {
+        eprintln!("note: {unit} is not a candidate: {reason}");
+    }
+    Ok(usable)
 }
 
 impl Calibration {
@@ -96,13 +122,16 @@ pub fn calibrate(
     layers: Option<LayerRange>,
     output: &Path,
 ) -> Result<Stats> {
+    let units = &calibration.units;
     let model = Model::load(model)?;
     check_output(output, &as_paths(&files_read(&model, Some(&calibration.data), &[])))?;
     let layout = find_layout(&model)?;
     let engine = open_engine(&calibration.engine)?;
     let data =
         calibration.data.resolve(model.dir(), Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration)?;
-    let stats = calibrate::run(&model, &layout, engine.as_ref(), &data, calibration.run(shard, layers))?;
+    let units = candidate_units(&layout, units)?;
+    let stats =
+        calibrate::run(&model, &layout, &units, engine.as_ref(), &data, calibration.run(shard, layers))?;
     stats.save(output)?;
     Ok(stats)
 }
@@ -154,7 +183,7 @@ pub fn analyze(
         let model = Model::load(path)?;
         check_fingerprint(&stats, stats_path, &model, &find_layout(&model)?)?;
     }
-    let layers = stats.layers().len();
+    let layers = stats.layers().iter().filter(|l| l.unit.is_none()).count();
     let selection = select.selection(layers);
     selection.check(layers, &format!("layers in {}", stats_path.display()))?;
     let analysis = crate::report::analyze(&stats, select.criterion, &selection, select.lambda, spectrum)?;
@@ -187,6 +216,34 @@ pub struct RewritePlan {
     pub stage_size: Option<usize>,
     /// Write an unchanged copy when the selection replaces no layer.
     pub allow_noop: bool,
+    /// Budget mode: the units chosen by measurement within a KL budget, not layers by a criterion.
+    pub budget: Option<Budget>,
+}
+
+/// A quality budget and what to save within it.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    pub max_kl: f64,
+    pub optimize: Optimize,
+    /// Text the final model's KL is confirmed on (none: the built-in held-out documents).
+    pub heldout_data: Vec<PathBuf>,
+}
+
+/// What a budget bought: the choice, and the final model's KL on held-out text beside its
+/// predicted speed-ups.
+#[derive(Serialize)]
+pub struct BudgetReport {
+    #[serde(flatten)]
+    pub choice: BudgetChoice,
+    pub optimize: Optimize,
+    pub units: Vec<Unit>,
+    /// KL(original ‖ rewrite) on the probe sequences, and on held-out ones.
+    pub probe_kl: f64,
+    pub heldout_kl: f64,
+    pub heldout_sequences: usize,
+    /// The original's cost over the rewrite's, at the predicted prompt and context.
+    pub predicted_decode_speedup: f64,
+    pub predicted_prefill_speedup: f64,
 }
 
 /// The selection replaced no layer and an unchanged copy was not asked for.
@@ -212,6 +269,9 @@ pub struct RewriteReport {
     /// With measured selection, each greedy step and what the search cost.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub measured: Option<MeasuredChoice>,
+    /// In budget mode, the units chosen within it and what they bought.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetReport>,
     pub fitting: Fitting,
     /// With sequential fitting, what each stage fitted and cost.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -255,7 +315,8 @@ impl Subject {
 /// `rewrite`: calibrate (or read statistics), select, fit, rewrite, write the model and its report.
 pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
     let subject = rewrite_subject(plan)?;
-    let stats = moments(plan, &subject)?;
+    let candidates = candidate_units(&subject.layout, &plan.calibration.units)?;
+    let stats = moments(plan, &subject, &candidates)?;
     let selection = plan.select.selection(subject.layout.layers.len());
     let mut analysis =
         crate::report::analyze(stats.as_ref(), plan.select.criterion, &selection, plan.select.lambda, false)?;
@@ -267,28 +328,50 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
         }
         _ => None,
     };
-    eprintln!("{}", analysis.choice());
-    if analysis.selected.is_empty() && !plan.allow_noop {
+    let budget = match &plan.budget {
+        Some(budget) => {
+            let report = choose_within_budget(plan, budget, &subject, stats.as_ref(), &candidates)?;
+            analysis.select(
+                report.units.iter().filter(|u| u.kind == UnitKind::Attention).map(|u| u.layer).collect(),
+            );
+            Some(report)
+        }
+        None => None,
+    };
+    let units: Vec<Unit> = match &budget {
+        Some(report) => report.units.clone(),
+        None => analysis.selected.iter().map(|&l| Unit::attention(l)).collect(),
+    };
+    match &budget {
+        Some(report) => eprintln!(
+            "{} within KL {}: {}",
+            units.len(),
+            report.choice.max_kl,
+            units.iter().map(Unit::to_string).collect::<Vec<_>>().join(", ")
+        ),
+        None => eprintln!("{}", analysis.choice()),
+    }
+    if units.is_empty() && !plan.allow_noop {
         bail!(NothingToRewrite);
     }
     let (fitted, stages) = match plan.stage_size {
         Some(size) => {
             let fit = fit_in_stages(plan, &subject, &analysis.selected, stats.as_ref(), size)?;
-            (Some(fit.maps), fit.stages)
+            (Some(fit.maps.into_iter().map(|(l, m)| (Unit::attention(l), m)).collect()), fit.stages)
         }
         None => (None, Vec::new()),
     };
     let fitting = if plan.stage_size.is_some() { Fitting::Sequential } else { Fitting::OneShot };
     let Subject { mut model, layout, storage, .. } = subject;
-    let provenance = provenance(plan, &analysis, fitting, storage, stats.as_ref())?;
+    let provenance = provenance(plan, &analysis, &units, fitting, storage, stats.as_ref())?;
     let progress = crate::progress::bar(
-        analysis.selected.len() as u64,
-        "writing maps {bar:40} {pos}/{len} layers  ETA {eta}",
-        "layers",
+        units.len() as u64,
+        "writing maps {bar:40} {pos}/{len} units  ETA {eta}",
+        "units",
     );
     let summary = {
         let maps = MapSource { fitted, stats: stats.as_ref(), lambda: plan.select.lambda, storage };
-        let edits = maps.edits(&layout, &analysis.selected, &progress);
+        let edits = maps.edits(&layout, &units, &progress);
         let options = RewriteOptions { replace: plan.replace, kv: plan.kv, storage };
         rewrite::apply(&mut model, &layout, edits, options, &provenance)?
     };
@@ -299,6 +382,7 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
         model: plan.model.display().to_string(),
         output: plan.output.display().to_string(),
         measured,
+        budget,
         fitting,
         stages,
         rewrite: summary,
@@ -335,8 +419,10 @@ fn rewrite_subject(plan: &RewritePlan) -> Result<Subject> {
         );
     }
     // The engine and data are needed to calibrate, by every stage after the first, and to measure.
-    let runs_model =
-        plan.stats.is_none() || plan.stage_size.is_some() || plan.select.criterion == Criterion::Measured;
+    let runs_model = plan.stats.is_none()
+        || plan.stage_size.is_some()
+        || plan.select.criterion == Criterion::Measured
+        || plan.budget.is_some();
     let engine = runs_model.then(|| open_engine(&plan.calibration.engine)).transpose()?;
     let data = runs_model
         .then(|| {
@@ -348,7 +434,7 @@ fn rewrite_subject(plan: &RewritePlan) -> Result<Subject> {
 
 /// The original model's moments: the statistics file, checked against the model, or a
 /// calibration run.
-fn moments(plan: &RewritePlan, subject: &Subject) -> Result<Box<dyn MomentsSource>> {
+fn moments(plan: &RewritePlan, subject: &Subject, units: &[Unit]) -> Result<Box<dyn MomentsSource>> {
     if let Some(path) = &plan.stats {
         let stats = StatsFile::open(path)?;
         check_fingerprint(&stats, path, &subject.model, &subject.layout)?;
@@ -356,7 +442,7 @@ fn moments(plan: &RewritePlan, subject: &Subject) -> Result<Box<dyn MomentsSourc
     }
     let data = subject.data.as_ref().context("no calibration data was given for this rewrite")?;
     let run = plan.calibration.run(Shard::WHOLE, None);
-    Ok(Box::new(calibrate::run(&subject.model, &subject.layout, subject.engine()?, data, run)?))
+    Ok(Box::new(calibrate::run(&subject.model, &subject.layout, units, subject.engine()?, data, run)?))
 }
 
 /// Measured selection: `k` of the `2k` lowest-bound layers, chosen greedily by the KL of the
@@ -369,29 +455,167 @@ fn choose_by_measurement(
     k: usize,
 ) -> Result<MeasuredChoice> {
     let Subject { model, layout, storage, .. } = subject;
-    let mut request = plan.calibration.data.clone();
-    if !plan.probe_data.is_empty() {
-        request.files = plan.probe_data.clone();
-    }
-    request.samples = Some(plan.probe_sequences);
-    let sequences = request
-        .resolve(model.dir(), None, Split::Calibration)?
-        .pack(model.dir(), layout.vocab_size)?
-        .sequences;
+    let sequences = probe_sequences(plan, subject, &plan.probe_data, Split::Calibration)?;
     let engine = subject.engine()?;
     let probe = probe::Probe::new(model, layout.hidden_size, engine, &sequences)?;
     let candidates: Vec<usize> = analysis.order.iter().copied().take(2 * k).collect();
-    let maps: Vec<(usize, LinearMap)> = candidates
+    let maps: Vec<(Unit, LinearMap)> = candidates
         .iter()
-        .map(|&l| {
-            Ok((l, fit_map(stats, l, analysis.lambda, *storage).with_context(|| format!("layer {l}"))?))
-        })
+        .map(|&l| Ok((Unit::attention(l), fit_map(stats, Unit::attention(l), analysis.lambda, *storage)?)))
         .collect::<Result<_>>()?;
     select::measured::choose(&candidates, k, probe.tokens(), |set| {
-        let chosen: Vec<(usize, &LinearMap)> =
-            maps.iter().filter(|(l, _)| set.contains(l)).map(|(l, m)| (*l, m)).collect();
+        let chosen: Vec<(Unit, &LinearMap)> =
+            maps.iter().filter(|(u, _)| set.contains(&u.layer)).map(|(u, m)| (*u, m)).collect();
         probe.mean_kl(&rewrite::linearised_copy(model, layout, &chosen, *storage)?)
     })
+}
+
+/// Budget mode: the units of `--units` the statistics hold, each scored alone on probe
+/// sequences, then chosen greedily within the budget (see [`select::budget`]); the chosen set's KL
+/// confirmed on held-out sequences.
+fn choose_within_budget(
+    plan: &RewritePlan,
+    budget: &Budget,
+    subject: &Subject,
+    stats: &dyn MomentsSource,
+    units: &[Unit],
+) -> Result<BudgetReport> {
+    let Subject { model, layout, storage, .. } = subject;
+    let d = layout.hidden_size;
+    if let Some(missing) = units.iter().find(|u| !stats.layers().iter().any(|t| t.unit() == **u)) {
+        bail!(Invalid {
+            setting: Setting::Units,
+            message: format!(
+                "the statistics hold no moments of {missing}: calibrate with --units {} (or leave out --stats)",
+                plan.calibration.units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
+            ),
+        });
+    }
+    let engine = subject.engine()?;
+    let sequences = probe_sequences(plan, subject, &plan.probe_data, Split::Calibration)?;
+    let probe = probe::Probe::new(model, d, engine, &sequences)?;
+    let before = Predicted::of(model, d)?;
+    let lambda = plan.select.lambda;
+    eprintln!("budget: {} candidate units, scored alone on {} probe tokens", units.len(), probe.tokens());
+    let candidates: Vec<Candidate> = units
+        .iter()
+        .map(|&unit| {
+            let after =
+                Predicted::of(&predicted_rewrite(model, layout, &[unit], plan.replace, *storage)?, d)?;
+            Ok(Candidate { unit, saving: before.spent(budget.optimize) - after.spent(budget.optimize) })
+        })
+        .collect::<Result<_>>()?;
+    // The maps of the set scored last: the chosen units' stay between steps, the others are fitted
+    // as they are scored (each is d² values in f64).
+    let mut maps: Vec<(Unit, LinearMap)> = Vec::new();
+    let mut copy_of = |set: &[Unit]| -> Result<Model> {
+        if plan.replace == Replacement::Linear {
+            maps.retain(|(u, _)| set.contains(u));
+            for &unit in set {
+                if !maps.iter().any(|(u, _)| *u == unit) {
+                    maps.push((unit, fit_map(stats, unit, lambda, *storage)?));
+                }
+            }
+        }
+        let edits = set.iter().map(|&unit| {
+            let map = maps.iter().find(|(u, _)| *u == unit).map(|(_, m)| m.clone());
+            Ok(UnitEdit { site: layout.unit_site(unit)?, map })
+        });
+        // The interface kept, so that the probe feeds every candidate the original's inputs.
+        let options = RewriteOptions { replace: plan.replace, kv: KvCache::Keep, storage: *storage };
+        let mut copy = Model { path: model.path.clone(), proto: model.proto.clone() };
+        rewrite::apply(&mut copy, layout, edits, options, &[])?;
+        Ok(copy)
+    };
+    let choice = select::budget::choose_within(&candidates, budget.max_kl, FRONT, probe.tokens(), |set| {
+        probe.mean_kl(&copy_of(set)?)
+    })?;
+    let chosen = choice.units();
+    let final_copy = copy_of(&chosen)?;
+    let heldout = probe_sequences(plan, subject, &budget.heldout_data, Split::Evaluation)?;
+    let heldout_kl = probe::Probe::new(model, d, engine, &heldout)?.mean_kl(&final_copy)?;
+    let after = Predicted::of(&predicted_rewrite(model, layout, &chosen, plan.replace, *storage)?, d)?;
+    let speedup = |o: Optimize| before.spent(o) / after.spent(o);
+    eprintln!(
+        "budget: probe KL {:.5}, held-out KL {heldout_kl:.5} on {} sequences; predicted decode {:.3}x, prefill {:.3}x",
+        choice.kl(),
+        heldout.len(),
+        speedup(Optimize::Decode),
+        speedup(Optimize::Prefill)
+    );
+    if heldout_kl > budget.max_kl {
+        eprintln!(
+            "note: the held-out KL {heldout_kl:.5} is over the budget {}: the probe sequences are few; give more \
+             (--probe-sequences) or a tighter budget",
+            budget.max_kl
+        );
+    }
+    Ok(BudgetReport {
+        probe_kl: choice.kl(),
+        units: chosen,
+        choice,
+        optimize: budget.optimize,
+        heldout_kl,
+        heldout_sequences: heldout.len(),
+        predicted_decode_speedup: speedup(Optimize::Decode),
+        predicted_prefill_speedup: speedup(Optimize::Prefill),
+    })
+}
+
+/// A model's predicted cost: its multiply-adds and weight bytes, and its KV cache per position.
+struct Predicted {
+    cost: Cost,
+    kv_bytes_per_token: u64,
+}
+
+impl Predicted {
+    fn of(model: &Model, hidden_size: usize) -> Result<Predicted> {
+        let layout = find_layout(model).ok();
+        Ok(Predicted {
+            cost: Cost::of(model, layout.as_ref())?,
+            kv_bytes_per_token: Interface::of(model, Some(hidden_size))?.kv_bytes_per_token(),
+        })
+    }
+
+    fn spent(&self, optimize: Optimize) -> f64 {
+        optimize.spent(&self.cost, self.kv_bytes_per_token)
+    }
+}
+
+/// `model` with `units` replaced as a rewrite writes it (the KV cache of their attention dropped),
+/// for its cost: the values of the maps do not change it, so they are zeros.
+fn predicted_rewrite(
+    model: &Model,
+    layout: &DecoderLayout,
+    units: &[Unit],
+    replace: Replacement,
+    storage: MapStorage,
+) -> Result<Model> {
+    let d = layout.hidden_size;
+    let zero = LinearMap { w: faer::Mat::zeros(d, d), b: vec![0.0; d], second_moment: None };
+    let map = (replace == Replacement::Linear).then_some(zero);
+    let edits = units.iter().map(|&unit| Ok(UnitEdit { site: layout.unit_site(unit)?, map: map.clone() }));
+    let mut copy = Model { path: model.path.clone(), proto: model.proto.clone() };
+    let options = RewriteOptions { replace, kv: KvCache::Drop, storage: storage.rounded_to_nearest() };
+    rewrite::apply(&mut copy, layout, edits, options, &[])?;
+    Ok(copy)
+}
+
+/// `count` sequences (`--probe-sequences`) of `files`, or of the built-in sample's `split`
+/// without any, at the calibration's sequence length.
+fn probe_sequences(
+    plan: &RewritePlan,
+    subject: &Subject,
+    files: &[PathBuf],
+    split: Split,
+) -> Result<Vec<Vec<i64>>> {
+    let Subject { model, layout, .. } = subject;
+    let mut request = plan.calibration.data.clone();
+    if !files.is_empty() || split == Split::Evaluation {
+        request.files = files.to_vec();
+    }
+    request.samples = Some(plan.probe_sequences);
+    Ok(request.resolve(model.dir(), None, split)?.pack(model.dir(), layout.vocab_size)?.sequences)
 }
 
 /// Sequential fitting: each stage after the first calibrates the model with the maps fitted so
@@ -407,14 +631,16 @@ fn fit_in_stages(
     let sequences = subject.sequences()?;
     let engine = subject.engine()?;
     let on = plan.calibration.moments.resolve(plan.calibration.engine.ep);
+    let d = layout.hidden_size;
     let fit = fit_sequentially(chosen, stage_size, stats, plan.select.lambda, *storage, |fitted, rest| {
-        let staged = rewrite::linearised_copy(model, layout, fitted, *storage)?;
+        let fitted: Vec<(Unit, &LinearMap)> = fitted.iter().map(|&(l, m)| (Unit::attention(l), m)).collect();
+        let staged = rewrite::linearised_copy(model, layout, &fitted, *storage)?;
         let mut measured = layout.clone();
         measured.layers.retain(|s| rest.contains(&s.layer));
+        let taps = calibrate::layer_tensors(&measured);
         let moments =
-            calibrate::calibrate(&staged, &measured, engine, &sequences, plan.calibration.batch, on)?;
-        let layers = calibrate::layer_tensors(&measured);
-        Ok(Box::new(Stats::measured(layout.hidden_size, layers, moments)) as Box<dyn MomentsSource>)
+            calibrate::calibrate(&staged, d, &taps, engine, &sequences, plan.calibration.batch, on)?;
+        Ok(Box::new(Stats::measured(d, taps, moments)) as Box<dyn MomentsSource>)
     })?;
     for (i, stage) in fit.stages.iter().enumerate() {
         eprintln!("stage {}: fitted layers {:?} in {:.1} s", i + 1, stage.layers, stage.seconds);
@@ -426,34 +652,34 @@ fn fit_in_stages(
 /// (sequentially), else fitted from `stats` as the rewrite reaches each layer, so that one layer's
 /// moments and map are held at a time, then only the map's encoding.
 struct MapSource<'a> {
-    fitted: Option<Vec<(usize, LinearMap)>>,
+    fitted: Option<Vec<(Unit, LinearMap)>>,
     stats: &'a dyn MomentsSource,
     lambda: f64,
     storage: MapStorage,
 }
 
 impl<'a> MapSource<'a> {
-    /// The edits of the `chosen` layers, taken one at a time.
+    /// The edits of the `chosen` units, taken one at a time.
     fn edits(
         mut self,
         layout: &'a DecoderLayout,
-        chosen: &'a [usize],
+        chosen: &'a [Unit],
         progress: &'a indicatif::ProgressBar,
-    ) -> impl Iterator<Item = Result<LayerEdit<'a>>> + 'a {
-        chosen.iter().map(move |&l| {
+    ) -> impl Iterator<Item = Result<UnitEdit>> + 'a {
+        chosen.iter().map(move |&unit| {
             progress.inc(1);
-            let site = layout.layer(l).with_context(|| format!("the model has no attention layer {l}"))?;
+            let site = layout.unit_site(unit)?;
             let map = match &mut self.fitted {
                 Some(maps) => {
                     let at = maps
                         .iter()
-                        .position(|(layer, _)| *layer == l)
-                        .with_context(|| format!("no map of layer {l}"))?;
+                        .position(|(u, _)| *u == unit)
+                        .with_context(|| format!("no map of {unit}"))?;
                     maps.swap_remove(at).1
                 }
-                None => fit_map(self.stats, l, self.lambda, self.storage)?,
+                None => fit_map(self.stats, unit, self.lambda, self.storage)?,
             };
-            Ok(LayerEdit { site, map: Some(map) })
+            Ok(UnitEdit { site, map: Some(map) })
         })
     }
 }
@@ -470,12 +696,13 @@ fn spelling(value: &impl Serialize) -> Result<String> {
 fn provenance(
     plan: &RewritePlan,
     analysis: &Analysis,
+    units: &[Unit],
     fitting: Fitting,
     storage: MapStorage,
     stats: &dyn MomentsSource,
 ) -> Result<Vec<(&'static str, String)>> {
     let layers = analysis.selected.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",");
-    Ok(vec![
+    let mut props = vec![
         ("nbl.version", env!("CARGO_PKG_VERSION").to_string()),
         ("nbl.layers", layers),
         ("nbl.replace", spelling(&plan.replace)?),
@@ -484,7 +711,11 @@ fn provenance(
         ("nbl.fitting", spelling(&fitting)?),
         ("nbl.weight_format", serde_json::to_string(&storage)?),
         ("nbl.calibration", serde_json::json!({"tokens": stats.tokens(), "data": stats.data()}).to_string()),
-    ])
+    ];
+    if units.iter().any(|u| u.kind != UnitKind::Attention) {
+        props.push(("nbl.units", serde_json::to_string(units)?));
+    }
+    Ok(props)
 }
 
 /// Writes the rewritten model, its external data and its companion files.

@@ -46,12 +46,12 @@ pub fn analyze(
         lambda >= 0.0 && lambda.is_finite(),
         "the ridge λ must be a finite number ≥ 0, not {lambda}"
     );
-    let progress = crate::progress::bar(
-        stats.layers().len() as u64,
-        "fitting {bar:40} {pos}/{len} layers  ETA {eta}",
-        "layers",
-    );
-    let fits: Vec<LayerFit> = (0..stats.layers().len())
+    // The attention sites; other units' moments are for the budget search.
+    let sites: Vec<usize> = (0..stats.layers().len()).filter(|&i| stats.layers()[i].unit.is_none()).collect();
+    let progress =
+        crate::progress::bar(sites.len() as u64, "fitting {bar:40} {pos}/{len} layers  ETA {eta}", "layers");
+    let fits: Vec<LayerFit> = sites
+        .into_iter()
         .map(|i| {
             progress.inc(1);
             let layer = stats.layers()[i].layer;

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use nbl_onnx::calibrate::{MomentsOn, calibrate};
+use nbl_onnx::calibrate::{MomentsOn, calibrate, layer_tensors};
 use nbl_onnx::detect::find_layout;
 use nbl_onnx::engine::Engine;
 use nbl_onnx::nbl::fit_layer;
@@ -70,7 +70,9 @@ fn max_relative_difference(a: &Moments, b: &Moments) -> f64 {
 fn engine_moments(name: &str, engine: &dyn Engine) -> Vec<Moments> {
     let model = Model::load(model_path(name)).unwrap();
     let layout = find_layout(&model).unwrap();
-    calibrate(&model, &layout, engine, &reference_sequences(name), 1, MomentsOn::Host).unwrap()
+    let taps = layer_tensors(&layout);
+    calibrate(&model, layout.hidden_size, &taps, engine, &reference_sequences(name), 1, MomentsOn::Host)
+        .unwrap()
 }
 
 /// f32 activations agree to ~1e-5 relative between engines and PyTorch (see the X/Y test);
@@ -127,7 +129,8 @@ fn random_sequences() -> Vec<Vec<i64>> {
 fn graph_and_host_moments(name: &str, engine: &dyn Engine) -> (Vec<Moments>, Vec<Moments>) {
     let model = Model::load(model_path(name)).unwrap();
     let layout = find_layout(&model).unwrap();
-    let run = |on| calibrate(&model, &layout, engine, &random_sequences(), 2, on).unwrap();
+    let taps = layer_tensors(&layout);
+    let run = |on| calibrate(&model, layout.hidden_size, &taps, engine, &random_sequences(), 2, on).unwrap();
     (run(MomentsOn::Graph), run(MomentsOn::Host))
 }
 
@@ -504,7 +507,11 @@ fn in_graph_statistics_refuse_opsets_before_13() {
             opset.version = Some(12);
         }
     }
-    let err = match nbl_onnx::calibrate::in_graph::MomentsGraph::new(&model, &layout) {
+    let err = match nbl_onnx::calibrate::in_graph::MomentsGraph::new(
+        &model,
+        layout.hidden_size,
+        &layer_tensors(&layout),
+    ) {
         Ok(_) => panic!("an opset-12 model was accepted"),
         Err(e) => format!("{e:#}"),
     };
@@ -554,4 +561,59 @@ fn held_out_sequences_show_what_the_fit_hides() {
     assert_bad_input(&merge_stats(&[&held, &plain], &merged), "held-out moments");
     assert_bad_input(&calibrate(&merged, &["--holdout-every", "20"]), "holds out none");
     assert!(!merged.exists());
+}
+
+/// The moments of a layer and of a run are those of X = the stream entering it and Y = the stream
+/// after it minus X, PyTorch's streams giving both; formed in the graph or on the host alike
+/// (the difference is one `Sub` node in the measuring graph).
+#[test]
+fn unit_moments_are_those_of_the_pytorch_streams() {
+    use nbl_onnx::calibrate::measurement;
+    use nbl_onnx::unit::Unit;
+    let ort = ort();
+    for name in ["llama-optimum-past", "gptneox-optimum-past", "llama-genai-fp32"] {
+        let model = Model::load(model_path(name)).unwrap();
+        let layout = find_layout(&model).unwrap();
+        let d = layout.hidden_size;
+        let units = [Unit::layer(1), Unit::run(0, 2), Unit::mlp(2)];
+        let (copy, taps) = measurement(&model, &layout, &units).unwrap();
+        assert_eq!(taps.len(), layout.layers.len() + units.len());
+        let measuring = copy.as_ref().unwrap();
+        let moments =
+            |on| calibrate(measuring, d, &taps, ort.as_ref(), &reference_sequences(name), 1, on).unwrap();
+        let (host, graph) = (moments(MomentsOn::Host), moments(MomentsOn::Graph));
+        let reference = reference(name);
+        let stream = |l: usize| reference[&format!("layers.{l}.x")].to_f32().unwrap();
+        for (unit, (first, after)) in [(Unit::layer(1), (1, 2)), (Unit::run(0, 2), (0, 2))] {
+            let (x, out) = (stream(first), stream(after));
+            let y = &out - &x;
+            let mut expected = Moments::new(d);
+            expected.add_batch(x.as_slice().unwrap(), y.as_standard_layout().as_slice().unwrap());
+            let at = taps.iter().position(|t| t.unit() == unit).unwrap();
+            let (h, g) = (
+                max_relative_difference(&host[at], &expected),
+                max_relative_difference(&graph[at], &host[at]),
+            );
+            eprintln!("{name} {unit}: host vs PyTorch {h:.2e}, graph vs host {g:.2e}");
+            // Y is a difference of streams: the engines' rounding of the stream after the unit
+            // (relative 1e-6 of a stream that grows to 20x the embedding X) is larger next to it.
+            assert!(h < 5.0 * STATS_TOLERANCE && g < 1e-12, "{name} {unit}: {h:.2e}, {g:.2e}");
+        }
+        // The MLP's X is the stream after the attention's junction: in a sequential block PyTorch's
+        // x + y; in a parallel one, the layer's input.
+        let at = taps.iter().position(|t| t.unit() == Unit::mlp(2)).unwrap();
+        let x2 = stream(2);
+        let parallel = layout.layers[2].parallel;
+        let mlp_x = if parallel { x2 } else { &x2 + &reference["layers.2.y"].to_f32().unwrap() };
+        let mean: Vec<f64> = mlp_x
+            .to_shape((mlp_x.len() / d, d))
+            .unwrap()
+            .mean_axis(ndarray::Axis(0))
+            .unwrap()
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let diff = mean.iter().zip(&host[at].mean_x).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff < 1e-4, "{name}: the MLP's X mean is {diff} off PyTorch's");
+    }
 }

@@ -164,12 +164,13 @@ fn prefill_inputs_match_the_reference_inputs_of_every_fixture() {
 /// never written), which changes the logits, and ONNX Runtime and tract agree on the new ones.
 #[test]
 fn a_model_edited_in_memory_runs_alike_on_both_engines() {
-    use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, RewriteOptions, apply};
+    use nbl_onnx::rewrite::{KvCache, Replacement, RewriteOptions, UnitEdit, apply};
+    use nbl_onnx::unit::Unit;
     let fixture = "llama-optimum-past";
     let original = Model::load(model_path(fixture)).unwrap();
     let layout = find_layout(&original).unwrap();
     let mut edited = Model::load(model_path(fixture)).unwrap();
-    let edits = vec![LayerEdit { site: &layout.layers[1], map: None }];
+    let edits = vec![UnitEdit { site: layout.unit_site(Unit::attention(1)).unwrap(), map: None }];
     apply(
         &mut edited,
         &layout,

@@ -12,7 +12,8 @@ use common::*;
 use nbl_onnx::detect::find_layout;
 use nbl_onnx::fit::LinearMap;
 use nbl_onnx::onnx::{Model, Tensor};
-use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, RewriteOptions, apply};
+use nbl_onnx::rewrite::{KvCache, Replacement, RewriteOptions, UnitEdit, apply};
+use nbl_onnx::unit::Unit;
 
 /// The Python that has onnxruntime-genai: `NBL_GENAI_PYTHON`, else the virtualenv that
 /// `scripts/setup-ort.sh --with-genai` (run by scripts/test.sh) installs it into.
@@ -94,8 +95,8 @@ fn rewritten_genai_models_generate_what_the_patched_pytorch_model_generates() {
         let w = reference["patched.weight"].to_f64().unwrap();
         let w = faer::Mat::from_fn(w.shape()[0], w.shape()[1], |i, j| w[[i, j]]);
         let b: Vec<f64> = reference["patched.bias"].to_f64().unwrap().iter().copied().collect();
-        let edit = LayerEdit {
-            site: layout.layer(layer).unwrap(),
+        let edit = UnitEdit {
+            site: layout.unit_site(Unit::attention(layer)).unwrap(),
             map: Some(LinearMap { w, b, second_moment: None }),
         };
         apply(

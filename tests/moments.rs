@@ -115,7 +115,7 @@ fn statistics_survive_a_file_round_trip_exactly() {
     let stats = Stats {
         fingerprint: "abc123".into(),
         hidden_size: d,
-        layers: (0..3).map(|l| LayerTensors { layer: l, x: format!("x{l}"), y: format!("y{l}") }).collect(),
+        layers: (0..3).map(|l| LayerTensors::attention(l, &format!("x{l}"), &format!("y{l}"))).collect(),
         heldout: Some(moments.iter().rev().cloned().collect()),
         moments,
         data: vec![DataSummary {
@@ -165,7 +165,7 @@ fn version_1_statistics_still_load() {
     let stats = Stats {
         fingerprint: "f".into(),
         hidden_size: d,
-        layers: vec![LayerTensors { layer: 0, x: "x".into(), y: "y".into() }],
+        layers: vec![LayerTensors::attention(0, "x", "y")],
         moments: vec![a],
         heldout: None,
         data: vec![],
@@ -217,7 +217,7 @@ fn synthetic_statistics_read_back_as_the_moments_they_describe() {
     let path = dir.path().join("synthetic.safetensors");
     let d = 48;
     let layers: Vec<LayerTensors> =
-        (0..2).map(|l| LayerTensors { layer: l, x: format!("x{l}"), y: format!("y{l}") }).collect();
+        (0..2).map(|l| LayerTensors::attention(l, &format!("x{l}"), &format!("y{l}"))).collect();
     let bytes = nbl_onnx::stats::write_synthetic(&path, "synthetic", d, &layers).unwrap();
     assert_eq!(bytes, std::fs::metadata(&path).unwrap().len());
     let stats = Stats::load(&path).unwrap();

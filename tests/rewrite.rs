@@ -347,7 +347,8 @@ fn kv_keep_leaves_the_interface_unchanged() {
 #[test]
 fn every_rewrite_computes_what_the_patched_pytorch_model_computes() {
     use nbl_onnx::fit::LinearMap;
-    use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, RewriteOptions, apply};
+    use nbl_onnx::rewrite::{KvCache, Replacement, RewriteOptions, UnitEdit, apply};
+    use nbl_onnx::unit::Unit;
     for fixture in fixture_names() {
         let reference = reference(&fixture);
         let patched = |key: &str| {
@@ -360,8 +361,8 @@ fn every_rewrite_computes_what_the_patched_pytorch_model_computes() {
 
         let mut model = Model::load(model_path(&fixture)).unwrap();
         let layout = find_layout(&model).unwrap();
-        let edit = LayerEdit {
-            site: layout.layer(layer).unwrap(),
+        let edit = UnitEdit {
+            site: layout.unit_site(Unit::attention(layer)).unwrap(),
             map: Some(LinearMap { w, b, second_moment: None }),
         };
         apply(
@@ -740,7 +741,8 @@ fn the_second_stage_fits_the_model_with_the_first_layer_linearised() {
     use nbl_onnx::data::{DataSpec, Split};
     use nbl_onnx::fit::LinearMap;
     use nbl_onnx::onnx::Interface;
-    use nbl_onnx::rewrite::{KvCache, LayerEdit, Replacement, RewriteOptions, apply};
+    use nbl_onnx::rewrite::{KvCache, Replacement, RewriteOptions, UnitEdit, apply};
+    use nbl_onnx::unit::Unit;
 
     let ws = workspace("llama-optimum-past");
     let (first, second) = (1usize, 2usize);
@@ -755,8 +757,8 @@ fn the_second_stage_fits_the_model_with_the_first_layer_linearised() {
     let stats = Stats::load(&ws.stats).unwrap();
     let lambda = nbl_onnx::nbl::DEFAULT_LAMBDA;
     let fit = fit_layer(first, stats.moments[first].clone(), lambda, false).unwrap();
-    let edit = LayerEdit {
-        site: layout.layer(first).unwrap(),
+    let edit = UnitEdit {
+        site: layout.unit_site(Unit::attention(first)).unwrap(),
         map: Some(LinearMap { w: fit.w, b: fit.b, second_moment: None }),
     };
     apply(

@@ -20,10 +20,9 @@ use anyhow::{Context, Result, bail, ensure};
 use faer::Mat;
 use ndarray::{ArrayD, IxDyn};
 
-use crate::detect::DecoderLayout;
 use crate::onnx::proto::NodeProto;
 use crate::onnx::{DType, Model, Patch, Tensor, build};
-use crate::stats::Moments;
+use crate::stats::{LayerTensors, Moments};
 
 /// The running state of one layer, in the order of the graph's inputs and outputs.
 const STATE: [&str; 7] = ["count", "mean_x", "mean_y", "sxx", "syx", "syy", "cos_sum"];
@@ -43,9 +42,8 @@ pub struct MomentsGraph {
 }
 
 impl MomentsGraph {
-    /// Builds the graph for the attention sites of `model` (all of them: the measured tensors are
-    /// the sites' X and Y).
-    pub fn new(model: &Model, layout: &DecoderLayout) -> Result<MomentsGraph> {
+    /// Builds the graph measuring every entry of `taps` (`d` wide) in `model`.
+    pub fn new(model: &Model, d: usize, taps: &[LayerTensors]) -> Result<MomentsGraph> {
         let opset = default_opset(model);
         ensure!(
             opset >= MIN_OPSET,
@@ -53,7 +51,6 @@ impl MomentsGraph {
              form the moments on the host",
             model.path.display()
         );
-        let d = layout.hidden_size;
         let mut patch = Patch::new(model.graph())?;
         for output in &model.graph().output {
             patch.remove_output(output.name())?;
@@ -70,15 +67,15 @@ impl MomentsGraph {
             patch.add_initializer(build::initializer(name, value))?;
         }
         let mut carried = Vec::new();
-        for layer in &layout.layers {
-            let prefix = format!("nbl.moments.{}.", layer.layer);
+        for tap in taps {
+            let prefix = format!("nbl.moments.{}.", tap.unit().key());
             let state: Vec<(String, String)> =
                 STATE.iter().map(|s| (format!("{prefix}{s}"), format!("{prefix}{s}.next"))).collect();
             for ((input, _), shape) in state.iter().zip(state_shapes(d)) {
                 patch.add_input(build::fixed_tensor_value(input, DType::F64, &shape))?;
             }
             let mut nodes = Nodes { prefix, added: Vec::new() };
-            nodes.layer(&layer.x, &layer.y, &state);
+            nodes.layer(&tap.x, &tap.y, &state);
             for node in nodes.added {
                 patch.add_node(node)?;
             }
@@ -93,7 +90,7 @@ impl MomentsGraph {
             model: Model { path: model.path.clone(), proto },
             carried,
             hidden_size: d,
-            layers: layout.layers.len(),
+            layers: taps.len(),
         })
     }
 

@@ -13,11 +13,12 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 use crate::data::DataSpec;
-use crate::detect::DecoderLayout;
+use crate::detect::{DecoderLayout, UnitOutput};
 use crate::engine::{Engine, ExecutionProvider, select};
 use crate::onnx::proto::tensor_proto;
-use crate::onnx::{Interface, Model, Patch, Tensor};
+use crate::onnx::{Interface, Model, Patch, Tensor, build};
 use crate::stats::{DataSummary, LayerTensors, Moments, MomentsSource, Stats};
+use crate::unit::{Unit, UnitKind};
 
 /// Calibration tokens per hidden dimension below which the fitted maps overfit noticeably: on
 /// SmolLM2-135M (d = 576), 2,048 tokens (3.6 per dimension) give +0.5% perplexity at k = 4 on the
@@ -131,10 +132,12 @@ pub struct Run {
     pub holdout_every: usize,
 }
 
-/// Calibrates `model` on the data, layers and shard `run` says into statistics.
+/// Calibrates `model` on the data, layers and shard `run` says into statistics: every attention
+/// site's moments, and those of `units` besides (the ones in the layer range).
 pub fn run(
     model: &Model,
     layout: &DecoderLayout,
+    units: &[Unit],
     engine: &dyn Engine,
     data: &DataSpec,
     run: Run,
@@ -144,6 +147,10 @@ pub fn run(
         Some(range) => Cow::Owned(range.of(layout)?),
         None => Cow::Borrowed(layout),
     };
+    let in_range = |u: &&Unit| layers.is_none_or(|r| r.start <= u.layer && u.last() < r.end);
+    let units: Vec<Unit> = units.iter().filter(in_range).copied().collect();
+    let (copy, taps) = measurement(model, &measured, &units)?;
+    let measuring = copy.as_ref().unwrap_or(model);
     ensure!(data.samples != Some(0), "at least 1 sequence must be calibrated");
     let packed = data.pack(model.dir(), layout.vocab_size)?;
     if let Some(samples) = data.samples
@@ -187,18 +194,19 @@ pub fn run(
             d = layout.hidden_size,
         );
     }
-    let moments = calibrate(model, &measured, engine, &fit, batch, on)?;
+    let d = layout.hidden_size;
+    let moments = calibrate(measuring, d, &taps, engine, &fit, batch, on)?;
     let heldout = if heldout.is_empty() {
         None
     } else {
         eprintln!("held-out sequences ({} of {}), not fitted to:", heldout.len(), slice.len());
-        Some(calibrate(model, &measured, engine, &heldout, batch, on)?)
+        Some(calibrate(measuring, d, &taps, engine, &heldout, batch, on)?)
     };
     Ok(Stats {
         // The whole model's, so that files of other layers of it merge with this one.
         fingerprint: fingerprint(model, layout),
         hidden_size: layout.hidden_size,
-        layers: layer_tensors(&measured),
+        layers: taps,
         moments,
         heldout,
         data: vec![DataSummary {
@@ -211,11 +219,49 @@ pub fn run(
     })
 }
 
-/// Runs `model` over `data` (sequences of `seq_len` ids), `batch` at a time, and returns every
-/// attention block's moments, formed `on` the host or in the graph. Shows progress on a terminal.
-pub fn calibrate(
+/// `model` ready to measure `units` besides every attention site of `layout`, and what each
+/// entry of the statistics is measured on: attention sites first, in layer order, then `units`
+/// (attention units among them are the sites themselves). A layer's or a run's output is the
+/// stream after it minus the stream before: one `Sub` node each, added to a copy of the model.
+/// Returns the copy only where one was needed.
+pub fn measurement(
     model: &Model,
     layout: &DecoderLayout,
+    units: &[Unit],
+) -> Result<(Option<Model>, Vec<LayerTensors>)> {
+    let mut taps = layer_tensors(layout);
+    let mut patch: Option<Patch> = None;
+    for &unit in units.iter().filter(|u| u.kind != UnitKind::Attention) {
+        let site = layout.unit_site(unit)?;
+        let y = match &site.output {
+            UnitOutput::Branch(y) => y.clone(),
+            UnitOutput::StreamDelta { output } => {
+                let patch = match &mut patch {
+                    Some(p) => p,
+                    None => patch.insert(Patch::new(model.graph())?),
+                };
+                let y = format!("nbl.measure.{}.y", unit.key());
+                patch.add_node(build::node("Sub", &[output, &site.map_input], &y))?;
+                // An output until the measuring graph reads it, or it dies with the patch.
+                patch.add_output(&y)?;
+                y
+            }
+        };
+        taps.push(LayerTensors { layer: unit.layer, x: site.x, y, unit: Some(unit) });
+    }
+    let Some(patch) = patch else { return Ok((None, taps)) };
+    let mut proto = model.proto.clone();
+    proto.graph = Some(patch.apply()?.graph);
+    Ok((Some(Model { path: model.path.clone(), proto }), taps))
+}
+
+/// Runs `model` over `data` (sequences of `seq_len` ids), `batch` at a time, and returns the
+/// moments of every entry of `taps` (`d` wide), formed `on` the host or in the graph. Shows
+/// progress on a terminal.
+pub fn calibrate(
+    model: &Model,
+    d: usize,
+    taps: &[LayerTensors],
     engine: &dyn Engine,
     data: &[Vec<i64>],
     batch: usize,
@@ -223,7 +269,6 @@ pub fn calibrate(
 ) -> Result<Vec<Moments>> {
     ensure!(batch > 0, "a batch must hold at least 1 sequence");
     ensure!(!data.is_empty(), "no calibration sequences to run");
-    let d = layout.hidden_size;
     let interface = Interface::of(model, Some(d))?;
     let seq_len = data[0].len();
     let total_tokens = (data.len() * seq_len) as u64;
@@ -238,7 +283,7 @@ pub fn calibrate(
 
     let moments = match on {
         MomentsOn::Graph => {
-            let graph = in_graph::MomentsGraph::new(model, layout)?;
+            let graph = in_graph::MomentsGraph::new(model, d, taps)?;
             let mut session = engine.load_stateful(&graph.model, &graph.carried, &[])?;
             session.reset(graph.initial_state())?;
             for (b, ids) in batches.enumerate() {
@@ -247,38 +292,36 @@ pub fn calibrate(
                 progress.inc(ids.len() as u64);
             }
             let moments = graph.moments(session.state()?)?;
-            for (m, layer) in moments.iter().zip(&layout.layers) {
+            for (m, tap) in moments.iter().zip(taps) {
                 ensure!(
                     m.is_finite(),
-                    "layer {}: the moments of {:?} and {:?} are not finite; the model overflows on this data \
+                    "{}: the moments of {:?} and {:?} are not finite; the model overflows on this data \
                      (an f16 model may need f32 activations)",
-                    layer.layer,
-                    layer.x,
-                    layer.y
+                    tap.describe(),
+                    tap.x,
+                    tap.y
                 );
             }
             moments
         }
         MomentsOn::Host | MomentsOn::Auto => {
-            let extra = layout.xy_tensors();
+            let extra: Vec<String> = taps.iter().flat_map(|t| [t.x.clone(), t.y.clone()]).collect();
             let mut session = engine.load(&measuring_graph(model, &extra)?, &[])?;
-            let mut moments: Vec<Moments> = layout.layers.iter().map(|_| Moments::new(d)).collect();
+            let mut moments: Vec<Moments> = taps.iter().map(|_| Moments::new(d)).collect();
             for (b, ids) in batches.enumerate() {
                 crate::atomic::check_interrupt()?;
                 let outputs = session
                     .run(&interface.prefill(&ids)?)
                     .with_context(|| format!("calibration batch {b}"))?;
                 let captured = select(session.as_ref(), &outputs, &extra)?;
-                moments
-                    .par_iter_mut()
-                    .zip(layout.layers.par_iter())
-                    .zip(captured.par_chunks(2))
-                    .try_for_each(|((m, layer), xy)| -> Result<()> {
-                        let x = activations(xy[0], d, layer.layer, &layer.x, b)?;
-                        let y = activations(xy[1], d, layer.layer, &layer.y, b)?;
+                moments.par_iter_mut().zip(taps.par_iter()).zip(captured.par_chunks(2)).try_for_each(
+                    |((m, tap), xy)| -> Result<()> {
+                        let x = activations(xy[0], d, &tap.describe(), &tap.x, b)?;
+                        let y = activations(xy[1], d, &tap.describe(), &tap.y, b)?;
                         m.add_batch(&x, &y);
                         Ok(())
-                    })?;
+                    },
+                )?;
                 progress.inc(ids.len() as u64);
             }
             moments
@@ -286,9 +329,13 @@ pub fn calibrate(
     };
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    let attention = taps.iter().filter(|t| t.unit.is_none()).count();
+    let others = match taps.len() - attention {
+        0 => String::new(),
+        n => format!(" and {n} other units"),
+    };
     eprintln!(
-        "calibrated {} layers on {total_tokens} tokens in {seconds:.1} s ({:.0} tokens/s, moments {})",
-        layout.layers.len(),
+        "calibrated {attention} layers{others} on {total_tokens} tokens in {seconds:.1} s ({:.0} tokens/s, moments {})",
         total_tokens as f64 / seconds.max(1e-9),
         if on == MomentsOn::Graph { "in the graph" } else { "on the host" }
     );
@@ -313,16 +360,10 @@ fn measuring_graph(model: &Model, measured: &[String]) -> Result<Model> {
 
 /// A captured tensor as `n×d` f32 values (borrowed when it already is contiguous f32), refusing
 /// NaN/Inf (which would poison every statistic).
-fn activations<'t>(
-    t: &'t Tensor,
-    d: usize,
-    layer: usize,
-    name: &str,
-    batch: usize,
-) -> Result<Cow<'t, [f32]>> {
+fn activations<'t>(t: &'t Tensor, d: usize, unit: &str, name: &str, batch: usize) -> Result<Cow<'t, [f32]>> {
     ensure!(
         t.shape().last() == Some(&d),
-        "layer {layer}: tensor {name:?} has shape {:?}, expected [..., {d}]",
+        "{unit}: tensor {name:?} has shape {:?}, expected [..., {d}]",
         t.shape()
     );
     let values = match t {
@@ -334,7 +375,7 @@ fn activations<'t>(
     };
     if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
         bail!(
-            "layer {layer}: tensor {name:?} holds {} at token {} of batch {batch}; the model overflows on this data \
+            "{unit}: tensor {name:?} holds {} at token {} of batch {batch}; the model overflows on this data \
              (an f16 model may need f32 activations)",
             values[bad],
             bad / d
@@ -345,7 +386,7 @@ fn activations<'t>(
 
 /// The tensors each layer's moments were measured on.
 pub fn layer_tensors(layout: &DecoderLayout) -> Vec<LayerTensors> {
-    layout.layers.iter().map(|l| LayerTensors { layer: l.layer, x: l.x.clone(), y: l.y.clone() }).collect()
+    layout.layers.iter().map(|l| LayerTensors::attention(l.layer, &l.x, &l.y)).collect()
 }
 
 /// Identifies a model's structure for matching statistics to it: hidden size, the X/Y tensors and
@@ -377,7 +418,8 @@ pub fn fingerprint(model: &Model, layout: &DecoderLayout) -> String {
     format!("{hash:016x}")
 }
 
-/// Fails unless `stats` (read from `stats_path`) were measured on `model`, every layer of it.
+/// Fails unless `stats` (read from `stats_path`) were measured on `model`, every attention layer
+/// of it (other units besides, or not).
 pub fn check_fingerprint(
     stats: &dyn MomentsSource,
     stats_path: &std::path::Path,
@@ -394,8 +436,9 @@ pub fn check_fingerprint(
     );
     // The fingerprint covers the model; the layer list is the file's own.
     let want = layer_tensors(layout);
-    if stats.layers() != want {
-        let have: Vec<usize> = stats.layers().iter().map(|l| l.layer).collect();
+    let attention: Vec<LayerTensors> = stats.layers().iter().filter(|l| l.unit.is_none()).cloned().collect();
+    if attention != want {
+        let have: Vec<usize> = attention.iter().map(|l| l.layer).collect();
         let need: Vec<usize> = want.iter().map(|l| l.layer).collect();
         bail!(
             "{} holds statistics of layers {have:?}, not of exactly the model's layers {need:?} and their tensors",

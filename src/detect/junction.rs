@@ -15,6 +15,11 @@ pub(super) const SKIP_NORM_OPS: &[&str] = &["SkipLayerNormalization", "SkipSimpl
 pub(super) struct Join {
     pub(super) terms: Vec<Term>,
     pub(super) out: Option<TensorId>,
+    /// The last junction node's two summed inputs: the one reading the stream (or the stream plus
+    /// the terms before, in an `Add` chain) and the one reading the branch. A map that replaces
+    /// the whole block rewires both.
+    pub(super) stream_side: Port,
+    pub(super) branch_side: Port,
 }
 
 /// A branch tensor computed from the stream and added into it at input `port` = (node, slot).
@@ -47,7 +52,7 @@ fn junction_sum(g: &GraphView, node: usize, slot: usize) -> Option<(usize, Optio
 pub(super) fn next_join(g: &GraphView, s: TensorId) -> Option<Join> {
     let index = g.index;
     let views = stream_views(g, s);
-    let mut best: Option<(Term, Option<TensorId>)> = None;
+    let mut best: Option<(Term, Option<TensorId>, Port)> = None;
     for &Port { node, slot } in views.iter().flat_map(|&v| index.consumers(v)) {
         let Some((branch_slot, out)) = junction_sum(g, node, slot) else { continue };
         let Some(branch) = index.input(node, branch_slot) else { continue };
@@ -58,11 +63,13 @@ pub(super) fn next_join(g: &GraphView, s: TensorId) -> Option<Join> {
         if region.is_empty() {
             continue; // `t` does not depend on `s`: an Add of a constant or of another stream.
         }
-        if best.as_ref().is_none_or(|(b, _)| region.len() > b.region.len()) {
-            best = Some((Term { tensor: branch, port: Port { node, slot: branch_slot }, region }, out));
+        if best.as_ref().is_none_or(|(b, _, _)| region.len() > b.region.len()) {
+            let term = Term { tensor: branch, port: Port { node, slot: branch_slot }, region };
+            best = Some((term, out, Port { node, slot }));
         }
     }
-    let (branch, mut out) = best?;
+    let (branch, mut out, mut stream_side) = best?;
+    let mut branch_side = branch.port;
     let mut terms = Vec::new();
     split_terms(g, &views, branch, &mut terms);
     // `s' = (s + a) + b` with `b` computed from `s`, not from `s + a`: one parallel block.
@@ -75,15 +82,12 @@ pub(super) fn next_join(g: &GraphView, s: TensorId) -> Option<Join> {
         if region.is_empty() || !g.forward_region(&stream_views(g, sum), other).is_empty() {
             break;
         }
-        split_terms(
-            g,
-            &views,
-            Term { tensor: other, port: Port { node: next, slot: other_slot }, region },
-            &mut terms,
-        );
+        branch_side = Port { node: next, slot: other_slot };
+        stream_side = Port { node: next, slot };
+        split_terms(g, &views, Term { tensor: other, port: branch_side, region }, &mut terms);
         out = next_out;
     }
-    Some(Join { terms, out })
+    Some(Join { terms, out, stream_side, branch_side })
 }
 
 /// Splits a branch that is a sum of branches of the stream (`Add(a, b)`, both computed from the

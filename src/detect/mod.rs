@@ -14,6 +14,7 @@ mod naming;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod units;
 mod view;
 
 use anyhow::{Result, bail};
@@ -28,6 +29,7 @@ use stream::{
     MAX_PROLOGUE, embedding_rows, hidden_size, prologue_step, stream_continues, stream_dtype, stream_start,
     stream_views,
 };
+pub use units::{UnitOutput, UnitSite};
 use view::GraphView;
 
 /// The attention a branch holds: decomposed (`Softmax` into a `MatMul`, or a KV-cache input), or a
@@ -83,6 +85,46 @@ pub struct AttentionSite {
     pub junction: Port,
 }
 
+/// A decoder layer's other residual branch, its MLP: the stream it reads and the term it adds.
+#[derive(Clone, Debug, Serialize)]
+pub struct MlpSite {
+    pub layer: usize,
+    /// The stream entering the MLP's norm: after the attention's junction, or the layer's input
+    /// in a parallel block.
+    pub x: String,
+    /// The MLP's output entering its junction.
+    pub y: String,
+    /// The view of `x` the junction adds to, which a map reads (as [`AttentionSite::map_input`]).
+    pub map_input: String,
+    #[serde(serialize_with = "dtype_or_unknown")]
+    pub dtype: Option<DType>,
+    pub nodes: usize,
+    /// Why the branch cannot be replaced by a map alone (a mixture of experts, several
+    /// branches), where it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    #[serde(skip)]
+    pub junction: Port,
+}
+
+/// Where a decoder layer's last residual junction writes the stream the next layer reads.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerEnd {
+    pub layer: usize,
+    /// The stream after the layer; absent where the final norm fuses the last sum and leaves it
+    /// unused.
+    pub output: Option<String>,
+    /// The tensor the last junction adds to the stream, and the junction's two summed inputs.
+    #[serde(skip)]
+    pub branch: String,
+    #[serde(skip)]
+    pub branch_side: Port,
+    #[serde(skip)]
+    pub stream_side: Port,
+    #[serde(skip)]
+    pub dtype: Option<DType>,
+}
+
 /// Whether a residual branch was taken as attention, and why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -120,6 +162,12 @@ pub struct Branch {
 #[derive(Clone, Debug, Serialize)]
 pub struct DecoderLayout {
     pub layers: Vec<AttentionSite>,
+    /// Each layer's MLP, where it has one branch besides attention (by layer, in order).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mlps: Vec<MlpSite>,
+    /// Each layer's output stream, layer by layer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ends: Vec<LayerEnd>,
     pub hidden_size: usize,
     /// The stream's element type where it enters the first block, where it can be told (each
     /// block's own, where the sums run in a wider type, is [`AttentionSite::dtype`]).
@@ -167,6 +215,10 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
 
     let mut branches = Vec::new();
     let mut layers: Vec<AttentionSite> = Vec::new();
+    // By layer: the non-attention terms (with the stream they join and their analysis), and
+    // where the layer's last junction leaves the stream.
+    let mut others: Vec<Vec<OtherTerm>> = Vec::new();
+    let mut ends: Vec<LayerEnd> = Vec::new();
     let mut stream = start;
     let mut prologue = 0;
     loop {
@@ -185,6 +237,7 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
             }
         };
         let mut attention_y: Option<TensorId> = None;
+        let mut join_others = Vec::new();
         for term in &join.terms {
             let analysis = analyse_branch(&g, &live, term)?;
             branches.push(Branch {
@@ -193,7 +246,12 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
                 nodes: analysis.dying.len(),
                 verdict: analysis.verdict.clone(),
             });
-            if let Verdict::Attention(kind) = analysis.verdict {
+            let Verdict::Attention(kind) = analysis.verdict else {
+                let moe = mixture_of_experts(&g, &analysis.dying);
+                join_others.push(OtherTerm { stream, port: term.port, tensor: term.tensor, analysis, moe });
+                continue;
+            };
+            {
                 if let Some(first) = attention_y {
                     bail!(
                         "{}: the block after stream tensor {:?} adds two attention branches to the stream \
@@ -205,13 +263,7 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
                     );
                 }
                 attention_y = Some(term.tensor);
-                // The junction reads the stream itself or one of its views; where it reads neither
-                // (the attention term of a parallel block meets the MLP's first), `x`.
-                let views = stream_views(&g, stream);
-                let read =
-                    |t: &TensorId| g.node(term.port.node).input.iter().any(|i| index.id(i) == Some(*t));
-                let map_input =
-                    if read(&stream) { stream } else { views.iter().copied().find(read).unwrap_or(stream) };
+                let map_input = junction_view(&g, stream, term.port);
                 layers.push(AttentionSite {
                     layer: layers.len(),
                     x: index.name(stream).to_string(),
@@ -226,6 +278,23 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
                     junction: term.port,
                 });
             }
+        }
+        if attention_y.is_some() {
+            others.push(Vec::new());
+        }
+        // Branches before the first attention belong to no layer.
+        if let Some(layer_others) = others.last_mut() {
+            layer_others.extend(join_others);
+            let branch = g.index.input(join.branch_side.node, join.branch_side.slot);
+            ends.truncate(layers.len() - 1);
+            ends.push(LayerEnd {
+                layer: layers.len() - 1,
+                output: join.out.map(|o| index.name(o).to_string()),
+                branch: branch.map_or_else(String::new, |b| index.name(b).to_string()),
+                branch_side: join.branch_side,
+                stream_side: join.stream_side,
+                dtype: join.out.and_then(|o| stream_dtype(&g, o)),
+            });
         }
         match join.out {
             Some(out) => stream = out,
@@ -278,5 +347,68 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
     let hidden_size = hidden_size(&g, first_x, start)?;
     let warnings = cross_check(&g, &layers);
     let vocab_size = embedding_rows(&g, start);
-    Ok(DecoderLayout { layers, hidden_size, dtype, vocab_size, branches, warnings })
+    let mlps =
+        others.into_iter().enumerate().filter_map(|(layer, terms)| mlp_site(&g, layer, terms)).collect();
+    Ok(DecoderLayout { layers, mlps, ends, hidden_size, dtype, vocab_size, branches, warnings })
+}
+
+/// The view of stream tensor `s` that the junction of a branch joining at `port` adds to: `s`
+/// itself or one of its views; where it reads neither (the attention term of a parallel block
+/// meets the MLP's first), `s`.
+fn junction_view(g: &GraphView, s: TensorId, port: Port) -> TensorId {
+    let read = |t: &TensorId| g.node(port.node).input.iter().any(|i| g.index.id(i) == Some(*t));
+    if read(&s) { s } else { stream_views(g, s).into_iter().find(read).unwrap_or(s) }
+}
+
+/// A non-attention branch found on the walk, kept until its layer is complete.
+struct OtherTerm {
+    /// The stream tensor the branch is computed from and joins.
+    stream: TensorId,
+    port: Port,
+    tensor: TensorId,
+    analysis: branch::BranchAnalysis,
+    moe: Option<String>,
+}
+
+/// Layer `layer`'s MLP from its non-attention branches: the one branch there is, refused where it
+/// routes tokens to experts; refused where there are several. `None` without any.
+fn mlp_site(g: &GraphView, layer: usize, terms: Vec<OtherTerm>) -> Option<MlpSite> {
+    let count = terms.len();
+    let first = terms.into_iter().next()?;
+    let index = g.index;
+    let map_input = junction_view(g, first.stream, first.port);
+    let refused = match (count, first.moe) {
+        (1, None) => None,
+        (1, Some(moe)) => Some(moe),
+        (n, _) => Some(format!(
+            "layer {layer} adds {n} branches besides attention to the stream; which one is the MLP cannot be told"
+        )),
+    };
+    Some(MlpSite {
+        layer,
+        x: index.name(first.stream).to_string(),
+        y: index.name(first.tensor).to_string(),
+        map_input: index.name(map_input).to_string(),
+        dtype: stream_dtype(g, map_input),
+        nodes: first.analysis.dying.len(),
+        refused,
+        junction: first.port,
+    })
+}
+
+/// Operators that route each token to some experts: a router's `TopK`, ONNX Runtime's fused
+/// mixture-of-experts operators.
+const ROUTING_OPS: &[&str] = &["TopK", "MoE", "QMoE", "SparseMixer"];
+
+/// Why a branch is a mixture of experts, where it is: each token takes a few experts' MLPs, chosen
+/// by a router. One affine map of the stream does not model a choice made per token, so such a
+/// branch is not replaced alone.
+fn mixture_of_experts(g: &GraphView, dying: &[usize]) -> Option<String> {
+    let node = dying.iter().map(|&n| g.node(n)).find(|n| ROUTING_OPS.contains(&n.op_type()))?;
+    Some(format!(
+        "a mixture of experts: a router chooses experts per token (node {:?}, {}), which one affine map of \
+         the stream does not model; replace its whole layer instead (--units layer)",
+        node.name(),
+        node.op_type()
+    ))
 }

@@ -11,6 +11,7 @@ use faer::Mat;
 use serde::Serialize;
 
 use crate::stats::MomentsSource;
+use crate::unit::{Unit, UnitKind};
 use storage::MapStorage;
 
 /// `y = W x + b` (`W` is `d×d`), with what GPTQ weighs `W`'s rounding errors by.
@@ -32,21 +33,18 @@ pub enum Fitting {
     Sequential,
 }
 
-/// Layer `layer`'s LMMSE map from `stats`, with the input's second moment when `storage` rounds
-/// it by GPTQ (which weighs each input by the layer's `E[x xᵀ]`).
-pub fn fit_map(
-    stats: &dyn MomentsSource,
-    layer: usize,
-    lambda: f64,
-    storage: MapStorage,
-) -> Result<LinearMap> {
-    let i = stats
-        .layers()
-        .iter()
-        .position(|t| t.layer == layer)
-        .with_context(|| format!("no statistics of layer {layer}"))?;
+/// `unit`'s LMMSE map from `stats`, with the input's second moment when `storage` rounds it by
+/// GPTQ (which weighs each input by the unit's `E[x xᵀ]`).
+pub fn fit_map(stats: &dyn MomentsSource, unit: Unit, lambda: f64, storage: MapStorage) -> Result<LinearMap> {
+    let i = stats.layers().iter().position(|t| t.unit() == unit).with_context(|| {
+        let hint = match unit.kind {
+            UnitKind::Attention => String::new(),
+            kind => format!(": calibrate with --units {} to measure it", kind.name()),
+        };
+        format!("the statistics hold no moments of {unit}{hint}")
+    })?;
     let moments = stats.moments(i)?.into_owned();
     let second_moment = storage.needs_second_moment().then(|| moments.second_moment_x());
-    let fit = crate::nbl::fit_layer(layer, moments, lambda, false)?;
+    let fit = crate::nbl::fit_layer(unit.layer, moments, lambda, false)?;
     Ok(LinearMap { w: fit.w, b: fit.b, second_moment })
 }

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::fit::storage::MapStorage;
 use crate::fit::{LinearMap, fit_map};
 use crate::stats::MomentsSource;
+use crate::unit::Unit;
 
 /// What one stage did and cost.
 #[derive(Clone, Debug, Serialize)]
@@ -69,7 +70,8 @@ pub fn fit_sequentially(
         }
         let source: &dyn MomentsSource = measured.as_deref().unwrap_or(first);
         for &layer in stage {
-            let map = fit_map(source, layer, lambda, storage).with_context(|| format!("layer {layer}"))?;
+            let map = fit_map(source, Unit::attention(layer), lambda, storage)
+                .with_context(|| format!("layer {layer}"))?;
             maps.push((layer, map));
         }
         report.push(Stage {

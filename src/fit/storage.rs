@@ -50,6 +50,18 @@ pub enum MapStorage {
 }
 
 impl MapStorage {
+    /// The same storage with `W` rounded to nearest: the same bytes, for what a map's size decides
+    /// (its cost), without the statistics GPTQ weighs by.
+    pub fn rounded_to_nearest(self) -> MapStorage {
+        match self {
+            MapStorage::Float(_) => self,
+            MapStorage::Grouped { bits, group_size, accuracy_level, .. } => {
+                MapStorage::Grouped { bits, group_size, accuracy_level, quantizer: Quantizer::Rtn }
+            }
+            MapStorage::PerChannelInt8 { .. } => MapStorage::PerChannelInt8 { quantizer: Quantizer::Rtn },
+        }
+    }
+
     /// Whether fitting must keep each input's second moment `E[x xᵀ]`: GPTQ weighs the rounding
     /// errors by it.
     pub fn needs_second_moment(&self) -> bool {

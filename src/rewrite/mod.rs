@@ -1,6 +1,6 @@
-//! The graph surgery: each chosen attention site's output is replaced by `Y = X Wᵀ + b` (NBL) or
-//! by nothing (attention dropping), the KV cache of those layers leaves the model's interface, and
-//! whatever no output needs any more is eliminated by reference count.
+//! The graph surgery: each chosen unit's output is replaced by `Y = X Wᵀ + b` (NBL for attention)
+//! or by nothing (dropping), the KV cache of the attention it held leaves the model's interface,
+//! and whatever no output needs any more is eliminated by reference count.
 //!
 //! All edits of one rewrite are collected in one [`Patch`] (the splices are named constructors in
 //! [`splice`]) and applied at once. The rewrite applies a plan; it does not choose or fit.
@@ -9,18 +9,19 @@ mod splice;
 
 use std::collections::HashSet;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, bail};
 use clap::ValueEnum;
 use serde::Serialize;
 
 use crate::cost::Footprint;
-use crate::detect::{AttentionSite, DecoderLayout};
+use crate::detect::{DecoderLayout, UnitSite};
 use crate::fit::LinearMap;
 use crate::fit::storage::MapStorage;
 use crate::onnx::proto::StringStringEntryProto;
 use crate::onnx::{DType, Interface, Model, Patch};
+use crate::unit::Unit;
 
-/// What replaces a chosen attention site.
+/// What replaces a chosen unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Replacement {
@@ -40,9 +41,9 @@ pub enum KvCache {
     Keep,
 }
 
-/// One layer to replace, with its linear map when the replacement is linear.
-pub struct LayerEdit<'a> {
-    pub site: &'a AttentionSite,
+/// One unit to replace, with its linear map when the replacement is linear.
+pub struct UnitEdit {
+    pub site: UnitSite,
     pub map: Option<LinearMap>,
 }
 
@@ -65,7 +66,10 @@ impl RewriteOptions {
 /// What the rewrite changed, for the report.
 #[derive(Clone, Debug, Serialize)]
 pub struct RewriteSummary {
+    /// The attention layers replaced, alone or inside a larger unit.
     pub layers: Vec<usize>,
+    /// Every unit replaced, in layer order.
+    pub units: Vec<Unit>,
     pub replace: Replacement,
     pub kv: KvCache,
     /// How the maps were stored.
@@ -87,21 +91,19 @@ pub struct RewriteSummary {
     pub value_info_dropped: usize,
 }
 
-/// A copy of `model` with `maps`' layers linearised, the maps stored as `storage`, the interface
+/// A copy of `model` with `maps`' units linearised, the maps stored as `storage`, the interface
 /// unchanged (the KV cache of those layers is still computed, so the same inputs run it): what
 /// sequential fitting calibrates and measured selection scores, never written.
 pub fn linearised_copy(
     model: &Model,
     layout: &DecoderLayout,
-    maps: &[(usize, &LinearMap)],
+    maps: &[(Unit, &LinearMap)],
     storage: MapStorage,
 ) -> Result<Model> {
     let mut copy = Model { path: model.path.clone(), proto: model.proto.clone() };
-    let edits = maps.iter().map(|&(layer, map)| {
-        let site =
-            layout.layer(layer).with_context(|| format!("the model has no attention layer {layer}"))?;
-        Ok(LayerEdit { site, map: Some(map.clone()) })
-    });
+    let edits = maps
+        .iter()
+        .map(|&(unit, map)| Ok(UnitEdit { site: layout.unit_site(unit)?, map: Some(map.clone()) }));
     let options = RewriteOptions { replace: Replacement::Linear, kv: KvCache::Keep, storage };
     apply(&mut copy, layout, edits, options, &[])?;
     Ok(copy)
@@ -111,10 +113,10 @@ pub fn linearised_copy(
 /// those layers removed (with [`KvCache::Drop`]), dead nodes and initializers eliminated, in one
 /// [`Patch`]. The edits are taken one at a time, and each map is encoded and dropped before the
 /// next is asked for. `provenance` goes into `metadata_props`.
-pub fn apply<'b>(
+pub fn apply(
     model: &mut Model,
-    layout: &'b DecoderLayout,
-    edits: impl IntoIterator<Item = Result<LayerEdit<'b>>>,
+    layout: &DecoderLayout,
+    edits: impl IntoIterator<Item = Result<UnitEdit>>,
     options: RewriteOptions,
     provenance: &[(&str, String)],
 ) -> Result<RewriteSummary> {
@@ -124,15 +126,21 @@ pub fn apply<'b>(
     let nodes_before = model.graph().node.len();
 
     let mut patch = Patch::new(model.graph())?;
-    let mut edited: Vec<&AttentionSite> = Vec::new();
+    let mut units: Vec<Unit> = Vec::new();
+    let mut layers: Vec<usize> = Vec::new();
     for edit in edits {
-        let LayerEdit { site, map } = edit?;
-        ensure!(!edited.iter().any(|e| e.layer == site.layer), "layer {} is chosen twice", site.layer);
-        edited.push(site);
-        patch.replace_site(site, options.replace, map, options.storage)?;
+        let UnitEdit { site, map } = edit?;
+        if let Some(other) = units.iter().find(|u| u.overlaps(&site.unit)) {
+            bail!("{} and {other} are both chosen, and they replace a common part of the model", site.unit);
+        }
+        units.push(site.unit);
+        layers.extend(&site.attention);
+        patch.replace_site(&site, options.replace, map, options.storage)?;
     }
+    units.sort_unstable_by_key(|u| (u.layer, u.kind));
+    layers.sort_unstable();
     let (removed_inputs, removed_outputs) = match options.kv {
-        KvCache::Drop => patch.remove_kv_cache(layout, &edited)?,
+        KvCache::Drop => patch.remove_kv_cache(layout, &layers)?,
         KvCache::Keep => (Vec::new(), Vec::new()),
     };
     *model.graph_mut() = patch.apply()?.graph;
@@ -150,9 +158,7 @@ pub fn apply<'b>(
         });
     }
 
-    let mut layers: Vec<usize> = edited.iter().map(|s| s.layer).collect();
-    layers.sort_unstable();
-    let new_names: HashSet<String> = layers.iter().flat_map(|&n| splice::initializer_names(n)).collect();
+    let new_names: HashSet<String> = units.iter().flat_map(|u| splice::initializer_names(&u.key())).collect();
     let graph = model.graph();
     let added = Footprint::of(graph, |t| new_names.contains(t.name()))?;
     let after = Footprint::of(graph, |_| true)?;
@@ -163,6 +169,7 @@ pub fn apply<'b>(
     let kv_after = Interface::of(model, hidden_size).ok().map(|i| i.kv_bytes_per_token());
     Ok(RewriteSummary {
         layers,
+        units,
         replace: options.replace,
         kv: options.kv,
         weight_format: options.storage,

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use ndarray::{Array1, Array2};
 
-use crate::detect::{AttentionSite, DecoderLayout};
+use crate::detect::{DecoderLayout, UnitSite};
 use crate::fit::LinearMap;
 use crate::fit::quantize::{Quantized, quantize};
 use crate::fit::storage::MapStorage;
@@ -13,76 +13,72 @@ use crate::onnx::proto::{NodeProto, TensorProto};
 use crate::onnx::{DType, Patch, Port, Tensor, build};
 use crate::rewrite::Replacement;
 
-/// The initializers the splices of layer `n` add (those of its storage, where they exist).
-pub(super) fn initializer_names(n: usize) -> [String; 3] {
-    [
-        format!("nbl.layers.{n}.weight"),
-        format!("nbl.layers.{n}.weight_scales"),
-        format!("nbl.layers.{n}.bias"),
-    ]
+/// The initializers the splices of unit `key` add (those of its storage, where they exist).
+pub(super) fn initializer_names(key: &str) -> [String; 3] {
+    [format!("nbl.{key}.weight"), format!("nbl.{key}.weight_scales"), format!("nbl.{key}.bias")]
 }
 
 impl Patch<'_> {
     /// Replaces `site`'s output as `replace` says: by `map`, stored as `storage`, or by nothing.
     pub fn replace_site(
         &mut self,
-        site: &AttentionSite,
+        site: &UnitSite,
         replace: Replacement,
         map: Option<LinearMap>,
         storage: MapStorage,
     ) -> Result<()> {
-        let n = site.layer;
+        let n = site.unit;
+        let key = n.key();
         let LinearMap { w, b, second_moment } = match (replace, map) {
             (Replacement::Drop, _) => return self.remove_branch(site),
-            (Replacement::Linear, None) => bail!("layer {n}: no linear map to write"),
+            (Replacement::Linear, None) => bail!("{n}: no linear map to write"),
             (Replacement::Linear, Some(map)) => map,
         };
         let d = w.nrows();
         // The map computes in the type the junction adds in.
         let dtype = match site.dtype {
             Some(dtype @ (DType::F32 | DType::F16 | DType::BF16)) => dtype,
-            Some(other) => bail!("layer {n}: cannot write a linear map in the stream's element type {other}"),
-            None => bail!(
-                "layer {n}: cannot tell the stream's element type, so the linear map cannot be written in it"
-            ),
+            Some(other) => bail!("{n}: cannot write a linear map in the stream's element type {other}"),
+            None => {
+                bail!("{n}: cannot tell the stream's element type, so the linear map cannot be written in it")
+            }
         };
         // The bias stays in the stream's float type whatever W's format.
         let b = Array1::from_iter(b.iter().map(|&v| v as f32)).into_dyn();
-        let bias = build::initializer(&format!("nbl.layers.{n}.bias"), Tensor::from_f32(dtype, b)?);
+        let bias = build::initializer(&format!("nbl.{key}.bias"), Tensor::from_f32(dtype, b)?);
         match storage {
             MapStorage::Float(w_dtype) => {
                 // MatMul(X, Wᵀ): the initializer holds Wᵀ, row-major [d_in, d_out].
                 let w_t = Array2::from_shape_fn((d, d), |(i, j)| w[(j, i)] as f32).into_dyn();
                 let weight =
-                    build::initializer(&format!("nbl.layers.{n}.weight"), Tensor::from_f32(w_dtype, w_t)?);
+                    build::initializer(&format!("nbl.{key}.weight"), Tensor::from_f32(w_dtype, w_t)?);
                 self.replace_with_affine(site, weight, bias)
             }
             MapStorage::Grouped { bits, group_size, accuracy_level, quantizer } => {
                 let q = quantize(w, bits, group_size, quantizer, second_moment)
-                    .with_context(|| format!("layer {n}: quantising W to {bits} bits"))?;
+                    .with_context(|| format!("{n}: quantising W to {bits} bits"))?;
                 self.replace_with_groups(site, &q, accuracy_level, dtype, bias)
             }
             MapStorage::PerChannelInt8 { quantizer } => {
-                ensure!(dtype == DType::F32, "layer {n}: int8 maps dequantise to f32, the stream is {dtype}");
+                ensure!(dtype == DType::F32, "{n}: int8 maps dequantise to f32, the stream is {dtype}");
                 let q = quantize(w, 8, d, quantizer, second_moment)
-                    .with_context(|| format!("layer {n}: quantising W to int8 per output"))?;
+                    .with_context(|| format!("{n}: quantising W to int8 per output"))?;
                 self.replace_with_per_channel(site, &q, bias)
             }
         }
     }
 
-    /// Takes the KV cache of the `edited` sites out of the interface; returns the inputs and
-    /// outputs removed. Readers outside a site (the past length read off layer 0's cache) read
-    /// the same tensor of a kept layer; with no layer kept, nothing may still need it.
+    /// Takes the KV cache of the attention layers `removed` out of the interface; returns the
+    /// inputs and outputs removed. Readers outside a site (the past length read off layer 0's
+    /// cache) read the same tensor of a kept layer; with no layer kept, nothing may still need it.
     pub fn remove_kv_cache(
         &mut self,
         layout: &DecoderLayout,
-        edited: &[&AttentionSite],
+        removed: &[usize],
     ) -> Result<(Vec<String>, Vec<String>)> {
-        let is_edited = |layer: usize| edited.iter().any(|e| e.layer == layer);
-        let kept = layout.layers.iter().find(|l| !is_edited(l.layer) && !l.kv_inputs.is_empty());
+        let kept = layout.layers.iter().find(|l| !removed.contains(&l.layer) && !l.kv_inputs.is_empty());
         let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
-        for site in edited {
+        for site in layout.layers.iter().filter(|l| removed.contains(&l.layer)) {
             for (i, name) in site.kv_inputs.iter().enumerate() {
                 if let Some(other) = kept.and_then(|k| k.kv_inputs.get(i)) {
                     self.shunt(name, other)?;
@@ -98,18 +94,17 @@ impl Patch<'_> {
         Ok((inputs, outputs))
     }
 
-    /// The junction node of `site`, checked to read `Y` where detection found it.
-    fn junction(&self, site: &AttentionSite) -> Result<&NodeProto> {
+    /// The junction node of `site`, checked to read its branch where detection found it.
+    fn junction(&self, site: &UnitSite) -> Result<&NodeProto> {
         let Port { node, slot } = site.junction;
-        let n =
-            self.graph().node.get(node).with_context(|| format!("layer {}: no junction node", site.layer))?;
+        let n = self.graph().node.get(node).with_context(|| format!("{}: no junction node", site.unit))?;
         ensure!(
-            n.input.get(slot) == Some(&site.y),
-            "layer {}: node {:?} ({}) does not read {:?} at input {slot}; were the layers found in another graph?",
-            site.layer,
+            n.input.get(slot) == Some(&site.branch),
+            "{}: node {:?} ({}) does not read {:?} at input {slot}; were the layers found in another graph?",
+            site.unit,
             n.name(),
             n.op_type(),
-            site.y
+            site.branch
         );
         Ok(n)
     }
@@ -120,42 +115,40 @@ impl Patch<'_> {
     /// A `W` stored in another float type than the stream (f16 maps of an f32 model)
     /// is cast to the stream's type before the product: MatMul takes one element type, and the
     /// saving is on disk, the product keeping the stream's precision.
-    pub fn replace_with_affine(
-        &mut self,
-        site: &AttentionSite,
-        w_t: TensorProto,
-        b: TensorProto,
-    ) -> Result<()> {
-        let n = site.layer;
+    pub fn replace_with_affine(&mut self, site: &UnitSite, w_t: TensorProto, b: TensorProto) -> Result<()> {
+        let key = site.unit.key();
         let mut weight = w_t.name().to_string();
         if w_t.data_type != b.data_type {
-            let cast = format!("nbl.layers.{n}.weight_cast");
+            let cast = format!("nbl.{key}.weight_cast");
             let mut node = build::node("Cast", &[&weight], &cast);
             node.attribute.push(build::int_attribute("to", i64::from(b.data_type.unwrap_or(1))));
             self.add_node(node)?;
             weight = cast;
         }
-        let product = build::node("MatMul", &[&site.map_input, &weight], &format!("nbl.layers.{n}.matmul"));
+        let product = build::node("MatMul", &[&site.map_input, &weight], &format!("nbl.{key}.matmul"));
         self.splice_map(site, product, vec![w_t], b)
     }
 
-    /// The junction of `site` reads `product + b` (`nbl.layers.N.y`), `product` computing `W x`
-    /// from the weights `weights`.
+    /// The junction of `site` reads `product + b` (`nbl.<unit>.y`), `product` computing `W x`
+    /// from the weights `weights`; for a layer or a run, its stream input reads the unit's input.
     fn splice_map(
         &mut self,
-        site: &AttentionSite,
+        site: &UnitSite,
         product: NodeProto,
         weights: Vec<TensorProto>,
         b: TensorProto,
     ) -> Result<()> {
         self.junction(site)?;
-        let y = format!("nbl.layers.{}.y", site.layer);
+        let y = format!("nbl.{}.y", site.unit.key());
         self.add_node(build::node("Add", &[&product.output[0], b.name()], &y))?;
         self.add_node(product)?;
         for w in weights {
             self.add_initializer(w)?;
         }
         self.add_initializer(b)?;
+        if let Some(stream) = site.stream_side {
+            self.rewire(stream.node, stream.slot, &site.map_input)?;
+        }
         self.rewire(site.junction.node, site.junction.slot, &y)
     }
 
@@ -163,15 +156,15 @@ impl Patch<'_> {
     /// groups (`com.microsoft::MatMulNBits`, scales in the stream's type `dtype`).
     pub fn replace_with_groups(
         &mut self,
-        site: &AttentionSite,
+        site: &UnitSite,
         q: &Quantized,
         accuracy_level: i64,
         dtype: DType,
         b: TensorProto,
     ) -> Result<()> {
-        let n = site.layer;
-        let product = format!("nbl.layers.{n}.matmul");
-        let (packed, scales) = (format!("nbl.layers.{n}.weight"), format!("nbl.layers.{n}.weight_scales"));
+        let key = site.unit.key();
+        let product = format!("nbl.{key}.matmul");
+        let (packed, scales) = (format!("nbl.{key}.weight"), format!("nbl.{key}.weight_scales"));
         let packed_t = TensorProto {
             name: Some(packed.clone()),
             dims: vec![q.n as i64, q.groups() as i64, (q.group_size * q.bits as usize / 8) as i64],
@@ -197,19 +190,11 @@ impl Patch<'_> {
 
     /// `Y := MatMul(X, DequantizeLinear(Q, scales)) + b`: as [`Patch::replace_with_affine`], with
     /// `Wᵀ` stored as int8 `[d_in, d_out]` and one f32 scale per output (`axis = 1`, zero point 0).
-    pub fn replace_with_per_channel(
-        &mut self,
-        site: &AttentionSite,
-        q: &Quantized,
-        b: TensorProto,
-    ) -> Result<()> {
-        ensure!(q.bits == 8 && q.groups() == 1, "layer {}: not an int8 per-output quantisation", site.layer);
-        let n = site.layer;
-        let (name, scales, dequantised) = (
-            format!("nbl.layers.{n}.weight"),
-            format!("nbl.layers.{n}.weight_scales"),
-            format!("nbl.layers.{n}.weight_dq"),
-        );
+    pub fn replace_with_per_channel(&mut self, site: &UnitSite, q: &Quantized, b: TensorProto) -> Result<()> {
+        ensure!(q.bits == 8 && q.groups() == 1, "{}: not an int8 per-output quantisation", site.unit);
+        let key = site.unit.key();
+        let (name, scales, dequantised) =
+            (format!("nbl.{key}.weight"), format!("nbl.{key}.weight_scales"), format!("nbl.{key}.weight_dq"));
         // Row-major [d_in, d_out]: byte k·N + out is W[out, k].
         let bytes: Vec<u8> = (0..q.k)
             .flat_map(|k| (0..q.n).map(move |out| (k, out)))
@@ -223,25 +208,27 @@ impl Patch<'_> {
         let mut dq = build::node("DequantizeLinear", &[&name, &scales], &dequantised);
         dq.attribute.push(build::int_attribute("axis", 1));
         self.add_node(dq)?;
-        let product =
-            build::node("MatMul", &[&site.map_input, &dequantised], &format!("nbl.layers.{n}.matmul"));
+        let product = build::node("MatMul", &[&site.map_input, &dequantised], &format!("nbl.{key}.matmul"));
         self.splice_map(site, product, vec![w_t, scales_t], b)
     }
 
-    /// `Y := 0`. An `Add` junction becomes the stream itself (its readers read the stream); a
-    /// `SkipSimplifiedLayerNormalization` becomes a plain `SimplifiedLayerNormalization` of the
-    /// stream, its sum output read as the stream.
-    pub fn remove_branch(&mut self, site: &AttentionSite) -> Result<()> {
+    /// `Y := 0`. An `Add` junction becomes the stream itself (its readers read the stream; for a
+    /// layer or a run, the unit's input); a `SkipSimplifiedLayerNormalization` becomes a plain
+    /// `SimplifiedLayerNormalization` of the stream, its sum output read as the stream.
+    pub fn remove_branch(&mut self, site: &UnitSite) -> Result<()> {
         let node = self.junction(site)?.clone();
         let slot = site.junction.slot;
-        let stream = node.input[1 - slot].clone();
+        let stream = match site.stream_side {
+            Some(_) => site.map_input.clone(),
+            None => node.input[1 - slot].clone(),
+        };
         match node.op_type() {
             "Add" => self.shunt(&node.output[0], &stream),
             "SkipSimplifiedLayerNormalization" => {
                 // Output 0 is the normalised sum; outputs 1 and 2 (statistics) are optional.
                 for (i, out) in node.output.iter().enumerate().skip(1).take(2) {
                     let read = self.index().id(out).is_some_and(|id| self.index().is_read(id));
-                    ensure!(!read, "layer {}: output {i} of {:?} is read", site.layer, node.name());
+                    ensure!(!read, "{}: output {i} of {:?} is read", site.unit, node.name());
                 }
                 let mut norm = node.clone();
                 norm.op_type = Some("SimplifiedLayerNormalization".into());
@@ -256,11 +243,7 @@ impl Patch<'_> {
                 }
             }
             op => {
-                bail!(
-                    "layer {}: dropping a branch does not handle a {op} junction ({:?})",
-                    site.layer,
-                    node.name()
-                )
+                bail!("{}: dropping a branch does not handle a {op} junction ({:?})", site.unit, node.name())
             }
         }
     }

@@ -1,7 +1,9 @@
 //! Choosing which layers to linearise: the criteria that rank layers from their statistics, the
-//! selection rules (a count, named layers, a bound), and the measured chooser ([`measured`]).
-//! A chooser returns the layers in the order chosen; it never fits a map or edits a graph.
+//! selection rules (a count, named layers, a bound), the measured chooser ([`measured`]) and the
+//! choice of units within a quality budget ([`budget`]). A chooser returns the layers or units in
+//! the order chosen; it never fits a map or edits a graph.
 
+pub mod budget;
 pub mod measured;
 
 use anyhow::Result;

@@ -11,6 +11,7 @@ use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors, View};
 
 use super::{DataSummary, LayerTensors, Moments, MomentsSource, Stats, for_each_tiled, transposed};
+use crate::unit::Unit;
 
 /// The file format's name and version, stored in the metadata.
 const FORMAT: &str = "nbl-onnx-stats";
@@ -27,7 +28,7 @@ impl Stats {
         let all = self.layers.iter().zip(&self.moments).map(|(l, m)| (l, m, "")).chain(heldout);
         let mut tensors: Vec<(String, F64Tensor<'_>)> = Vec::new();
         for (info, m, kind) in all {
-            let prefix = format!("layers.{}.{kind}", info.layer);
+            let prefix = format!("{}.{kind}", info.unit().key());
             tensors.push((format!("{prefix}count"), F64Tensor::scalar(m.count as f64)));
             tensors.push((format!("{prefix}mean_x"), F64Tensor::vector(&m.mean_x)));
             tensors.push((format!("{prefix}mean_y"), F64Tensor::vector(&m.mean_y)));
@@ -153,13 +154,13 @@ impl Header {
         );
         let layers: Vec<LayerTensors> = serde_json::from_str(&field("layers")?).map_err(|e| not_stats(&e))?;
         ensure!(!layers.is_empty(), "{}: the statistics hold no layers", path.display());
-        let mut numbers: Vec<usize> = layers.iter().map(|l| l.layer).collect();
-        numbers.sort_unstable();
-        numbers.dedup();
-        ensure!(numbers.len() == layers.len(), "{}: a layer is listed twice", path.display());
+        let mut units: Vec<Unit> = layers.iter().map(LayerTensors::unit).collect();
+        units.sort_unstable();
+        units.dedup();
+        ensure!(units.len() == layers.len(), "{}: a layer is listed twice", path.display());
         let data: Vec<DataSummary> = serde_json::from_str(&field("data")?).map_err(|e| not_stats(&e))?;
         // Held-out moments are there for every layer or for none.
-        let has_heldout = tensors.contains_key(&format!("layers.{}.heldout.count", layers[0].layer));
+        let has_heldout = tensors.contains_key(&format!("{}.heldout.count", layers[0].unit().key()));
         Ok(Header {
             path: path.to_path_buf(),
             version,
@@ -228,14 +229,14 @@ impl Header {
     /// The token count of the `index`-th layer (the same for every layer).
     fn count(&self, bytes: &dyn ReadAt, index: usize, heldout: bool) -> Result<u64> {
         let info = &self.layers[index];
-        let key = format!("layers.{}.{}count", info.layer, if heldout { "heldout." } else { "" });
+        let key = format!("{}.{}count", info.unit().key(), if heldout { "heldout." } else { "" });
         let mut count = 0.0;
         self.read(bytes, &key, &[1], |_, v| count = v)?;
         ensure!(
             count >= 1.0 && count.fract() == 0.0 && count <= (1u64 << 53) as f64,
-            "{}: layer {} has a token count of {count}, not a positive integer",
+            "{}: {} has a token count of {count}, not a positive integer",
             self.path.display(),
-            info.layer
+            info.unit()
         );
         Ok(count as u64)
     }
@@ -245,7 +246,7 @@ impl Header {
     /// matrices: what is held is the moments and one chunk of bytes.
     fn moments(&self, bytes: &dyn ReadAt, index: usize, heldout: bool) -> Result<Moments> {
         let info = &self.layers[index];
-        let prefix = format!("layers.{}.{}", info.layer, if heldout { "heldout." } else { "" });
+        let prefix = format!("{}.{}", info.unit().key(), if heldout { "heldout." } else { "" });
         let d = self.hidden_size;
         let vector = |name: &str| -> Result<Vec<f64>> {
             let mut v = vec![0.0; d];
@@ -488,7 +489,7 @@ pub fn write_synthetic(path: &Path, fingerprint: &str, d: usize, layers: &[Layer
     let zeros = vec![0.0; d];
     let mut tensors: Vec<(String, F64Tensor<'_>)> = Vec::new();
     for layer in layers {
-        let prefix = format!("layers.{}.", layer.layer);
+        let prefix = format!("{}.", layer.unit().key());
         tensors.push((format!("{prefix}count"), F64Tensor::scalar(N)));
         tensors.push((format!("{prefix}mean_x"), F64Tensor::vector(&zeros)));
         tensors.push((format!("{prefix}mean_y"), F64Tensor::vector(&zeros)));

@@ -10,16 +10,50 @@ use std::path::Path;
 use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};
 
+use crate::unit::Unit;
+
 pub use file::{StatsFile, write_synthetic};
 pub use moments::Moments;
 pub(crate) use moments::{for_each_tiled, transposed};
 
-/// Which tensors a layer's statistics were measured on.
+/// Which tensors a unit's statistics were measured on: `x` the stream entering it, `y` what it
+/// adds (for a layer or a run, a difference calibration computes, named `nbl.measure.<unit>.y`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerTensors {
     pub layer: usize,
     pub x: String,
     pub y: String,
+    /// Absent for a layer's attention (files of every version hold only those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<Unit>,
+}
+
+impl LayerTensors {
+    /// The attention site of `layer`, measured on `x` and `y`.
+    pub fn attention(layer: usize, x: &str, y: &str) -> LayerTensors {
+        LayerTensors { layer, x: x.to_string(), y: y.to_string(), unit: None }
+    }
+
+    pub fn unit(&self) -> Unit {
+        self.unit.unwrap_or(Unit::attention(self.layer))
+    }
+
+    /// How messages name it: `layer N` for an attention site, as everywhere, else the unit.
+    pub fn describe(&self) -> String {
+        match self.unit {
+            None => format!("layer {}", self.layer),
+            Some(unit) => unit.to_string(),
+        }
+    }
+
+    /// Where the entry goes in a file: attention layers first, in layer order (as files without
+    /// other units hold them), then the other units.
+    fn order(&self) -> (usize, Unit) {
+        match self.unit {
+            None => (0, self.unit()),
+            Some(unit) => (1, unit),
+        }
+    }
 }
 
 /// Where the statistics come from: the data and how it was cut, for reports and for merging.
@@ -105,17 +139,18 @@ impl Stats {
 
     /// Adds the layers of `part` (from `path`), measured on the same data as these.
     fn join_layers(&mut self, part: Stats, path: &Path) -> Result<()> {
-        let overlap: Vec<usize> = part
+        let overlap: Vec<String> = part
             .layers
             .iter()
-            .filter(|l| self.layers.iter().any(|m| m.layer == l.layer))
-            .map(|l| l.layer)
+            .filter(|l| self.layers.iter().any(|m| m.unit() == l.unit()))
+            .map(|l| l.unit().to_string())
             .collect();
         ensure!(
             overlap.is_empty(),
-            "{}: layers {overlap:?} are already part of the merge; files of different layers must not \
-             overlap, files of the same layers must hold the same ones",
-            path.display()
+            "{}: {} already part of the merge; files of different layers must not overlap, files of the \
+             same layers must hold the same ones",
+            path.display(),
+            overlap.join(", ")
         );
         ensure!(
             part.data == self.data && part.tokens() == self.tokens(),
@@ -126,14 +161,14 @@ impl Stats {
             self.tokens()
         );
         ensure_same_heldout(self, &part, path)?;
-        let mut heldout: Vec<(usize, Moments)> = self
+        let mut heldout: Vec<((usize, Unit), Moments)> = self
             .layers
             .iter()
             .chain(&part.layers)
-            .map(|l| l.layer)
+            .map(LayerTensors::order)
             .zip(self.heldout.take().into_iter().flatten().chain(part.heldout.into_iter().flatten()))
             .collect();
-        heldout.sort_by_key(|(layer, _)| *layer);
+        heldout.sort_by_key(|(order, _)| *order);
         if !heldout.is_empty() {
             self.heldout = Some(heldout.into_iter().map(|(_, m)| m).collect());
         }
@@ -143,7 +178,7 @@ impl Stats {
             .zip(self.moments.drain(..))
             .chain(part.layers.into_iter().zip(part.moments))
             .collect();
-        layers.sort_by_key(|(info, _)| info.layer);
+        layers.sort_by_key(|(info, _)| info.order());
         (self.layers, self.moments) = layers.into_iter().unzip();
         Ok(())
     }

@@ -1,0 +1,157 @@
+//! Budget mode (`rewrite --max-kl B --units ...`): units chosen by measurement within a KL budget,
+//! the chosen set confirmed on held-out text, and the refusals.
+
+mod common;
+
+use common::*;
+use nbl_onnx::onnx::Model;
+use nbl_onnx::unit::Unit;
+
+/// `rewrite` of the workspace's model calibrating on its corpus (no statistics file), with `extra`.
+fn rewrite_args<'a>(ws: &'a Workspace, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["rewrite", ws.model.to_str().unwrap()];
+    args.extend_from_slice(&data_args(ws));
+    args.extend_from_slice(&["-o", out]);
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn the_budget_buys_units_of_every_kind_without_overshooting() {
+    let ws = workspace("llama-optimum-past");
+    let out = ws.dir.path().join("budget/model.onnx");
+    let run = ok(nbl(&rewrite_args(&ws, out.to_str().unwrap(), &["--max-kl", "0.3", "--units", "all"])));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_file_name("model.nbl.json")).unwrap()).unwrap();
+    let budget = &report["budget"];
+    // Every unit of the 3-layer model was scored alone: 3 each of attention, MLP, layer, and runs
+    // 0-1, 1-2 and 0-2.
+    assert_eq!(budget["alone"].as_array().unwrap().len(), 12, "{budget}");
+    let steps = budget["steps"].as_array().unwrap();
+    assert!(!steps.is_empty(), "{budget}");
+    let mut saving = 0.0;
+    for step in steps {
+        let kl = step["kl"].as_f64().unwrap();
+        assert!(kl <= 0.3, "a step went over the budget: {step}");
+        assert!(step["saving"].as_f64().unwrap() > saving, "each step saves more: {budget}");
+        saving = step["saving"].as_f64().unwrap();
+    }
+    let units: Vec<Unit> = serde_json::from_value(budget["units"].clone()).unwrap();
+    for (i, a) in units.iter().enumerate() {
+        assert!(units[i + 1..].iter().all(|b| !a.overlaps(b)), "{units:?}");
+    }
+    // What was written is what was chosen, and it says so.
+    let mut written: Vec<Unit> = serde_json::from_value(report["rewrite"]["units"].clone()).unwrap();
+    let mut chosen = units.clone();
+    written.sort();
+    chosen.sort();
+    assert_eq!(written, chosen);
+    assert!(budget["heldout_kl"].as_f64().unwrap().is_finite());
+    assert!(budget["predicted_decode_speedup"].as_f64().unwrap() > 1.0, "{budget}");
+    assert!(budget["predicted_prefill_speedup"].as_f64().unwrap() > 1.0, "{budget}");
+    assert!(stderr(&run).contains("held-out KL"), "{}", stderr(&run));
+    let model = Model::load(&out).unwrap();
+    let meta =
+        |key: &str| model.proto.metadata_props.iter().find(|p| p.key() == key).map(|p| p.value().to_string());
+    if units.iter().any(|u| u.kind != nbl_onnx::unit::UnitKind::Attention) {
+        let meta_units: Vec<Unit> = serde_json::from_str(&meta("nbl.units").unwrap()).unwrap();
+        assert_eq!(meta_units.len(), units.len());
+    }
+    // The rewrite runs and decodes with its cache.
+    let (code, check) = check(&out, &[]);
+    assert_eq!(code, Some(0), "{check}");
+    assert_eq!(status(&check, "onnxruntime"), "ok");
+}
+
+#[test]
+fn a_budget_no_unit_meets_exits_1_naming_the_cheapest_point() {
+    let ws = workspace("llama-optimum-past");
+    let out = ws.dir.path().join("none/model.onnx");
+    let run =
+        nbl(&rewrite_args(&ws, out.to_str().unwrap(), &["--max-kl", "1e-9", "--units", "attention,mlp"]));
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.contains("no unit stays within KL 0.000000001: the cheapest point found is "), "{err}");
+    assert!(err.contains(" alone, at probe KL "), "{err}");
+    assert!(!out.exists() && !out.with_file_name("model.nbl.json").exists(), "nothing may be written");
+}
+
+#[test]
+fn bad_budgets_and_units_are_refused() {
+    let ws = workspace("llama-optimum-past");
+    let out = ws.dir.path().join("bad.onnx");
+    let out = out.to_str().unwrap();
+    for budget in ["--max-kl=-0.1", "--max-kl=nan", "--max-kl=0", "--max-kl=inf"] {
+        let run = nbl(&rewrite_args(&ws, out, &[budget]));
+        assert_eq!(run.status.code(), Some(2), "--max-kl {budget}: {}", stderr(&run));
+        assert!(stderr(&run).contains("--max-kl"), "{}", stderr(&run));
+    }
+    let run = nbl(&rewrite_args(&ws, out, &["--max-kl", "0.1", "--units", "mlp,ffn"]));
+    assert_eq!(run.status.code(), Some(2));
+    assert!(stderr(&run).contains("unknown unit \"ffn\""), "{}", stderr(&run));
+    // Units besides attention need a budget to choose among them.
+    assert_bad_input(&nbl(&rewrite_args(&ws, out, &["--units", "mlp", "--layers", "1"])), "without --max-kl");
+    // Statistics without the moments the units need name the calibration flag that provides them.
+    let stats = ws.stats.to_str().unwrap();
+    let run = nbl(&rewrite_args(&ws, out, &["--stats", stats, "--max-kl", "0.1", "--units", "mlp"]));
+    assert_bad_input(&run, "--units: the statistics hold no moments of mlp 0: calibrate with --units mlp");
+    assert!(!std::path::Path::new(out).exists());
+}
+
+#[test]
+fn a_mixture_of_experts_mlp_is_refused_with_the_reason() {
+    let ws = workspace("gptoss-optimum-past");
+    let out = ws.dir.path().join("moe.onnx");
+    let run = nbl(&rewrite_args(&ws, out.to_str().unwrap(), &["--max-kl", "0.1", "--units", "mlp"]));
+    assert_bad_input(&run, "--units: no mlp unit can be replaced");
+    let err = stderr(&run);
+    assert!(
+        err.contains("mixture of experts") && err.contains("TopK") && err.contains("--units layer"),
+        "{err}"
+    );
+    // Its layers can be replaced whole: calibrate measures them.
+    let stats = ws.dir.path().join("layers.safetensors");
+    let mut args = calibrate_args(
+        ws.model.to_str().unwrap(),
+        ws.corpus.to_str().unwrap(),
+        "32",
+        "8",
+        stats.to_str().unwrap(),
+    );
+    args.extend(["--units", "layer"]);
+    ok(nbl(&args));
+    let stats = nbl_onnx::stats::Stats::load(&stats).unwrap();
+    let units: Vec<Unit> = stats.layers.iter().map(|t| t.unit()).collect();
+    assert!(units.contains(&Unit::layer(0)) && units.contains(&Unit::layer(2)), "{units:?}");
+}
+
+/// Statistics with units besides attention stay what analyze reads (attention sites), and a
+/// statistics file of only attention, from any version, reads as before.
+#[test]
+fn statistics_with_units_keep_attention_for_analysis() {
+    let ws = workspace("llama-optimum-past");
+    let stats = ws.dir.path().join("units.safetensors");
+    let mut args = calibrate_args(
+        ws.model.to_str().unwrap(),
+        ws.corpus.to_str().unwrap(),
+        "32",
+        "8",
+        stats.to_str().unwrap(),
+    );
+    args.extend(["--units", "run,mlp"]);
+    ok(nbl(&args));
+    let read = nbl_onnx::stats::Stats::load(&stats).unwrap();
+    // 3 attention sites, 3 MLPs, runs 0-1, 1-2, 0-2.
+    assert_eq!(read.layers.len(), 9);
+    let with_units = read.layers.iter().filter(|t| t.unit.is_some()).count();
+    assert_eq!(with_units, 6);
+    // The attention sites' moments are the same as a file without units holds.
+    let plain = nbl_onnx::stats::Stats::load(&ws.stats).unwrap();
+    for l in 0..3 {
+        assert_eq!(read.moments[l].sxx, plain.moments[l].sxx, "layer {l}");
+    }
+    let analysis =
+        ok(nbl(&["analyze", stats.to_str().unwrap(), "--json", "--model", ws.model.to_str().unwrap()]));
+    let analysis: serde_json::Value = serde_json::from_slice(&analysis.stdout).unwrap();
+    assert_eq!(analysis["layers"].as_array().unwrap().len(), 3, "{analysis}");
+}

@@ -1,0 +1,146 @@
+//! Units besides attention: an MLP, a whole layer, a run of layers, each replaced by an affine map
+//! of the stream entering it, on every fixture. What the rewrite computes is read at the stream
+//! after the unit (the next layer's X) and compared with the same map applied to PyTorch's stream.
+
+mod common;
+
+use common::*;
+use nbl_onnx::detect::{DecoderLayout, UnitOutput, find_layout};
+use nbl_onnx::fit::LinearMap;
+use nbl_onnx::onnx::{Model, Tensor};
+use nbl_onnx::rewrite::{KvCache, Replacement, RewriteOptions, UnitEdit, apply};
+use nbl_onnx::unit::Unit;
+use ndarray::{Array2, ArrayD, Axis};
+
+/// Every fixture has 3 layers: each unit ends before the last, so that the next layer's X shows
+/// what it left in the stream.
+fn units() -> [Unit; 3] {
+    [Unit::mlp(1), Unit::layer(1), Unit::run(0, 2)]
+}
+
+/// A seeded map `W` (entries of about 0.05, so that `h Wᵀ` is a fraction of `h`) and `b`.
+fn seeded_map(d: usize, seed: u64) -> LinearMap {
+    let mut g = Gaussian::new(seed);
+    let w = g.matrix(d, d);
+    let b: Vec<f64> = (0..d).map(|_| 0.1 * g.sample()).collect();
+    LinearMap { w: faer::Mat::from_fn(d, d, |i, j| 0.05 * w[i * d + j]), b, second_moment: None }
+}
+
+/// `rows` (tokens × d) mapped: `rows Wᵀ + b`.
+fn affine(rows: &Array2<f64>, map: &LinearMap) -> Array2<f64> {
+    let d = map.b.len();
+    let w = Array2::from_shape_fn((d, d), |(i, j)| map.w[(i, j)]);
+    let mut out = rows.dot(&w.t());
+    out.axis_iter_mut(Axis(0)).for_each(|mut row| row.iter_mut().zip(&map.b).for_each(|(v, b)| *v += b));
+    out
+}
+
+fn tokens(t: &Tensor, d: usize) -> Array2<f64> {
+    let a: ArrayD<f64> = t.to_f64().unwrap();
+    let n = a.len() / d;
+    a.into_shape_with_order((n, d)).unwrap()
+}
+
+/// The tensors `names` of `model` run on the fixture's reference inputs.
+fn run(
+    model: &Model,
+    reference: &std::collections::BTreeMap<String, Tensor>,
+    names: &[String],
+) -> Vec<Tensor> {
+    let declared: Vec<&str> = model.graph().input.iter().map(|v| v.name()).collect();
+    let inputs: Vec<_> =
+        reference_inputs(reference).into_iter().filter(|(n, _)| declared.contains(&n.as_str())).collect();
+    let mut session = ort().load(model, names).unwrap();
+    let outputs = session.run(&inputs).unwrap();
+    let own = session.output_names().len() - names.len();
+    outputs.into_iter().skip(own).collect()
+}
+
+/// The int4 graph computes in f32 against its f32 reference (as in the other PyTorch comparisons).
+fn float_accuracy(model: &mut Model) {
+    for node in &mut model.graph_mut().node {
+        for attr in node.attribute.iter_mut().filter(|a| a.name() == "accuracy_level") {
+            attr.i = Some(1);
+        }
+    }
+}
+
+/// What the stream after `unit` is once its map replaces it: for a layer or a run, PyTorch's
+/// stream before it plus the map of it; for an MLP, the stream after it with the MLP's term
+/// swapped for the map of the stream it reads (the term and that stream read off the original
+/// graph, whose streams match PyTorch's).
+fn expected_stream(
+    fixture: &str,
+    model: &Model,
+    layout: &DecoderLayout,
+    unit: Unit,
+    map: &LinearMap,
+) -> Array2<f64> {
+    let reference = reference(fixture);
+    let d = layout.hidden_size;
+    let pytorch = |layer: usize| tokens(&reference[&format!("layers.{layer}.x")], d);
+    let site = layout.unit_site(unit).unwrap();
+    match &site.output {
+        UnitOutput::StreamDelta { .. } => {
+            let x = pytorch(unit.layer);
+            &x + &affine(&x, map)
+        }
+        UnitOutput::Branch(term) => {
+            let mut original = Model { path: model.path.clone(), proto: model.proto.clone() };
+            float_accuracy(&mut original);
+            let taps = run(&original, &reference, &[site.map_input.clone(), term.clone()]);
+            let (x, term) = (tokens(&taps[0], d), tokens(&taps[1], d));
+            pytorch(unit.last() + 1) - &term + &affine(&x, map)
+        }
+    }
+}
+
+#[test]
+fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
+    for fixture in fixture_names() {
+        let model = Model::load(model_path(&fixture)).unwrap();
+        let layout = find_layout(&model).unwrap();
+        let d = layout.hidden_size;
+        for (seed, unit) in units().into_iter().enumerate() {
+            let site = match layout.unit_site(unit) {
+                Ok(site) => site,
+                Err(e) => {
+                    // Only a mixture of experts is refused among these fixtures' units.
+                    let e = format!("{e:#}");
+                    assert!(e.contains("mixture of experts") && e.contains("TopK"), "{fixture}: {unit}: {e}");
+                    eprintln!("{fixture}: {unit} refused: {e}");
+                    continue;
+                }
+            };
+            let map = seeded_map(d, seed as u64 + 1);
+            let expected = expected_stream(&fixture, &model, &layout, unit, &map);
+
+            let mut rewritten = Model { path: model.path.clone(), proto: model.proto.clone() };
+            let edit = UnitEdit { site, map: Some(map) };
+            let options = RewriteOptions::float(&layout, Replacement::Linear, KvCache::Drop);
+            let summary = apply(&mut rewritten, &layout, vec![Ok(edit)], options, &[]).unwrap();
+            float_accuracy(&mut rewritten);
+            // Every attention inside the unit takes its KV cache with it, and nothing else does.
+            let kv_layers: Vec<usize> = if unit.holds_attention() { unit.layers().collect() } else { vec![] };
+            assert_eq!(summary.layers, kv_layers, "{fixture}: {unit}");
+            let removed: usize = kv_layers.iter().map(|&l| layout.layers[l].kv_inputs.len()).sum();
+            assert_eq!(summary.removed_inputs.len(), removed, "{fixture}: {unit}");
+
+            let after = layout.layers[unit.last() + 1].x.clone();
+            let reference = reference(&fixture);
+            let got = tokens(&run(&rewritten, &reference, &[after])[0], d);
+            let diff = (&got - &expected).iter().map(|v| v.abs()).fold(0.0, f64::max);
+            let scale = expected.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            let tolerance = f64::from(tolerance(&fixture)) * scale.max(1.0);
+            eprintln!(
+                "{fixture}: {unit}: stream after it within {diff:.2e} of the map on PyTorch's (max {scale:.2})"
+            );
+            if quantised_activations(&fixture) {
+                let cos = cosine(&Tensor::F64(got.into_dyn()), &Tensor::F64(expected.into_dyn()));
+                assert!(cos >= QUANTISED_MIN_COSINE, "{fixture}: {unit}: cosine {cos}");
+            } else {
+                assert!(diff <= tolerance, "{fixture}: {unit}: {diff} > {tolerance}");
+            }
+        }
+    }
+}
