@@ -226,7 +226,7 @@ pub struct SelectArgs {
     /// Every layer whose normalised bound (bound/d) is at most B
     #[arg(long, value_parser = non_negative)]
     pub max_bound: Option<f64>,
-    /// Ridge λ: ε = λ · tr(C)/d is added to the covariances
+    /// Ridge λ: each covariance C becomes C + λ · diag(C) (a share of each dimension's own variance)
     #[arg(long, default_value_t = DEFAULT_LAMBDA, value_parser = non_negative)]
     pub lambda: f64,
 }

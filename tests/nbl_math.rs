@@ -177,7 +177,8 @@ fn rank_deficient_statistics_give_finite_flagged_results() {
 /// With no ridge asked for, a dead input dimension makes the factorisation of `C_xx` fail, and the
 /// ridge is raised until it succeeds; each attempt must start again from the covariance, not from
 /// what the failed one left. The fit is then the textbook one at the ridges it reports:
-/// `W = C_yx (C_xx + ε_x I)⁻¹` by faer's own Cholesky solve, `Σρ² = ‖L_z⁻¹ C_zx L_x⁻ᵀ‖²`.
+/// `W = C_yx (C_xx + λ_x D)⁻¹` by faer's own Cholesky solve, `Σρ² = ‖L_z⁻¹ C_zx L_x⁻ᵀ‖²`, with
+/// `D = diag(max(C_ii, 10⁻⁶ tr(C)/d))` as documented.
 #[test]
 fn a_raised_ridge_fits_the_statistics_not_a_failed_attempt() {
     let (d, n) = (40, 400);
@@ -199,7 +200,10 @@ fn a_raised_ridge_fits_the_statistics_not_a_failed_attempt() {
     );
 
     let (c_xx, c_yx, c_yy) = m.covariances();
-    let ridged = |c: &Mat<f64>, r: f64| Mat::from_fn(d, d, |i, j| c[(i, j)] + if i == j { r } else { 0.0 });
+    let ridged = |c: &Mat<f64>, lambda: f64| {
+        let floor = 1e-6 * (0..d).map(|i| c[(i, i)]).sum::<f64>() / d as f64;
+        Mat::from_fn(d, d, |i, j| c[(i, j)] + if i == j { lambda * c[(i, i)].max(floor) } else { 0.0 })
+    };
     let llt_x = ridged(&c_xx, fit.ridge_x).llt(Side::Lower).unwrap();
     let w = llt_x.solve(c_yx.transpose()).transpose().to_owned();
     let c_zz = &c_yy + &c_yx + c_yx.transpose() + &c_xx;
@@ -354,4 +358,50 @@ fn heldout_residual_equals_the_error_measured_token_by_token() {
     assert!((got - want).abs() <= 1e-9 * want, "from moments {got}, token by token {want}");
     // Fitted on 40 tokens, the map errs more on new ones than on its own.
     assert!(got > fit.fit_residual, "held out {got} vs in sample {}", fit.fit_residual);
+}
+
+/// A ridge in the standardised basis leaves a well-conditioned layer's bound where no ridge puts
+/// it, even when a few dimensions carry massive activations (variance 10⁸ against 1, as in
+/// SmolLM2's stream); a scalar ridge of the same λ, set by the mean variance, moves it by orders
+/// of magnitude more.
+#[test]
+fn the_ridge_is_scale_aware_with_massive_activations() {
+    let (d, n) = (24, 20_000);
+    let mut g = Gaussian::new(5);
+    let mut x = Mat::from_fn(n, d, |_, _| g.sample());
+    for t in 0..n {
+        x[(t, 0)] *= 1e4;
+        x[(t, 1)] *= 3e3;
+    }
+    let w = Mat::from_fn(d, d, |_, _| 0.1 * g.sample());
+    let noise = Mat::from_fn(n, d, |_, _| 0.3 * g.sample());
+    // y depends on the small dimensions only, so that they matter to the bound.
+    let mut x_small = x.clone();
+    for t in 0..n {
+        x_small[(t, 0)] = 0.0;
+        x_small[(t, 1)] = 0.0;
+    }
+    let y = &x_small * w.transpose() + &noise;
+    let mut m = Moments::new(d);
+    m.add_batch(&rows_f32(x.as_ref()), &rows_f32(y.as_ref()));
+    let bound = |lambda: f64| fit_measures(0, m.clone(), lambda, false).unwrap().bound;
+    let (exact, ridged) = (bound(0.0), bound(1e-6));
+    let moved = ((ridged - exact) / exact).abs();
+    // The scalar ridge λ · tr(C)/d the tool used to apply: the same bound from covariances with
+    // that added to every diagonal entry, by an independent SVD.
+    let (c_xx, c_yx, c_yy) = m.covariances();
+    let scalar = 1e-6 * (0..d).map(|i| c_xx[(i, i)]).sum::<f64>() / d as f64;
+    let c_xx_r = Mat::from_fn(d, d, |i, j| c_xx[(i, j)] + if i == j { scalar } else { 0.0 });
+    let c_zz = &c_yy + &c_yx + c_yx.transpose() + &c_xx;
+    let c_zx = &c_yx + &c_xx;
+    let l_x = c_xx_r.llt(Side::Lower).unwrap().L().to_owned();
+    let l_z = c_zz.llt(Side::Lower).unwrap().L().to_owned();
+    let whitened = l_z.partial_piv_lu().solve(&c_zx) * l_x.transpose().partial_piv_lu().inverse();
+    let scalar_bound = d as f64 - whitened.norm_l2().powi(2);
+    let scalar_moved = ((scalar_bound - exact) / exact).abs();
+    eprintln!(
+        "bound {exact:.6}: diagonal ridge moves it by {moved:.2e}, a scalar ridge by {scalar_moved:.2e}"
+    );
+    assert!(moved < 1e-4, "{moved:e}");
+    assert!(scalar_moved > 10.0 * moved, "{scalar_moved:e} vs {moved:e}");
 }

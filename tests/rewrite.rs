@@ -733,7 +733,7 @@ fn sequential_fitting_of_one_layer_is_the_one_shot_fit() {
 /// The second stage's map is the LMMSE fit of that layer's X and Y on the model whose first chosen
 /// layer is already linearised. The test captures X and Y there itself (the first map from the
 /// statistics, spliced in by the library, the model run block by block) and fits by least squares
-/// with the same ridge, by QR of the augmented system `[X_c; √((n−1)ε) I] Wᵀ = [Y_c; 0]`: no moments,
+/// with the same ridge, by QR of the augmented system `[X_c; √((n−1)λ D)] Wᵀ = [Y_c; 0]`: no moments,
 /// no Cholesky.
 #[test]
 fn the_second_stage_fits_the_model_with_the_first_layer_linearised() {
@@ -797,16 +797,17 @@ fn the_second_stage_fits_the_model_with_the_first_layer_linearised() {
     let column_means =
         |v: &[f64]| (0..d).map(|j| (0..n).map(|t| v[t * d + j]).sum::<f64>() / n as f64).collect::<Vec<_>>();
     let (mx, my) = (column_means(&xs), column_means(&ys));
-    let ridge = lambda
-        * (0..d).map(|j| (0..n).map(|t| (xs[t * d + j] - mx[j]).powi(2)).sum::<f64>()).sum::<f64>()
-        / (n - 1) as f64
-        / d as f64;
-    let scale = ((n - 1) as f64 * ridge).sqrt();
+    // The ridge λ · max(C_jj, 10⁻⁶ tr(C)/d) on each input dimension j (the documented one).
+    let variance: Vec<f64> = (0..d)
+        .map(|j| (0..n).map(|t| (xs[t * d + j] - mx[j]).powi(2)).sum::<f64>() / (n - 1) as f64)
+        .collect();
+    let floor = 1e-6 * variance.iter().sum::<f64>() / d as f64;
+    let scale: Vec<f64> = variance.iter().map(|v| ((n - 1) as f64 * lambda * v.max(floor)).sqrt()).collect();
     let a = faer::Mat::from_fn(n + d, d, |r, j| {
         if r < n {
             xs[r * d + j] - mx[j]
         } else if r - n == j {
-            scale
+            scale[j]
         } else {
             0.0
         }
