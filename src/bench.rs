@@ -28,8 +28,9 @@ pub struct ModelTiming {
     pub prefill_ms_runs: Vec<f64>,
     pub decode_tok_s_runs: Vec<f64>,
     /// Peak resident memory of a process that loads this model alone and runs it once, in MiB
-    /// (measured by [`peak_memory_mb`] in a fresh process).
-    pub peak_mem_mb: f64,
+    /// (measured by [`peak_memory_mb`] in a fresh process; absent where not measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_mem_mb: Option<f64>,
     pub kv_bytes_per_token: u64,
     /// Multiply-adds of the prefill and of a mean decode step, counted from the graph.
     pub prefill_gmacs: f64,
@@ -45,6 +46,10 @@ pub struct ModelTiming {
     pub predicted_decode_speedup_bytes: f64,
 }
 
+/// Measures a model's peak memory (in a process of its own).
+pub type PeakMemory<'a> = &'a dyn Fn(&Model) -> Result<f64>;
+
+#[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub prompt_len: usize,
     pub new_tokens: usize,
@@ -158,12 +163,12 @@ pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> 
 }
 
 /// Times every model (alternately, after a warm-up run each), then measures each one's peak
-/// memory with `peak_memory` (in a fresh process: see [`peak_memory_mb`]).
+/// memory with `peak_memory` where given (in a fresh process: see [`peak_memory_mb`]).
 pub fn bench(
     models: &[Model],
     engine: &dyn Engine,
     options: &BenchOptions,
-    peak_memory: &dyn Fn(&Model) -> Result<f64>,
+    peak_memory: Option<PeakMemory>,
 ) -> Result<BenchReport> {
     ensure!(
         options.runs > 0 && options.new_tokens > 0 && options.prompt_len > 0,
@@ -218,7 +223,7 @@ pub fn bench(
                 decode_tok_s: decode_tok_s[i],
                 prefill_ms_runs: prefill[i].clone(),
                 decode_tok_s_runs: decode[i].clone(),
-                peak_mem_mb: peak_memory(subject.model)?,
+                peak_mem_mb: peak_memory.map(|measure| measure(subject.model)).transpose()?,
                 kv_bytes_per_token: subject.interface.kv_bytes_per_token(),
                 prefill_gmacs: prefill_macs[i] / 1e9,
                 decode_mmacs_per_token: decode_macs[i] / 1e6,
@@ -278,7 +283,7 @@ impl BenchReport {
         for t in &self.models {
             let _ = writeln!(
                 out,
-                "{:>10.1}  {:>12.2}  {:>17}  {:>25}  {:>8.0}  {:>12}  {}",
+                "{:>10.1}  {:>12.2}  {:>17}  {:>25}  {:>8}  {:>12}  {}",
                 t.prefill_ms,
                 t.decode_tok_s,
                 format!("{:.3} ({:.3})", t.prefill_speedup, t.predicted_prefill_speedup),
@@ -286,7 +291,7 @@ impl BenchReport {
                     "{:.3} ({:.3}, {:.3})",
                     t.decode_speedup, t.predicted_decode_speedup, t.predicted_decode_speedup_bytes
                 ),
-                t.peak_mem_mb,
+                t.peak_mem_mb.map_or("-".to_string(), |m| format!("{m:.0}")),
                 t.kv_bytes_per_token,
                 t.path
             );

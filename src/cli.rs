@@ -17,7 +17,9 @@ use nbl_onnx::fit::quantize::Quantizer;
 use nbl_onnx::fit::storage::WeightFormat;
 use nbl_onnx::nbl::DEFAULT_LAMBDA;
 use nbl_onnx::onnx::Model;
-use nbl_onnx::pipeline::{Budget, Calibration, RewritePlan, SelectPlan, output_paths};
+use nbl_onnx::pipeline::{
+    Budget, Calibration, GenerationPlan, RewritePlan, SelectPlan, SweepPlan, output_paths,
+};
 use nbl_onnx::rewrite::{KvCache, Replacement};
 use nbl_onnx::select::{Criterion, Selection};
 use nbl_onnx::unit::UnitKind;
@@ -51,9 +53,115 @@ pub enum Command {
     /// Prefill latency and greedy decode throughput with the KV cache (batch 1), models run
     /// alternately, medians over runs
     Bench(BenchArgs),
+    /// The frontier of speed against quality: the budget's measured choice among units and the
+    /// attention-only methods, every point on held-out text, the fastest within the budget timed
+    Sweep(SweepArgs),
     /// Write a statistics file of a given size without calibrating, for benchmarks at scale
     #[command(hide = true)]
     SyntheticStats(SyntheticStatsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct SweepArgs {
+    /// The ONNX model (never modified)
+    pub model: PathBuf,
+    /// Statistics from calibrate (with the --units asked for); without it the model is calibrated first
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+    /// The budget: each curve's fastest point within this held-out KL is chosen
+    #[arg(long, value_parser = positive)]
+    pub max_kl: f64,
+    /// How far each curve goes: until its held-out KL passes this (default: twice --max-kl)
+    #[arg(long, value_parser = positive)]
+    pub walk_kl: Option<f64>,
+    /// What the budget saves: bytes per decode step, or prefill multiply-adds
+    #[arg(long, value_enum, default_value_t = Optimize::Decode)]
+    pub optimize: Optimize,
+    /// Sequences of --seq-len tokens the budget search scores candidates on
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    pub probe_sequences: usize,
+    /// Held-out text every point is measured on (default: the built-in C4 sample's documents 200-299)
+    #[arg(long, num_args = 1..)]
+    pub heldout_data: Vec<PathBuf>,
+    /// Held-out sequences of --seq-len tokens every point is measured on
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub heldout_sequences: usize,
+    /// Ridge λ (see rewrite)
+    #[arg(long, default_value_t = DEFAULT_LAMBDA, value_parser = non_negative)]
+    pub lambda: f64,
+    /// Prompts the chosen points continue greedily, against the original
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    pub gen_prompts: usize,
+    /// Tokens each chosen point generates per prompt
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
+    pub gen_tokens: usize,
+    /// Time the chosen points and the original side by side (bench: alternating runs)
+    #[arg(long)]
+    pub bench: bool,
+    /// Prompt tokens of each timed run, with --bench
+    #[arg(long, default_value_t = 512, value_parser = at_least_one, requires = "bench")]
+    pub prompt_len: usize,
+    /// Tokens generated in each timed run, with --bench
+    #[arg(long = "gen", default_value_t = 128, value_parser = at_least_one, requires = "bench")]
+    pub new_tokens: usize,
+    /// Timed runs per model, with --bench
+    #[arg(long, default_value_t = 3, value_parser = at_least_one, requires = "bench")]
+    pub runs: usize,
+    /// Directory for sweep.json, sweep.md and sweep.svg (default: <stem>.sweep beside the model)
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Print the JSON report instead of the table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl SweepArgs {
+    pub fn plan(&self) -> Result<SweepPlan> {
+        let stem = self.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+        let output_dir =
+            self.output.clone().unwrap_or_else(|| self.model.with_file_name(format!("{stem}.sweep")));
+        let walk_kl = self.walk_kl.unwrap_or(2.0 * self.max_kl);
+        ensure!(walk_kl >= self.max_kl, "--walk-kl {walk_kl} is below --max-kl {}", self.max_kl);
+        let unused = output_dir.join("sweep.json");
+        let rewrite = RewritePlan {
+            model: self.model.clone(),
+            output: unused.clone(),
+            report: unused,
+            stats: self.stats.clone(),
+            calibration: self.calibration.calibration(),
+            select: SelectPlan { criterion: Criterion::Cca, selection: None, lambda: self.lambda },
+            probe_data: Vec::new(),
+            probe_sequences: self.probe_sequences,
+            replace: Replacement::Linear,
+            kv: KvCache::Drop,
+            weight_format: WeightFormat::Auto,
+            quantizer: Quantizer::Gptq,
+            group_size: None,
+            stage_size: None,
+            allow_noop: false,
+            budget: Some(Budget {
+                max_kl: self.max_kl,
+                optimize: self.optimize,
+                heldout_data: self.heldout_data.clone(),
+            }),
+        };
+        Ok(SweepPlan {
+            rewrite,
+            output_dir,
+            walk_kl,
+            heldout_sequences: self.heldout_sequences,
+            generation: GenerationPlan { prompts: self.gen_prompts, tokens: self.gen_tokens },
+            bench: self.bench.then(|| BenchOptions {
+                prompt_len: self.prompt_len,
+                new_tokens: self.new_tokens,
+                runs: self.runs,
+                ep: self.calibration.engine.options().ep,
+                threads: None,
+            }),
+        })
+    }
 }
 
 #[derive(clap::Args)]

@@ -39,4 +39,5 @@ pub mod report;
 pub mod rewrite;
 pub mod select;
 pub mod stats;
+pub mod sweep;
 pub mod unit;

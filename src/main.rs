@@ -60,6 +60,16 @@ fn run_merge(args: &MergeArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_sweep(args: &SweepArgs) -> Result<()> {
+    let plan = args.plan()?;
+    let report = pipeline::sweep(&plan)?;
+    let [json, markdown, svg] = pipeline::sweep_outputs(&plan.output_dir);
+    eprintln!("wrote {}, {} and {}", json.display(), markdown.display(), svg.display());
+    emit(args.json, &report, || report.table())?;
+    eprintln!("{}", report.closing_line());
+    Ok(())
+}
+
 fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
     ensure!(
         args.select.criterion != Criterion::Measured,
@@ -190,6 +200,7 @@ fn main() -> ExitCode {
         Command::Check(args) => run_check(args),
         Command::Eval(args) => run_eval(args),
         Command::Bench(args) => run_bench(args),
+        Command::Sweep(args) => run_sweep(args),
         Command::SyntheticStats(args) => run_synthetic_stats(args),
     };
     match result {

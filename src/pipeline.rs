@@ -394,20 +394,27 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
 /// Loads the model, checks every output path, finds the layers, resolves the storage, and opens
 /// the engine and data where a stage will run the model.
 fn rewrite_subject(plan: &RewritePlan) -> Result<Subject> {
-    let model = Model::load(&plan.model)?;
-    let stats: Vec<&Path> = plan.stats.iter().map(PathBuf::as_path).collect();
-    let inputs = files_read(&model, Some(&plan.calibration.data), &stats);
-    for out in [Some(plan.output.clone()), model.data_file_for(&plan.output), Some(plan.report.clone())]
-        .iter()
-        .flatten()
-    {
-        check_output_creating_dir(out, &as_paths(&inputs))?;
-    }
     ensure!(
         plan.output != plan.report,
         "the report {} would overwrite the model written there",
         plan.report.display()
     );
+    let model = Model::load(&plan.model)?;
+    let outputs: Vec<PathBuf> =
+        [Some(plan.output.clone()), model.data_file_for(&plan.output), Some(plan.report.clone())]
+            .into_iter()
+            .flatten()
+            .collect();
+    subject(plan, model, &outputs)
+}
+
+/// [`rewrite_subject`] for a model already loaded, which writes `outputs`.
+fn subject(plan: &RewritePlan, model: Model, outputs: &[PathBuf]) -> Result<Subject> {
+    let stats: Vec<&Path> = plan.stats.iter().map(PathBuf::as_path).collect();
+    let inputs = files_read(&model, Some(&plan.calibration.data), &stats);
+    for out in outputs {
+        check_output_creating_dir(out, &as_paths(&inputs))?;
+    }
     let layout = find_layout(&model)?;
     let layers = layout.layers.len();
     plan.select.selection(layers).check(layers, &format!("attention layers of {}", plan.model.display()))?;
@@ -507,26 +514,9 @@ fn choose_within_budget(
         .collect::<Result<_>>()?;
     // The maps of the set scored last: the chosen units' stay between steps, the others are fitted
     // as they are scored (each is d² values in f64).
-    let mut maps: Vec<(Unit, LinearMap)> = Vec::new();
-    let mut copy_of = |set: &[Unit]| -> Result<Model> {
-        if plan.replace == Replacement::Linear {
-            maps.retain(|(u, _)| set.contains(u));
-            for &unit in set {
-                if !maps.iter().any(|(u, _)| *u == unit) {
-                    maps.push((unit, fit_map(stats, unit, lambda, *storage)?));
-                }
-            }
-        }
-        let edits = set.iter().map(|&unit| {
-            let map = maps.iter().find(|(u, _)| *u == unit).map(|(_, m)| m.clone());
-            Ok(UnitEdit { site: layout.unit_site(unit)?, map })
-        });
-        // The interface kept, so that the probe feeds every candidate the original's inputs.
-        let options = RewriteOptions { replace: plan.replace, kv: KvCache::Keep, storage: *storage };
-        let mut copy = Model { path: model.path.clone(), proto: model.proto.clone() };
-        rewrite::apply(&mut copy, layout, edits, options, &[])?;
-        Ok(copy)
-    };
+    let mut maps = MapCache::default();
+    let fitting = Fitter { stats, lambda, storage: *storage };
+    let mut copy_of = |set: &[Unit]| maps.replaced(subject, &fitting, set, plan.replace, KvCache::Keep);
     let choice = select::budget::choose_within(&candidates, budget.max_kl, FRONT, probe.tokens(), |set| {
         probe.mean_kl(&copy_of(set)?)
     })?;
@@ -560,6 +550,50 @@ fn choose_within_budget(
         predicted_decode_speedup: speedup(Optimize::Decode),
         predicted_prefill_speedup: speedup(Optimize::Prefill),
     })
+}
+
+/// How maps are fitted: from which statistics, with which ridge, stored how.
+struct Fitter<'a> {
+    stats: &'a dyn MomentsSource,
+    lambda: f64,
+    storage: MapStorage,
+}
+
+/// The maps of the units last asked for, kept while the next set shares them.
+#[derive(Default)]
+struct MapCache {
+    maps: Vec<(Unit, LinearMap)>,
+}
+
+impl MapCache {
+    /// The subject's model with `units` replaced as `replace` says (their maps fitted where not
+    /// held), the KV cache of their attention as `kv` says.
+    fn replaced(
+        &mut self,
+        subject: &Subject,
+        fitter: &Fitter,
+        units: &[Unit],
+        replace: Replacement,
+        kv: KvCache,
+    ) -> Result<Model> {
+        let Subject { model, layout, .. } = subject;
+        if replace == Replacement::Linear {
+            self.maps.retain(|(u, _)| units.contains(u));
+            for &unit in units {
+                if !self.maps.iter().any(|(u, _)| *u == unit) {
+                    self.maps.push((unit, fit_map(fitter.stats, unit, fitter.lambda, fitter.storage)?));
+                }
+            }
+        }
+        let edits = units.iter().map(|&unit| {
+            let map = self.maps.iter().find(|(u, _)| *u == unit).map(|(_, m)| m.clone());
+            Ok(UnitEdit { site: layout.unit_site(unit)?, map })
+        });
+        let options = RewriteOptions { replace, kv, storage: fitter.storage };
+        let mut copy = Model { path: model.path.clone(), proto: model.proto.clone() };
+        rewrite::apply(&mut copy, layout, edits, options, &[])?;
+        Ok(copy)
+    }
 }
 
 /// A model's predicted cost: its multiply-adds and weight bytes, and its KV cache per position.
@@ -814,7 +848,7 @@ pub fn bench(
     let engine =
         engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: options.ep, threads: options.threads })?;
     eprintln!("engine: {}", engine.describe());
-    bench::bench(&models, engine.as_ref(), options, peak_memory)
+    bench::bench(&models, engine.as_ref(), options, Some(peak_memory))
 }
 
 /// The peak memory of loading and running `model` (what `bench` measures in a process of its own).
@@ -823,4 +857,185 @@ pub fn peak_memory(model: &Path, options: &bench::BenchOptions) -> Result<f64> {
     let engine =
         engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: options.ep, threads: options.threads })?;
     bench::peak_memory_mb(&model, engine.as_ref(), options.prompt_len)
+}
+
+/// Everything a sweep needs: the rewrite's settings (its budget is the sweep's; it writes no
+/// model, so its output paths are not used), where to write, and what to measure at each point.
+#[derive(Clone, Debug)]
+pub struct SweepPlan {
+    pub rewrite: RewritePlan,
+    /// `sweep.json`, `sweep.md` and `sweep.svg` go here.
+    pub output_dir: PathBuf,
+    /// Each curve goes on until its held-out KL passes this (above the budget, to show the
+    /// curve beyond it).
+    pub walk_kl: f64,
+    pub heldout_sequences: usize,
+    pub generation: GenerationPlan,
+    /// Time the chosen points against the original, side by side.
+    pub bench: Option<bench::BenchOptions>,
+}
+
+/// The files a sweep writes into `dir`.
+pub fn sweep_outputs(dir: &Path) -> [PathBuf; 3] {
+    ["sweep.json", "sweep.md", "sweep.svg"].map(|f| dir.join(f))
+}
+
+/// `sweep`: the greedy budget path (the units of `--units`) and, for comparison, the paper's NBL
+/// (attention in CCA order), the cosine order with maps, and attention dropped in the cosine order
+/// (LLM-Drop); every point measured on held-out text; the fastest point of each within the budget
+/// chosen, measured for generation, and timed side by side with the original.
+pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
+    use crate::sweep::{Curve, Point, SweepReport, Timing, fastest_within};
+    let started = std::time::Instant::now();
+    let rw = &plan.rewrite;
+    let budget = rw.budget.as_ref().context("a sweep needs a KL budget")?;
+    let outputs = sweep_outputs(&plan.output_dir);
+    let subject = subject(rw, Model::load(&rw.model)?, &outputs)?;
+    let candidates = candidate_units(&subject.layout, &rw.calibration.units)?;
+    let stats = moments(rw, &subject, &candidates)?;
+    let d = subject.layout.hidden_size;
+    let layers = subject.layout.layers.len();
+    let analysis = crate::report::analyze(
+        stats.as_ref(),
+        Criterion::Cca,
+        &Selection::Count(1),
+        rw.select.lambda,
+        false,
+    )?;
+    let fits: Vec<crate::nbl::LayerFit> = analysis.layers.iter().map(|r| r.fit.clone()).collect();
+    let cosine_order = select::ranking(&fits, select::Ranking::Cosine);
+
+    // The budget path, walked past the budget.
+    let walk = Budget { max_kl: plan.walk_kl, ..budget.clone() };
+    let path = match choose_within_budget(rw, &walk, &subject, stats.as_ref(), &candidates) {
+        Ok(report) => report.choice.steps,
+        Err(e) if e.is::<crate::select::budget::Unreachable>() => {
+            eprintln!("sweep: {e}");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+
+    let engine = subject.engine()?;
+    let mut heldout_plan = rw.clone();
+    heldout_plan.probe_sequences = plan.heldout_sequences;
+    let heldout = probe_sequences(&heldout_plan, &subject, &budget.heldout_data, Split::Evaluation)?;
+    let scorer = probe::Probe::new(&subject.model, d, engine, &heldout)?;
+    let original_ppl = scorer.score(&subject.model)?.ppl;
+    let fitter = Fitter { stats: stats.as_ref(), lambda: rw.select.lambda, storage: subject.storage };
+    let before = Predicted::of(&subject.model, d)?;
+    let mut maps = MapCache::default();
+    let mut point = |units: Vec<Unit>, replace: Replacement, probe_kl: Option<f64>| -> Result<Point> {
+        let scored = scorer.score(&maps.replaced(&subject, &fitter, &units, replace, KvCache::Keep)?)?;
+        let after = Predicted::of(
+            &predicted_rewrite(&subject.model, &subject.layout, &units, replace, subject.storage)?,
+            d,
+        )?;
+        Ok(Point {
+            heldout: scored,
+            probe_kl,
+            predicted_decode_speedup: before.spent(Optimize::Decode) / after.spent(Optimize::Decode),
+            predicted_prefill_speedup: before.spent(Optimize::Prefill) / after.spent(Optimize::Prefill),
+            measured_decode_speedup: None,
+            measured_prefill_speedup: None,
+            generation: None,
+            units,
+        })
+    };
+    let kinds = rw.calibration.units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
+    let mut curves = Vec::new();
+    let mut budget_points = Vec::new();
+    for (i, step) in path.iter().enumerate() {
+        let units: Vec<Unit> = path[..=i].iter().map(|s| s.unit).collect();
+        budget_points.push(point(units, rw.replace, Some(step.kl))?);
+    }
+    curves.push(("budget", format!("budget: measured choice among {kinds}"), budget_points));
+    let orders: [(&str, &str, &[usize], Replacement); 3] = [
+        ("nbl", "nbl: attention in CCA order (the paper)", &analysis.order, Replacement::Linear),
+        ("cosine", "cosine: attention in cosine order, linear maps", &cosine_order, Replacement::Linear),
+        ("drop", "drop: attention dropped in cosine order (LLM-Drop)", &cosine_order, Replacement::Drop),
+    ];
+    for (method, describe, order, replace) in orders {
+        let mut points = Vec::new();
+        for k in 1..=layers {
+            eprintln!("sweep: {method}, {k} layers");
+            let p = point(order[..k].iter().map(|&l| Unit::attention(l)).collect(), replace, None)?;
+            let past = p.heldout.kl > plan.walk_kl;
+            points.push(p);
+            if past {
+                break;
+            }
+        }
+        curves.push((method, describe.to_string(), points));
+    }
+    let mut curves: Vec<Curve> = curves
+        .into_iter()
+        .map(|(method, describe, points)| Curve {
+            method: method.to_string(),
+            describe,
+            chosen: fastest_within(&points, budget.max_kl, budget.optimize),
+            points,
+        })
+        .collect();
+
+    // The chosen points as a rewrite writes them, for generation and timing.
+    let chosen: Vec<(usize, usize)> =
+        curves.iter().enumerate().filter_map(|(c, curve)| curve.chosen.map(|p| (c, p))).collect();
+    let mut models = vec![subject.model.without_value_info()];
+    for &(c, p) in &chosen {
+        let replace = if curves[c].method == "drop" { Replacement::Drop } else { rw.replace };
+        let mut model =
+            maps.replaced(&subject, &fitter, &curves[c].points[p].units, replace, KvCache::Drop)?;
+        model.path = plan.output_dir.join(format!("{}.onnx", curves[c].method));
+        models.push(model);
+    }
+    if chosen.is_empty() {
+        eprintln!("sweep: no point of any curve is within held-out KL {}", budget.max_kl);
+    } else {
+        let agreement = eval::generation_agreement(
+            &models,
+            Some(d),
+            engine,
+            &heldout,
+            plan.generation.prompts,
+            plan.generation.tokens,
+        )?;
+        for (&(c, p), generation) in chosen.iter().zip(agreement.into_iter().skip(1)) {
+            curves[c].points[p].generation = generation;
+        }
+    }
+    let timing = match (&plan.bench, chosen.is_empty()) {
+        (Some(options), false) => {
+            let report = bench::bench(&models, engine, options, None)?;
+            for (&(c, p), timed) in chosen.iter().zip(report.models.iter().skip(1)) {
+                curves[c].points[p].measured_decode_speedup = Some(timed.decode_speedup);
+                curves[c].points[p].measured_prefill_speedup = Some(timed.prefill_speedup);
+            }
+            Some(Timing {
+                engine: report.engine,
+                prompt_len: report.prompt_len,
+                new_tokens: report.new_tokens,
+                runs: report.runs,
+            })
+        }
+        _ => None,
+    };
+    let report = SweepReport {
+        model: rw.model.display().to_string(),
+        max_kl: budget.max_kl,
+        optimize: budget.optimize,
+        original_ppl,
+        heldout_sequences: heldout.len(),
+        heldout_tokens: heldout.iter().map(Vec::len).sum(),
+        probe_tokens: rw.probe_sequences * heldout.first().map_or(0, Vec::len),
+        curves,
+        bench: timing,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let [json, markdown, svg] = &outputs;
+    crate::atomic::create_dir(json)?;
+    crate::atomic::write(json, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    crate::atomic::write(markdown, report.table().as_bytes())?;
+    crate::atomic::write(svg, report.svg().as_bytes())?;
+    Ok(report)
 }

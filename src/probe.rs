@@ -8,7 +8,19 @@ use ndarray::Array2;
 
 use crate::engine::Engine;
 use crate::generate::next_token_log_probs;
+use crate::logits::argmax;
 use crate::onnx::{Interface, Model};
+
+/// How a model compares with the original on the probe sequences.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct ProbeScore {
+    /// Mean `KL(original ‖ model)` over the positions.
+    pub kl: f64,
+    /// Share of positions where both predict the same next token.
+    pub top1: f64,
+    /// The model's perplexity on the sequences' own next tokens.
+    pub ppl: f64,
+}
 
 /// The original model's next-token log-probabilities on the probe sequences.
 pub struct Probe<'a> {
@@ -46,14 +58,28 @@ impl<'a> Probe<'a> {
 
     /// Mean over the probe positions of `KL(original ‖ model)`, in f64.
     pub fn mean_kl(&self, model: &Model) -> Result<f64> {
+        Ok(self.score(model)?.kl)
+    }
+
+    /// `model` against the original on the probe sequences: the mean KL and top-1 agreement over
+    /// every position, and its perplexity on the positions that have a next token.
+    pub fn score(&self, model: &Model) -> Result<ProbeScore> {
         let mut positions = self.reference.iter();
-        let mut total = 0.0;
+        let (mut kl, mut agree, mut nll, mut predicted) = (0.0, 0usize, 0.0, 0usize);
+        let mut tokens = self.sequences.iter();
         self.for_each_sequence(model, |sequence| {
-            for (q, p) in sequence.iter().zip(positions.by_ref()) {
-                total += p.iter().zip(q).map(|(&a, &b)| f64::from(a).exp() * (f64::from(a) - b)).sum::<f64>();
+            let ids = tokens.next().expect("one per sequence");
+            for (t, (q, p)) in sequence.iter().zip(positions.by_ref()).enumerate() {
+                kl += p.iter().zip(q).map(|(&a, &b)| f64::from(a).exp() * (f64::from(a) - b)).sum::<f64>();
+                agree += usize::from(argmax(p.iter().copied()) == argmax(q.iter().copied()));
+                if let Some(&next) = ids.get(t + 1) {
+                    nll -= q.get(next as usize).copied().unwrap_or(f64::NEG_INFINITY);
+                    predicted += 1;
+                }
             }
         })?;
-        Ok(total / self.reference.len().max(1) as f64)
+        let n = self.reference.len().max(1) as f64;
+        Ok(ProbeScore { kl: kl / n, top1: agree as f64 / n, ppl: (nll / predicted.max(1) as f64).exp() })
     }
 
     /// Runs `model` on every probe sequence and hands `each` its next-token log-probabilities,

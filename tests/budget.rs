@@ -155,3 +155,59 @@ fn statistics_with_units_keep_attention_for_analysis() {
     let analysis: serde_json::Value = serde_json::from_slice(&analysis.stdout).unwrap();
     assert_eq!(analysis["layers"].as_array().unwrap().len(), 3, "{analysis}");
 }
+
+/// `sweep` draws every curve from the same statistics: the budget path among the units asked for
+/// and the attention-only methods, each point on held-out text, the fastest within the budget
+/// chosen per curve and timed against the original.
+#[test]
+fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
+    let ws = workspace("llama-optimum-past");
+    let dir = ws.dir.path().join("frontier");
+    let mut args = vec!["sweep", ws.model.to_str().unwrap()];
+    args.extend_from_slice(&data_args(&ws));
+    args.extend_from_slice(&[
+        "--max-kl",
+        "0.5",
+        "--units",
+        "all",
+        "--heldout-sequences",
+        "2",
+        "--bench",
+        "--runs",
+        "1",
+        "--prompt-len",
+        "16",
+        "--gen",
+        "4",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    let run = ok(nbl(&args));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("sweep.json")).unwrap()).unwrap();
+    let methods: Vec<&str> =
+        report["curves"].as_array().unwrap().iter().map(|c| c["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["budget", "nbl", "cosine", "drop"]);
+    for curve in report["curves"].as_array().unwrap() {
+        let points = curve["points"].as_array().unwrap();
+        // Each attention-only curve adds one layer per point.
+        if curve["method"] != "budget" {
+            assert!(!points.is_empty(), "{curve}");
+            for (k, p) in points.iter().enumerate() {
+                assert_eq!(p["units"].as_array().unwrap().len(), k + 1, "{curve}");
+            }
+        }
+        if let Some(chosen) = curve["chosen"].as_u64() {
+            let p = &points[chosen as usize];
+            assert!(p["heldout"]["kl"].as_f64().unwrap() <= 0.5, "{p}");
+            assert!(p["measured_decode_speedup"].as_f64().unwrap() > 0.0, "{p}");
+            assert!(p["generation"]["prompts"].as_u64().unwrap() > 0, "{p}");
+        }
+    }
+    let table = String::from_utf8(run.stdout.clone()).unwrap();
+    assert!(table.contains("| method | units | held-out KL |"), "{table}");
+    assert_eq!(std::fs::read_to_string(dir.join("sweep.md")).unwrap(), table);
+    assert!(std::fs::read_to_string(dir.join("sweep.svg")).unwrap().starts_with("<svg"));
+    let err = stderr(&run);
+    assert!(err.lines().last().unwrap().starts_with("fastest within held-out KL 0.5: "), "{err}");
+}
