@@ -70,10 +70,10 @@ pub struct SweepArgs {
     pub stats: Option<PathBuf>,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
-    /// The budget: each curve's fastest point within this held-out KL is chosen
-    #[arg(long, value_parser = positive)]
-    pub max_kl: f64,
-    /// How far each curve goes: until its held-out KL passes this (default: twice --max-kl)
+    /// The budgets, comma-separated: each curve's fastest point within each held-out KL is chosen
+    #[arg(long, value_parser = positive, value_delimiter = ',', required = true)]
+    pub max_kl: Vec<f64>,
+    /// How far each curve goes: until its held-out KL passes this (default: twice the largest budget)
     #[arg(long, value_parser = positive)]
     pub walk_kl: Option<f64>,
     /// What the budget saves: bytes per decode step, or prefill multiply-adds
@@ -122,8 +122,12 @@ impl SweepArgs {
         let stem = self.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
         let output_dir =
             self.output.clone().unwrap_or_else(|| self.model.with_file_name(format!("{stem}.sweep")));
-        let walk_kl = self.walk_kl.unwrap_or(2.0 * self.max_kl);
-        ensure!(walk_kl >= self.max_kl, "--walk-kl {walk_kl} is below --max-kl {}", self.max_kl);
+        let mut budgets = self.max_kl.clone();
+        budgets.sort_by(f64::total_cmp);
+        budgets.dedup();
+        let largest = *budgets.last().expect("required");
+        let walk_kl = self.walk_kl.unwrap_or(2.0 * largest);
+        ensure!(walk_kl >= largest, "--walk-kl {walk_kl} is below the largest budget {largest}");
         let unused = output_dir.join("sweep.json");
         let rewrite = RewritePlan {
             model: self.model.clone(),
@@ -142,13 +146,14 @@ impl SweepArgs {
             stage_size: None,
             allow_noop: false,
             budget: Some(Budget {
-                max_kl: self.max_kl,
+                max_kl: largest,
                 optimize: self.optimize,
                 heldout_data: self.heldout_data.clone(),
             }),
         };
         Ok(SweepPlan {
             rewrite,
+            budgets,
             output_dir,
             walk_kl,
             heldout_sequences: self.heldout_sequences,

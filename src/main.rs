@@ -66,7 +66,9 @@ fn run_sweep(args: &SweepArgs) -> Result<()> {
     let [json, markdown, svg] = pipeline::sweep_outputs(&plan.output_dir);
     eprintln!("wrote {}, {} and {}", json.display(), markdown.display(), svg.display());
     emit(args.json, &report, || report.table())?;
-    eprintln!("{}", report.closing_line());
+    for line in report.closing_lines() {
+        eprintln!("{line}");
+    }
     Ok(())
 }
 

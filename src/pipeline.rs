@@ -859,19 +859,22 @@ pub fn peak_memory(model: &Path, options: &bench::BenchOptions) -> Result<f64> {
     bench::peak_memory_mb(&model, engine.as_ref(), options.prompt_len)
 }
 
-/// Everything a sweep needs: the rewrite's settings (its budget is the sweep's; it writes no
-/// model, so its output paths are not used), where to write, and what to measure at each point.
+/// Everything a sweep needs: the rewrite's settings (its budget is the largest of the sweep's;
+/// it writes no model, so its output paths are not used), the budgets, where to write, and what
+/// to measure at each point.
 #[derive(Clone, Debug)]
 pub struct SweepPlan {
     pub rewrite: RewritePlan,
+    /// The held-out KL budgets, ascending: each curve's fastest point within each is chosen.
+    pub budgets: Vec<f64>,
     /// `sweep.json`, `sweep.md` and `sweep.svg` go here.
     pub output_dir: PathBuf,
-    /// Each curve goes on until its held-out KL passes this (above the budget, to show the
-    /// curve beyond it).
+    /// Each curve goes on until its held-out KL passes this (above the budgets, to show the
+    /// curves beyond them).
     pub walk_kl: f64,
     pub heldout_sequences: usize,
     pub generation: GenerationPlan,
-    /// Time the chosen points against the original, side by side.
+    /// Time each budget's chosen points against the original, side by side.
     pub bench: Option<bench::BenchOptions>,
 }
 
@@ -880,12 +883,13 @@ pub fn sweep_outputs(dir: &Path) -> [PathBuf; 3] {
     ["sweep.json", "sweep.md", "sweep.svg"].map(|f| dir.join(f))
 }
 
-/// `sweep`: the greedy budget path (the units of `--units`) and, for comparison, the paper's NBL
-/// (attention in CCA order), the cosine order with maps, and attention dropped in the cosine order
-/// (LLM-Drop); every point measured on held-out text; the fastest point of each within the budget
-/// chosen, measured for generation, and timed side by side with the original.
+/// `sweep`: the greedy budget path among the units of `--units` (and among attention alone, where
+/// more was asked for) and, for comparison, the paper's NBL (attention in CCA order), the cosine
+/// order with maps, and attention dropped in the cosine order (LLM-Drop); every point measured on
+/// held-out text; each curve's fastest point within each budget chosen, measured for generation,
+/// and timed side by side with the original, one run per budget.
 pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
-    use crate::sweep::{Curve, Point, SweepReport, Timing, fastest_within};
+    use crate::sweep::{Curve, Measured, Point, SweepReport, Timing, fastest_within};
     let started = std::time::Instant::now();
     let rw = &plan.rewrite;
     let budget = rw.budget.as_ref().context("a sweep needs a KL budget")?;
@@ -905,16 +909,30 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
     let fits: Vec<crate::nbl::LayerFit> = analysis.layers.iter().map(|r| r.fit.clone()).collect();
     let cosine_order = select::ranking(&fits, select::Ranking::Cosine);
 
-    // The budget path, walked past the budget.
+    // The budget paths, walked past the budgets.
     let walk = Budget { max_kl: plan.walk_kl, ..budget.clone() };
-    let path = match choose_within_budget(rw, &walk, &subject, stats.as_ref(), &candidates) {
-        Ok(report) => report.choice.steps,
-        Err(e) if e.is::<crate::select::budget::Unreachable>() => {
-            eprintln!("sweep: {e}");
-            Vec::new()
+    let walk_path = |units: &[Unit]| -> Result<Vec<crate::select::budget::BudgetStep>> {
+        match choose_within_budget(rw, &walk, &subject, stats.as_ref(), units) {
+            Ok(report) => Ok(report.choice.steps),
+            Err(e) if e.is::<crate::select::budget::Unreachable>() => {
+                eprintln!("sweep: {e}");
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e),
         }
-        Err(e) => return Err(e),
     };
+    let kinds = rw.calibration.units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
+    let mut paths =
+        vec![("budget", format!("budget: measured choice among {kinds}"), walk_path(&candidates)?)];
+    if rw.calibration.units != [UnitKind::Attention] {
+        let attention: Vec<Unit> =
+            candidates.iter().copied().filter(|u| u.kind == UnitKind::Attention).collect();
+        paths.push((
+            "budget-attention",
+            "budget-attention: measured choice among attention".into(),
+            walk_path(&attention)?,
+        ));
+    }
 
     let engine = subject.engine()?;
     let mut heldout_plan = rw.clone();
@@ -936,20 +954,20 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
             probe_kl,
             predicted_decode_speedup: before.spent(Optimize::Decode) / after.spent(Optimize::Decode),
             predicted_prefill_speedup: before.spent(Optimize::Prefill) / after.spent(Optimize::Prefill),
-            measured_decode_speedup: None,
-            measured_prefill_speedup: None,
+            measured: Vec::new(),
             generation: None,
             units,
         })
     };
-    let kinds = rw.calibration.units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
     let mut curves = Vec::new();
-    let mut budget_points = Vec::new();
-    for (i, step) in path.iter().enumerate() {
-        let units: Vec<Unit> = path[..=i].iter().map(|s| s.unit).collect();
-        budget_points.push(point(units, rw.replace, Some(step.kl))?);
+    for (method, describe, path) in paths {
+        let mut points = Vec::new();
+        for (i, step) in path.iter().enumerate() {
+            eprintln!("sweep: {method}, {} units", i + 1);
+            points.push(point(path[..=i].iter().map(|s| s.unit).collect(), rw.replace, Some(step.kl))?);
+        }
+        curves.push((method, describe, points, rw.replace));
     }
-    curves.push(("budget", format!("budget: measured choice among {kinds}"), budget_points));
     let orders: [(&str, &str, &[usize], Replacement); 3] = [
         ("nbl", "nbl: attention in CCA order (the paper)", &analysis.order, Replacement::Linear),
         ("cosine", "cosine: attention in cosine order, linear maps", &cosine_order, Replacement::Linear),
@@ -966,27 +984,32 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
                 break;
             }
         }
-        curves.push((method, describe.to_string(), points));
+        curves.push((method, describe.to_string(), points, replace));
     }
+    let replaces: Vec<Replacement> = curves.iter().map(|c| c.3).collect();
     let mut curves: Vec<Curve> = curves
         .into_iter()
-        .map(|(method, describe, points)| Curve {
+        .map(|(method, describe, points, _)| Curve {
             method: method.to_string(),
             describe,
-            chosen: fastest_within(&points, budget.max_kl, budget.optimize),
+            chosen: plan.budgets.iter().map(|&b| fastest_within(&points, b, budget.optimize)).collect(),
             points,
         })
         .collect();
 
-    // The chosen points as a rewrite writes them, for generation and timing.
-    let chosen: Vec<(usize, usize)> =
-        curves.iter().enumerate().filter_map(|(c, curve)| curve.chosen.map(|p| (c, p))).collect();
+    // The chosen points as a rewrite writes them, for generation and timing: each point once.
+    let mut chosen: Vec<(usize, usize)> = curves
+        .iter()
+        .enumerate()
+        .flat_map(|(c, curve)| curve.chosen.iter().flatten().map(move |&p| (c, p)))
+        .collect();
+    chosen.sort_unstable();
+    chosen.dedup();
     let mut models = vec![subject.model.without_value_info()];
     for &(c, p) in &chosen {
-        let replace = if curves[c].method == "drop" { Replacement::Drop } else { rw.replace };
-        let mut model =
-            maps.replaced(&subject, &fitter, &curves[c].points[p].units, replace, KvCache::Drop)?;
-        model.path = plan.output_dir.join(format!("{}.onnx", curves[c].method));
+        let units = &curves[c].points[p].units;
+        let mut model = maps.replaced(&subject, &fitter, units, replaces[c], KvCache::Drop)?;
+        model.path = plan.output_dir.join(format!("{}-{}.onnx", curves[c].method, units.len()));
         models.push(model);
     }
     if chosen.is_empty() {
@@ -1004,25 +1027,38 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
             curves[c].points[p].generation = generation;
         }
     }
-    let timing = match (&plan.bench, chosen.is_empty()) {
-        (Some(options), false) => {
-            let report = bench::bench(&models, engine, options, None)?;
-            for (&(c, p), timed) in chosen.iter().zip(report.models.iter().skip(1)) {
-                curves[c].points[p].measured_decode_speedup = Some(timed.decode_speedup);
-                curves[c].points[p].measured_prefill_speedup = Some(timed.prefill_speedup);
+    let mut timing = None;
+    if let Some(options) = &plan.bench {
+        for (b, &max_kl) in plan.budgets.iter().enumerate() {
+            let at: Vec<(usize, usize)> =
+                chosen.iter().copied().filter(|&(c, p)| curves[c].chosen[b] == Some(p)).collect();
+            if at.is_empty() {
+                continue;
             }
-            Some(Timing {
+            eprintln!("sweep: timing the points within KL {max_kl} against the original");
+            let mut timed = vec![models[0].without_value_info()];
+            timed.extend(at.iter().map(|cp| {
+                models[1 + chosen.iter().position(|x| x == cp).expect("chosen")].without_value_info()
+            }));
+            let report = bench::bench(&timed, engine, options, None)?;
+            for (&(c, p), t) in at.iter().zip(report.models.iter().skip(1)) {
+                curves[c].points[p].measured.push(Measured {
+                    max_kl,
+                    decode_speedup: t.decode_speedup,
+                    prefill_speedup: t.prefill_speedup,
+                });
+            }
+            timing = Some(Timing {
                 engine: report.engine,
                 prompt_len: report.prompt_len,
                 new_tokens: report.new_tokens,
                 runs: report.runs,
-            })
+            });
         }
-        _ => None,
-    };
+    }
     let report = SweepReport {
         model: rw.model.display().to_string(),
-        max_kl: budget.max_kl,
+        max_kl: plan.budgets.clone(),
         optimize: budget.optimize,
         original_ppl,
         heldout_sequences: heldout.len(),

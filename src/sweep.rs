@@ -22,11 +22,10 @@ pub struct Point {
     pub probe_kl: Option<f64>,
     pub predicted_decode_speedup: f64,
     pub predicted_prefill_speedup: f64,
-    /// Where the point was timed: `bench`'s measured speed-ups, in the same run as the original.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub measured_decode_speedup: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub measured_prefill_speedup: Option<f64>,
+    /// Where the point was timed: `bench`'s measured speed-ups, in the run of each budget it was
+    /// chosen at, beside the original.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub measured: Vec<Measured>,
     /// Greedy continuations against the original's, where measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<GenerationAgreement>,
@@ -42,6 +41,14 @@ impl Point {
     }
 }
 
+/// A point's speed-ups measured in the timing run of one budget.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Measured {
+    pub max_kl: f64,
+    pub decode_speedup: f64,
+    pub prefill_speedup: f64,
+}
+
 /// The points of one way of choosing, in the order it adds units.
 #[derive(Clone, Debug, Serialize)]
 pub struct Curve {
@@ -49,14 +56,8 @@ pub struct Curve {
     pub method: String,
     pub describe: String,
     pub points: Vec<Point>,
-    /// The fastest point within the budget (held-out KL), where one is.
-    pub chosen: Option<usize>,
-}
-
-impl Curve {
-    pub fn chosen_point(&self) -> Option<&Point> {
-        self.chosen.map(|i| &self.points[i])
-    }
+    /// For each budget, the fastest point within it (held-out KL), where one is.
+    pub chosen: Vec<Option<usize>>,
 }
 
 /// How the chosen points were timed (`bench`, alternating runs).
@@ -72,15 +73,15 @@ pub struct Timing {
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepReport {
     pub model: String,
-    /// The held-out KL a point must stay within to be chosen.
-    pub max_kl: f64,
+    /// The budgets: the held-out KL a point must stay within to be chosen, ascending.
+    pub max_kl: Vec<f64>,
     pub optimize: Optimize,
     pub original_ppl: f64,
     pub heldout_sequences: usize,
     pub heldout_tokens: usize,
     pub probe_tokens: usize,
     pub curves: Vec<Curve>,
-    /// How the chosen points and the original were timed, in one run.
+    /// How the chosen points and the original were timed, one run per budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bench: Option<Timing>,
     pub seconds: f64,
@@ -97,51 +98,58 @@ pub fn fastest_within(points: &[Point], max_kl: f64, optimize: Optimize) -> Opti
 }
 
 impl SweepReport {
-    /// The curve and point recommended: the fastest chosen point of any curve, by its measured
-    /// speed-up where it was timed, else by the predicted one.
-    pub fn recommendation(&self) -> Option<(&Curve, &Point)> {
-        let speed = |p: &Point| match self.optimize {
-            Optimize::Decode => p.measured_decode_speedup.unwrap_or(p.predicted_decode_speedup),
-            Optimize::Prefill => p.measured_prefill_speedup.unwrap_or(p.predicted_prefill_speedup),
+    /// The curve and point recommended within budget number `b`: the fastest chosen point of any
+    /// curve, by its measured speed-up where it was timed, else by the predicted one.
+    pub fn recommendation(&self, b: usize) -> Option<(&Curve, &Point)> {
+        let speed = |p: &Point| {
+            let measured =
+                p.measured.iter().find(|m| m.max_kl == self.max_kl[b]).map(|m| match self.optimize {
+                    Optimize::Decode => m.decode_speedup,
+                    Optimize::Prefill => m.prefill_speedup,
+                });
+            measured.unwrap_or(p.predicted(self.optimize))
         };
         self.curves
             .iter()
-            .filter_map(|c| c.chosen_point().map(|p| (c, p)))
+            .filter_map(|c| c.chosen[b].map(|i| (c, &c.points[i])))
             .max_by(|(_, a), (_, b)| speed(a).total_cmp(&speed(b)))
     }
 
-    /// The closing line: the fastest point within the budget, or that there is none.
-    pub fn closing_line(&self) -> String {
+    /// The closing lines, one per budget: the fastest point within it, or that there is none.
+    pub fn closing_lines(&self) -> Vec<String> {
         let what = match self.optimize {
             Optimize::Decode => "decode",
             Optimize::Prefill => "prefill",
         };
-        match self.recommendation() {
-            None => format!(
-                "no point of any curve stays within held-out KL {}: the budget is below what one unit costs",
-                self.max_kl
-            ),
-            Some((curve, point)) => {
-                let measured = match self.optimize {
-                    Optimize::Decode => point.measured_decode_speedup,
-                    Optimize::Prefill => point.measured_prefill_speedup,
-                };
-                let speed = match measured {
-                    Some(m) => {
-                        format!("{m:.3}x {what} measured ({:.3}x predicted)", point.predicted(self.optimize))
-                    }
-                    None => format!("{:.3}x {what} predicted", point.predicted(self.optimize)),
-                };
-                format!(
-                    "fastest within held-out KL {}: {} with {} units ({}), KL {:.4}, {speed}",
-                    self.max_kl,
-                    curve.method,
-                    point.units.len(),
-                    units_text(&point.units),
-                    point.heldout.kl
-                )
-            }
-        }
+        (0..self.max_kl.len())
+            .map(|b| match self.recommendation(b) {
+                None => format!(
+                    "no point of any curve stays within held-out KL {}: the budget is below what one unit costs",
+                    self.max_kl[b]
+                ),
+                Some((curve, point)) => {
+                    let measured = point.measured.iter().find(|m| m.max_kl == self.max_kl[b]).map(|m| {
+                        match self.optimize {
+                            Optimize::Decode => m.decode_speedup,
+                            Optimize::Prefill => m.prefill_speedup,
+                        }
+                    });
+                    let predicted = point.predicted(self.optimize);
+                    let speed = match measured {
+                        Some(m) => format!("{m:.3}x {what} measured ({predicted:.3}x predicted)"),
+                        None => format!("{predicted:.3}x {what} predicted"),
+                    };
+                    format!(
+                        "fastest within held-out KL {}: {} with {} units ({}), KL {:.4}, {speed}",
+                        self.max_kl[b],
+                        curve.method,
+                        point.units.len(),
+                        units_text(&point.units),
+                        point.heldout.kl
+                    )
+                }
+            })
+            .collect()
     }
 
     /// Every point as a Markdown table, the chosen ones marked.
@@ -149,19 +157,29 @@ impl SweepReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "Held-out: {} sequences, {} tokens; original perplexity {:.3}. Budget: held-out KL ≤ {}; `*` marks \
-             each curve's fastest point within it.\n",
-            self.heldout_sequences, self.heldout_tokens, self.original_ppl, self.max_kl
+            "Held-out: {} sequences, {} tokens; original perplexity {:.3}. `≤ B` marks each curve's fastest \
+             point within held-out KL B; measured speed-ups are from one bench run per budget.\n",
+            self.heldout_sequences, self.heldout_tokens, self.original_ppl
         );
         let _ = writeln!(
             out,
             "| method | units | held-out KL | perplexity | top-1 | predicted decode | predicted prefill | measured decode | measured prefill | replaced |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
-        let measured = |v: Option<f64>| v.map_or("".to_string(), |v| format!("{v:.3}x"));
+        let measured = |p: &Point, f: fn(&Measured) -> f64| {
+            p.measured.iter().map(|m| format!("{:.3}x", f(m))).collect::<Vec<_>>().join(", ")
+        };
         for curve in &self.curves {
             for (i, p) in curve.points.iter().enumerate() {
-                let mark = if curve.chosen == Some(i) { " *" } else { "" };
+                let within: Vec<String> = curve
+                    .chosen
+                    .iter()
+                    .zip(&self.max_kl)
+                    .filter(|(c, _)| **c == Some(i))
+                    .map(|(_, b)| format!("≤ {b}"))
+                    .collect();
+                let mark =
+                    if within.is_empty() { String::new() } else { format!(" ({})", within.join(", ")) };
                 let _ = writeln!(
                     out,
                     "| {}{mark} | {} | {:.4} | {:.3} | {:.3} | {:.3}x | {:.3}x | {} | {} | {} |",
@@ -172,8 +190,8 @@ impl SweepReport {
                     p.heldout.top1,
                     p.predicted_decode_speedup,
                     p.predicted_prefill_speedup,
-                    measured(p.measured_decode_speedup),
-                    measured(p.measured_prefill_speedup),
+                    measured(p, |m| m.decode_speedup),
+                    measured(p, |m| m.prefill_speedup),
                     units_text(&p.units)
                 );
             }
@@ -189,8 +207,8 @@ impl SweepReport {
             .curves
             .iter()
             .flat_map(|c| c.points.iter().map(|p| p.heldout.kl))
-            .fold(self.max_kl * 1.25, f64::max)
-            .min(self.max_kl * 4.0);
+            .fold(self.largest_budget() * 1.25, f64::max)
+            .min(self.largest_budget() * 4.0);
         let max_y = self
             .curves
             .iter()
@@ -214,8 +232,7 @@ impl SweepReport {
         };
         let _ = writeln!(
             s,
-            r##"<text x="{margin}" y="22" font-size="13">Predicted {what} speed-up against held-out KL; ringed: fastest within KL {}</text>"##,
-            self.max_kl
+            r##"<text x="{margin}" y="22" font-size="13">Predicted {what} speed-up against held-out KL; ringed: fastest within each budget (dashed)</text>"##
         );
         for i in 0..=4 {
             let (vx, vy) = (max_x * i as f64 / 4.0, 1.0 + (max_y - 1.0) * i as f64 / 4.0);
@@ -234,12 +251,14 @@ impl SweepReport {
                 y + 4.0
             );
         }
-        let budget_x = x_of(self.max_kl);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{budget_x:.1}" x2="{budget_x:.1}" y1="{margin}" y2="{:.1}" stroke="#c33" stroke-dasharray="4 3"/>"##,
-            height - margin
-        );
+        for &budget in &self.max_kl {
+            let x = x_of(budget);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" x2="{x:.1}" y1="{margin}" y2="{:.1}" stroke="#c33" stroke-dasharray="4 3"/>"##,
+                height - margin
+            );
+        }
         const COLOURS: [&str; 6] = ["#e8891d", "#4878a8", "#59a14f", "#b07aa1", "#9c755f", "#e15759"];
         for (c, curve) in self.curves.iter().enumerate() {
             let colour = COLOURS[c % COLOURS.len()];
@@ -253,8 +272,9 @@ impl SweepReport {
             );
             for (i, p) in curve.points.iter().enumerate().filter(|(_, p)| p.heldout.kl <= max_x) {
                 let (x, y) = (x_of(p.heldout.kl), y_of(p.predicted(self.optimize)));
-                let r = if curve.chosen == Some(i) { 6.0 } else { 2.5 };
-                let fill = if curve.chosen == Some(i) { "none" } else { colour };
+                let chosen = curve.chosen.contains(&Some(i));
+                let r = if chosen { 6.0 } else { 2.5 };
+                let fill = if chosen { "none" } else { colour };
                 let _ = writeln!(
                     s,
                     r##"<circle cx="{x:.1}" cy="{y:.1}" r="{r}" fill="{fill}" stroke="{colour}" stroke-width="1.5"><title>{}: {} units, KL {:.4}, {:.3}x</title></circle>"##,
@@ -283,6 +303,12 @@ impl SweepReport {
     }
 }
 
+impl SweepReport {
+    fn largest_budget(&self) -> f64 {
+        self.max_kl.iter().copied().fold(0.0, f64::max)
+    }
+}
+
 /// `attention 3, mlp 12, run 4-6`.
 pub fn units_text(units: &[Unit]) -> String {
     units.iter().map(Unit::to_string).collect::<Vec<_>>().join(", ")
@@ -299,8 +325,7 @@ mod tests {
             probe_kl: None,
             predicted_decode_speedup: speedup,
             predicted_prefill_speedup: speedup,
-            measured_decode_speedup: None,
-            measured_prefill_speedup: None,
+            measured: Vec::new(),
             generation: None,
         }
     }
@@ -314,12 +339,12 @@ mod tests {
         let curve = |method: &str, points: Vec<Point>| Curve {
             method: method.into(),
             describe: method.into(),
-            chosen: fastest_within(&points, 0.2, Optimize::Decode),
+            chosen: [0.01, 0.2].iter().map(|&b| fastest_within(&points, b, Optimize::Decode)).collect(),
             points,
         };
         let report = SweepReport {
             model: "m.onnx".into(),
-            max_kl: 0.2,
+            max_kl: vec![0.01, 0.2],
             optimize: Optimize::Decode,
             original_ppl: 10.0,
             heldout_sequences: 4,
@@ -329,13 +354,15 @@ mod tests {
             bench: None,
             seconds: 1.0,
         };
-        let line = report.closing_line();
+        let lines = report.closing_lines();
+        assert!(lines[0].starts_with("no point of any curve stays within held-out KL 0.01"), "{lines:?}");
+        let line = &lines[1];
         // The budget curve's one point (1.08x) beats the fastest of nbl's within the budget (1.05x).
         assert!(
             line.starts_with("fastest within held-out KL 0.2: budget with 1 units (attention 0)"),
             "{line}"
         );
-        assert!(report.table().contains("| nbl * | 2 | 0.1200 |"), "{}", report.table());
+        assert!(report.table().contains("| nbl (≤ 0.2) | 2 | 0.1200 |"), "{}", report.table());
         assert!(report.svg().contains("<circle"));
     }
 }

@@ -167,7 +167,7 @@ fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
     args.extend_from_slice(&data_args(&ws));
     args.extend_from_slice(&[
         "--max-kl",
-        "0.5",
+        "0.5,0.2",
         "--units",
         "all",
         "--heldout-sequences",
@@ -187,7 +187,8 @@ fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
         serde_json::from_slice(&std::fs::read(dir.join("sweep.json")).unwrap()).unwrap();
     let methods: Vec<&str> =
         report["curves"].as_array().unwrap().iter().map(|c| c["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["budget", "nbl", "cosine", "drop"]);
+    assert_eq!(methods, ["budget", "budget-attention", "nbl", "cosine", "drop"]);
+    assert_eq!(report["max_kl"], serde_json::json!([0.2, 0.5]), "budgets ascending");
     for curve in report["curves"].as_array().unwrap() {
         let points = curve["points"].as_array().unwrap();
         // Each attention-only curve adds one layer per point.
@@ -197,10 +198,12 @@ fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
                 assert_eq!(p["units"].as_array().unwrap().len(), k + 1, "{curve}");
             }
         }
-        if let Some(chosen) = curve["chosen"].as_u64() {
+        for (chosen, budget) in curve["chosen"].as_array().unwrap().iter().zip([0.2, 0.5]) {
+            let Some(chosen) = chosen.as_u64() else { continue };
             let p = &points[chosen as usize];
-            assert!(p["heldout"]["kl"].as_f64().unwrap() <= 0.5, "{p}");
-            assert!(p["measured_decode_speedup"].as_f64().unwrap() > 0.0, "{p}");
+            assert!(p["heldout"]["kl"].as_f64().unwrap() <= budget, "{p}");
+            let timed = p["measured"].as_array().unwrap().iter().find(|m| m["max_kl"] == budget);
+            assert!(timed.unwrap()["decode_speedup"].as_f64().unwrap() > 0.0, "{p}");
             assert!(p["generation"]["prompts"].as_u64().unwrap() > 0, "{p}");
         }
     }
@@ -209,5 +212,7 @@ fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
     assert_eq!(std::fs::read_to_string(dir.join("sweep.md")).unwrap(), table);
     assert!(std::fs::read_to_string(dir.join("sweep.svg")).unwrap().starts_with("<svg"));
     let err = stderr(&run);
-    assert!(err.lines().last().unwrap().starts_with("fastest within held-out KL 0.5: "), "{err}");
+    let closing: Vec<&str> = err.lines().rev().take(2).collect();
+    assert!(closing[0].starts_with("fastest within held-out KL 0.5: "), "{err}");
+    assert!(closing[1].contains("held-out KL 0.2"), "{err}");
 }
