@@ -18,7 +18,7 @@ use nbl_onnx::fit::storage::WeightFormat;
 use nbl_onnx::nbl::DEFAULT_LAMBDA;
 use nbl_onnx::onnx::Model;
 use nbl_onnx::pipeline::{
-    Budget, Calibration, GenerationPlan, RewritePlan, SelectPlan, SweepPlan, output_paths,
+    Budget, Calibration, GenerationPlan, Limit, RewritePlan, SelectPlan, SweepPlan, output_paths,
 };
 use nbl_onnx::rewrite::{KvCache, Replacement};
 use nbl_onnx::select::{Criterion, Selection};
@@ -146,7 +146,8 @@ impl SweepArgs {
             stage_size: None,
             allow_noop: false,
             budget: Some(Budget {
-                max_kl: largest,
+                limit: Limit::Kl(largest),
+                target_speedup: None,
                 optimize: self.optimize,
                 heldout_data: self.heldout_data.clone(),
             }),
@@ -430,15 +431,23 @@ pub struct RewriteArgs {
     /// Budget mode: replace as much as the predicted saving allows while the mean KL(original ‖
     /// rewrite) on the probe sequences stays at most this; the units come from --units, measured
     /// by running the model. The final model's KL on held-out text is measured and reported
-    #[arg(long, value_parser = positive, conflicts_with_all = ["layers", "layer_ids", "max_bound", "sequential"])]
+    #[arg(long, value_parser = positive, group = "budget")]
     pub max_kl: Option<f64>,
-    /// What --max-kl saves: bytes read per decode step (weights and KV cache at 576 positions) or
+    /// Budget mode with the perplexity as the measure: at most P percent higher than the
+    /// original's on the probe sequences (e.g. 5 or 5%)
+    #[arg(long, value_parser = percent, value_name = "P", group = "budget")]
+    pub max_ppl_increase: Option<f64>,
+    /// Budget mode the other way round: the least harm (KL, or within --max-kl/--max-ppl-increase)
+    /// that reaches this predicted speed-up of what --optimize says (e.g. 1.1)
+    #[arg(long, value_parser = above_one, value_name = "S")]
+    pub target_speedup: Option<f64>,
+    /// What budget mode saves: bytes read per decode step (weights and KV cache at 576 positions) or
     /// prefill multiply-adds (512 tokens)
-    #[arg(long, value_enum, default_value_t = Optimize::Decode, requires = "max_kl")]
+    #[arg(long, value_enum, default_value_t = Optimize::Decode)]
     pub optimize: Optimize,
-    /// Held-out text the final model's KL is confirmed on (default: the built-in C4 sample's
+    /// Held-out text budget mode confirms the final model's KL on (default: the built-in C4 sample's
     /// documents 200-299)
-    #[arg(long, num_args = 1.., requires = "max_kl")]
+    #[arg(long, num_args = 1..)]
     pub heldout_data: Vec<PathBuf>,
 }
 
@@ -456,15 +465,31 @@ impl RewriteArgs {
             !measuring || matches!(select.selection, None | Some(Selection::Count(_))),
             "--criterion measured chooses a number of layers (--layers K), not --layer-ids or --max-bound"
         );
+        let limit = match (self.max_kl, self.max_ppl_increase) {
+            (Some(kl), _) => Some(Limit::Kl(kl)),
+            (None, Some(p)) => Some(Limit::PplIncrease(p)),
+            (None, None) => self.target_speedup.map(|_| Limit::Kl(f64::INFINITY)),
+        };
+        let budget_mode = limit.is_some();
         ensure!(
-            !(measuring && self.max_kl.is_some()),
-            "--max-kl chooses by measurement already; leave out --criterion measured"
+            !(measuring && budget_mode),
+            "budget mode (--max-kl, --max-ppl-increase, --target-speedup) chooses by measurement already; \
+             leave out --criterion measured"
+        );
+        ensure!(
+            !budget_mode || (select.selection.is_none() && !self.sequential),
+            "budget mode chooses the units itself: leave out --layers, --layer-ids, --max-bound and --sequential"
         );
         let units = &self.calibration.units.0;
         ensure!(
-            self.max_kl.is_some() || units == &[UnitKind::Attention],
+            budget_mode || units == &[UnitKind::Attention],
             "--units {} without --max-kl: only a budget chooses among units besides attention",
             units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
+        );
+        let budget_flags = self.optimize != Optimize::Decode || !self.heldout_data.is_empty();
+        ensure!(
+            budget_mode || !budget_flags,
+            "--optimize and --heldout-data belong to budget mode: add --max-kl"
         );
         Ok(RewritePlan {
             model: self.model.clone(),
@@ -482,8 +507,9 @@ impl RewriteArgs {
             group_size: self.group_size,
             stage_size: self.sequential.then_some(self.stage_size),
             allow_noop: self.allow_noop,
-            budget: self.max_kl.map(|max_kl| Budget {
-                max_kl,
+            budget: limit.map(|limit| Budget {
+                limit,
+                target_speedup: self.target_speedup,
                 optimize: self.optimize,
                 heldout_data: self.heldout_data.clone(),
             }),
@@ -673,6 +699,20 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 }
 
 /// A finite number ≥ 0.
+/// A percentage, `5` or `5%`, as a fraction (0.05); positive and finite.
+fn percent(s: &str) -> Result<f64, String> {
+    positive(s.trim().trim_end_matches('%')).map(|p| p / 100.0)
+}
+
+/// A speed-up: finite and above 1.
+fn above_one(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 1.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite speed-up above 1, not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn positive(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),

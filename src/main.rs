@@ -49,7 +49,12 @@ fn run_inspect(args: &InspectArgs) -> Result<()> {
 fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
     let calibration = args.calibration.calibration();
     let stats = pipeline::calibrate(&args.model, &calibration, args.shard, args.layer_range, &args.output)?;
-    eprintln!("wrote {} ({} layers, {} tokens)", args.output.display(), stats.layers.len(), stats.tokens());
+    let sites = stats.layers.iter().filter(|t| t.unit.is_none()).count();
+    let others = match stats.layers.len() - sites {
+        0 => String::new(),
+        n => format!(" and {n} other units"),
+    };
+    eprintln!("wrote {} ({sites} layers{others}, {} tokens)", args.output.display(), stats.tokens());
     Ok(())
 }
 
@@ -91,7 +96,7 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
             eprintln!("{e}; pass --allow-noop to write an unchanged copy");
             return Err(NotPassed.into());
         }
-        Err(e) if e.is::<Unreachable>() => {
+        Err(e) if e.downcast_ref::<Unreachable>().is_some() => {
             eprintln!("{e}; nothing was written");
             return Err(NotPassed.into());
         }

@@ -24,7 +24,7 @@ use crate::invalid::{Invalid, Setting};
 use crate::onnx::{Interface, Model};
 use crate::report::Analysis;
 use crate::rewrite::{KvCache, Replacement, RewriteOptions, RewriteSummary, UnitEdit};
-use crate::select::budget::{BudgetChoice, Candidate, FRONT};
+use crate::select::budget::{BudgetChoice, Candidate, FRONT, Goal, Target};
 use crate::select::measured::MeasuredChoice;
 use crate::select::{Criterion, Selection};
 use crate::stats::{MomentsSource, Stats, StatsFile};
@@ -223,23 +223,56 @@ pub struct RewritePlan {
 /// A quality budget and what to save within it.
 #[derive(Clone, Debug)]
 pub struct Budget {
-    pub max_kl: f64,
+    pub limit: Limit,
+    /// Stop at the least harm that reaches this predicted speed-up (of what `optimize` says).
+    pub target_speedup: Option<f64>,
     pub optimize: Optimize,
     /// Text the final model's KL is confirmed on (none: the built-in held-out documents).
     pub heldout_data: Vec<PathBuf>,
 }
 
-/// What a budget bought: the choice, and the final model's KL on held-out text beside its
-/// predicted speed-ups.
+/// How much harm a budget allows, measured on the probe sequences.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "measure", content = "max")]
+pub enum Limit {
+    /// The mean KL(original ‖ rewrite) over the positions.
+    Kl(f64),
+    /// The rewrite's perplexity over the original's, minus 1 (0.05: 5% higher).
+    PplIncrease(f64),
+}
+
+impl Limit {
+    pub fn max(self) -> f64 {
+        match self {
+            Limit::Kl(max) | Limit::PplIncrease(max) => max,
+        }
+    }
+
+    /// `KL 0.2` or `a perplexity increase of 5%`.
+    fn describe(self) -> String {
+        match self {
+            Limit::Kl(max) => format!("KL {max}"),
+            Limit::PplIncrease(max) => format!("a perplexity increase of {}%", max * 100.0),
+        }
+    }
+}
+
+/// What a budget bought: the choice, and the final model's KL and perplexity on held-out text
+/// beside its predicted speed-ups.
 #[derive(Serialize)]
 pub struct BudgetReport {
     #[serde(flatten)]
     pub choice: BudgetChoice,
+    pub limit: Limit,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_speedup: Option<f64>,
     pub optimize: Optimize,
     pub units: Vec<Unit>,
-    /// KL(original ‖ rewrite) on the probe sequences, and on held-out ones.
-    pub probe_kl: f64,
+    /// The harm (the limit's measure) on the probe sequences.
+    pub probe_harm: f64,
+    /// KL(original ‖ rewrite) and the perplexity increase on held-out sequences.
     pub heldout_kl: f64,
+    pub heldout_ppl_increase: f64,
     pub heldout_sequences: usize,
     /// The original's cost over the rewrite's, at the predicted prompt and context.
     pub predicted_decode_speedup: f64,
@@ -344,9 +377,9 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
     };
     match &budget {
         Some(report) => eprintln!(
-            "{} within KL {}: {}",
+            "{} units within {}: {}",
             units.len(),
-            report.choice.max_kl,
+            report.limit.describe(),
             units.iter().map(Unit::to_string).collect::<Vec<_>>().join(", ")
         ),
         None => eprintln!("{}", analysis.choice()),
@@ -501,6 +534,14 @@ fn choose_within_budget(
     let engine = subject.engine()?;
     let sequences = probe_sequences(plan, subject, &plan.probe_data, Split::Calibration)?;
     let probe = probe::Probe::new(model, d, engine, &sequences)?;
+    let original_ppl = probe.score(model)?.ppl;
+    let harm = |candidate: &Model| -> Result<f64> {
+        let score = probe.score(candidate)?;
+        Ok(match budget.limit {
+            Limit::Kl(_) => score.kl,
+            Limit::PplIncrease(_) => score.ppl / original_ppl - 1.0,
+        })
+    };
     let before = Predicted::of(model, d)?;
     let lambda = plan.select.lambda;
     eprintln!("budget: {} candidate units, scored alone on {} probe tokens", units.len(), probe.tokens());
@@ -517,35 +558,54 @@ fn choose_within_budget(
     let mut maps = MapCache::default();
     let fitting = Fitter { stats, lambda, storage: *storage };
     let mut copy_of = |set: &[Unit]| maps.replaced(subject, &fitting, set, plan.replace, KvCache::Keep);
-    let choice = select::budget::choose_within(&candidates, budget.max_kl, FRONT, probe.tokens(), |set| {
-        probe.mean_kl(&copy_of(set)?)
-    })?;
+    let goal = Goal {
+        measure: match budget.limit {
+            Limit::Kl(_) => "KL",
+            Limit::PplIncrease(_) => "perplexity increase",
+        },
+        max_harm: budget.limit.max(),
+        target: budget.target_speedup.map(|speedup| Target { speedup, spent: before.spent(budget.optimize) }),
+    };
+    let choice =
+        select::budget::choose_within(&candidates, goal, FRONT, probe.tokens(), |set| harm(&copy_of(set)?))?;
     let chosen = choice.units();
     let final_copy = copy_of(&chosen)?;
     let heldout = probe_sequences(plan, subject, &budget.heldout_data, Split::Evaluation)?;
-    let heldout_kl = probe::Probe::new(model, d, engine, &heldout)?.mean_kl(&final_copy)?;
+    let heldout_probe = probe::Probe::new(model, d, engine, &heldout)?;
+    let heldout_score = heldout_probe.score(&final_copy)?;
+    let heldout_ppl_increase = heldout_score.ppl / heldout_probe.score(model)?.ppl - 1.0;
     let after = Predicted::of(&predicted_rewrite(model, layout, &chosen, plan.replace, *storage)?, d)?;
     let speedup = |o: Optimize| before.spent(o) / after.spent(o);
     eprintln!(
-        "budget: probe KL {:.5}, held-out KL {heldout_kl:.5} on {} sequences; predicted decode {:.3}x, prefill {:.3}x",
-        choice.kl(),
+        "budget: probe {:.5}; held-out KL {:.5}, perplexity {:+.2}% on {} sequences; predicted decode {:.3}x, \
+         prefill {:.3}x",
+        choice.harm(),
+        heldout_score.kl,
+        100.0 * heldout_ppl_increase,
         heldout.len(),
         speedup(Optimize::Decode),
         speedup(Optimize::Prefill)
     );
-    if heldout_kl > budget.max_kl {
+    let heldout_harm = match budget.limit {
+        Limit::Kl(_) => heldout_score.kl,
+        Limit::PplIncrease(_) => heldout_ppl_increase,
+    };
+    if heldout_harm > budget.limit.max() {
         eprintln!(
-            "note: the held-out KL {heldout_kl:.5} is over the budget {}: the probe sequences are few; give more \
+            "note: on held-out text the rewrite is over the budget ({}): the probe sequences are few; give more \
              (--probe-sequences) or a tighter budget",
-            budget.max_kl
+            budget.limit.describe()
         );
     }
     Ok(BudgetReport {
-        probe_kl: choice.kl(),
+        probe_harm: choice.harm(),
         units: chosen,
         choice,
+        limit: budget.limit,
+        target_speedup: budget.target_speedup,
         optimize: budget.optimize,
-        heldout_kl,
+        heldout_kl: heldout_score.kl,
+        heldout_ppl_increase,
         heldout_sequences: heldout.len(),
         predicted_decode_speedup: speedup(Optimize::Decode),
         predicted_prefill_speedup: speedup(Optimize::Prefill),
@@ -910,7 +970,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
     let cosine_order = select::ranking(&fits, select::Ranking::Cosine);
 
     // The budget paths, walked past the budgets.
-    let walk = Budget { max_kl: plan.walk_kl, ..budget.clone() };
+    let walk = Budget { limit: Limit::Kl(plan.walk_kl), target_speedup: None, ..budget.clone() };
     let walk_path = |units: &[Unit]| -> Result<Vec<crate::select::budget::BudgetStep>> {
         match choose_within_budget(rw, &walk, &subject, stats.as_ref(), units) {
             Ok(report) => Ok(report.choice.steps),
@@ -964,7 +1024,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
         let mut points = Vec::new();
         for (i, step) in path.iter().enumerate() {
             eprintln!("sweep: {method}, {} units", i + 1);
-            points.push(point(path[..=i].iter().map(|s| s.unit).collect(), rw.replace, Some(step.kl))?);
+            points.push(point(path[..=i].iter().map(|s| s.unit).collect(), rw.replace, Some(step.harm))?);
         }
         curves.push((method, describe, points, rw.replace));
     }
@@ -1013,7 +1073,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
         models.push(model);
     }
     if chosen.is_empty() {
-        eprintln!("sweep: no point of any curve is within held-out KL {}", budget.max_kl);
+        eprintln!("sweep: no point of any curve is within held-out KL {}", budget.limit.max());
     } else {
         let agreement = eval::generation_agreement(
             &models,

@@ -31,7 +31,7 @@ fn the_budget_buys_units_of_every_kind_without_overshooting() {
     assert!(!steps.is_empty(), "{budget}");
     let mut saving = 0.0;
     for step in steps {
-        let kl = step["kl"].as_f64().unwrap();
+        let kl = step["harm"].as_f64().unwrap();
         assert!(kl <= 0.3, "a step went over the budget: {step}");
         assert!(step["saving"].as_f64().unwrap() > saving, "each step saves more: {budget}");
         saving = step["saving"].as_f64().unwrap();
@@ -63,6 +63,49 @@ fn the_budget_buys_units_of_every_kind_without_overshooting() {
     assert_eq!(status(&check, "onnxruntime"), "ok");
 }
 
+/// A perplexity budget measures the harm as the relative perplexity increase on the probe; a target
+/// speed-up stops at the least harm that reaches it, and exits 1 naming the fastest point where no
+/// choice does.
+#[test]
+fn a_perplexity_budget_and_a_target_speedup_choose_by_their_own_measure() {
+    let ws = workspace("llama-optimum-past");
+    let out = ws.dir.path().join("ppl/model.onnx");
+    ok(nbl(&rewrite_args(
+        &ws,
+        out.to_str().unwrap(),
+        &["--max-ppl-increase", "20%", "--units", "attention,mlp"],
+    )));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_file_name("model.nbl.json")).unwrap()).unwrap();
+    let budget = &report["budget"];
+    assert_eq!(budget["limit"], serde_json::json!({"measure": "ppl-increase", "max": 0.2}), "{budget}");
+    for step in budget["steps"].as_array().unwrap() {
+        assert!(step["harm"].as_f64().unwrap() <= 0.2, "{step}");
+    }
+    assert!(budget["heldout_ppl_increase"].as_f64().unwrap().is_finite());
+
+    let out = ws.dir.path().join("target/model.onnx");
+    ok(nbl(&rewrite_args(&ws, out.to_str().unwrap(), &["--target-speedup", "1.2", "--units", "all"])));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_file_name("model.nbl.json")).unwrap()).unwrap();
+    let budget = &report["budget"];
+    assert!(budget["predicted_decode_speedup"].as_f64().unwrap() >= 1.2, "{budget}");
+    // It stops once the target is reached: the last step alone is what takes it there.
+    let steps = budget["steps"].as_array().unwrap();
+    assert!(!steps.is_empty());
+
+    let out = ws.dir.path().join("too-fast/model.onnx");
+    let run =
+        nbl(&rewrite_args(&ws, out.to_str().unwrap(), &["--target-speedup", "1000", "--units", "attention"]));
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no choice reaches a predicted speed-up of 1000: the fastest point found is "),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 #[test]
 fn a_budget_no_unit_meets_exits_1_naming_the_cheapest_point() {
     let ws = workspace("llama-optimum-past");
@@ -72,7 +115,7 @@ fn a_budget_no_unit_meets_exits_1_naming_the_cheapest_point() {
     let err = stderr(&run);
     assert_eq!(run.status.code(), Some(1), "{err}");
     assert!(err.contains("no unit stays within KL 0.000000001: the cheapest point found is "), "{err}");
-    assert!(err.contains(" alone, at probe KL "), "{err}");
+    assert!(err.contains(" alone, at KL 0.0"), "{err}");
     assert!(!out.exists() && !out.with_file_name("model.nbl.json").exists(), "nothing may be written");
 }
 
@@ -81,11 +124,21 @@ fn bad_budgets_and_units_are_refused() {
     let ws = workspace("llama-optimum-past");
     let out = ws.dir.path().join("bad.onnx");
     let out = out.to_str().unwrap();
-    for budget in ["--max-kl=-0.1", "--max-kl=nan", "--max-kl=0", "--max-kl=inf"] {
+    for budget in [
+        "--max-kl=-0.1",
+        "--max-kl=nan",
+        "--max-kl=0",
+        "--max-kl=inf",
+        "--max-ppl-increase=-5",
+        "--target-speedup=0.9",
+    ] {
         let run = nbl(&rewrite_args(&ws, out, &[budget]));
-        assert_eq!(run.status.code(), Some(2), "--max-kl {budget}: {}", stderr(&run));
-        assert!(stderr(&run).contains("--max-kl"), "{}", stderr(&run));
+        assert_eq!(run.status.code(), Some(2), "{budget}: {}", stderr(&run));
+        let flag = budget.split('=').next().unwrap();
+        assert!(stderr(&run).contains(flag), "{}", stderr(&run));
     }
+    let run = nbl(&rewrite_args(&ws, out, &["--max-kl", "0.1", "--max-ppl-increase", "5"]));
+    assert_eq!(run.status.code(), Some(2), "one budget at a time: {}", stderr(&run));
     let run = nbl(&rewrite_args(&ws, out, &["--max-kl", "0.1", "--units", "mlp,ffn"]));
     assert_eq!(run.status.code(), Some(2));
     assert!(stderr(&run).contains("unknown unit \"ffn\""), "{}", stderr(&run));

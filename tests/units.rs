@@ -144,3 +144,52 @@ fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
         }
     }
 }
+
+/// A run takes every layer inside it with it: none of their products, softmaxes or norms is left,
+/// nor their KV cache, and the layers around it keep theirs. (What stays in their name scopes is
+/// shared: the rotary tables later layers read, and the Cast of the stream the map itself reads.)
+#[test]
+fn a_run_removes_every_layer_inside_it() {
+    let model = Model::load(model_path("llama-optimum-past")).unwrap();
+    let layout = find_layout(&model).unwrap();
+    let mut rewritten = Model { path: model.path.clone(), proto: model.proto.clone() };
+    let edit = UnitEdit { site: layout.unit_site(Unit::run(0, 2)).unwrap(), map: Some(seeded_map(64, 9)) };
+    let options = RewriteOptions::float(&layout, Replacement::Linear, KvCache::Drop);
+    apply(&mut rewritten, &layout, vec![Ok(edit)], options, &[]).unwrap();
+    let names: Vec<&str> = rewritten.graph().node.iter().map(|n| n.name()).collect();
+    for layer in 0..2 {
+        let scope = format!("/model/layers.{layer}/");
+        let left: Vec<(&str, &str)> = rewritten
+            .graph()
+            .node
+            .iter()
+            .filter(|n| n.name().starts_with(&scope))
+            .map(|n| (n.name(), n.op_type()))
+            .collect();
+        let computing = ["MatMul", "Softmax", "Pow", "ReduceMean", "Sqrt", "Sigmoid"];
+        assert!(!left.iter().any(|(_, op)| computing.contains(op)), "layer {layer} still computes: {left:?}");
+        assert!(left.len() <= 5, "layer {layer}: {left:?}");
+    }
+    assert!(names.iter().any(|n| n.starts_with("/model/layers.2/self_attn/")), "layer 2 is kept");
+    let inputs: Vec<&str> = rewritten.graph().input.iter().map(|v| v.name()).collect();
+    assert!(
+        !inputs.iter().any(|i| i.starts_with("past_key_values.0.") || i.starts_with("past_key_values.1."))
+    );
+    assert!(inputs.contains(&"past_key_values.2.key"), "{inputs:?}");
+}
+
+/// Where the final norm fuses the last layer's sum and leaves it unused (GenAI graphs), a layer or a
+/// run ending there has no output stream to measure, and says so; its MLP and attention do not.
+#[test]
+fn units_ending_in_a_fused_final_norm_are_refused_with_the_reason() {
+    let model = Model::load(model_path("llama-genai-fp32")).unwrap();
+    let layout = find_layout(&model).unwrap();
+    for unit in [Unit::layer(2), Unit::run(1, 2)] {
+        let e = format!("{:#}", layout.unit_site(unit).unwrap_err());
+        assert!(e.contains("fused into the final norm"), "{unit}: {e}");
+    }
+    assert!(layout.unit_site(Unit::mlp(2)).is_ok() && layout.unit_site(Unit::run(0, 2)).is_ok());
+    let (usable, refused) = layout.units(&nbl_onnx::unit::UnitKind::ALL);
+    assert_eq!(refused.len(), 3, "layer 2, runs 1-2 and 0-2: {refused:?}");
+    assert_eq!(usable.len(), 3 + 3 + 2 + 1, "3 attention, 3 MLPs, layers 0 and 1, run 0-1");
+}

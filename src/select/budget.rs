@@ -1,17 +1,21 @@
-//! Choosing units within a quality budget (`rewrite --max-kl B`): as much predicted saving as the
-//! budget allows, measured by running the model rather than ranked by a statistic.
+//! Choosing units within a quality budget (`rewrite --max-kl B`, `--max-ppl-increase P`), or the
+//! least harmful way to a predicted speed-up (`--target-speedup S`): measured by running the model
+//! rather than ranked by a statistic.
 //!
-//! 1. Every candidate is scored alone: the mean `KL(original ‖ model with it replaced)` on the
-//!    probe sequences. A candidate over the budget alone is out.
-//! 2. The rest are ranked once by saving per unit of KL.
+//! The harm of a set of units is what the caller measures on the probe sequences: the mean
+//! `KL(original ‖ model with them replaced)`, or the relative increase of the perplexity.
+//!
+//! 1. Every candidate is scored alone. A candidate over the budget alone is out.
+//! 2. The rest are ranked once by saving per unit of harm.
 //! 3. Each step re-measures only the front of that ranking (`front` candidates that do not
 //!    overlap the units chosen so far) together with the chosen units, and takes the one that
-//!    adds the most saving per KL it adds. A candidate that would take the set over the budget is
-//!    dropped, and the next ones in the ranking move up: a large unit never overshoots while
-//!    smaller ones still fit. It stops when no candidate is left.
+//!    adds the most saving per harm it adds. A candidate that would take the set over the budget
+//!    is dropped, and the next ones in the ranking move up: a large unit never overshoots while
+//!    smaller ones still fit. It stops when no candidate is left, or once the set saves what a
+//!    target speed-up needs.
 //!
 //! Cost: `c` single scorings, then at most `front` per step plus one per dropped candidate.
-//! Greedy by saving per KL alone jumps to the largest unit that fits, skipping every point in
+//! Greedy by saving per harm alone jumps to the largest unit that fits, skipping every point in
 //! between; the budget is what keeps it honest.
 
 use std::time::Instant;
@@ -33,23 +37,51 @@ pub struct Candidate {
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Alone {
     pub unit: Unit,
-    pub kl: f64,
+    pub harm: f64,
     pub saving: f64,
 }
 
-/// One step: the unit added, the KL of the set with it, the saving so far, and the sets measured.
+/// One step: the unit added, the harm of the set with it, the saving so far, and the sets measured.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct BudgetStep {
     pub unit: Unit,
-    pub kl: f64,
+    pub harm: f64,
     pub saving: f64,
     pub measured: usize,
 }
 
-/// The choice within a budget: every candidate alone, each step, and what the search cost.
+/// What the search aims for: the most saving within `max_harm`, or, with a `target`, the least
+/// harm that saves it.
+#[derive(Clone, Copy, Debug)]
+pub struct Goal {
+    /// What the harm is, for messages: `KL`, `perplexity increase`.
+    pub measure: &'static str,
+    pub max_harm: f64,
+    pub target: Option<Target>,
+}
+
+/// A predicted speed-up to reach, over what the original spends.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Target {
+    pub speedup: f64,
+    pub spent: f64,
+}
+
+impl Target {
+    /// The saving the speed-up needs: `spent · (1 − 1/S)`.
+    fn saving(&self) -> f64 {
+        self.spent * (1.0 - 1.0 / self.speedup)
+    }
+
+    fn speedup_of(&self, saving: f64) -> f64 {
+        self.spent / (self.spent - saving).max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The choice: every candidate alone, each step, and what the search cost.
 #[derive(Clone, Debug, Serialize)]
 pub struct BudgetChoice {
-    pub max_kl: f64,
+    pub max_harm: f64,
     pub alone: Vec<Alone>,
     pub steps: Vec<BudgetStep>,
     /// Forward passes over the probe sequences, the original's included.
@@ -63,28 +95,34 @@ impl BudgetChoice {
         self.steps.iter().map(|s| s.unit).collect()
     }
 
-    /// The probe KL of the chosen set (0 without any).
-    pub fn kl(&self) -> f64 {
-        self.steps.last().map_or(0.0, |s| s.kl)
+    /// The harm of the chosen set (0 without any).
+    pub fn harm(&self) -> f64 {
+        self.steps.last().map_or(0.0, |s| s.harm)
     }
 }
 
-/// No candidate stays within the budget alone.
+/// What the search could not reach, and the best point it found.
 #[derive(Debug)]
-pub struct Unreachable {
-    pub max_kl: f64,
-    /// The candidate closest to it, and its KL.
-    pub best: Unit,
-    pub kl: f64,
+pub enum Unreachable {
+    /// No candidate stays within the budget alone: the one closest to it, and its harm.
+    Budget { measure: &'static str, max_harm: f64, best: Unit, harm: f64 },
+    /// Every candidate the budget allows, taken, still saves less than the target needs.
+    Target { measure: &'static str, speedup: f64, reached: f64, harm: f64 },
 }
 
 impl std::fmt::Display for Unreachable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "no unit stays within KL {}: the cheapest point found is {} alone, at probe KL {:.5}",
-            self.max_kl, self.best, self.kl
-        )
+        match self {
+            Unreachable::Budget { measure, max_harm, best, harm } => write!(
+                f,
+                "no unit stays within {measure} {max_harm}: the cheapest point found is {best} alone, at {measure} {harm:.5}"
+            ),
+            Unreachable::Target { measure, speedup, reached, harm } => write!(
+                f,
+                "no choice reaches a predicted speed-up of {speedup}: the fastest point found is {reached:.3}x, at \
+                 {measure} {harm:.5}"
+            ),
+        }
     }
 }
 
@@ -93,19 +131,20 @@ impl std::error::Error for Unreachable {}
 /// Candidates re-measured per step.
 pub const FRONT: usize = 4;
 
-/// KL differences below this count as this (a unit that costs nothing is not infinitely good:
+/// Harm differences below this count as this (a unit that costs nothing is not infinitely good:
 /// among free ones, the largest saving goes first).
-const KL_FLOOR: f64 = 1e-6;
+const HARM_FLOOR: f64 = 1e-6;
 
-/// Chooses units from `candidates` as above; `score` measures a set of units.
+/// Chooses units from `candidates` as above; `score` measures the harm of a set of units.
 pub fn choose_within(
     candidates: &[Candidate],
-    max_kl: f64,
+    goal: Goal,
     front: usize,
     probe_tokens: usize,
     mut score: impl FnMut(&[Unit]) -> Result<f64>,
 ) -> Result<BudgetChoice> {
-    ensure!(max_kl.is_finite() && max_kl > 0.0, "a KL budget must be a positive number, not {max_kl}");
+    let max_harm = goal.max_harm;
+    ensure!(max_harm > 0.0 && !max_harm.is_nan(), "a budget must be a positive number, not {max_harm}");
     ensure!(!candidates.is_empty(), "no candidate units to choose from");
     let started = Instant::now();
     let progress = crate::progress::bar(
@@ -117,26 +156,29 @@ pub fn choose_within(
     let mut alone = Vec::with_capacity(candidates.len());
     for c in candidates {
         crate::atomic::check_interrupt()?;
-        let kl = score(&[c.unit]).with_context(|| format!("scoring {}", c.unit))?;
+        let harm = score(&[c.unit]).with_context(|| format!("scoring {}", c.unit))?;
         passes += 1;
         progress.inc(1);
-        alone.push(Alone { unit: c.unit, kl, saving: c.saving });
+        alone.push(Alone { unit: c.unit, harm, saving: c.saving });
     }
     progress.finish_and_clear();
-    let within: Vec<&Alone> = alone.iter().filter(|a| a.kl <= max_kl).collect();
+    let within: Vec<&Alone> = alone.iter().filter(|a| a.harm <= max_harm).collect();
     if within.is_empty() {
-        let best = alone.iter().min_by(|a, b| a.kl.total_cmp(&b.kl)).expect("candidates are not empty");
-        return Err(Unreachable { max_kl, best: best.unit, kl: best.kl }.into());
+        let best = alone.iter().min_by(|a, b| a.harm.total_cmp(&b.harm)).expect("candidates are not empty");
+        let measure = goal.measure;
+        return Err(Unreachable::Budget { measure, max_harm, best: best.unit, harm: best.harm }.into());
     }
     let mut ranked: Vec<Alone> = within.into_iter().copied().filter(|a| a.saving > 0.0).collect();
-    ranked.sort_by(|a, b| (b.saving / a.kl.max(KL_FLOOR)).total_cmp(&(a.saving / b.kl.max(KL_FLOOR))));
+    let efficiency = |a: &Alone| a.saving / a.harm.max(HARM_FLOOR);
+    ranked.sort_by(|a, b| efficiency(b).total_cmp(&efficiency(a)));
 
+    let enough = goal.target.map(|t| t.saving());
     let mut chosen: Vec<Unit> = Vec::new();
     let mut steps: Vec<BudgetStep> = Vec::new();
-    let (mut kl_now, mut saving_now) = (0.0, 0.0);
+    let (mut harm_now, mut saving_now) = (0.0, 0.0);
     loop {
         ranked.retain(|a| !chosen.iter().any(|u| u.overlaps(&a.unit)));
-        if ranked.is_empty() {
+        if ranked.is_empty() || enough.is_some_and(|e| saving_now >= e) {
             break;
         }
         let mut best: Option<(usize, f64, f64)> = None;
@@ -145,33 +187,47 @@ pub fn choose_within(
         for (i, a) in ranked.iter().enumerate().take(front.max(1)) {
             crate::atomic::check_interrupt()?;
             chosen.push(a.unit);
-            let kl = score(&chosen).with_context(|| format!("scoring {}", a.unit))?;
+            let harm = score(&chosen).with_context(|| format!("scoring {}", a.unit))?;
             chosen.pop();
             passes += 1;
             measured += 1;
-            if kl > max_kl {
+            if harm > max_harm {
                 over.push(i);
                 continue;
             }
-            let gain = a.saving / (kl - kl_now).max(KL_FLOOR);
+            let gain = a.saving / (harm - harm_now).max(HARM_FLOOR);
             if best.is_none_or(|(_, _, g)| gain > g) {
-                best = Some((i, kl, gain));
+                best = Some((i, harm, gain));
             }
         }
-        if let Some((i, kl, _)) = best {
+        if let Some((i, harm, _)) = best {
             let unit = ranked[i].unit;
             saving_now += ranked[i].saving;
-            kl_now = kl;
-            eprintln!("budget: {unit} added, probe KL {kl:.5} ({measured} sets measured)");
+            harm_now = harm;
+            eprintln!("budget: {unit} added, probe harm {harm:.5} ({measured} sets measured)");
             chosen.push(unit);
-            steps.push(BudgetStep { unit, kl, saving: saving_now, measured });
+            steps.push(BudgetStep { unit, harm, saving: saving_now, measured });
         }
         // Over the budget with the units chosen so far: it stays over with more of them.
         for &i in over.iter().rev() {
             ranked.remove(i);
         }
     }
-    Ok(BudgetChoice { max_kl, alone, steps, passes, probe_tokens, seconds: started.elapsed().as_secs_f64() })
+    if let Some(target) = goal.target
+        && saving_now < target.saving()
+    {
+        let reached = target.speedup_of(saving_now);
+        let measure = goal.measure;
+        return Err(Unreachable::Target { measure, speedup: target.speedup, reached, harm: harm_now }.into());
+    }
+    Ok(BudgetChoice {
+        max_harm,
+        alone,
+        steps,
+        passes,
+        probe_tokens,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]
@@ -201,13 +257,13 @@ mod tests {
         let savings = [1.0, 1.0, 3.0, 20.0, 8.0];
         let candidates: Vec<Candidate> =
             harm.iter().zip(savings).map(|(&(unit, _), saving)| Candidate { unit, saving }).collect();
-        let choice = choose_within(&candidates, 0.1, FRONT, 10, additive(&harm)).unwrap();
+        let choice = choose_within(&candidates, within(0.1), FRONT, 10, additive(&harm)).unwrap();
         // The run (20 per 0.25 KL = 80) ranks first but is over the budget with anything; layer 3
         // is over alone. Then mlp 2 (100 per KL), attention 1 (20) since attention 0 with mlp 2 costs 1.0.
         assert_eq!(choice.units(), [Unit::mlp(2), Unit::attention(1)]);
-        assert!((choice.kl() - 0.08).abs() < 1e-12);
+        assert!((choice.harm() - 0.08).abs() < 1e-12);
         assert_eq!(choice.steps[1].saving, 4.0);
-        assert!(choice.steps.iter().all(|s| s.kl <= 0.1));
+        assert!(choice.steps.iter().all(|s| s.harm <= 0.1));
         assert_eq!(choice.alone.len(), 5);
     }
 
@@ -216,10 +272,12 @@ mod tests {
         let harm = [(Unit::attention(0), 0.4), (Unit::mlp(1), 0.3)];
         let candidates: Vec<Candidate> =
             harm.iter().map(|&(unit, _)| Candidate { unit, saving: 1.0 }).collect();
-        let e = choose_within(&candidates, 0.1, FRONT, 10, additive(&harm)).unwrap_err();
-        let unreachable = e.downcast_ref::<Unreachable>().expect("an Unreachable error");
-        assert_eq!((unreachable.best, unreachable.kl), (Unit::mlp(1), 0.3));
-        assert!(e.to_string().contains("mlp 1 alone, at probe KL 0.30000"), "{e}");
+        let e = choose_within(&candidates, within(0.1), FRONT, 10, additive(&harm)).unwrap_err();
+        let Some(Unreachable::Budget { best, harm, .. }) = e.downcast_ref::<Unreachable>() else {
+            panic!("{e}")
+        };
+        assert_eq!((*best, *harm), (Unit::mlp(1), 0.3));
+        assert!(e.to_string().contains("mlp 1 alone, at KL 0.30000"), "{e}");
     }
 
     #[test]
@@ -227,18 +285,49 @@ mod tests {
         let harm = [(Unit::attention(1), 0.01), (Unit::layer(1), 0.02), (Unit::mlp(1), 0.01)];
         let candidates: Vec<Candidate> =
             harm.iter().map(|&(unit, _)| Candidate { unit, saving: 1.0 + unit.kind as u8 as f64 }).collect();
-        let choice = choose_within(&candidates, 1.0, FRONT, 10, additive(&harm)).unwrap();
+        let choice = choose_within(&candidates, within(1.0), FRONT, 10, additive(&harm)).unwrap();
         let units = choice.units();
         for (i, a) in units.iter().enumerate() {
             assert!(units[i + 1..].iter().all(|b| !a.overlaps(b)), "{units:?}");
         }
     }
 
+    fn within(max_harm: f64) -> Goal {
+        Goal { measure: "KL", max_harm, target: None }
+    }
+
+    /// With a target speed-up and no budget, the search stops as soon as the set saves enough,
+    /// and says how far it got where it cannot.
+    #[test]
+    fn a_target_speedup_stops_at_the_least_harm_that_reaches_it() {
+        let harm = [(Unit::attention(0), 0.02), (Unit::attention(1), 0.05), (Unit::mlp(2), 0.03)];
+        let candidates: Vec<Candidate> =
+            harm.iter().map(|&(unit, _)| Candidate { unit, saving: 10.0 }).collect();
+        // 100 spent: 1.25x needs a saving of 20, two units.
+        let goal = Goal {
+            measure: "KL",
+            max_harm: f64::INFINITY,
+            target: Some(Target { speedup: 1.25, spent: 100.0 }),
+        };
+        let choice = choose_within(&candidates, goal, FRONT, 10, additive(&harm)).unwrap();
+        assert_eq!(choice.units(), [Unit::attention(0), Unit::attention(1)], "the least harmful two apart");
+        let goal = Goal {
+            measure: "KL",
+            max_harm: f64::INFINITY,
+            target: Some(Target { speedup: 2.0, spent: 100.0 }),
+        };
+        let e = choose_within(&candidates, goal, FRONT, 10, additive(&harm)).unwrap_err();
+        let Some(Unreachable::Target { reached, .. }) = e.downcast_ref::<Unreachable>() else {
+            panic!("{e}")
+        };
+        assert!((reached - 100.0 / 70.0).abs() < 1e-12, "all three save 30: {reached}");
+    }
+
     #[test]
     fn a_budget_must_be_positive() {
         let candidates = [Candidate { unit: Unit::attention(0), saving: 1.0 }];
         for bad in [0.0, -0.1, f64::NAN] {
-            assert!(choose_within(&candidates, bad, FRONT, 1, |_| Ok(0.0)).is_err());
+            assert!(choose_within(&candidates, within(bad), FRONT, 1, |_| Ok(0.0)).is_err());
         }
     }
 }
