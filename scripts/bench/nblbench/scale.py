@@ -108,6 +108,50 @@ def table(r: dict) -> str:
     return caption + "\n\n" + "\n".join(md_table(["measure", "value"], rows)) + "\n"
 
 
+def units(work: Path) -> dict:
+    """Calibration with ``--units attention`` and ``--units all`` on layers 0..2 of the short export:
+    wall time, peak RSS and file size of each, the memory per unit, and both extrapolated to a 32-layer
+    model (32 units against 32 attention + 32 MLP + 32 layer + 90 run units)."""
+    def run(name: str) -> dict:
+        wall, rss = _timed(work, f"units-{name}")
+        log = (work / f"units-{name}.log").read_text()
+        return {
+            "seconds": wall,
+            "peak_rss_mb": round(rss, 1),
+            "units": 2 if name == "attention" else 7,
+            "stats_bytes": (work / f"units-{name}.safetensors").stat().st_size,
+            "calibrated": next(line for line in log.splitlines() if line.startswith("calibrated ")),
+        }
+    attention, everything = run("attention"), run("all")
+    per_unit = (everything["peak_rss_mb"] - attention["peak_rss_mb"]) / (everything["units"] - attention["units"])
+    base = attention["peak_rss_mb"] - 2 * per_unit
+    return {
+        "layer_range": "0..2",
+        "tokens": 256,
+        "attention": attention,
+        "all": everything,
+        "per_unit_mb": round(per_unit, 1),
+        "per_unit_mb_expected": round(3 * 4096 * 4096 * 8 / 2**20, 1),
+        "layers_32_attention_mb_extrapolated": round(base + 32 * per_unit),
+        "layers_32_all_mb_extrapolated": round(base + 186 * per_unit),
+        "note": "units per 32 layers: 32 attention; all = 32 attention + 32 MLP + 32 layer + 90 runs (spans 2-4)",
+    }
+
+
+def units_table(u: dict) -> str:
+    rows = []
+    for name in ("attention", "all"):
+        r = u[name]
+        rows.append([f"`--units {name}` ({r['units']} units)", f"{r['seconds']:.1f} s", f"{r['peak_rss_mb']:.0f} MiB",
+                     f"{r['stats_bytes'] / 2**20:.0f} MiB"])
+    rows.append(["per unit (difference)", "", f"{u['per_unit_mb']:.0f} MiB (3d² f64: {u['per_unit_mb_expected']:.0f})", ""])
+    rows.append(["32 layers, extrapolated", "",
+                 f"attention {u['layers_32_attention_mb_extrapolated']:,} MiB, all {u['layers_32_all_mb_extrapolated']:,} MiB", ""])
+    caption = (f"Calibrating layers {u['layer_range']} of the d = 4096 export on {u['tokens']} tokens "
+               "(`bench/scale.json`, `units`):")
+    return caption + "\n\n" + "\n".join(md_table(["run", "wall time", "peak RSS", "statistics file"], rows)) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``copy-seconds`` prints seconds; ``report`` writes the JSON and the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("copy-seconds", help="time a plain copy")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
+    p = sub.add_parser("units", help="add the cost of --units to bench/scale.json and docs/results/scale.md")
+    p.add_argument("work", type=Path)
     p = sub.add_parser("report", help="write bench/scale.json and docs/results/scale.md")
     p.add_argument("work", type=Path)
     p.add_argument("d", type=int)
@@ -124,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "copy-seconds":
         print(copy_seconds(args.src, args.dst))
+        return 0
+    if args.command == "units":
+        result = load_json(SCALE_JSON) if SCALE_JSON.exists() else {}
+        result["units"] = units(args.work)
+        write_json(SCALE_JSON, result)
+        text = units_table(result["units"])
+        splice(results_page("scale"), "scale-units", text)
+        print(text)
         return 0
     result = collect(args.work, args.d, args.layers, args.k, args.copy_seconds)
     write_json(SCALE_JSON, result)
