@@ -73,7 +73,8 @@ pub struct SweepArgs {
     /// The budgets, comma-separated: each curve's fastest point within each held-out KL is chosen
     #[arg(long, value_parser = positive, value_delimiter = ',', required = true)]
     pub max_kl: Vec<f64>,
-    /// How far each curve goes: until its held-out KL passes this (default: twice the largest budget)
+    /// How far the attention-only curves go: until their held-out KL passes this (default: twice
+    /// the largest budget)
     #[arg(long, value_parser = positive)]
     pub walk_kl: Option<f64>,
     /// What the budget saves: bytes per decode step, or prefill multiply-adds

@@ -497,7 +497,7 @@ fn choose_by_measurement(
     let Subject { model, layout, storage, .. } = subject;
     let sequences = probe_sequences(plan, subject, &plan.probe_data, Split::Calibration)?;
     let engine = subject.engine()?;
-    let probe = probe::Probe::new(model, layout.hidden_size, engine, &sequences)?;
+    let probe = probe::Probe::new(model, layout.hidden_size, engine, sequences)?;
     let candidates: Vec<usize> = analysis.order.iter().copied().take(2 * k).collect();
     let maps: Vec<(Unit, LinearMap)> = candidates
         .iter()
@@ -520,96 +520,155 @@ fn choose_within_budget(
     stats: &dyn MomentsSource,
     units: &[Unit],
 ) -> Result<BudgetReport> {
-    let Subject { model, layout, storage, .. } = subject;
-    let d = layout.hidden_size;
-    if let Some(missing) = units.iter().find(|u| !stats.layers().iter().any(|t| t.unit() == **u)) {
-        bail!(Invalid {
-            setting: Setting::Units,
-            message: format!(
-                "the statistics hold no moments of {missing}: calibrate with --units {} (or leave out --stats)",
-                plan.calibration.units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
-            ),
-        });
+    let mut search = Search::new(plan, budget.limit, subject, stats, units)?;
+    let scored = search.alone()?;
+    let choice = search.choose(&scored, budget)?;
+    search.confirm(budget, choice)
+}
+
+/// A budget search over the units of one model: the probe, each candidate's predicted saving, and
+/// the maps of the sets it scores.
+struct Search<'a> {
+    plan: &'a RewritePlan,
+    subject: &'a Subject,
+    limit: Limit,
+    probe: probe::Probe<'a>,
+    original_ppl: f64,
+    before: Predicted,
+    candidates: Vec<Candidate>,
+    fitter: Fitter<'a>,
+    maps: MapCache,
+}
+
+impl<'a> Search<'a> {
+    fn new(
+        plan: &'a RewritePlan,
+        limit: Limit,
+        subject: &'a Subject,
+        stats: &'a dyn MomentsSource,
+        units: &[Unit],
+    ) -> Result<Search<'a>> {
+        let Subject { model, layout, storage, .. } = subject;
+        let d = layout.hidden_size;
+        if let Some(missing) = units.iter().find(|u| !stats.layers().iter().any(|t| t.unit() == **u)) {
+            bail!(Invalid {
+                setting: Setting::Units,
+                message: format!(
+                    "the statistics hold no moments of {missing}: calibrate with --units {} (or leave out --stats)",
+                    plan.calibration.units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
+                ),
+            });
+        }
+        let engine = subject.engine()?;
+        let sequences = probe_sequences(plan, subject, &plan.probe_data, Split::Calibration)?;
+        let probe = probe::Probe::new(model, d, engine, sequences)?;
+        let original_ppl = probe.score(model)?.ppl;
+        let before = Predicted::of(model, d)?;
+        let optimize = plan.budget.as_ref().map_or(Optimize::Decode, |b| b.optimize);
+        eprintln!("budget: {} candidate units, scored alone on {} probe tokens", units.len(), probe.tokens());
+        let candidates: Vec<Candidate> = units
+            .iter()
+            .map(|&unit| {
+                let after =
+                    Predicted::of(&predicted_rewrite(model, layout, &[unit], plan.replace, *storage)?, d)?;
+                Ok(Candidate { unit, saving: before.spent(optimize) - after.spent(optimize) })
+            })
+            .collect::<Result<_>>()?;
+        let fitter = Fitter { stats, lambda: plan.select.lambda, storage: *storage };
+        Ok(Search {
+            plan,
+            subject,
+            limit,
+            probe,
+            original_ppl,
+            before,
+            candidates,
+            fitter,
+            maps: MapCache::default(),
+        })
     }
-    let engine = subject.engine()?;
-    let sequences = probe_sequences(plan, subject, &plan.probe_data, Split::Calibration)?;
-    let probe = probe::Probe::new(model, d, engine, &sequences)?;
-    let original_ppl = probe.score(model)?.ppl;
-    let harm = |candidate: &Model| -> Result<f64> {
-        let score = probe.score(candidate)?;
-        Ok(match budget.limit {
+
+    /// The harm of replacing `set`, in the limit's measure, on the probe.
+    fn harm(&mut self, set: &[Unit]) -> Result<f64> {
+        // The maps of the set scored last are kept: the chosen units' stay between steps, the
+        // others are fitted as they are scored (each is d² values in f64).
+        let copy = self.maps.replaced(self.subject, &self.fitter, set, self.plan.replace, KvCache::Keep)?;
+        let score = self.probe.score(&copy)?;
+        Ok(match self.limit {
             Limit::Kl(_) => score.kl,
-            Limit::PplIncrease(_) => score.ppl / original_ppl - 1.0,
+            Limit::PplIncrease(_) => score.ppl / self.original_ppl - 1.0,
         })
-    };
-    let before = Predicted::of(model, d)?;
-    let lambda = plan.select.lambda;
-    eprintln!("budget: {} candidate units, scored alone on {} probe tokens", units.len(), probe.tokens());
-    let candidates: Vec<Candidate> = units
-        .iter()
-        .map(|&unit| {
-            let after =
-                Predicted::of(&predicted_rewrite(model, layout, &[unit], plan.replace, *storage)?, d)?;
-            Ok(Candidate { unit, saving: before.spent(budget.optimize) - after.spent(budget.optimize) })
-        })
-        .collect::<Result<_>>()?;
-    // The maps of the set scored last: the chosen units' stay between steps, the others are fitted
-    // as they are scored (each is d² values in f64).
-    let mut maps = MapCache::default();
-    let fitting = Fitter { stats, lambda, storage: *storage };
-    let mut copy_of = |set: &[Unit]| maps.replaced(subject, &fitting, set, plan.replace, KvCache::Keep);
-    let goal = Goal {
-        measure: match budget.limit {
-            Limit::Kl(_) => "KL",
-            Limit::PplIncrease(_) => "perplexity increase",
-        },
-        max_harm: budget.limit.max(),
-        target: budget.target_speedup.map(|speedup| Target { speedup, spent: before.spent(budget.optimize) }),
-    };
-    let choice =
-        select::budget::choose_within(&candidates, goal, FRONT, probe.tokens(), |set| harm(&copy_of(set)?))?;
-    let chosen = choice.units();
-    let final_copy = copy_of(&chosen)?;
-    let heldout = probe_sequences(plan, subject, &budget.heldout_data, Split::Evaluation)?;
-    let heldout_probe = probe::Probe::new(model, d, engine, &heldout)?;
-    let heldout_score = heldout_probe.score(&final_copy)?;
-    let heldout_ppl_increase = heldout_score.ppl / heldout_probe.score(model)?.ppl - 1.0;
-    let after = Predicted::of(&predicted_rewrite(model, layout, &chosen, plan.replace, *storage)?, d)?;
-    let speedup = |o: Optimize| before.spent(o) / after.spent(o);
-    eprintln!(
-        "budget: probe {:.5}; held-out KL {:.5}, perplexity {:+.2}% on {} sequences; predicted decode {:.3}x, \
-         prefill {:.3}x",
-        choice.harm(),
-        heldout_score.kl,
-        100.0 * heldout_ppl_increase,
-        heldout.len(),
-        speedup(Optimize::Decode),
-        speedup(Optimize::Prefill)
-    );
-    let heldout_harm = match budget.limit {
-        Limit::Kl(_) => heldout_score.kl,
-        Limit::PplIncrease(_) => heldout_ppl_increase,
-    };
-    if heldout_harm > budget.limit.max() {
-        eprintln!(
-            "note: on held-out text the rewrite is over the budget ({}): the probe sequences are few; give more \
-             (--probe-sequences) or a tighter budget",
-            budget.limit.describe()
-        );
     }
-    Ok(BudgetReport {
-        probe_harm: choice.harm(),
-        units: chosen,
-        choice,
-        limit: budget.limit,
-        target_speedup: budget.target_speedup,
-        optimize: budget.optimize,
-        heldout_kl: heldout_score.kl,
-        heldout_ppl_increase,
-        heldout_sequences: heldout.len(),
-        predicted_decode_speedup: speedup(Optimize::Decode),
-        predicted_prefill_speedup: speedup(Optimize::Prefill),
-    })
+
+    fn alone(&mut self) -> Result<select::budget::Scored> {
+        let candidates = self.candidates.clone();
+        select::budget::score_alone(&candidates, |set| self.harm(set))
+    }
+
+    /// The choice within `budget` among the candidates of `scored`.
+    fn choose(&mut self, scored: &select::budget::Scored, budget: &Budget) -> Result<BudgetChoice> {
+        let goal = Goal {
+            measure: match budget.limit {
+                Limit::Kl(_) => "KL",
+                Limit::PplIncrease(_) => "perplexity increase",
+            },
+            max_harm: budget.limit.max(),
+            target: budget
+                .target_speedup
+                .map(|speedup| Target { speedup, spent: self.before.spent(budget.optimize) }),
+        };
+        let tokens = self.probe.tokens();
+        select::budget::choose_from(scored, goal, FRONT, tokens, |set| self.harm(set))
+    }
+
+    /// The chosen set measured on held-out sequences, with its predicted speed-ups.
+    fn confirm(&mut self, budget: &Budget, choice: BudgetChoice) -> Result<BudgetReport> {
+        let (plan, subject) = (self.plan, self.subject);
+        let Subject { model, layout, storage, .. } = subject;
+        let d = layout.hidden_size;
+        let chosen = choice.units();
+        let final_copy = self.maps.replaced(subject, &self.fitter, &chosen, plan.replace, KvCache::Keep)?;
+        let heldout = probe_sequences(plan, subject, &budget.heldout_data, Split::Evaluation)?;
+        let heldout_count = heldout.len();
+        let heldout_probe = probe::Probe::new(model, d, subject.engine()?, heldout)?;
+        let heldout_score = heldout_probe.score(&final_copy)?;
+        let heldout_ppl_increase = heldout_score.ppl / heldout_probe.score(model)?.ppl - 1.0;
+        let after = Predicted::of(&predicted_rewrite(model, layout, &chosen, plan.replace, *storage)?, d)?;
+        let speedup = |o: Optimize| self.before.spent(o) / after.spent(o);
+        eprintln!(
+            "budget: probe {:.5}; held-out KL {:.5}, perplexity {:+.2}% on {heldout_count} sequences; predicted \
+             decode {:.3}x, prefill {:.3}x",
+            choice.harm(),
+            heldout_score.kl,
+            100.0 * heldout_ppl_increase,
+            speedup(Optimize::Decode),
+            speedup(Optimize::Prefill)
+        );
+        let heldout_harm = match budget.limit {
+            Limit::Kl(_) => heldout_score.kl,
+            Limit::PplIncrease(_) => heldout_ppl_increase,
+        };
+        if heldout_harm > budget.limit.max() {
+            eprintln!(
+                "note: on held-out text the rewrite is over the budget ({}): the probe sequences are few; give \
+                 more (--probe-sequences) or a tighter budget",
+                budget.limit.describe()
+            );
+        }
+        Ok(BudgetReport {
+            probe_harm: choice.harm(),
+            units: chosen,
+            choice,
+            limit: budget.limit,
+            target_speedup: budget.target_speedup,
+            optimize: budget.optimize,
+            heldout_kl: heldout_score.kl,
+            heldout_ppl_increase,
+            heldout_sequences: heldout_count,
+            predicted_decode_speedup: speedup(Optimize::Decode),
+            predicted_prefill_speedup: speedup(Optimize::Prefill),
+        })
+    }
 }
 
 /// How maps are fitted: from which statistics, with which ridge, stored how.
@@ -929,8 +988,8 @@ pub struct SweepPlan {
     pub budgets: Vec<f64>,
     /// `sweep.json`, `sweep.md` and `sweep.svg` go here.
     pub output_dir: PathBuf,
-    /// Each curve goes on until its held-out KL passes this (above the budgets, to show the
-    /// curves beyond them).
+    /// The attention-only curves go on until their held-out KL passes this (above the budgets, to
+    /// show them beyond).
     pub walk_kl: f64,
     pub heldout_sequences: usize,
     pub generation: GenerationPlan,
@@ -943,8 +1002,9 @@ pub fn sweep_outputs(dir: &Path) -> [PathBuf; 3] {
     ["sweep.json", "sweep.md", "sweep.svg"].map(|f| dir.join(f))
 }
 
-/// `sweep`: the greedy budget path among the units of `--units` (and among attention alone, where
-/// more was asked for) and, for comparison, the paper's NBL (attention in CCA order), the cosine
+/// `sweep`: the budget mode's choice at each budget among the units of `--units` (and among
+/// attention alone, where more was asked for), from one scoring of every candidate alone, and, for
+/// comparison, the paper's NBL (attention in CCA order), the cosine
 /// order with maps, and attention dropped in the cosine order (LLM-Drop); every point measured on
 /// held-out text; each curve's fastest point within each budget chosen, measured for generation,
 /// and timed side by side with the original, one run per budget.
@@ -969,36 +1029,49 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
     let fits: Vec<crate::nbl::LayerFit> = analysis.layers.iter().map(|r| r.fit.clone()).collect();
     let cosine_order = select::ranking(&fits, select::Ranking::Cosine);
 
-    // The budget paths, walked past the budgets.
-    let walk = Budget { limit: Limit::Kl(plan.walk_kl), target_speedup: None, ..budget.clone() };
-    let walk_path = |units: &[Unit]| -> Result<Vec<crate::select::budget::BudgetStep>> {
-        match choose_within_budget(rw, &walk, &subject, stats.as_ref(), units) {
-            Ok(report) => Ok(report.choice.steps),
-            Err(e) if e.is::<crate::select::budget::Unreachable>() => {
-                eprintln!("sweep: {e}");
-                Ok(Vec::new())
-            }
-            Err(e) => Err(e),
-        }
-    };
+    // The budget mode at each budget, among all the units and among attention alone: every
+    // candidate scored alone once, each budget's choice made from those scores.
     let kinds = rw.calibration.units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
-    let mut paths =
-        vec![("budget", format!("budget: measured choice among {kinds}"), walk_path(&candidates)?)];
+    let mut search = Search::new(rw, Limit::Kl(budget.limit.max()), &subject, stats.as_ref(), &candidates)?;
+    let scored = search.alone()?;
+    let mut subsets = vec![("budget", format!("budget: measured choice among {kinds}"), scored.clone())];
     if rw.calibration.units != [UnitKind::Attention] {
-        let attention: Vec<Unit> =
-            candidates.iter().copied().filter(|u| u.kind == UnitKind::Attention).collect();
-        paths.push((
+        let attention = scored.only(|u| u.kind == UnitKind::Attention);
+        subsets.push((
             "budget-attention",
             "budget-attention: measured choice among attention".into(),
-            walk_path(&attention)?,
+            attention,
         ));
     }
+    // Per curve, the sets chosen (one per budget, each once) with their probe KL.
+    type Chosen = Vec<(Vec<Unit>, f64)>;
+    let mut paths: Vec<(&str, String, Chosen)> = Vec::new();
+    for (method, describe, subset) in subsets {
+        let mut sets: Vec<(Vec<Unit>, f64)> = Vec::new();
+        for &max_kl in &plan.budgets {
+            let within = Budget { limit: Limit::Kl(max_kl), target_speedup: None, ..budget.clone() };
+            match search.choose(&subset, &within) {
+                Ok(choice) if !choice.steps.is_empty() => {
+                    if !sets.iter().any(|(units, _)| *units == choice.units()) {
+                        sets.push((choice.units(), choice.harm()));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.downcast_ref::<crate::select::budget::Unreachable>().is_some() => {
+                    eprintln!("sweep: {method}: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        paths.push((method, describe, sets));
+    }
+    drop(search);
 
     let engine = subject.engine()?;
     let mut heldout_plan = rw.clone();
     heldout_plan.probe_sequences = plan.heldout_sequences;
     let heldout = probe_sequences(&heldout_plan, &subject, &budget.heldout_data, Split::Evaluation)?;
-    let scorer = probe::Probe::new(&subject.model, d, engine, &heldout)?;
+    let scorer = probe::Probe::new(&subject.model, d, engine, heldout.clone())?;
     let original_ppl = scorer.score(&subject.model)?.ppl;
     let fitter = Fitter { stats: stats.as_ref(), lambda: rw.select.lambda, storage: subject.storage };
     let before = Predicted::of(&subject.model, d)?;
@@ -1020,11 +1093,11 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
         })
     };
     let mut curves = Vec::new();
-    for (method, describe, path) in paths {
+    for (method, describe, sets) in paths {
         let mut points = Vec::new();
-        for (i, step) in path.iter().enumerate() {
-            eprintln!("sweep: {method}, {} units", i + 1);
-            points.push(point(path[..=i].iter().map(|s| s.unit).collect(), rw.replace, Some(step.harm))?);
+        for (units, probe_kl) in sets {
+            eprintln!("sweep: {method}, {} units", units.len());
+            points.push(point(units, rw.replace, Some(probe_kl))?);
         }
         curves.push((method, describe, points, rw.replace));
     }

@@ -26,7 +26,7 @@ pub struct ProbeScore {
 pub struct Probe<'a> {
     engine: &'a dyn Engine,
     interface: Interface,
-    sequences: &'a [Vec<i64>],
+    sequences: Vec<Vec<i64>>,
     reference: Vec<Vec<f32>>,
 }
 
@@ -37,7 +37,7 @@ impl<'a> Probe<'a> {
         original: &Model,
         hidden_size: usize,
         engine: &'a dyn Engine,
-        sequences: &'a [Vec<i64>],
+        sequences: Vec<Vec<i64>>,
     ) -> Result<Probe<'a>> {
         ensure!(!sequences.is_empty(), "measuring a model needs at least one probe sequence");
         let interface = Interface::of(original, Some(hidden_size))?;
@@ -86,7 +86,7 @@ impl<'a> Probe<'a> {
     /// position by position.
     fn for_each_sequence(&self, model: &Model, mut each: impl FnMut(Vec<Vec<f64>>)) -> Result<()> {
         let mut session = self.engine.load(model, &[])?;
-        for sequence in self.sequences {
+        for sequence in &self.sequences {
             let ids = Array2::from_shape_vec((1, sequence.len()), sequence.clone())?;
             each(next_token_log_probs(&self.interface, session.as_mut(), &ids)?.0);
         }

@@ -7,7 +7,7 @@
 # bench/frontier/{sweep.json,sweep.md,sweep.svg}, bench/frontier.json (the costs), and the tables of
 # docs/results/frontier.md with the chart docs/results/frontier.svg (python3 -m nblbench.frontier).
 #
-#   scripts/bench/bench-frontier.sh            # about 40 minutes on 2 cores; run nothing else meanwhile
+#   scripts/bench/bench-frontier.sh            # about 35 minutes on 2 cores; run nothing else meanwhile
 #   scripts/bench/bench-frontier.sh --resume   # reuses the calibrations in bench/tmp/frontier
 #
 # Needs models/smollm2-optimum (scripts/models/prepare-smollm2.sh) and GNU time; builds nbl-onnx and
@@ -15,7 +15,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 cd "$NBL_REPO"
-seq_len=512 samples=64 probe_sequences=4 heldout_sequences=16 budgets=0.1,0.2,0.3 runs=5 resume=0
+seq_len=512 samples=64 probe_sequences=2 heldout_sequences=8 budgets=0.1,0.2,0.3 runs=5 resume=0
 [[ ${1:-} == --resume ]] && resume=1
 model=models/smollm2-optimum/model.onnx
 need_model "$(dirname "$model")"

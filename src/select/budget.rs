@@ -135,6 +135,57 @@ pub const FRONT: usize = 4;
 /// among free ones, the largest saving goes first).
 const HARM_FLOOR: f64 = 1e-6;
 
+/// Every candidate scored alone: the search's first stage and its dearest, which serves every
+/// budget and every subset of the candidates.
+#[derive(Clone, Debug)]
+pub struct Scored {
+    pub alone: Vec<Alone>,
+    pub seconds: f64,
+}
+
+impl Scored {
+    /// The candidates `keep` keeps, with their scores.
+    pub fn only(&self, keep: impl Fn(&Unit) -> bool) -> Scored {
+        Scored {
+            alone: self.alone.iter().copied().filter(|a| keep(&a.unit)).collect(),
+            seconds: self.seconds,
+        }
+    }
+}
+
+/// Scores every candidate alone; `score` measures the harm of a set of units.
+pub fn score_alone(
+    candidates: &[Candidate],
+    mut score: impl FnMut(&[Unit]) -> Result<f64>,
+) -> Result<Scored> {
+    ensure!(!candidates.is_empty(), "no candidate units to choose from");
+    let started = Instant::now();
+    let progress = crate::progress::bar(
+        candidates.len() as u64,
+        "measuring {bar:40} {pos}/{len} units alone  ETA {eta}",
+        "units",
+    );
+    let mut alone = Vec::with_capacity(candidates.len());
+    // In a log, where the bar is not drawn, a line at every tenth of the candidates.
+    let every = if progress.is_hidden() { candidates.len().div_ceil(10) } else { usize::MAX };
+    for (i, c) in candidates.iter().enumerate() {
+        crate::atomic::check_interrupt()?;
+        let harm = score(&[c.unit]).with_context(|| format!("scoring {}", c.unit))?;
+        progress.inc(1);
+        alone.push(Alone { unit: c.unit, harm, saving: c.saving });
+        if (i + 1) % every == 0 {
+            eprintln!(
+                "budget: {} of {} units scored alone ({:.0} s)",
+                i + 1,
+                candidates.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    progress.finish_and_clear();
+    Ok(Scored { alone, seconds: started.elapsed().as_secs_f64() })
+}
+
 /// Chooses units from `candidates` as above; `score` measures the harm of a set of units.
 pub fn choose_within(
     candidates: &[Candidate],
@@ -143,25 +194,24 @@ pub fn choose_within(
     probe_tokens: usize,
     mut score: impl FnMut(&[Unit]) -> Result<f64>,
 ) -> Result<BudgetChoice> {
+    let scored = score_alone(candidates, &mut score)?;
+    choose_from(&scored, goal, front, probe_tokens, score)
+}
+
+/// The second stage: from candidates scored alone, the greedy choice within `goal`.
+pub fn choose_from(
+    scored: &Scored,
+    goal: Goal,
+    front: usize,
+    probe_tokens: usize,
+    mut score: impl FnMut(&[Unit]) -> Result<f64>,
+) -> Result<BudgetChoice> {
     let max_harm = goal.max_harm;
     ensure!(max_harm > 0.0 && !max_harm.is_nan(), "a budget must be a positive number, not {max_harm}");
-    ensure!(!candidates.is_empty(), "no candidate units to choose from");
+    ensure!(!scored.alone.is_empty(), "no candidate units to choose from");
     let started = Instant::now();
-    let progress = crate::progress::bar(
-        candidates.len() as u64,
-        "measuring {bar:40} {pos}/{len} units alone  ETA {eta}",
-        "units",
-    );
-    let mut passes = 1;
-    let mut alone = Vec::with_capacity(candidates.len());
-    for c in candidates {
-        crate::atomic::check_interrupt()?;
-        let harm = score(&[c.unit]).with_context(|| format!("scoring {}", c.unit))?;
-        passes += 1;
-        progress.inc(1);
-        alone.push(Alone { unit: c.unit, harm, saving: c.saving });
-    }
-    progress.finish_and_clear();
+    let alone = scored.alone.clone();
+    let mut passes = 1 + alone.len();
     let within: Vec<&Alone> = alone.iter().filter(|a| a.harm <= max_harm).collect();
     if within.is_empty() {
         let best = alone.iter().min_by(|a, b| a.harm.total_cmp(&b.harm)).expect("candidates are not empty");
