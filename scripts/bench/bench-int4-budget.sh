@@ -34,7 +34,7 @@ echo "==> calibrate every unit"
   --samples "$samples" --units all -o "$work/stats.safetensors" 2> "$work/calibrate.log"
 echo "==> rewrite --max-kl $budget --units all (int4 maps)"
 /usr/bin/time -f "%e %M" -o "$work/rewrite.time" "$nbl" rewrite "$model_dir/model.onnx" \
-  --stats "$work/stats.safetensors" --seq-len "$seq_len" --max-kl "$budget" --units all \
+  --stats "$work/stats.safetensors" --seq-len "$seq_len" --max-kl "$budget" --units all --probe-sequences 2 \
   -o "$work/out/model.onnx" --report "$work/report.json" 2> "$work/rewrite.log"
 tail -n 2 "$work/rewrite.log"
 echo "==> check; onnxruntime-genai generates 20 tokens"

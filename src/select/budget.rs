@@ -11,8 +11,10 @@
 //!    overlap the units chosen so far) together with the chosen units, and takes the one that
 //!    adds the most saving per harm it adds. A candidate that would take the set over the budget
 //!    is dropped, and the next ones in the ranking move up: a large unit never overshoots while
-//!    smaller ones still fit. It stops when no candidate is left, or once the set saves what a
-//!    target speed-up needs.
+//!    smaller ones still fit. A candidate that alone costs more than the budget has left is not
+//!    measured (harms add up, roughly). It stops when no candidate is left, once the set saves what
+//!    a target speed-up needs, or when `2 · front` candidates in a row overshoot (the budget is
+//!    full: what is left of it is less than the next candidates cost together with the rest).
 //!
 //! Cost: `c` single scorings, then at most `front` per step plus one per dropped candidate.
 //! Greedy by saving per harm alone jumps to the largest unit that fits, skipping every point in
@@ -226,9 +228,13 @@ pub fn choose_from(
     let mut chosen: Vec<Unit> = Vec::new();
     let mut steps: Vec<BudgetStep> = Vec::new();
     let (mut harm_now, mut saving_now) = (0.0, 0.0);
+    let mut overshoots = 0;
     loop {
-        ranked.retain(|a| !chosen.iter().any(|u| u.overlaps(&a.unit)));
-        if ranked.is_empty() || enough.is_some_and(|e| saving_now >= e) {
+        // Harms add up, roughly: a candidate that alone costs more than the budget has left is not
+        // measured.
+        let left = max_harm - harm_now;
+        ranked.retain(|a| !chosen.iter().any(|u| u.overlaps(&a.unit)) && a.harm <= left);
+        if ranked.is_empty() || enough.is_some_and(|e| saving_now >= e) || overshoots >= 2 * front.max(1) {
             break;
         }
         let mut best: Option<(usize, f64, f64)> = None;
@@ -243,8 +249,10 @@ pub fn choose_from(
             measured += 1;
             if harm > max_harm {
                 over.push(i);
+                overshoots += 1;
                 continue;
             }
+            overshoots = 0;
             let gain = a.saving / (harm - harm_now).max(HARM_FLOOR);
             if best.is_none_or(|(_, _, g)| gain > g) {
                 best = Some((i, harm, gain));
