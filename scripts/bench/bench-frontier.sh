@@ -43,3 +43,5 @@ echo "==> sweep at held-out KL $budgets"
   > /dev/null
 tail -n 3 "$work/sweep.log"
 python3 -m nblbench.frontier "$work" bench/frontier
+# bench/ holds JSON only: the table and the chart are in docs/results/ now.
+rm -f bench/frontier/sweep.md bench/frontier/sweep.svg
