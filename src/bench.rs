@@ -165,7 +165,7 @@ pub fn peak_memory_mb(model: &Model, engine: &dyn Engine, prompt_len: usize) -> 
 /// Times every model (alternately, after a warm-up run each), then measures each one's peak
 /// memory with `peak_memory` where given (in a fresh process: see [`peak_memory_mb`]).
 pub fn bench(
-    models: &[Model],
+    models: &[&Model],
     engine: &dyn Engine,
     options: &BenchOptions,
     peak_memory: Option<PeakMemory>,

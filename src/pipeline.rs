@@ -403,7 +403,8 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
         "units",
     );
     let summary = {
-        let maps = MapSource { fitted, stats: stats.as_ref(), lambda: plan.select.lambda, storage };
+        let fitter = Fitter { stats: stats.as_ref(), lambda: plan.select.lambda, storage };
+        let maps = MapSource { fitted, fitter };
         let edits = maps.edits(&layout, &units, &progress);
         let options = RewriteOptions { replace: plan.replace, kv: plan.kv, storage };
         rewrite::apply(&mut model, &layout, edits, options, &provenance)?
@@ -678,6 +679,12 @@ struct Fitter<'a> {
     storage: MapStorage,
 }
 
+impl Fitter<'_> {
+    fn fit(&self, unit: Unit) -> Result<LinearMap> {
+        fit_map(self.stats, unit, self.lambda, self.storage)
+    }
+}
+
 /// The maps of the units last asked for, kept while the next set shares them.
 #[derive(Default)]
 struct MapCache {
@@ -700,7 +707,7 @@ impl MapCache {
             self.maps.retain(|(u, _)| units.contains(u));
             for &unit in units {
                 if !self.maps.iter().any(|(u, _)| *u == unit) {
-                    self.maps.push((unit, fit_map(fitter.stats, unit, fitter.lambda, fitter.storage)?));
+                    self.maps.push((unit, fitter.fit(unit)?));
                 }
             }
         }
@@ -806,9 +813,7 @@ fn fit_in_stages(
 /// moments and map are held at a time, then only the map's encoding.
 struct MapSource<'a> {
     fitted: Option<Vec<(Unit, LinearMap)>>,
-    stats: &'a dyn MomentsSource,
-    lambda: f64,
-    storage: MapStorage,
+    fitter: Fitter<'a>,
 }
 
 impl<'a> MapSource<'a> {
@@ -830,7 +835,7 @@ impl<'a> MapSource<'a> {
                         .with_context(|| format!("no map of {unit}"))?;
                     maps.swap_remove(at).1
                 }
-                None => fit_map(self.stats, unit, self.lambda, self.storage)?,
+                None => self.fitter.fit(unit)?,
             };
             Ok(UnitEdit { site, map: Some(map) })
         })
@@ -967,7 +972,7 @@ pub fn bench(
     let engine =
         engine::open(&EngineOptions { engine: EngineChoice::Ort, ep: options.ep, threads: options.threads })?;
     eprintln!("engine: {}", engine.describe());
-    bench::bench(&models, engine.as_ref(), options, Some(peak_memory))
+    bench::bench(&models.iter().collect::<Vec<_>>(), engine.as_ref(), options, Some(peak_memory))
 }
 
 /// The peak memory of loading and running `model` (what `bench` measures in a process of its own).
@@ -1169,10 +1174,11 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
                 continue;
             }
             eprintln!("sweep: timing the points within KL {max_kl} against the original");
-            let mut timed = vec![models[0].without_value_info()];
-            timed.extend(at.iter().map(|cp| {
-                models[1 + chosen.iter().position(|x| x == cp).expect("chosen")].without_value_info()
-            }));
+            // The models held for generation, not copies of them.
+            let mut timed = vec![&models[0]];
+            timed.extend(
+                at.iter().map(|cp| &models[1 + chosen.iter().position(|x| x == cp).expect("chosen")]),
+            );
             let report = bench::bench(&timed, engine, options, None)?;
             for (&(c, p), t) in at.iter().zip(report.models.iter().skip(1)) {
                 curves[c].points[p].measured.push(Measured {

@@ -16,6 +16,16 @@ fn rewrite_args<'a>(ws: &'a Workspace, out: &'a str, extra: &[&'a str]) -> Vec<&
     args
 }
 
+/// `calibrate --units UNITS` of the workspace's model on its corpus, into `UNITS.safetensors` there.
+fn calibrate_units(ws: &Workspace, units: &str) -> nbl_onnx::stats::Stats {
+    let stats = ws.dir.path().join(format!("{units}.safetensors"));
+    let model = ws.model.to_str().unwrap();
+    let mut args = calibrate_args(model, ws.corpus.to_str().unwrap(), "32", "8", stats.to_str().unwrap());
+    args.extend(["--units", units]);
+    ok(nbl(&args));
+    nbl_onnx::stats::Stats::load(&stats).unwrap()
+}
+
 #[test]
 fn the_budget_buys_units_of_every_kind_without_overshooting() {
     let ws = workspace("llama-optimum-past");
@@ -163,17 +173,7 @@ fn a_mixture_of_experts_mlp_is_refused_with_the_reason() {
         "{err}"
     );
     // Its layers can be replaced whole: calibrate measures them.
-    let stats = ws.dir.path().join("layers.safetensors");
-    let mut args = calibrate_args(
-        ws.model.to_str().unwrap(),
-        ws.corpus.to_str().unwrap(),
-        "32",
-        "8",
-        stats.to_str().unwrap(),
-    );
-    args.extend(["--units", "layer"]);
-    ok(nbl(&args));
-    let stats = nbl_onnx::stats::Stats::load(&stats).unwrap();
+    let stats = calibrate_units(&ws, "layer");
     let units: Vec<Unit> = stats.layers.iter().map(|t| t.unit()).collect();
     assert!(units.contains(&Unit::layer(0)) && units.contains(&Unit::layer(2)), "{units:?}");
 }
@@ -183,17 +183,7 @@ fn a_mixture_of_experts_mlp_is_refused_with_the_reason() {
 #[test]
 fn statistics_with_units_keep_attention_for_analysis() {
     let ws = workspace("llama-optimum-past");
-    let stats = ws.dir.path().join("units.safetensors");
-    let mut args = calibrate_args(
-        ws.model.to_str().unwrap(),
-        ws.corpus.to_str().unwrap(),
-        "32",
-        "8",
-        stats.to_str().unwrap(),
-    );
-    args.extend(["--units", "run,mlp"]);
-    ok(nbl(&args));
-    let read = nbl_onnx::stats::Stats::load(&stats).unwrap();
+    let (read, stats) = (calibrate_units(&ws, "run,mlp"), ws.dir.path().join("run,mlp.safetensors"));
     // 3 attention sites, 3 MLPs, runs 0-1, 1-2, 0-2.
     assert_eq!(read.layers.len(), 9);
     let with_units = read.layers.iter().filter(|t| t.unit.is_some()).count();
