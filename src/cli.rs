@@ -254,9 +254,9 @@ pub struct CalibrationArgs {
     /// show each map's error on text it was not fitted to (0: none; doubles the statistics' size)
     #[arg(long, default_value_t = 0)]
     pub holdout_every: usize,
-    /// Which units to measure, comma-separated: attention, mlp, layer, run, or all. Each kind
-    /// besides attention costs about as much memory and time as attention does (runs: three
-    /// times, for spans of 2, 3 and 4 layers)
+    /// Which units to measure, comma-separated: attention, mlp, layer, run, fold, or all. Each
+    /// kind besides attention costs about as much memory and time as attention does (runs: three
+    /// times, for spans of 2, 3 and 4 layers; folds: four times, for spans of 1 to 4)
     #[arg(long, default_value = "attention", value_parser = unit_kinds)]
     pub units: UnitKinds,
     #[command(flatten)]
@@ -267,7 +267,7 @@ pub struct CalibrationArgs {
 #[derive(Clone, Debug)]
 pub struct UnitKinds(pub Vec<UnitKind>);
 
-/// `attention,mlp,layer,run` or `all`.
+/// `attention,mlp,layer,run,fold` or `all`.
 fn unit_kinds(s: &str) -> Result<UnitKinds, String> {
     if s.trim() == "all" {
         return Ok(UnitKinds(UnitKind::ALL.to_vec()));
@@ -275,7 +275,9 @@ fn unit_kinds(s: &str) -> Result<UnitKinds, String> {
     let mut kinds = Vec::new();
     for name in s.split(',').map(str::trim) {
         let kind = UnitKind::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
-            format!("unknown unit {name:?}: expected attention, mlp, layer, run (comma-separated) or all")
+            format!(
+                "unknown unit {name:?}: expected attention, mlp, layer, run, fold (comma-separated) or all"
+            )
         })?;
         if !kinds.contains(&kind) {
             kinds.push(kind);

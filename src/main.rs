@@ -117,6 +117,13 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
         kv(s.kv_bytes_per_token_after),
         plan.report.display()
     );
+    for fold in &s.folds {
+        let how = if fold.requantised { "quantised again to its own bits" } else { "multiplied exactly" };
+        eprintln!(
+            "{}: the map is folded into {:?} (its weights {how}, and a bias added)",
+            fold.unit, fold.projection
+        );
+    }
     Ok(())
 }
 

@@ -34,9 +34,9 @@ fn the_budget_buys_units_of_every_kind_without_overshooting() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.with_file_name("model.nbl.json")).unwrap()).unwrap();
     let budget = &report["budget"];
-    // Every unit of the 3-layer model was scored alone: 3 each of attention, MLP, layer, and runs
-    // 0-1, 1-2 and 0-2.
-    assert_eq!(budget["alone"].as_array().unwrap().len(), 12, "{budget}");
+    // Every unit of the 3-layer model was scored alone: 3 each of attention, MLP, layer, runs
+    // 0-1, 1-2 and 0-2, and folds 1-1, 1-2 and 2-2.
+    assert_eq!(budget["alone"].as_array().unwrap().len(), 15, "{budget}");
     let steps = budget["steps"].as_array().unwrap();
     assert!(!steps.is_empty(), "{budget}");
     let mut saving = 0.0;
@@ -114,6 +114,36 @@ fn a_perplexity_budget_and_a_target_speedup_choose_by_their_own_measure() {
         "{err}"
     );
     assert!(!out.exists());
+}
+
+/// A fold chosen by the budget is written into the MLP before it, said so in the report, and the
+/// model runs and decodes: float weights multiplied, int4 weights quantised again (GenAI).
+#[test]
+fn a_chosen_fold_goes_into_the_mlp_weights_and_the_report_says_so() {
+    for (fixture, requantised) in [("llama-optimum-past", false), ("llama-genai-int4", true)] {
+        let ws = workspace(fixture);
+        let out = ws.dir.path().join("fold/model.onnx");
+        let run = ok(nbl(&rewrite_args(&ws, out.to_str().unwrap(), &["--max-kl", "10", "--units", "fold"])));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.with_file_name("model.nbl.json")).unwrap()).unwrap();
+        let folds = report["rewrite"]["folds"].as_array().unwrap();
+        assert!(!folds.is_empty(), "{fixture}: {report}");
+        for fold in folds {
+            let unit: Unit = serde_json::from_value(fold["unit"].clone()).unwrap();
+            assert_eq!(unit.kind, nbl_onnx::unit::UnitKind::Fold);
+            assert_eq!(fold["requantised"], requantised, "{fixture}: {fold}");
+            let projection = fold["projection"].as_str().unwrap();
+            assert!(projection.contains(&format!("layers.{}/mlp/down_proj", unit.layer - 1)), "{projection}");
+            assert!(
+                stderr(&run).contains(&format!("{unit}: the map is folded into {projection:?}")),
+                "{}",
+                stderr(&run)
+            );
+        }
+        let (code, check) = check(&out, &[]);
+        assert_eq!(code, Some(0), "{fixture}: {check}");
+        assert_eq!(status(&check, "onnxruntime"), "ok", "{fixture}");
+    }
 }
 
 #[test]

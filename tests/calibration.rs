@@ -575,7 +575,7 @@ fn unit_moments_are_those_of_the_pytorch_streams() {
         let model = Model::load(model_path(name)).unwrap();
         let layout = find_layout(&model).unwrap();
         let d = layout.hidden_size;
-        let units = [Unit::layer(1), Unit::run(0, 2), Unit::mlp(2)];
+        let units = [Unit::layer(1), Unit::run(0, 2), Unit::mlp(2), Unit::fold(1, 1)];
         let (copy, taps) = measurement(&model, &layout, &units).unwrap();
         assert_eq!(taps.len(), layout.layers.len() + units.len());
         let measuring = copy.as_ref().unwrap();
@@ -584,9 +584,15 @@ fn unit_moments_are_those_of_the_pytorch_streams() {
         let (host, graph) = (moments(MomentsOn::Host), moments(MomentsOn::Graph));
         let reference = reference(name);
         let stream = |l: usize| reference[&format!("layers.{l}.x")].to_f32().unwrap();
-        for (unit, (first, after)) in [(Unit::layer(1), (1, 2)), (Unit::run(0, 2), (0, 2))] {
-            let (x, out) = (stream(first), stream(after));
-            let y = &out - &x;
+        // A fold's X is layer 0's MLP term (the stream after layer 0 minus its input and
+        // attention term, in sequential and parallel blocks alike), its Y that term plus what
+        // layer 1 adds.
+        let mlp0 = stream(1) - &stream(0) - &reference["layers.0.y"].to_f32().unwrap();
+        let fold = (mlp0.clone(), &stream(2) - &stream(1) + &mlp0);
+        let spans = [(Unit::layer(1), (1, 2)), (Unit::run(0, 2), (0, 2))];
+        let pairs =
+            spans.map(|(unit, (first, after))| (unit, (stream(first), &stream(after) - &stream(first))));
+        for (unit, (x, y)) in pairs.into_iter().chain([(Unit::fold(1, 1), fold)]) {
             let mut expected = Moments::new(d);
             expected.add_batch(x.as_slice().unwrap(), y.as_standard_layout().as_slice().unwrap());
             let at = taps.iter().position(|t| t.unit() == unit).unwrap();

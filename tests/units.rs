@@ -1,21 +1,23 @@
 //! Units besides attention: an MLP, a whole layer, a run of layers, each replaced by an affine map
-//! of the stream entering it, on every fixture. What the rewrite computes is read at the stream
-//! after the unit (the next layer's X) and compared with the same map applied to PyTorch's stream.
+//! of the stream entering it, and a fold (a layer removed, its map of the previous MLP's output
+//! folded into that MLP's weights), on every fixture. What the rewrite computes is read at the
+//! stream after the unit (the next layer's X) and compared with the same map applied to PyTorch's
+//! stream.
 
 mod common;
 
 use common::*;
-use nbl_onnx::detect::{DecoderLayout, UnitOutput, find_layout};
+use nbl_onnx::detect::{DecoderLayout, ProjectionWeight, UnitOutput, find_layout};
 use nbl_onnx::fit::LinearMap;
 use nbl_onnx::onnx::{Model, Tensor};
 use nbl_onnx::rewrite::{KvCache, Replacement, RewriteOptions, UnitEdit, apply};
-use nbl_onnx::unit::Unit;
+use nbl_onnx::unit::{Unit, UnitKind};
 use ndarray::{Array2, ArrayD, Axis};
 
 /// Every fixture has 3 layers: each unit ends before the last, so that the next layer's X shows
 /// what it left in the stream.
-fn units() -> [Unit; 3] {
-    [Unit::mlp(1), Unit::layer(1), Unit::run(0, 2)]
+fn units() -> [Unit; 4] {
+    [Unit::mlp(1), Unit::layer(1), Unit::run(0, 2), Unit::fold(1, 1)]
 }
 
 /// A seeded map `W` (entries of about 0.05, so that `h Wᵀ` is a fraction of `h`) and `b`.
@@ -86,17 +88,35 @@ fn expected_stream(
             &x + &affine(&x, map)
         }
         UnitOutput::Branch(term) => {
-            let mut original = Model { path: model.path.clone(), proto: model.proto.clone() };
-            float_accuracy(&mut original);
-            let taps = run(&original, &reference, &[site.map_input.clone(), term.clone()]);
+            let taps = run_original(model, &reference, &[site.map_input.clone(), term.clone()]);
             let (x, term) = (tokens(&taps[0], d), tokens(&taps[1], d));
             pytorch(unit.last() + 1) - &term + &affine(&x, map)
+        }
+        UnitOutput::FoldedDelta { branch, .. } => {
+            let term = tokens(&run_original(model, &reference, std::slice::from_ref(branch))[0], d);
+            pytorch(unit.layer) - &term + &affine(&term, map)
         }
     }
 }
 
+/// `names` of the unrewritten `model`, computing in f32.
+fn run_original(
+    model: &Model,
+    reference: &std::collections::BTreeMap<String, Tensor>,
+    names: &[String],
+) -> Vec<Tensor> {
+    let mut original = Model { path: model.path.clone(), proto: model.proto.clone() };
+    float_accuracy(&mut original);
+    run(&original, reference, names)
+}
+
+/// Why the fixtures' MLPs cannot take a fold: a mixture of experts, a post-norm (Gemma2, OLMo2),
+/// Granite's residual multiplier, int8 products, a cast to the stream's type.
+const FOLD_REFUSALS: [&str; 2] = ["mixture of experts", "no weight to fold a map into"];
+
 #[test]
 fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
+    let (mut checked_folds, mut refused_folds) = (0, 0);
     for fixture in fixture_names() {
         let model = Model::load(model_path(&fixture)).unwrap();
         let layout = find_layout(&model).unwrap();
@@ -105,17 +125,28 @@ fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
             let site = match layout.unit_site(unit) {
                 Ok(site) => site,
                 Err(e) => {
-                    // Only a mixture of experts is refused among these fixtures' units.
+                    // Only a mixture of experts is refused among these fixtures' units, and folds
+                    // into MLPs whose output is not their projection's.
                     let e = format!("{e:#}");
-                    assert!(e.contains("mixture of experts") && e.contains("TopK"), "{fixture}: {unit}: {e}");
+                    let moe = e.contains("mixture of experts") && e.contains("TopK");
+                    let fold = unit.kind == UnitKind::Fold && FOLD_REFUSALS.iter().any(|r| e.contains(r));
+                    assert!(moe || fold, "{fixture}: {unit}: {e}");
                     eprintln!("{fixture}: {unit} refused: {e}");
+                    refused_folds += usize::from(unit.kind == UnitKind::Fold);
                     continue;
                 }
             };
+            // A fold into int4 weights, and the MLP term it rewrites.
+            let requantised = site
+                .fold
+                .as_ref()
+                .filter(|f| matches!(f.projection.weight, ProjectionWeight::Blocks { .. }))
+                .map(|f| f.branch.clone());
             let map = seeded_map(d, seed as u64 + 1);
             let expected = expected_stream(&fixture, &model, &layout, unit, &map);
 
             let mut rewritten = Model { path: model.path.clone(), proto: model.proto.clone() };
+            let map_again = map.clone();
             let edit = UnitEdit { site, map: Some(map) };
             let options = RewriteOptions::float(&layout, Replacement::Linear, KvCache::Drop);
             let summary = apply(&mut rewritten, &layout, vec![Ok(edit)], options, &[]).unwrap();
@@ -126,7 +157,11 @@ fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
             let removed: usize = kv_layers.iter().map(|&l| layout.layers[l].kv_inputs.len()).sum();
             assert_eq!(summary.removed_inputs.len(), removed, "{fixture}: {unit}");
 
-            let after = layout.layers[unit.last() + 1].x.clone();
+            // A fold removes the layer's end junction: its readers read the stream before it.
+            let after = match unit.kind {
+                UnitKind::Fold => layout.layers[unit.layer].x.clone(),
+                _ => layout.layers[unit.last() + 1].x.clone(),
+            };
             let reference = reference(&fixture);
             let got = tokens(&run(&rewritten, &reference, &[after])[0], d);
             let diff = (&got - &expected).iter().map(|v| v.abs()).fold(0.0, f64::max);
@@ -138,10 +173,76 @@ fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
             if quantised_activations(&fixture) {
                 let cos = cosine(&Tensor::F64(got.into_dyn()), &Tensor::F64(expected.into_dyn()));
                 assert!(cos >= QUANTISED_MIN_COSINE, "{fixture}: {unit}: cosine {cos}");
+            } else if let Some(branch) = &requantised {
+                // The folded int4 weights are rounded again: what the fold adds to the stream
+                // (the stream minus the MLP's own term before it) is the map's term to within
+                // that rounding.
+                let term = tokens(&run_original(&model, &reference, std::slice::from_ref(branch))[0], d);
+                let base = &expected - &affine(&term, &map_again);
+                let (added, wanted) = (&got - &base, &expected - &base);
+                let error = (&added - &wanted).iter().map(|v| v * v).sum::<f64>().sqrt()
+                    / wanted.iter().map(|v| v * v).sum::<f64>().sqrt();
+                // Rounding weights like these to int4 in groups (step amax/7, about 0.36 σ) leaves
+                // about 0.36/√12 ≈ 10% of their size; a wrong fold (a transposed map, a lost bias
+                // or zero point) errs by the whole term.
+                eprintln!("{fixture}: {unit}: requantised, the fold's term within {error:.3} (relative)");
+                assert!(error <= 0.15, "{fixture}: {unit}: relative error {error}");
             } else {
                 assert!(diff <= tolerance, "{fixture}: {unit}: {diff} > {tolerance}");
             }
+            checked_folds += usize::from(unit.kind == UnitKind::Fold);
         }
+    }
+    eprintln!("folds: {checked_folds} checked, {refused_folds} refused");
+    assert!(
+        checked_folds >= 20,
+        "most fixtures' MLPs end in their projection: {checked_folds} folds checked"
+    );
+}
+
+/// A fold is exact for float weights: the folded graph's stream after the removed layer is the
+/// original graph's stream before it with the MLP's term `m` swapped for `m Wᵀ + b`, to f32
+/// rounding (the product `Wd Wᵀ` is formed in f64 and stored once).
+#[test]
+fn a_fold_into_float_weights_is_exact() {
+    for fixture in ["llama-optimum-past", "llama-genai-fp32", "qwen2-optimum-past", "gptneox-optimum-past"] {
+        let model = Model::load(model_path(fixture)).unwrap();
+        let layout = find_layout(&model).unwrap();
+        let d = layout.hidden_size;
+        let unit = Unit::fold(1, 1);
+        let site = layout.unit_site(unit).unwrap();
+        let fold = site.fold.clone().unwrap();
+        assert!(matches!(fold.projection.weight, ProjectionWeight::Float(_)), "{fixture}");
+        let reference = reference(fixture);
+        let taps = run_original(&model, &reference, &[layout.layers[1].x.clone(), fold.branch.clone()]);
+        let (before, term) = (tokens(&taps[0], d), tokens(&taps[1], d));
+        let map = seeded_map(d, 7);
+        let expected = &before - &term + &affine(&term, &map);
+
+        let mut rewritten = Model { path: model.path.clone(), proto: model.proto.clone() };
+        let options = RewriteOptions::float(&layout, Replacement::Linear, KvCache::Drop);
+        let edit = UnitEdit { site, map: Some(map) };
+        let summary = apply(&mut rewritten, &layout, vec![Ok(edit)], options, &[]).unwrap();
+        assert_eq!(summary.folds.len(), 1, "{fixture}");
+        assert!(!summary.folds[0].requantised);
+        assert!(
+            rewritten.graph().node.iter().all(|n| n.name() != fold.projection.node),
+            "the old projection died"
+        );
+        // Layer 1's end junction is gone: its readers read layer 1's input, now the folded stream.
+        let after = layout.layers[1].x.clone();
+        let got = tokens(&run(&rewritten, &reference, &[after])[0], d);
+        let diff = (&got - &expected).iter().map(|v| v.abs()).fold(0.0, f64::max);
+        let scale = expected.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        eprintln!("{fixture}: fold 1-1 within {diff:.2e} of the unfolded map (max {scale:.2})");
+        assert!(diff <= 1e-5 * scale.max(1.0), "{fixture}: {diff}");
+        // Nothing but the MLP's weights grew: the parameters removed are layer 1's and the old
+        // projection's, the ones added its folded copy and bias.
+        assert_eq!(
+            summary.params_added as usize,
+            128 * d + d,
+            "{fixture}: a [128, {d}] projection and its bias"
+        );
     }
 }
 
@@ -190,6 +291,6 @@ fn units_ending_in_a_fused_final_norm_are_refused_with_the_reason() {
     }
     assert!(layout.unit_site(Unit::mlp(2)).is_ok() && layout.unit_site(Unit::run(0, 2)).is_ok());
     let (usable, refused) = layout.units(&nbl_onnx::unit::UnitKind::ALL);
-    assert_eq!(refused.len(), 3, "layer 2, runs 1-2 and 0-2: {refused:?}");
-    assert_eq!(usable.len(), 3 + 3 + 2 + 1, "3 attention, 3 MLPs, layers 0 and 1, run 0-1");
+    assert_eq!(refused.len(), 5, "layer 2, runs 1-2 and 0-2, folds 1-2 and 2-2: {refused:?}");
+    assert_eq!(usable.len(), 3 + 3 + 2 + 1 + 1, "3 attention, 3 MLPs, layers 0 and 1, run 0-1, fold 1-1");
 }

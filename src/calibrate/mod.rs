@@ -235,13 +235,21 @@ pub fn measurement(
         let site = layout.unit_site(unit)?;
         let y = match &site.output {
             UnitOutput::Branch(y) => y.clone(),
-            UnitOutput::StreamDelta { output } => {
+            UnitOutput::StreamDelta { output } | UnitOutput::FoldedDelta { output, .. } => {
                 let patch = match &mut patch {
                     Some(p) => p,
                     None => patch.insert(Patch::new(model.graph())?),
                 };
                 let y = format!("nbl.measure.{}.y", unit.key());
-                patch.add_node(build::node("Sub", &[output, &site.map_input], &y))?;
+                let delta = match &site.output {
+                    UnitOutput::FoldedDelta { branch, .. } => {
+                        let delta = format!("nbl.measure.{}.delta", unit.key());
+                        patch.add_node(build::node("Add", &[&delta, branch], &y))?;
+                        delta
+                    }
+                    _ => y.clone(),
+                };
+                patch.add_node(build::node("Sub", &[output, &site.map_input], &delta))?;
                 // An output until the measuring graph reads it, or it dies with the patch.
                 patch.add_output(&y)?;
                 y

@@ -29,7 +29,7 @@ use stream::{
     MAX_PROLOGUE, embedding_rows, hidden_size, prologue_step, stream_continues, stream_dtype, stream_start,
     stream_views,
 };
-pub use units::{UnitOutput, UnitSite};
+pub use units::{FoldSite, Projection, ProjectionWeight, UnitOutput, UnitSite};
 use view::GraphView;
 
 /// The attention a branch holds: decomposed (`Softmax` into a `MatMul`, or a KV-cache input), or a
@@ -105,6 +105,9 @@ pub struct MlpSite {
     pub refused: Option<String>,
     #[serde(skip)]
     pub junction: Port,
+    /// The product that makes the branch's output, which a fold rewrites, or why there is none.
+    #[serde(skip)]
+    pub projection: std::result::Result<Projection, String>,
 }
 
 /// Where a decoder layer's last residual junction writes the stream the next layer reads.
@@ -393,6 +396,7 @@ fn mlp_site(g: &GraphView, layer: usize, terms: Vec<OtherTerm>) -> Option<MlpSit
         nodes: first.analysis.dying.len(),
         refused,
         junction: first.port,
+        projection: units::projection(g, first.tensor),
     })
 }
 

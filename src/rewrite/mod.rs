@@ -5,6 +5,7 @@
 //! All edits of one rewrite are collected in one [`Patch`] (the splices are named constructors in
 //! [`splice`]) and applied at once. The rewrite applies a plan; it does not choose or fit.
 
+mod fold;
 mod splice;
 
 use std::collections::HashSet;
@@ -20,6 +21,7 @@ use crate::fit::storage::MapStorage;
 use crate::onnx::proto::StringStringEntryProto;
 use crate::onnx::{DType, Interface, Model, Patch};
 use crate::unit::Unit;
+pub use fold::Folded;
 
 /// What replaces a chosen unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -70,6 +72,9 @@ pub struct RewriteSummary {
     pub layers: Vec<usize>,
     /// Every unit replaced, in layer order.
     pub units: Vec<Unit>,
+    /// The folds among them: the projection each map went into.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub folds: Vec<Folded>,
     pub replace: Replacement,
     pub kv: KvCache,
     /// How the maps were stored.
@@ -128,6 +133,7 @@ pub fn apply(
     let mut patch = Patch::new(model.graph())?;
     let mut units: Vec<Unit> = Vec::new();
     let mut layers: Vec<usize> = Vec::new();
+    let mut folds = Vec::new();
     for edit in edits {
         let UnitEdit { site, map } = edit?;
         if let Some(other) = units.iter().find(|u| u.overlaps(&site.unit)) {
@@ -135,7 +141,13 @@ pub fn apply(
         }
         units.push(site.unit);
         layers.extend(&site.attention);
-        patch.replace_site(&site, options.replace, map, options.storage)?;
+        match (&site.fold, options.replace, &map) {
+            // A fold's map goes into its MLP's weights, whatever format new maps are stored in.
+            (Some(fold), Replacement::Linear, Some(map)) => {
+                folds.push(patch.fold_map(&site, fold, map, model)?)
+            }
+            _ => patch.replace_site(&site, options.replace, map, options.storage)?,
+        }
     }
     units.sort_unstable_by_key(|u| (u.layer, u.kind));
     layers.sort_unstable();
@@ -170,6 +182,7 @@ pub fn apply(
     Ok(RewriteSummary {
         layers,
         units,
+        folds,
         replace: options.replace,
         kv: options.kv,
         weight_format: options.storage,

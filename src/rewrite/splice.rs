@@ -214,7 +214,8 @@ impl Patch<'_> {
 
     /// `Y := 0`. An `Add` junction becomes the stream itself (its readers read the stream; for a
     /// layer or a run, the unit's input); a `SkipSimplifiedLayerNormalization` becomes a plain
-    /// `SimplifiedLayerNormalization` of the stream, its sum output read as the stream.
+    /// `SimplifiedLayerNormalization` of the stream (a `SkipLayerNormalization` a
+    /// `LayerNormalization`), its sum output read as the stream.
     pub fn remove_branch(&mut self, site: &UnitSite) -> Result<()> {
         let node = self.junction(site)?.clone();
         let slot = site.junction.slot;
@@ -224,18 +225,32 @@ impl Patch<'_> {
         };
         match node.op_type() {
             "Add" => self.shunt(&node.output[0], &stream),
-            "SkipSimplifiedLayerNormalization" => {
+            op @ ("SkipSimplifiedLayerNormalization" | "SkipLayerNormalization") => {
                 // Output 0 is the normalised sum; outputs 1 and 2 (statistics) are optional.
                 for (i, out) in node.output.iter().enumerate().skip(1).take(2) {
                     let read = self.index().id(out).is_some_and(|id| self.index().is_read(id));
                     ensure!(!read, "{}: output {i} of {:?} is read", site.unit, node.name());
                 }
                 let mut norm = node.clone();
-                norm.op_type = Some("SimplifiedLayerNormalization".into());
-                // ONNX Runtime registers SimplifiedLayerNormalization in the default domain.
+                // ONNX Runtime registers SimplifiedLayerNormalization in the default domain, and
+                // LayerNormalization is standard (opset 17): inputs X, scale and (optional) bias.
                 norm.domain = Some(String::new());
-                norm.input = vec![stream.clone(), node.input[2].clone()];
                 norm.output.truncate(1);
+                if op == "SkipSimplifiedLayerNormalization" {
+                    norm.op_type = Some("SimplifiedLayerNormalization".into());
+                    norm.input = vec![stream.clone(), node.input[2].clone()];
+                } else {
+                    let bias = node.input.get(4).filter(|b| !b.is_empty());
+                    ensure!(
+                        bias.is_none(),
+                        "{}: {:?} adds a bias to the sum it leaves",
+                        site.unit,
+                        node.name()
+                    );
+                    norm.op_type = Some("LayerNormalization".into());
+                    norm.input = vec![stream.clone(), node.input[2].clone()];
+                    norm.input.extend(node.input.get(3).cloned());
+                }
                 self.replace_node(site.junction.node, norm)?;
                 match node.output.get(3).filter(|s| !s.is_empty()) {
                     Some(sum) => self.shunt(sum, &stream),
