@@ -1039,18 +1039,27 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
     let kinds = rw.calibration.units.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
     let mut search = Search::new(rw, Limit::Kl(budget.limit.max()), &subject, stats.as_ref(), &candidates)?;
     let scored = search.alone()?;
-    let mut subsets = vec![("budget", format!("budget: measured choice among {kinds}"), scored.clone())];
-    if rw.calibration.units != [UnitKind::Attention] {
+    let mut subsets =
+        vec![("budget".to_string(), format!("budget: measured choice among {kinds}"), scored.clone())];
+    // With several kinds, each kind's own frontier too (attention's is timed, as the paper's
+    // choice of units; the others are drawn for comparison).
+    if rw.calibration.units.len() > 1 {
+        for &kind in &rw.calibration.units {
+            let method = format!("budget-{}", kind.name());
+            let describe = format!("{method}: measured choice among {} units", kind.name());
+            subsets.push((method, describe, scored.only(|u| u.kind == kind)));
+        }
+    } else if rw.calibration.units != [UnitKind::Attention] {
         let attention = scored.only(|u| u.kind == UnitKind::Attention);
         subsets.push((
-            "budget-attention",
+            "budget-attention".into(),
             "budget-attention: measured choice among attention".into(),
             attention,
         ));
     }
     // Per curve, the sets chosen (one per budget, each once) with their probe KL.
     type Chosen = Vec<(Vec<Unit>, f64)>;
-    let mut paths: Vec<(&str, String, Chosen)> = Vec::new();
+    let mut paths: Vec<(String, String, Chosen)> = Vec::new();
     for (method, describe, subset) in subsets {
         let mut sets: Vec<(Vec<Unit>, f64)> = Vec::new();
         for &max_kl in &plan.budgets {
@@ -1122,13 +1131,14 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
                 break;
             }
         }
-        curves.push((method, describe.to_string(), points, replace));
+        curves.push((method.to_string(), describe.to_string(), points, replace));
     }
     let replaces: Vec<Replacement> = curves.iter().map(|c| c.3).collect();
     let mut curves: Vec<Curve> = curves
         .into_iter()
         .map(|(method, describe, points, _)| Curve {
-            method: method.to_string(),
+            shown_only: crate::sweep::shown_only(&method),
+            method,
             describe,
             chosen: plan.budgets.iter().map(|&b| fastest_within(&points, b, budget.optimize)).collect(),
             points,
@@ -1139,6 +1149,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
     let mut chosen: Vec<(usize, usize)> = curves
         .iter()
         .enumerate()
+        .filter(|(_, curve)| !curve.shown_only)
         .flat_map(|(c, curve)| curve.chosen.iter().flatten().map(move |&p| (c, p)))
         .collect();
     chosen.sort_unstable();

@@ -58,6 +58,16 @@ pub struct Curve {
     pub points: Vec<Point>,
     /// For each budget, the fastest point within it (held-out KL), where one is.
     pub chosen: Vec<Option<usize>>,
+    /// A curve of one kind of unit besides attention, drawn to show that kind's own frontier:
+    /// its points are neither timed nor recommended.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shown_only: bool,
+}
+
+/// Whether the curve `method` is drawn for comparison only: the budget mode among one kind of
+/// unit other than attention (`budget-mlp`, `budget-layer`, `budget-run`, `budget-fold`).
+pub fn shown_only(method: &str) -> bool {
+    method.strip_prefix("budget-").is_some_and(|kind| kind != "attention")
 }
 
 /// How the chosen points were timed (`bench`, alternating runs).
@@ -111,6 +121,7 @@ impl SweepReport {
         };
         self.curves
             .iter()
+            .filter(|c| !c.shown_only)
             .filter_map(|c| c.chosen[b].map(|i| (c, &c.points[i])))
             .max_by(|(_, a), (_, b)| speed(a).total_cmp(&speed(b)))
     }
@@ -158,7 +169,8 @@ impl SweepReport {
         let _ = writeln!(
             out,
             "Held-out: {} sequences, {} tokens; original perplexity {:.3}. `≤ B` marks each curve's fastest \
-             point within held-out KL B; measured speed-ups are from one bench run per budget.\n",
+             point within held-out KL B; measured speed-ups are from one bench run per budget; † marks \
+             the budget mode among one kind of unit alone, drawn for comparison (not timed).\n",
             self.heldout_sequences, self.heldout_tokens, self.original_ppl
         );
         let _ = writeln!(
@@ -178,8 +190,10 @@ impl SweepReport {
                     .filter(|(c, _)| **c == Some(i))
                     .map(|(_, b)| format!("≤ {b}"))
                     .collect();
-                let mark =
-                    if within.is_empty() { String::new() } else { format!(" ({})", within.join(", ")) };
+                let mut mark = if curve.shown_only { " †".to_string() } else { String::new() };
+                if !within.is_empty() {
+                    let _ = write!(mark, " ({})", within.join(", "));
+                }
                 let _ = writeln!(
                     out,
                     "| {}{mark} | {} | {:.4} | {:.3} | {:.3} | {:.3}x | {:.3}x | {} | {} | {} |",
@@ -259,17 +273,23 @@ impl SweepReport {
                 height - margin
             );
         }
-        const COLOURS: [&str; 6] = ["#e8891d", "#4878a8", "#59a14f", "#b07aa1", "#9c755f", "#e15759"];
+        const COLOURS: [&str; 10] = [
+            "#e8891d", "#4878a8", "#59a14f", "#b07aa1", "#9c755f", "#e15759", "#76b7b2", "#edc948",
+            "#ff9da7", "#bab0ac",
+        ];
         for (c, curve) in self.curves.iter().enumerate() {
             let colour = COLOURS[c % COLOURS.len()];
             let mut line = format!("{:.1},{:.1} ", x_of(0.0), y_of(1.0));
             for p in curve.points.iter().filter(|p| p.heldout.kl <= max_x) {
                 let _ = write!(line, "{:.1},{:.1} ", x_of(p.heldout.kl), y_of(p.predicted(self.optimize)));
             }
-            let _ = writeln!(
-                s,
-                r##"<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.8"/>"##
-            );
+            // One kind alone, for comparison: a thin dashed line.
+            let style = if curve.shown_only {
+                r#"stroke-width="1" stroke-dasharray="5 3""#
+            } else {
+                r#"stroke-width="1.8""#
+            };
+            let _ = writeln!(s, r##"<polyline points="{line}" fill="none" stroke="{colour}" {style}/>"##);
             for (i, p) in curve.points.iter().enumerate().filter(|(_, p)| p.heldout.kl <= max_x) {
                 let (x, y) = (x_of(p.heldout.kl), y_of(p.predicted(self.optimize)));
                 let chosen = curve.chosen.contains(&Some(i));
@@ -341,6 +361,7 @@ mod tests {
             describe: method.into(),
             chosen: [0.01, 0.2].iter().map(|&b| fastest_within(&points, b, Optimize::Decode)).collect(),
             points,
+            shown_only: shown_only(method),
         };
         let report = SweepReport {
             model: "m.onnx".into(),
@@ -350,7 +371,12 @@ mod tests {
             heldout_sequences: 4,
             heldout_tokens: 2048,
             probe_tokens: 1024,
-            curves: vec![curve("nbl", points), curve("budget", other)],
+            // A faster point of one kind alone is drawn, not recommended.
+            curves: vec![
+                curve("nbl", points),
+                curve("budget", other),
+                curve("budget-mlp", vec![point(1, 0.1, 1.3)]),
+            ],
             bench: None,
             seconds: 1.0,
         };
@@ -363,6 +389,8 @@ mod tests {
             "{line}"
         );
         assert!(report.table().contains("| nbl (≤ 0.2) | 2 | 0.1200 |"), "{}", report.table());
+        assert!(report.table().contains("| budget-mlp † (≤ 0.2) | 1 |"), "{}", report.table());
+        assert!(shown_only("budget-fold") && !shown_only("budget-attention") && !shown_only("budget"));
         assert!(report.svg().contains("<circle"));
     }
 }

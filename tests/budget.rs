@@ -260,21 +260,36 @@ fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
         serde_json::from_slice(&std::fs::read(dir.join("sweep.json")).unwrap()).unwrap();
     let methods: Vec<&str> =
         report["curves"].as_array().unwrap().iter().map(|c| c["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["budget", "budget-attention", "nbl", "cosine", "drop"]);
+    let kinds = ["budget-attention", "budget-mlp", "budget-layer", "budget-run", "budget-fold"];
+    assert_eq!(methods[..6], [&["budget"], &kinds[..]].concat());
+    assert_eq!(methods[6..], ["nbl", "cosine", "drop"]);
     assert_eq!(report["max_kl"], serde_json::json!([0.2, 0.5]), "budgets ascending");
     for curve in report["curves"].as_array().unwrap() {
         let points = curve["points"].as_array().unwrap();
+        let method = curve["method"].as_str().unwrap();
         // Each attention-only curve adds one layer per point.
-        if curve["method"] != "budget" {
+        if !method.starts_with("budget") {
             assert!(!points.is_empty(), "{curve}");
             for (k, p) in points.iter().enumerate() {
                 assert_eq!(p["units"].as_array().unwrap().len(), k + 1, "{curve}");
+            }
+        }
+        // A kind's own curve holds only that kind, and is drawn, not timed.
+        let shown_only = curve["shown_only"] == true;
+        assert_eq!(shown_only, method.starts_with("budget-") && method != "budget-attention", "{method}");
+        if let Some(kind) = method.strip_prefix("budget-") {
+            for p in points {
+                assert!(p["units"].as_array().unwrap().iter().all(|u| u["kind"] == kind), "{p}");
             }
         }
         for (chosen, budget) in curve["chosen"].as_array().unwrap().iter().zip([0.2, 0.5]) {
             let Some(chosen) = chosen.as_u64() else { continue };
             let p = &points[chosen as usize];
             assert!(p["heldout"]["kl"].as_f64().unwrap() <= budget, "{p}");
+            if shown_only {
+                assert!(p.get("measured").is_none() && p.get("generation").is_none(), "{p}");
+                continue;
+            }
             let timed = p["measured"].as_array().unwrap().iter().find(|m| m["max_kl"] == budget);
             assert!(timed.unwrap()["decode_speedup"].as_f64().unwrap() > 0.0, "{p}");
             assert!(p["generation"]["prompts"].as_u64().unwrap() > 0, "{p}");

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The frontier of speed against quality on SmolLM2-135M-Instruct (the Optimum export): calibrate every
-# unit (attention, MLP, whole layer, runs of 2-4 layers) on C4 documents 0-199, then `nbl-onnx sweep`
-# at held-out KL budgets 0.1, 0.2 and 0.3 on documents 200-299: the budget mode among all units and
-# among attention alone, beside the paper's NBL (CCA order), the cosine order and attention dropping.
+# unit (attention, MLP, whole layer, runs of 2-4 layers, folds of 1-4) on C4 documents 0-199, then
+# `nbl-onnx sweep` at held-out KL budgets 0.1, 0.2 and 0.3 on documents 200-299: the budget mode among
+# all units, among attention alone and among each other kind alone, beside the paper's NBL (CCA
+# order), the cosine order and attention dropping.
 # Each budget's chosen points are timed against the original in one bench run. Writes
 # bench/frontier/{sweep.json,sweep.md,sweep.svg}, bench/frontier.json (the costs), and the tables of
 # docs/results/frontier.md with the chart docs/results/frontier.svg (python3 -m nblbench.frontier).
 #
-#   scripts/bench/bench-frontier.sh            # about 35 minutes on 2 cores; run nothing else meanwhile
+#   scripts/bench/bench-frontier.sh            # about 70 minutes on 2 cores; run nothing else meanwhile
 #   scripts/bench/bench-frontier.sh --resume   # reuses the calibrations in bench/tmp/frontier
 #
 # Needs models/smollm2-optimum (scripts/models/prepare-smollm2.sh) and GNU time; builds nbl-onnx and

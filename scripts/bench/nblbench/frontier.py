@@ -23,6 +23,10 @@ FRONTIER_JSON = BENCH / "frontier.json"
 METHODS = {
     "budget": "budget mode, --units all",
     "budget-attention": "budget mode, --units attention",
+    "budget-mlp": "budget mode, MLPs alone †",
+    "budget-layer": "budget mode, whole layers alone †",
+    "budget-run": "budget mode, runs alone †",
+    "budget-fold": "budget mode, folds alone †",
     "nbl": "paper's NBL (CCA order)",
     "cosine": "cosine order, maps",
     "drop": "attention dropped (LLM-Drop)",
@@ -63,8 +67,8 @@ def chosen(sweep: dict) -> list[dict]:
 
 def _unit(u: dict) -> str:
     span = u.get("span", 1)
-    if u["kind"] == "run":
-        return f"run {u['layer']}-{u['layer'] + span - 1}"
+    if u["kind"] in ("run", "fold"):
+        return f"{u['kind']} {u['layer']}-{u['layer'] + span - 1}"
     return f"{u['kind']} {u['layer']}"
 
 
@@ -98,6 +102,8 @@ def _x(v: float | None) -> str:
 
 def budgets_table(rows: list[dict]) -> str:
     lines = [
+        "† one kind of unit alone, drawn for comparison: not timed, so only its predicted speed-ups show.",
+        "",
         "| held-out KL ≤ | method | units | held-out KL | perplexity | measured decode | measured prefill "
         "| predicted decode | predicted prefill | greedy tokens in common | replaced |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -147,7 +153,7 @@ def cost_table(work: Path, sweep: dict) -> tuple[str, dict]:
     labels = {
         "attention": "calibrate --units attention",
         "all": "calibrate --units all",
-        "sweep": "sweep (both budget searches, 5 curves on held-out text, 3 bench runs)",
+        "sweep": "sweep (the budget searches, every curve on held-out text, 3 bench runs)",
     }
     for name, c in cost.items():
         lines.append(f"| {labels[name]} | {c['seconds']:.0f} s | {c['peak_mib']:.0f} MiB |")

@@ -29,12 +29,13 @@ def collect(work: Path) -> dict:
     check = load_json(work / "check.json")
     bench = load_json(work / "bench.json")
     rewritten = bench["models"][1]
-    units = [u["kind"] + " " + str(u["layer"]) if u["kind"] != "run"
-             else f"run {u['layer']}-{u['layer'] + u.get('span', 1) - 1}" for u in budget["units"]]
+    units = [u["kind"] + " " + str(u["layer"]) if u["kind"] not in ("run", "fold")
+             else f"{u['kind']} {u['layer']}-{u['layer'] + u.get('span', 1) - 1}" for u in budget["units"]]
     return {
         "budget": budget["limit"],
         "units": units,
         "weight_format": report["rewrite"]["weight_format"],
+        "folds": report["rewrite"].get("folds", []),
         "probe_kl": budget["probe_harm"],
         "heldout_kl": budget["heldout_kl"],
         "heldout_ppl_increase": budget["heldout_ppl_increase"],
@@ -62,6 +63,8 @@ def table(r: dict) -> str:
         ("budget", f"probe KL ≤ {r['budget']['max']}, `--units all`"),
         ("units replaced", f"{len(r['units'])}: {', '.join(r['units'])}"),
         ("maps", "int4 `MatMulNBits` (GPTQ), the model's own group size"),
+        ("folds", f"{len(r['folds'])}, each into its MLP's `MatMulNBits` down-projection, requantised (round to nearest)"
+         if r["folds"] else "none chosen"),
         ("KL: probe, held-out", f"{r['probe_kl']:.4f}, {r['heldout_kl']:.4f}"),
         ("held-out perplexity", f"{100 * r['heldout_ppl_increase']:+.2f}%"),
         ("decode speed-up: measured (predicted)", f"{r['measured_decode_speedup']:.3f}× ({r['predicted_decode_speedup']:.3f}×)"),
