@@ -58,6 +58,16 @@ fn run(
     outputs.into_iter().skip(own).collect()
 }
 
+/// The logits of `model` run on the fixture's reference inputs.
+fn logits_of(model: &Model, reference: &std::collections::BTreeMap<String, Tensor>) -> Tensor {
+    let declared: Vec<&str> = model.graph().input.iter().map(|v| v.name()).collect();
+    let inputs: Vec<_> =
+        reference_inputs(reference).into_iter().filter(|(n, _)| declared.contains(&n.as_str())).collect();
+    let mut session = ort().load(model, &[]).unwrap();
+    let at = session.output_names().iter().position(|n| n == "logits").unwrap();
+    session.run(&inputs).unwrap().swap_remove(at)
+}
+
 /// The int4 graph computes in f32 against its f32 reference (as in the other PyTorch comparisons).
 fn float_accuracy(model: &mut Model) {
     for node in &mut model.graph_mut().node {
@@ -293,4 +303,58 @@ fn units_ending_in_a_fused_final_norm_are_refused_with_the_reason() {
     let (usable, refused) = layout.units(&nbl_onnx::unit::UnitKind::ALL);
     assert_eq!(refused.len(), 5, "layer 2, runs 1-2 and 0-2, folds 1-2 and 2-2: {refused:?}");
     assert_eq!(usable.len(), 3 + 3 + 2 + 1 + 1, "3 attention, 3 MLPs, layers 0 and 1, run 0-1, fold 1-1");
+}
+
+/// The logits of every unit's rewrite are PyTorch's with the same unit replaced by the same map
+/// (`patched.<unit>.*` of each fixture, hooked into the PyTorch model by the fixture script): what
+/// the stream comparisons above check at one tensor, here through every later layer, the final
+/// norm and the LM head, with the KV cache of the units' layers gone.
+#[test]
+fn every_unit_rewrite_computes_what_the_patched_pytorch_model_computes() {
+    let mut compared = 0;
+    for fixture in fixture_names() {
+        let model = Model::load(model_path(&fixture)).unwrap();
+        let layout = find_layout(&model).unwrap();
+        let reference = reference(&fixture);
+        for unit in units() {
+            let key = unit.key();
+            let patched = |what: &str| {
+                reference
+                    .get(&format!("patched.{key}.{what}"))
+                    .unwrap_or_else(|| panic!("{fixture}: no patched.{key}.{what}"))
+            };
+            // The refusals are the stream test's to check.
+            let Ok(site) = layout.unit_site(unit) else { continue };
+            let requantised = site
+                .fold
+                .as_ref()
+                .is_some_and(|f| matches!(f.projection.weight, ProjectionWeight::Blocks { .. }));
+            let w = patched("weight").to_f64().unwrap();
+            let w = faer::Mat::from_fn(w.shape()[0], w.shape()[1], |i, j| w[[i, j]]);
+            let b: Vec<f64> = patched("bias").to_f64().unwrap().iter().copied().collect();
+            let mut rewritten = Model { path: model.path.clone(), proto: model.proto.clone() };
+            let edit = UnitEdit { site, map: Some(LinearMap { w, b, second_moment: None }) };
+            let options = RewriteOptions::float(&layout, Replacement::Linear, KvCache::Drop);
+            apply(&mut rewritten, &layout, vec![Ok(edit)], options, &[]).unwrap();
+            float_accuracy(&mut rewritten);
+            let logits = &logits_of(&rewritten, &reference);
+            let (diff, scale) = max_abs_diff(logits, patched("logits"));
+            let cos = cosine(logits, patched("logits"));
+            eprintln!(
+                "{fixture}: {unit}: logits within {diff:.2e} of patched PyTorch (max {scale:.2}), cosine {cos:.6}"
+            );
+            if quantised_activations(&fixture) {
+                assert!(cos >= QUANTISED_MIN_COSINE, "{fixture}: {unit}: cosine {cos}");
+            } else if requantised {
+                // int4 weights quantised again after the fold: the logits follow PyTorch's by
+                // direction (the stream test bounds the fold's own term).
+                assert!(cos >= QUANTISED_MIN_COSINE, "{fixture}: {unit}: cosine {cos}");
+            } else {
+                let tolerance = tolerance(&fixture) * scale.max(1.0);
+                assert!(diff <= tolerance, "{fixture}: {unit}: {diff} > {tolerance}");
+            }
+            compared += 1;
+        }
+    }
+    assert!(compared >= 100, "{compared} unit rewrites compared with PyTorch");
 }
