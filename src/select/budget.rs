@@ -89,6 +89,7 @@ pub struct BudgetChoice {
     /// Forward passes over the probe sequences, the original's included.
     pub passes: usize,
     pub probe_tokens: usize,
+    /// Wall time of both stages, the scoring alone included (as in `passes`).
     pub seconds: f64,
 }
 
@@ -284,7 +285,7 @@ pub fn choose_from(
         steps,
         passes,
         probe_tokens,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: scored.seconds + started.elapsed().as_secs_f64(),
     })
 }
 
