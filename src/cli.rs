@@ -22,6 +22,7 @@ use nbl_onnx::pipeline::{
 };
 use nbl_onnx::rewrite::{KvCache, Replacement};
 use nbl_onnx::select::{Criterion, Selection};
+use nbl_onnx::stats::MomentPrecision;
 use nbl_onnx::unit::UnitKind;
 
 #[derive(Parser)]
@@ -250,6 +251,11 @@ pub struct CalibrationArgs {
     /// Where the moments are formed: in the measuring graph, where the model runs, or on the host
     #[arg(long, value_enum, default_value_t = MomentsOn::Auto)]
     pub moments: MomentsOn,
+    /// The type each batch's centred cross-products are multiplied in, before they are merged
+    /// into the f64 moments: f32 is faster where the provider has tensor cores, and errs by about
+    /// ε_f32·√(batch tokens) relative, far below what the bounds resolve
+    #[arg(long, value_enum, default_value_t = MomentPrecision::Auto)]
+    pub moment_precision: MomentPrecision,
     /// Hold every N-th sequence out of the fit and keep its moments apart, so that analyze and rewrite
     /// show each map's error on text it was not fitted to (0: none; doubles the statistics' size)
     #[arg(long, default_value_t = 0)]
@@ -294,6 +300,7 @@ impl CalibrationArgs {
             engine: self.engine.options(),
             batch: self.batch,
             moments: self.moments,
+            moment_precision: self.moment_precision,
             holdout_every: self.holdout_every,
             units: self.units.0.clone(),
         }

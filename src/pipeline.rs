@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
 use crate::atomic::{check_output, check_output_creating_dir};
-use crate::calibrate::{self, LayerRange, MomentsOn, Shard, check_fingerprint};
+use crate::calibrate::{self, Forming, LayerRange, MomentsOn, Shard, check_fingerprint};
 use crate::check::{CheckOptions, CheckReport};
 use crate::cost::{Cost, Optimize};
 use crate::data::{DataRequest, DataSpec, Split};
@@ -27,7 +27,7 @@ use crate::rewrite::{KvCache, Replacement, RewriteOptions, RewriteSummary, UnitE
 use crate::select::budget::{BudgetChoice, Candidate, FRONT, Goal, Target};
 use crate::select::measured::MeasuredChoice;
 use crate::select::{Criterion, Selection};
-use crate::stats::{MomentsSource, Stats, StatsFile};
+use crate::stats::{MomentPrecision, MomentsSource, Stats, StatsFile};
 use crate::unit::{Unit, UnitKind};
 use crate::{bench, eval, genai, inspect, probe, rewrite, select};
 
@@ -73,39 +73,61 @@ pub struct Calibration {
     /// Sequences per engine run.
     pub batch: usize,
     pub moments: MomentsOn,
+    /// The type each batch's products are multiplied in.
+    pub moment_precision: MomentPrecision,
     /// Every N-th sequence held out of the fit (0: none).
     pub holdout_every: usize,
     /// The kinds of units measured besides attention (every unit of each kind the model has).
     pub units: Vec<UnitKind>,
 }
 
-/// Every unit of `kinds` the model has that a map can replace. A kind of which none can be
-/// replaced is refused with the reason; single units that cannot are skipped with a note.
+/// Every unit of `kinds` the model has that a map can replace. A kind named on its own of which
+/// none can be replaced is refused with the reason (with `all`, it is skipped with a note); single
+/// units that cannot are skipped with a note per kind.
 pub fn candidate_units(layout: &DecoderLayout, kinds: &[UnitKind]) -> Result<Vec<Unit>> {
     let (usable, refused) = layout.units(kinds);
+    // `--units all` asks for every kind the model allows, not for each one.
+    let every_kind = kinds == UnitKind::ALL;
     for &kind in kinds {
+        let not: Vec<&(Unit, String)> = refused.iter().filter(|(u, _)| u.kind == kind).collect();
+        let reason = not.first().map_or("the model has none", |(_, r)| r.as_str());
         if !usable.iter().any(|u| u.kind == kind) {
-            let reason =
-                refused.iter().find(|(u, _)| u.kind == kind).map_or("the model has none", |(_, r)| r);
+            if every_kind {
+                eprintln!("note: no {} unit can be replaced: {reason}", kind.name());
+                continue;
+            }
             bail!(Invalid {
                 setting: Setting::Units,
                 message: format!("no {} unit can be replaced: {reason}", kind.name())
             });
         }
-    }
-    for (unit, reason) in &refused {
-        eprintln!("note: {unit} is not a candidate: {reason}");
+        match not.as_slice() {
+            [] => {}
+            [(unit, reason)] => eprintln!("note: {unit} is not a candidate: {reason}"),
+            [(first, _), ..] => {
+                eprintln!(
+                    "note: {} {} units are not candidates, {first} the first: {reason}",
+                    not.len(),
+                    kind.name()
+                )
+            }
+        }
     }
     Ok(usable)
 }
 
 impl Calibration {
+    /// How the moments are formed on this calibration's engine.
+    fn forming(&self) -> Forming {
+        Forming::resolve(self.moments, self.moment_precision, self.engine.ep)
+    }
+
     fn run(&self, shard: Shard, layers: Option<LayerRange>) -> calibrate::Run {
         calibrate::Run {
             batch: self.batch,
             shard,
             layers,
-            moments: self.moments.resolve(self.engine.ep),
+            forming: self.forming(),
             holdout_every: self.holdout_every,
         }
     }
@@ -790,7 +812,7 @@ fn fit_in_stages(
     let Subject { model, layout, storage, .. } = subject;
     let sequences = subject.sequences()?;
     let engine = subject.engine()?;
-    let on = plan.calibration.moments.resolve(plan.calibration.engine.ep);
+    let forming = plan.calibration.forming();
     let d = layout.hidden_size;
     let fit = fit_sequentially(chosen, stage_size, stats, plan.select.lambda, *storage, |fitted, rest| {
         let fitted: Vec<(Unit, &LinearMap)> = fitted.iter().map(|&(l, m)| (Unit::attention(l), m)).collect();
@@ -799,7 +821,7 @@ fn fit_in_stages(
         measured.layers.retain(|s| rest.contains(&s.layer));
         let taps = calibrate::layer_tensors(&measured);
         let moments =
-            calibrate::calibrate(&staged, d, &taps, engine, &sequences, plan.calibration.batch, on)?;
+            calibrate::calibrate(&staged, d, &taps, engine, &sequences, plan.calibration.batch, forming)?;
         Ok(Box::new(Stats::measured(d, taps, moments)) as Box<dyn MomentsSource>)
     })?;
     for (i, stage) in fit.stages.iter().enumerate() {

@@ -6,13 +6,13 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use nbl_onnx::calibrate::{MomentsOn, calibrate, layer_tensors};
+use nbl_onnx::calibrate::{Forming, MomentsOn, calibrate, layer_tensors};
 use nbl_onnx::detect::find_layout;
 use nbl_onnx::engine::Engine;
 use nbl_onnx::nbl::fit_layer;
 use nbl_onnx::onnx::{Model, Tensor};
 use nbl_onnx::select::{Ranking, ranking};
-use nbl_onnx::stats::{Moments, Stats};
+use nbl_onnx::stats::{MomentPrecision, Moments, Stats};
 
 /// The fixture's reference token ids as calibration blocks.
 /// `merge-stats PARTS... -o OUT`.
@@ -71,8 +71,21 @@ fn engine_moments(name: &str, engine: &dyn Engine) -> Vec<Moments> {
     let model = Model::load(model_path(name)).unwrap();
     let layout = find_layout(&model).unwrap();
     let taps = layer_tensors(&layout);
-    calibrate(&model, layout.hidden_size, &taps, engine, &reference_sequences(name), 1, MomentsOn::Host)
-        .unwrap()
+    calibrate(
+        &model,
+        layout.hidden_size,
+        &taps,
+        engine,
+        &reference_sequences(name),
+        1,
+        f64_on(MomentsOn::Host),
+    )
+    .unwrap()
+}
+
+/// Moments formed `on` the host or in the graph, every product in f64.
+fn f64_on(on: MomentsOn) -> Forming {
+    Forming { on, precision: MomentPrecision::F64 }
 }
 
 /// f32 activations agree to ~1e-5 relative between engines and PyTorch (see the X/Y test);
@@ -125,13 +138,24 @@ fn random_sequences() -> Vec<Vec<i64>> {
 }
 
 /// In-graph and host moments of `name` on `engine`, three batches of two blocks each (so the graph's
-/// merge across batches is exercised).
-fn graph_and_host_moments(name: &str, engine: &dyn Engine) -> (Vec<Moments>, Vec<Moments>) {
+/// merge across batches is exercised), each batch's products in `precision`.
+fn graph_and_host_moments_in(
+    name: &str,
+    engine: &dyn Engine,
+    precision: MomentPrecision,
+) -> (Vec<Moments>, Vec<Moments>) {
     let model = Model::load(model_path(name)).unwrap();
     let layout = find_layout(&model).unwrap();
     let taps = layer_tensors(&layout);
-    let run = |on| calibrate(&model, layout.hidden_size, &taps, engine, &random_sequences(), 2, on).unwrap();
+    let run = |on| {
+        let forming = Forming { on, precision };
+        calibrate(&model, layout.hidden_size, &taps, engine, &random_sequences(), 2, forming).unwrap()
+    };
     (run(MomentsOn::Graph), run(MomentsOn::Host))
+}
+
+fn graph_and_host_moments(name: &str, engine: &dyn Engine) -> (Vec<Moments>, Vec<Moments>) {
+    graph_and_host_moments_in(name, engine, MomentPrecision::F64)
 }
 
 fn bound_order(moments: &[Moments]) -> Vec<usize> {
@@ -156,6 +180,25 @@ fn in_graph_statistics_equal_host_statistics_on_every_fixture() {
             assert!(diff < tolerance, "{name} layer {l}: {diff:.2e}");
         }
         assert_eq!(bound_order(&graph), bound_order(&host), "{name}: the bound ranks layers differently");
+    }
+}
+
+/// Each batch's products in f32, merged in f64: the graph and the host agree to f32 summation
+/// order, and both to the all-f64 moments within what f32 products of centred batches err by
+/// (about ε_f32 · √(batch tokens) ≈ 7e-7 here; measured ≤ 1.6e-7), with the same bound ranking.
+#[test]
+fn f32_products_agree_with_f64_moments_on_the_fixtures() {
+    let ort = ort();
+    for name in ["llama-optimum-past", "gemma2-optimum-past", "llama-genai-int4", "gptneox-optimum-past"] {
+        let (graph, host) = graph_and_host_moments_in(name, ort.as_ref(), MomentPrecision::F32);
+        let (_, exact) = graph_and_host_moments(name, ort.as_ref());
+        for (l, ((g, h), e)) in graph.iter().zip(&host).zip(&exact).enumerate() {
+            let (gh, he) = (max_relative_difference(g, h), max_relative_difference(h, e));
+            eprintln!("{name} layer {l}: f32 graph vs f32 host {gh:.2e}, f32 host vs f64 {he:.2e}");
+            assert!(gh < 1e-5 && he < 1e-5, "{name} layer {l}: {gh:.2e}, {he:.2e}");
+        }
+        assert_eq!(bound_order(&host), bound_order(&exact), "{name}: f32 products rank layers differently");
+        assert_eq!(bound_order(&graph), bound_order(&exact), "{name}: f32 products rank layers differently");
     }
 }
 
@@ -410,6 +453,11 @@ fn bad_calibration_input_is_refused_clearly() {
     args.extend(["--tokenizer", big_path.to_str().unwrap()]);
     assert_bad_input(&nbl(&args), "more than the model's embedding table (512 rows)");
 
+    // Products in f16 would lose what the bounds resolve: only f64 and f32 (and auto) exist.
+    let mut args = calibrate_args_16x4(model, corpus.to_str().unwrap(), out);
+    args.extend(["--moment-precision", "f16"]);
+    assert_bad_input(&nbl(&args), "invalid value 'f16' for '--moment-precision");
+
     // Output into a directory that does not exist: refused before any work.
     let nowhere = dir.path().join("no/such/dir/stats.safetensors");
     assert_bad_input(
@@ -511,6 +559,7 @@ fn in_graph_statistics_refuse_opsets_before_13() {
         &model,
         layout.hidden_size,
         &layer_tensors(&layout),
+        MomentPrecision::F64,
     ) {
         Ok(_) => panic!("an opset-12 model was accepted"),
         Err(e) => format!("{e:#}"),
@@ -581,7 +630,7 @@ fn unit_moments_are_those_of_the_pytorch_streams() {
         let measuring = copy.as_ref().unwrap();
         let moments =
             |on| calibrate(measuring, d, &taps, ort.as_ref(), &reference_sequences(name), 1, on).unwrap();
-        let (host, graph) = (moments(MomentsOn::Host), moments(MomentsOn::Graph));
+        let (host, graph) = (moments(f64_on(MomentsOn::Host)), moments(f64_on(MomentsOn::Graph)));
         let reference = reference(name);
         let stream = |l: usize| reference[&format!("layers.{l}.x")].to_f32().unwrap();
         // A fold's X is layer 0's MLP term (the stream after layer 0 minus its input and

@@ -76,6 +76,36 @@ fn batched_accumulation_matches_a_two_pass_reference_despite_massive_activations
     }
 }
 
+/// Each batch's products in f32 (centred in f64 first, merged in f64): within a few
+/// `ε_f32 · √(batch tokens)` of the two-pass f64 reference, massive activations included, and
+/// really formed in f32 (further from it than the f64 products).
+#[test]
+fn f32_batch_products_stay_within_their_rounding_of_the_two_pass_reference() {
+    use nbl_onnx::stats::MomentPrecision;
+    let (n, d, batch) = (3000, 12, 256);
+    let (x, y) = massive_activations(n, d, 3);
+    let (mut narrow, mut wide) = (Moments::new(d), Moments::new(d));
+    for (xc, yc) in x.chunks(d * batch).zip(y.chunks(d * batch)) {
+        narrow.add_batch_in(MomentPrecision::F32, xc, yc);
+        wide.add_batch_in(MomentPrecision::F64, xc, yc);
+    }
+    let Reference { sxx, syx, syy, mean_x, .. } = two_pass(&x, &y, d);
+    let bound = 4.0 * f64::from(f32::EPSILON) * (batch as f64).sqrt();
+    for (name, got, exact, want) in [
+        ("sxx", &narrow.sxx, &wide.sxx, &sxx),
+        ("syx", &narrow.syx, &wide.syx, &syx),
+        ("syy", &narrow.syy, &wide.syy, &syy),
+    ] {
+        let (error, f64_error) = (max_rel(got, want), max_rel(exact, want));
+        eprintln!("{name}: f32 products {error:.2e}, f64 products {f64_error:.2e} (bound {bound:.2e})");
+        assert!(error < bound, "{name}: {error:.2e} ≥ {bound:.2e}");
+        assert!(error > 10.0 * f64_error, "{name}: the products were not formed in f32");
+    }
+    // The means never leave f64.
+    assert_eq!(narrow.mean_x, wide.mean_x);
+    assert!((narrow.mean_x[5] - mean_x[5]).abs() < 1e-9 * mean_x[5].abs());
+}
+
 #[test]
 fn merging_shards_equals_one_pass_over_all_tokens() {
     let (n, d) = (2000, 10);

@@ -22,14 +22,15 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::onnx::proto::NodeProto;
 use crate::onnx::{DType, Model, Patch, Tensor, build};
-use crate::stats::{LayerTensors, Moments};
+use crate::stats::{LayerTensors, MomentPrecision, Moments};
 
 /// The running state of one layer, in the order of the graph's inputs and outputs.
 const STATE: [&str; 7] = ["count", "mean_x", "mean_y", "sxx", "syx", "syy", "cos_sum"];
 /// `ReduceSum` and `Unsqueeze` take their axes as an input from opset 13 on.
 const MIN_OPSET: i64 = 13;
-/// ONNX's code for double.
+/// ONNX's codes for double and float.
 const DOUBLE: i64 = 11;
+const FLOAT: i64 = 1;
 
 /// A model that computes its own moments: its inputs are the model's plus each layer's running
 /// state, its outputs the state after the batch.
@@ -42,8 +43,14 @@ pub struct MomentsGraph {
 }
 
 impl MomentsGraph {
-    /// Builds the graph measuring every entry of `taps` (`d` wide) in `model`.
-    pub fn new(model: &Model, d: usize, taps: &[LayerTensors]) -> Result<MomentsGraph> {
+    /// Builds the graph measuring every entry of `taps` (`d` wide) in `model`, each batch's
+    /// products multiplied in `precision`.
+    pub fn new(
+        model: &Model,
+        d: usize,
+        taps: &[LayerTensors],
+        precision: MomentPrecision,
+    ) -> Result<MomentsGraph> {
         let opset = default_opset(model);
         ensure!(
             opset >= MIN_OPSET,
@@ -74,7 +81,7 @@ impl MomentsGraph {
             for ((input, _), shape) in state.iter().zip(state_shapes(d)) {
                 patch.add_input(build::fixed_tensor_value(input, DType::F64, &shape))?;
             }
-            let mut nodes = Nodes { prefix, added: Vec::new() };
+            let mut nodes = Nodes { prefix, added: Vec::new(), precision };
             nodes.layer(&tap.x, &tap.y, &state);
             for node in nodes.added {
                 patch.add_node(node)?;
@@ -153,6 +160,7 @@ fn default_opset(model: &Model) -> i64 {
 struct Nodes {
     prefix: String,
     added: Vec<NodeProto>,
+    precision: MomentPrecision,
 }
 
 impl Nodes {
@@ -170,9 +178,16 @@ impl Nodes {
         name
     }
 
-    /// `aᵀ b` for `n×d` matrices.
+    /// `aᵀ b` for `n×d` f64 matrices, in f64; in f32 (centred values cast down, the product cast
+    /// back up) for f32 products.
     fn cross(&mut self, a: &str, b: &str) -> String {
-        self.with_int("Gemm", &[a, b], "transA", 1)
+        if self.precision != MomentPrecision::F32 {
+            return self.with_int("Gemm", &[a, b], "transA", 1);
+        }
+        let narrow = |nodes: &mut Nodes, t: &str| nodes.with_int("Cast", &[t], "to", FLOAT);
+        let (a32, b32) = (narrow(self, a), if a == b { None } else { Some(narrow(self, b)) });
+        let product = self.with_int("Gemm", &[&a32, b32.as_deref().unwrap_or(&a32)], "transA", 1);
+        self.with_int("Cast", &[&product], "to", DOUBLE)
     }
 
     /// Σ over `axis` (a constant's name), dropping that axis.

@@ -17,7 +17,7 @@ use crate::detect::{DecoderLayout, UnitOutput};
 use crate::engine::{Engine, ExecutionProvider, select};
 use crate::onnx::proto::tensor_proto;
 use crate::onnx::{Interface, Model, Patch, Tensor, build};
-use crate::stats::{DataSummary, LayerTensors, Moments, MomentsSource, Stats};
+use crate::stats::{DataSummary, LayerTensors, MomentPrecision, Moments, MomentsSource, Stats};
 use crate::unit::{Unit, UnitKind};
 
 /// Calibration tokens per hidden dimension below which the fitted maps overfit noticeably: on
@@ -44,6 +44,26 @@ impl MomentsOn {
             (MomentsOn::Auto, _) => MomentsOn::Graph,
             (chosen, _) => chosen,
         }
+    }
+}
+
+/// How each batch's moments are formed: where, and in which type its products are multiplied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forming {
+    pub on: MomentsOn,
+    pub precision: MomentPrecision,
+}
+
+impl Forming {
+    /// `on` and `precision` with their `Auto` resolved for `ep`: the graph and f32 products on a
+    /// GPU provider (tensor cores), the host and f64 products on the CPU.
+    pub fn resolve(on: MomentsOn, precision: MomentPrecision, ep: ExecutionProvider) -> Forming {
+        let precision = match (precision, ep) {
+            (MomentPrecision::Auto, ExecutionProvider::Cpu) => MomentPrecision::F64,
+            (MomentPrecision::Auto, _) => MomentPrecision::F32,
+            (chosen, _) => chosen,
+        };
+        Forming { on: on.resolve(ep), precision }
     }
 }
 
@@ -126,8 +146,8 @@ pub struct Run {
     pub shard: Shard,
     /// `None`: every layer.
     pub layers: Option<LayerRange>,
-    /// Where the moments are formed (not `Auto`).
-    pub moments: MomentsOn,
+    /// How the moments are formed (resolved: no `Auto`).
+    pub forming: Forming,
     /// Every N-th sequence is held out of the fit, its moments kept apart (0: none).
     pub holdout_every: usize,
 }
@@ -142,7 +162,7 @@ pub fn run(
     data: &DataSpec,
     run: Run,
 ) -> Result<Stats> {
-    let Run { batch, shard, layers, moments: on, holdout_every } = run;
+    let Run { batch, shard, layers, forming, holdout_every } = run;
     let measured = match layers {
         Some(range) => Cow::Owned(range.of(layout)?),
         None => Cow::Borrowed(layout),
@@ -195,12 +215,12 @@ pub fn run(
         );
     }
     let d = layout.hidden_size;
-    let moments = calibrate(measuring, d, &taps, engine, &fit, batch, on)?;
+    let moments = calibrate(measuring, d, &taps, engine, &fit, batch, forming)?;
     let heldout = if heldout.is_empty() {
         None
     } else {
         eprintln!("held-out sequences ({} of {}), not fitted to:", heldout.len(), slice.len());
-        Some(calibrate(measuring, d, &taps, engine, &heldout, batch, on)?)
+        Some(calibrate(measuring, d, &taps, engine, &heldout, batch, forming)?)
     };
     Ok(Stats {
         // The whole model's, so that files of other layers of it merge with this one.
@@ -264,8 +284,8 @@ pub fn measurement(
 }
 
 /// Runs `model` over `data` (sequences of `seq_len` ids), `batch` at a time, and returns the
-/// moments of every entry of `taps` (`d` wide), formed `on` the host or in the graph. Shows
-/// progress on a terminal.
+/// moments of every entry of `taps` (`d` wide), formed as `forming` says (on the host or in the
+/// graph; each batch's products in f64 or f32). Shows progress on a terminal.
 pub fn calibrate(
     model: &Model,
     d: usize,
@@ -273,8 +293,9 @@ pub fn calibrate(
     engine: &dyn Engine,
     data: &[Vec<i64>],
     batch: usize,
-    on: MomentsOn,
+    forming: Forming,
 ) -> Result<Vec<Moments>> {
+    let Forming { on, precision } = forming;
     ensure!(batch > 0, "a batch must hold at least 1 sequence");
     ensure!(!data.is_empty(), "no calibration sequences to run");
     let interface = Interface::of(model, Some(d))?;
@@ -291,7 +312,7 @@ pub fn calibrate(
 
     let moments = match on {
         MomentsOn::Graph => {
-            let graph = in_graph::MomentsGraph::new(model, d, taps)?;
+            let graph = in_graph::MomentsGraph::new(model, d, taps, precision)?;
             let mut session = engine.load_stateful(&graph.model, &graph.carried, &[])?;
             session.reset(graph.initial_state())?;
             for (b, ids) in batches.enumerate() {
@@ -326,7 +347,7 @@ pub fn calibrate(
                     |((m, tap), xy)| -> Result<()> {
                         let x = activations(xy[0], d, &tap.describe(), &tap.x, b)?;
                         let y = activations(xy[1], d, &tap.describe(), &tap.y, b)?;
-                        m.add_batch(&x, &y);
+                        m.add_batch_in(precision, &x, &y);
                         Ok(())
                     },
                 )?;
@@ -343,9 +364,11 @@ pub fn calibrate(
         n => format!(" and {n} other units"),
     };
     eprintln!(
-        "calibrated {attention} layers{others} on {total_tokens} tokens in {seconds:.1} s ({:.0} tokens/s, moments {})",
+        "calibrated {attention} layers{others} on {total_tokens} tokens in {seconds:.1} s ({:.0} tokens/s, moments {}, \
+         products in {})",
         total_tokens as f64 / seconds.max(1e-9),
-        if on == MomentsOn::Graph { "in the graph" } else { "on the host" }
+        if on == MomentsOn::Graph { "in the graph" } else { "on the host" },
+        if precision == MomentPrecision::F32 { "f32" } else { "f64" }
     );
     Ok(moments)
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::unit::Unit;
 
 pub use file::{StatsFile, write_synthetic};
-pub use moments::Moments;
+pub use moments::{MomentPrecision, Moments};
 pub(crate) use moments::{for_each_tiled, transposed};
 
 /// Which tensors a unit's statistics were measured on: `x` the stream entering it, `y` what it

@@ -4,6 +4,22 @@
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
+use serde::Serialize;
+
+/// The type each batch's centred cross-products are multiplied in. The means, the sums across
+/// batches and their merge are f64 whatever it is: a batch is centred on its own mean first, so
+/// its products are of small, well-scaled numbers, and the f32 error stays near
+/// `ε_f32 · √(batch tokens)` relative, far below what the fit and the bounds resolve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MomentPrecision {
+    /// f32 where the model runs on CUDA or TensorRT (tensor cores), f64 on the CPU
+    Auto,
+    /// every product in f64
+    F64,
+    /// each batch's products in f32, merged in f64
+    F32,
+}
 
 /// Moments of one layer over `count` tokens (all `d×d` matrices in f64):
 /// `mean_x = Σx/n`, `sxx = Σ(x-μx)(x-μx)ᵀ`, `syx = Σ(y-μy)(x-μx)ᵀ`, `syy = Σ(y-μy)(y-μy)ᵀ`,
@@ -50,6 +66,11 @@ impl Moments {
     /// mean (in f64) before its cross-products are formed, then merged (Chan et al.), so that large
     /// common offsets (massive activations) do not cancel catastrophically.
     pub fn add_batch(&mut self, x: &[f32], y: &[f32]) {
+        self.add_batch_in(MomentPrecision::F64, x, y);
+    }
+
+    /// [`Moments::add_batch`], the batch's products formed in `precision` (`Auto` counts as f64).
+    pub fn add_batch_in(&mut self, precision: MomentPrecision, x: &[f32], y: &[f32]) {
         let d = self.dim();
         assert!(x.len() == y.len() && x.len().is_multiple_of(d), "x and y must both be n×{d}");
         let n = x.len() / d;
@@ -68,14 +89,30 @@ impl Moments {
         };
         let mean_x = column_mean(x);
         let mean_y = column_mean(y);
-        let xc = Mat::from_fn(n, d, |t, j| f64::from(x[t * d + j]) - mean_x[j]);
-        let yc = Mat::from_fn(n, d, |t, j| f64::from(y[t * d + j]) - mean_y[j]);
         let cos_sum: f64 =
             x.chunks_exact(d).zip(y.chunks_exact(d)).map(|(xt, yt)| cosine_with_sum(xt, yt)).sum();
-
-        add_gram(self.sxx.as_mut(), xc.as_ref());
-        matmul(self.syx.as_mut(), Accum::Add, yc.transpose(), xc.as_ref(), 1.0, Par::Seq);
-        add_gram(self.syy.as_mut(), yc.as_ref());
+        match precision {
+            MomentPrecision::F64 | MomentPrecision::Auto => {
+                let xc = Mat::from_fn(n, d, |t, j| f64::from(x[t * d + j]) - mean_x[j]);
+                let yc = Mat::from_fn(n, d, |t, j| f64::from(y[t * d + j]) - mean_y[j]);
+                add_gram(self.sxx.as_mut(), xc.as_ref());
+                matmul(self.syx.as_mut(), Accum::Add, yc.transpose(), xc.as_ref(), 1.0, Par::Seq);
+                add_gram(self.syy.as_mut(), yc.as_ref());
+            }
+            MomentPrecision::F32 => {
+                let xc = Mat::from_fn(n, d, |t, j| (f64::from(x[t * d + j]) - mean_x[j]) as f32);
+                let yc = Mat::from_fn(n, d, |t, j| (f64::from(y[t * d + j]) - mean_y[j]) as f32);
+                let mut batch = Mat::<f32>::zeros(d, d);
+                add_gram(batch.as_mut(), xc.as_ref());
+                add_widened(&mut self.sxx, &batch);
+                batch.fill(0.0);
+                matmul(batch.as_mut(), Accum::Add, yc.transpose(), xc.as_ref(), 1.0, Par::Seq);
+                add_widened(&mut self.syx, &batch);
+                batch.fill(0.0);
+                add_gram(batch.as_mut(), yc.as_ref());
+                add_widened(&mut self.syy, &batch);
+            }
+        }
         self.absorb(n as u64, &mean_x, &mean_y, cos_sum);
     }
 
@@ -154,9 +191,18 @@ impl Moments {
     }
 }
 
+/// `total += batch`, the f32 batch widened to f64.
+fn add_widened(total: &mut Mat<f64>, batch: &Mat<f32>) {
+    for j in 0..total.ncols() {
+        for (t, &b) in total.col_mut(j).iter_mut().zip(batch.col(j).iter()) {
+            *t += f64::from(b);
+        }
+    }
+}
+
 /// `S += AᵀA` for symmetric `S`: only the lower triangle is multiplied (half a GEMM's work, the
 /// bulk of calibration's own cost), then mirrored to the upper.
-fn add_gram(mut s: faer::MatMut<'_, f64>, a: MatRef<'_, f64>) {
+fn add_gram<T: faer::traits::ComplexField + Copy>(mut s: faer::MatMut<'_, T>, a: MatRef<'_, T>) {
     use faer::linalg::matmul::triangular::{BlockStructure, matmul as triangular_matmul};
     let rect = BlockStructure::Rectangular;
     triangular_matmul(
@@ -167,7 +213,7 @@ fn add_gram(mut s: faer::MatMut<'_, f64>, a: MatRef<'_, f64>) {
         rect,
         a,
         rect,
-        1.0,
+        T::one_impl(),
         Par::Seq,
     );
     for j in 0..s.ncols() {
