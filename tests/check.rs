@@ -107,3 +107,67 @@ fn check_finds_structural_defects() {
     assert!(text.contains("initializer \\\"orphan\\\" is not used"), "{text}");
     assert!(text.contains("before it is produced"), "{text}");
 }
+
+/// A second engine that fails on some models with an evaluation error (as tract does on BLOOM's
+/// ALiBi `CumSum`: `TDim is not a number`), not for a missing operator.
+struct FailsOn {
+    inner: Box<dyn nbl_onnx::engine::Engine>,
+    /// The paths of the models it fails on.
+    models: Vec<std::path::PathBuf>,
+}
+
+impl nbl_onnx::engine::Engine for FailsOn {
+    fn describe(&self) -> String {
+        "tract (failing)".into()
+    }
+
+    fn load(&self, model: &Model, extra: &[String]) -> anyhow::Result<Box<dyn nbl_onnx::engine::Session>> {
+        anyhow::ensure!(!self.models.contains(&model.path), "evaluating node CumSum: TDim is not a number");
+        self.inner.load(model, extra)
+    }
+}
+
+/// Where the second engine cannot run the reference either, `check` says so and passes; where it
+/// ran the reference but not the rewrite, that is still a failure; without a reference, a failure.
+#[test]
+fn an_engine_that_cannot_run_the_reference_is_reported_not_failed() {
+    use nbl_onnx::check::{CheckOptions, Gates, run};
+    use nbl_onnx::data::{DataSpec, Split};
+    let ws = workspace("llama-optimum-past");
+    let rewritten = rewrite(&ws, &["--layers", "1"]);
+    let (model, reference) = (Model::load(&rewritten).unwrap(), Model::load(&ws.model).unwrap());
+    let layout = nbl_onnx::detect::find_layout(&model).ok();
+    let options = CheckOptions {
+        prompts: DataSpec {
+            files: vec![ws.corpus.clone()],
+            built_in: Split::Evaluation,
+            tokenizer: None,
+            eos_id: None,
+            seq_len: 16,
+            samples: Some(2),
+        },
+        decode_steps: 2,
+        gen_tokens: 4,
+        gates: Gates { max_kl: Some(10.0), ..Gates::default() },
+    };
+    let ort = ort();
+    let check = |fails_on: &[&std::path::Path], reference: Option<&Model>| {
+        let second = FailsOn { inner: tract(), models: fails_on.iter().map(|p| p.to_path_buf()).collect() };
+        run(&model, layout.as_ref(), reference, ort.as_ref(), &second, &options).unwrap()
+    };
+    // It fails on both: the engine's limit, reported.
+    let report = check(&[&rewritten, &ws.model], Some(&reference));
+    assert!(report.passed(), "{}", report.text());
+    let status = report.runs[1].status.to_string();
+    assert!(
+        status.starts_with("unsupported: tract (failing) cannot run this model, nor its reference"),
+        "{status}"
+    );
+    assert!(status.contains("TDim is not a number"), "{status}");
+    // It runs the reference but not the rewrite: the rewrite broke it.
+    let report = check(&[&rewritten], Some(&reference));
+    assert!(!report.passed());
+    assert!(report.problems.iter().any(|p| p.contains("TDim is not a number")), "{:?}", report.problems);
+    // Without a reference nothing says it is the engine's limit.
+    assert!(!check(&[&rewritten], None).passed());
+}
