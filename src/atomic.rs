@@ -32,14 +32,6 @@ pub fn dir_of(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// Fails early, before any long work, if `output` cannot be written: its directory is missing, or
-/// it is the same file as one of `inputs`.
-pub fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
-    let dir = dir_of(output);
-    anyhow::ensure!(dir.is_dir(), "output directory {} does not exist", dir.display());
-    not_an_input(output, inputs)
-}
-
 /// Where a path leads once symlinks and `..` are resolved: the file itself where it exists, else
 /// its resolved directory joined with its name.
 fn resolved(path: &Path) -> Option<std::path::PathBuf> {
@@ -65,21 +57,22 @@ fn not_an_input(output: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-/// As [`check_output`], for an output whose missing directories will be created: the nearest
-/// existing ancestor must be a directory. [`create_dir`] makes them once the work is done.
-pub fn check_output_creating_dir(output: &Path, inputs: &[&Path]) -> Result<()> {
+/// Fails early, before any long work, if `output` cannot be written: the nearest existing ancestor
+/// of its directory is not a directory, or it is one of the files the command reads (`inputs`).
+///
+/// The one rule for output directories, in every command: missing ones are created (with their
+/// parents, as `mkdir -p`) by [`create_dir`] when the output is written, so that a command that
+/// fails earlier creates nothing.
+pub fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
     let dir = dir_of(output);
-    if !dir.exists() {
-        let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("."));
-        anyhow::ensure!(
-            existing.is_dir(),
-            "cannot create output directory {}: {} is not a directory",
-            dir.display(),
-            existing.display()
-        );
-        return not_an_input(output, inputs);
-    }
-    check_output(output, inputs)
+    let existing = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("."));
+    anyhow::ensure!(
+        existing.is_dir(),
+        "cannot create output directory {}: {} is not a directory",
+        dir.display(),
+        existing.display()
+    );
+    not_an_input(output, inputs)
 }
 
 /// Creates the directory `output` goes into, with its parents.

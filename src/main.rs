@@ -167,6 +167,7 @@ fn run_synthetic_stats(args: &SyntheticStatsArgs) -> Result<()> {
         }
     };
     nbl_onnx::atomic::check_output(&args.output, &[])?;
+    nbl_onnx::atomic::create_dir(&args.output)?;
     let bytes =
         write_synthetic(&args.output, &fingerprint, d, &layers).context("writing synthetic statistics")?;
     let path = args.output.display().to_string();

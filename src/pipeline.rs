@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
-use crate::atomic::{check_output, check_output_creating_dir};
+use crate::atomic::{check_output, create_dir};
 use crate::calibrate::{self, Forming, LayerRange, MomentsOn, Shard, check_fingerprint};
 use crate::check::{CheckOptions, CheckReport};
 use crate::cost::{Cost, Optimize};
@@ -154,6 +154,7 @@ pub fn calibrate(
     let units = candidate_units(&layout, units)?;
     let stats =
         calibrate::run(&model, &layout, &units, engine.as_ref(), &data, calibration.run(shard, layers))?;
+    create_dir(output)?;
     stats.save(output)?;
     Ok(stats)
 }
@@ -170,6 +171,7 @@ pub fn merge_stats(inputs: &[PathBuf], output: &Path) -> Result<Stats> {
     }
     let parts = inputs.iter().map(|p| Ok((p.clone(), Stats::load(p)?))).collect::<Result<Vec<_>>>()?;
     let merged = Stats::merge(parts)?;
+    create_dir(output)?;
     merged.save(output)?;
     Ok(merged)
 }
@@ -212,6 +214,7 @@ pub fn analyze(
     let mut inputs = vec![stats_path.to_path_buf()];
     inputs.extend(model.map(Path::to_path_buf));
     check_output(chart, &as_paths(&inputs))?;
+    create_dir(chart)?;
     crate::atomic::write(chart, analysis.svg().as_bytes()).context("writing the chart")?;
     Ok(analysis)
 }
@@ -469,7 +472,7 @@ fn subject(plan: &RewritePlan, model: Model, outputs: &[PathBuf]) -> Result<Subj
     let stats: Vec<&Path> = plan.stats.iter().map(PathBuf::as_path).collect();
     let inputs = files_read(&model, Some(&plan.calibration.data), &stats);
     for out in outputs {
-        check_output_creating_dir(out, &as_paths(&inputs))?;
+        check_output(out, &as_paths(&inputs))?;
     }
     let layout = find_layout(&model)?;
     let layers = layout.layers.len();
@@ -900,8 +903,8 @@ fn provenance(
 
 /// Writes the rewritten model, its external data and its companion files.
 fn write_rewrite(plan: &RewritePlan, model: &Model) -> Result<()> {
-    crate::atomic::create_dir(&plan.output)?;
-    crate::atomic::create_dir(&plan.report)?;
+    create_dir(&plan.output)?;
+    create_dir(&plan.report)?;
     let companion = genai::prepare(model, &plan.output)?;
     model.save(&plan.output)?;
     if let Some(companion) = companion {
@@ -1241,7 +1244,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
         seconds: started.elapsed().as_secs_f64(),
     };
     let [json, markdown, svg] = &outputs;
-    crate::atomic::create_dir(json)?;
+    create_dir(json)?;
     crate::atomic::write(json, serde_json::to_string_pretty(&report)?.as_bytes())?;
     crate::atomic::write(markdown, report.table().as_bytes())?;
     crate::atomic::write(svg, report.svg().as_bytes())?;

@@ -458,11 +458,12 @@ fn bad_calibration_input_is_refused_clearly() {
     args.extend(["--moment-precision", "f16"]);
     assert_bad_input(&nbl(&args), "invalid value 'f16' for '--moment-precision");
 
-    // Output into a directory that does not exist: refused before any work.
-    let nowhere = dir.path().join("no/such/dir/stats.safetensors");
+    // Output under a regular file: refused before any work (missing directories are created:
+    // tests/model_io.rs).
+    let under_a_file = dir.path().join("empty.json/stats.safetensors");
     assert_bad_input(
-        &nbl(&calibrate_args_16x4(model, corpus.to_str().unwrap(), nowhere.to_str().unwrap())),
-        "output directory",
+        &nbl(&calibrate_args_16x4(model, corpus.to_str().unwrap(), under_a_file.to_str().unwrap())),
+        "cannot create output directory",
     );
     assert_bad_input(&nbl(&calibrate_args_16x4(model, corpus.to_str().unwrap(), model)), "over the input");
     assert!(!out_path.exists(), "no statistics written by a failed run");

@@ -105,3 +105,69 @@ fn saving_into_a_missing_directory_is_an_error() {
     let err = model.save(std::path::Path::new("/nonexistent-dir/x.onnx")).unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
+
+/// One rule for output directories in every command that writes files: missing ones are created
+/// (with their parents); a path under a regular file is refused before any work, naming it.
+#[test]
+fn every_command_creates_missing_output_directories() {
+    let ws = workspace("llama-optimum-past");
+    let root = ws.dir.path();
+    let (model, stats, corpus) =
+        (ws.model.to_str().unwrap(), ws.stats.to_str().unwrap(), ws.corpus.to_str().unwrap());
+    let at = |dir: &str, file: &str| root.join(dir).join("deeper").join(file);
+    let calibrated = at("calibrate", "s.safetensors");
+    let merged = at("merge", "m.safetensors");
+    let chart = at("analyze", "c.svg");
+    let (rewritten, report) = (at("rewrite", "m.onnx"), at("report", "r.json"));
+    let synthetic = at("synthetic", "s.safetensors");
+    let swept = root.join("sweep").join("deeper");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let commands: Vec<Vec<String>> = vec![
+        calibrate_args(model, corpus, "16", "4", &s(&calibrated)).iter().map(|a| a.to_string()).collect(),
+        ["merge-stats", stats, "-o", &s(&merged)].map(String::from).to_vec(),
+        ["analyze", stats, "--json", "--chart", &s(&chart)].map(String::from).to_vec(),
+        ["rewrite", model, "--stats", stats, "--layers", "1", "-o", &s(&rewritten), "--report", &s(&report)]
+            .map(String::from)
+            .to_vec(),
+        ["synthetic-stats", &s(&synthetic), "--hidden-size", "8", "--layers", "1"].map(String::from).to_vec(),
+        [
+            "sweep",
+            model,
+            "--stats",
+            stats,
+            "--max-kl",
+            "0.5",
+            "--units",
+            "attention",
+            "--heldout-data",
+            corpus,
+            "--heldout-sequences",
+            "2",
+            "--seq-len",
+            "32",
+            "--probe-sequences",
+            "2",
+            "-o",
+            &s(&swept),
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for args in &commands {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(nbl(&args));
+    }
+    for written in [&calibrated, &merged, &chart, &rewritten, &report, &synthetic, &swept.join("sweep.json")]
+    {
+        assert!(written.is_file(), "{} was not written", written.display());
+    }
+    // Under a regular file no directory can be made: refused before any work, naming both.
+    let file = root.join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let under = file.join("stats.safetensors");
+    let run = nbl(&calibrate_args(model, corpus, "16", "4", under.to_str().unwrap()));
+    assert_bad_input(
+        &run,
+        &format!("cannot create output directory {}: {} is not a directory", file.display(), file.display()),
+    );
+}
