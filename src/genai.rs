@@ -38,18 +38,17 @@ pub struct Companion {
 }
 
 impl Companion {
-    /// Writes the config and copies the files into the output model's directory.
-    pub fn write(&self) -> Result<()> {
+    /// Stages the config and copies of the files in the output model's directory, in `set`.
+    pub fn stage(&self, set: &mut crate::atomic::OutputSet) -> Result<()> {
         if let Some(config) = &self.genai_config {
-            crate::atomic::write(
+            set.stage_bytes(
                 &self.dir.join("genai_config.json"),
                 serde_json::to_string_pretty(config)?.as_bytes(),
             )?;
         }
         for file in &self.files {
             let name = file.file_name().context("a companion file has a name")?;
-            std::fs::copy(file, self.dir.join(name))
-                .with_context(|| format!("copying {}", file.display()))?;
+            set.stage_copy(file, &self.dir.join(name))?;
         }
         Ok(())
     }

@@ -435,7 +435,6 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
         rewrite::apply(&mut model, &layout, edits, options, &provenance)?
     };
     progress.finish_and_clear();
-    write_rewrite(plan, &model)?;
     let report = RewriteReport {
         analysis,
         model: plan.model.display().to_string(),
@@ -446,7 +445,7 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
         stages,
         rewrite: summary,
     };
-    crate::atomic::write(&plan.report, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    write_rewrite(plan, &model, &report)?;
     Ok(report)
 }
 
@@ -901,16 +900,17 @@ fn provenance(
     Ok(props)
 }
 
-/// Writes the rewritten model, its external data and its companion files.
-fn write_rewrite(plan: &RewritePlan, model: &Model) -> Result<()> {
-    create_dir(&plan.output)?;
-    create_dir(&plan.report)?;
+/// Writes the rewritten model, its external data, its companion files and the report, as one set.
+fn write_rewrite(plan: &RewritePlan, model: &Model, report: &RewriteReport) -> Result<()> {
+    let mut set = crate::atomic::OutputSet::new();
+    set.create_dir_for(&plan.output)?;
     let companion = genai::prepare(model, &plan.output)?;
-    model.save(&plan.output)?;
+    model.stage(&plan.output, &mut set)?;
     if let Some(companion) = companion {
-        companion.write()?;
+        companion.stage(&mut set)?;
     }
-    Ok(())
+    set.stage_bytes(&plan.report, serde_json::to_string_pretty(report)?.as_bytes())?;
+    set.commit()
 }
 
 /// `check`: `model` validated, run on ONNX Runtime (`ep`) and tract, and compared with
@@ -1244,9 +1244,10 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
         seconds: started.elapsed().as_secs_f64(),
     };
     let [json, markdown, svg] = &outputs;
-    create_dir(json)?;
-    crate::atomic::write(json, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    crate::atomic::write(markdown, report.table().as_bytes())?;
-    crate::atomic::write(svg, report.svg().as_bytes())?;
+    let mut set = crate::atomic::OutputSet::new();
+    set.stage_bytes(json, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    set.stage_bytes(markdown, report.table().as_bytes())?;
+    set.stage_bytes(svg, report.svg().as_bytes())?;
+    set.commit()?;
     Ok(report)
 }

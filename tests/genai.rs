@@ -53,6 +53,15 @@ fn assert_same_tokens(fixture: &str, what: &str, got: &[i64], want: &[i64]) {
     }
 }
 
+/// `model` saved at `out` with its GenAI config and tokenizer beside it, as a rewrite writes them.
+fn save_with_companion(model: &Model, out: &Path) {
+    let companion = nbl_onnx::genai::prepare(model, out).unwrap().unwrap();
+    let mut set = nbl_onnx::atomic::OutputSet::new();
+    model.stage(out, &mut set).unwrap();
+    companion.stage(&mut set).unwrap();
+    set.commit().unwrap();
+}
+
 #[test]
 fn rewritten_genai_models_generate_what_the_patched_pytorch_model_generates() {
     let mut checked = 0;
@@ -85,9 +94,7 @@ fn rewritten_genai_models_generate_what_the_patched_pytorch_model_generates() {
         }
         let exact = dir.path().join("exact");
         std::fs::create_dir(&exact).unwrap();
-        let companion = nbl_onnx::genai::prepare(&model, &exact.join("model.onnx")).unwrap().unwrap();
-        model.save(&exact.join("model.onnx")).unwrap();
-        companion.write().unwrap();
+        save_with_companion(&model, &exact.join("model.onnx"));
         assert_same_tokens(&fixture, "as exported", &generate(&exact, &prompt, want.len()), &want);
 
         let layout = find_layout(&model).unwrap();
@@ -109,9 +116,7 @@ fn rewritten_genai_models_generate_what_the_patched_pytorch_model_generates() {
         .unwrap();
         let patched = dir.path().join("patched");
         std::fs::create_dir(&patched).unwrap();
-        let companion = nbl_onnx::genai::prepare(&model, &patched.join("model.onnx")).unwrap().unwrap();
-        model.save(&patched.join("model.onnx")).unwrap();
-        companion.write().unwrap();
+        save_with_companion(&model, &patched.join("model.onnx"));
         let want = ids(&reference["patched.generated"]);
         assert_same_tokens(&fixture, "layer 1 linearised", &generate(&patched, &prompt, want.len()), &want);
         checked += 1;

@@ -272,6 +272,67 @@ fn an_interrupted_rewrite_leaves_no_file_behind() {
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
 
+/// A rewrite into a directory of its own writes one set of files: the model's data, the model, the
+/// GenAI config, the tokenizer and config copies and the report. A SIGTERM before any of them gets
+/// its name (the writer pauses there in this test) leaves none of them, nor the directory it made,
+/// and the message says what was removed.
+#[test]
+fn an_output_set_interrupted_between_its_files_leaves_nothing() {
+    let ws = workspace("llama-genai-fp32");
+    let out_root = ws.dir.path().join("out");
+    std::fs::create_dir(&out_root).unwrap();
+    let out_dir = out_root.join("new");
+    let phases = [
+        "model.onnx.data",
+        "model.onnx",
+        "genai_config.json",
+        "tokenizer.json",
+        "config.json",
+        "model.nbl.json",
+    ];
+    for (i, phase) in phases.iter().enumerate() {
+        let child = Command::new(env!("CARGO_BIN_EXE_nbl-onnx"))
+            .args([
+                "rewrite",
+                ws.model.to_str().unwrap(),
+                "--stats",
+                ws.stats.to_str().unwrap(),
+                "--layers",
+                "1",
+                "-o",
+            ])
+            .arg(out_dir.join("model.onnx"))
+            .env("NBL_TEST_PAUSE_BEFORE_RENAME", phase)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let marker = out_dir.join(format!("{phase}.paused"));
+        let started = std::time::Instant::now();
+        while !marker.exists() && started.elapsed().as_secs() < 60 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(marker.exists(), "{phase}: the writer never paused there");
+        let written: Vec<String> = phases[..i].iter().map(|p| p.to_string()).collect();
+        for name in &written {
+            assert!(out_dir.join(name).is_file(), "{phase}: {name} should have its name by now");
+        }
+        // SAFETY: signalling our own child process by its id.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{phase}: {err}");
+        assert!(err.contains("interrupted; no output is left"), "{phase}: {err}");
+        for name in &written {
+            assert!(
+                err.contains(&out_dir.join(name).display().to_string()),
+                "{phase}: {name} not named: {err}"
+            );
+        }
+        assert!(!out_dir.exists(), "{phase}: {:?} left", std::fs::read_dir(&out_dir).map(|d| d.count()));
+        assert_eq!(std::fs::read_dir(&out_root).unwrap().count(), 0, "{phase}");
+    }
+}
+
 /// Layer 0's cache is also read outside the block (the past length for the causal mask): with it
 /// removed, those readers use a kept layer's cache and decoding still works.
 #[test]

@@ -329,12 +329,20 @@ impl Model {
             .with_context(|| format!("initializer {:?}", tensor.name()))
     }
 
-    /// Writes the model to `out` atomically. Initializers stored externally in the input are copied,
-    /// streaming, into one data file beside the output (named like the input's: `<out>_data` for the
-    /// Optimum style, `<out>.data` otherwise), large tensors page-aligned (see [`aligned`]). Never writes over the input.
+    /// Writes the model to `out` atomically (see [`Model::stage`]).
     pub fn save(&self, out: &Path) -> Result<()> {
+        let mut set = atomic::OutputSet::new();
+        self.stage(out, &mut set)?;
+        set.commit()
+    }
+
+    /// Stages the model as `out` in `set`: initializers stored externally in the input are copied,
+    /// streaming, into one data file beside the output (named like the input's: `<out>_data` for
+    /// the Optimum style, `<out>.data` otherwise), large tensors page-aligned (see [`aligned`]),
+    /// staged before the model, so that a model is never visible without the weights it points
+    /// to. Never writes over the input.
+    pub fn stage(&self, out: &Path, set: &mut atomic::OutputSet) -> Result<()> {
         let out_dir = atomic::dir_of(out);
-        ensure!(out_dir.is_dir(), "output directory {} does not exist", out_dir.display());
         let out_name = out
             .file_name()
             .and_then(|n| n.to_str())
@@ -352,34 +360,20 @@ impl Model {
                 ensure!(!same_file(o, i), "refusing to write {}: it is an input of the model", o.display());
             }
         }
-
-        let data_file = match &data_name {
-            Some(name) => {
-                let data_path = out_dir.join(name);
-                let mut tmp = atomic::temp_beside(&data_path)?;
-                let graph = proto.graph.as_mut().expect("checked at load");
-                self.copy_external_data(graph, name, tmp.as_file_mut())
-                    .with_context(|| format!("writing {}", data_path.display()))?;
-                Some((tmp, data_path))
-            }
-            None => None,
-        };
-        let mut tmp = atomic::temp_beside(out)?;
+        if let Some(name) = &data_name {
+            let data_path = out_dir.join(name);
+            let file = set.stage(&data_path)?;
+            let graph = proto.graph.as_mut().expect("checked at load");
+            self.copy_external_data(graph, name, file)
+                .with_context(|| format!("writing {}", data_path.display()))?;
+        }
         let bytes = proto.encode_to_vec();
         ensure!(
             bytes.len() < (2usize << 30),
             "the model's protobuf would be {} bytes, over the 2 GiB limit; store weights as external data",
             bytes.len()
         );
-        tmp.write_all(&bytes)?;
-        // The data file first: a model is never visible without the weights it points to. If the
-        // model then cannot be given its name (or an interrupt comes in between), the data file
-        // goes too: nothing is left behind.
-        let Some((data_tmp, data_path)) = data_file else { return atomic::persist(tmp, out) };
-        atomic::persist(data_tmp, &data_path)?;
-        atomic::persist(tmp, out).inspect_err(|_| {
-            let _ = fs::remove_file(&data_path);
-        })
+        set.stage_bytes(out, &bytes)
     }
 
     /// Every file this model is read from: the model and its external data files.
