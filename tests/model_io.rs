@@ -99,11 +99,20 @@ fn saving_over_the_input_or_its_data_is_refused() {
     assert_eq!(leftovers, 2, "no temporary files left behind");
 }
 
+/// A model saved into a missing directory creates it; under a regular file it cannot, and nothing
+/// is written.
 #[test]
-fn saving_into_a_missing_directory_is_an_error() {
+fn saving_creates_a_missing_directory_and_refuses_one_under_a_file() {
     let model = Model::load(model_path("llama-optimum-past")).unwrap();
-    let err = model.save(std::path::Path::new("/nonexistent-dir/x.onnx")).unwrap_err();
-    assert!(err.to_string().contains("does not exist"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a/b/x.onnx");
+    model.save(&out).unwrap();
+    assert!(out.is_file());
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let err = model.save(&file.join("x.onnx")).unwrap_err();
+    assert!(format!("{err:#}").contains("cannot create output directory"), "{err:#}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"", "the file is untouched");
 }
 
 /// One rule for output directories in every command that writes files: missing ones are created
