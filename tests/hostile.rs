@@ -326,6 +326,8 @@ fn damaged_models_are_refused_before_anything_is_written() {
     refused(d, &["inspect", &wide_add], "has 100000 inputs; Add takes 2 to 2");
     refused(d, &["inspect", &undefined_output], "graph output \"nowhere\" is not produced");
     refused(d, &["inspect", &rank3], "of rank 3, not 2");
+    // A refusal inside a branch names the file it is in.
+    refused(d, &["inspect", &rank3], &format!("error: {rank3}: the attention branch"));
     let rank1 = damaged_model(d, fixture, "rank1.onnx", |p| {
         let g = p.graph.as_mut().unwrap();
         let q_proj = g.node.iter().find(|n| n.name().contains("layers.1/self_attn/q_proj")).unwrap();
@@ -631,7 +633,7 @@ fn a_graph_without_token_embedding_is_explained() {
     graph.input = vec![tensor_value("features", DType::F32, Some(2))];
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "no-embedding.onnx", &model);
-    assert_bad_input(&nbl(&["inspect", &path]), "no token embedding found");
+    assert_bad_input(&nbl(&["inspect", &path]), &format!("{path}: no token embedding found"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ mod tests;
 mod units;
 mod view;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::onnx::{DType, GraphIndex, Model, Port, TensorId};
@@ -213,7 +213,8 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
     let index = GraphIndex::new(graph)?;
     index.topological_order(graph)?;
     let g = GraphView { graph, index: &index };
-    let start = stream_start(&g)?;
+    let file = || model.path.display().to_string();
+    let start = stream_start(&g).with_context(file)?;
     let live = index.live_nodes();
 
     let mut branches = Vec::new();
@@ -242,7 +243,7 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
         let mut attention_y: Option<TensorId> = None;
         let mut join_others = Vec::new();
         for term in &join.terms {
-            let analysis = analyse_branch(&g, &live, term)?;
+            let analysis = analyse_branch(&g, &live, term).with_context(file)?;
             branches.push(Branch {
                 branch: index.name(term.tensor).to_string(),
                 junction: g.node(term.port.node).name().to_string(),
@@ -347,7 +348,7 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
 
     let first_x = index.id(&layers[0].x).expect("indexed");
     let dtype = stream_dtype(&g, first_x);
-    let hidden_size = hidden_size(&g, first_x, start)?;
+    let hidden_size = hidden_size(&g, first_x, start).with_context(file)?;
     let warnings = cross_check(&g, &layers);
     let vocab_size = embedding_rows(&g, start);
     let mlps =
