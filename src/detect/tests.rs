@@ -217,8 +217,10 @@ fn an_attention_branch_that_also_computes_an_mlp_is_refused() {
         nodes.push(node("Add", &[x, &format!("{p}.mlp.down")], out));
         nodes
     };
-    let err = find_layout(&two_layers(embedding(), layer)).unwrap_err().to_string();
+    let model = two_layers(embedding(), layer);
+    let err = format!("{:#}", find_layout(&model).unwrap_err());
     assert!(err.contains("multiplies by 3 weight matrices after its attention"), "{err}");
+    assert!(err.starts_with(&format!("{}: ", model.path.display())), "the refusal names the file: {err}");
 }
 
 #[test]
