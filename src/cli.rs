@@ -57,9 +57,20 @@ pub enum Command {
     /// The frontier of speed against quality: the budget's measured choice among units and the
     /// attention-only methods, every point on held-out text, the fastest within the budget timed
     Sweep(SweepArgs),
+    /// Print a shell's completion script (e.g. `nbl-onnx completions bash > /etc/bash_completion.d/nbl-onnx`)
+    Completions(CompletionsArgs),
+    /// Print the manual page, in roff (e.g. `nbl-onnx man > nbl-onnx.1; man ./nbl-onnx.1`)
+    Man,
     /// Write a statistics file of a given size without calibrating, for benchmarks at scale
     #[command(hide = true)]
     SyntheticStats(SyntheticStatsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete in
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(clap::Args)]

@@ -7,7 +7,7 @@ mod cli;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, ensure};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use cli::*;
 use nbl_onnx::calibrate::check_fingerprint;
@@ -216,6 +216,16 @@ fn main() -> ExitCode {
         Command::Eval(args) => run_eval(args),
         Command::Bench(args) => run_bench(args),
         Command::Sweep(args) => run_sweep(args),
+        Command::Completions(args) => {
+            // Into memory first: the generator panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "nbl-onnx", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .context("writing the completion script")
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("writing the manual page"),
         Command::SyntheticStats(args) => run_synthetic_stats(args),
     };
     match result {

@@ -39,3 +39,34 @@ fn the_readme_is_a_front_door_of_at_most_200_lines() {
         assert!(readme.contains(link), "the README links {link}");
     }
 }
+
+/// `completions SHELL` and `man` print what a shell and `man` read, naming every public command;
+/// an unknown shell is bad input.
+#[test]
+fn completions_and_the_manual_page_name_every_command() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nbl-onnx"))
+            .args(args)
+            .output()
+            .expect("the binary runs")
+    };
+    let commands =
+        ["inspect", "calibrate", "merge-stats", "analyze", "rewrite", "check", "eval", "bench", "sweep"];
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        for command in commands {
+            assert!(script.contains(command), "{shell}: {command} missing");
+        }
+    }
+    assert!(String::from_utf8(run(&["completions", "bash"]).stdout).unwrap().contains("--moment-precision"));
+    let man = String::from_utf8(run(&["man"]).stdout).unwrap();
+    assert!(man.contains(".TH nbl-onnx 1"), "{}", &man[..200.min(man.len())]);
+    for command in commands {
+        assert!(man.contains(&command.replace('-', "\\-")), "man: {command} missing");
+    }
+    let bad = run(&["completions", "tcsh"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid value 'tcsh'"));
+}
