@@ -263,7 +263,7 @@ pub struct CalibrationArgs {
     #[arg(long, value_enum, default_value_t = MomentsOn::Auto)]
     pub moments: MomentsOn,
     /// The type each batch's centred cross-products are multiplied in, before they are merged
-    /// into the f64 moments: f32 is faster where the provider has tensor cores, and errs by about
+    /// into the f64 moments: f32 (auto) is faster, most on tensor cores, and errs by about
     /// ε_f32·√(batch tokens) relative, far below what the bounds resolve
     #[arg(long, value_enum, default_value_t = MomentPrecision::Auto)]
     pub moment_precision: MomentPrecision,

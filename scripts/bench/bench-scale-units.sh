@@ -2,9 +2,9 @@
 # What measuring units besides attention costs at the scale of an 8B model (Llama-3-8B's shapes:
 # d = 4096, MLP 14336; the 3-layer GenAI int4 export with random weights that bench-scale.sh uses):
 # calibrate layers 0..2 (2 sequences of 128 tokens, moments on the host, 2 threads) with
-# `--units attention` (2 attention sites) and with `--units all` (2 sites, 2 MLPs, 2 layers, run 0-1:
-# 7 units), wall time and peak RSS of each; the per-unit memory extrapolated to 32 layers (32 units
-# against 186). Adds `units` to bench/scale.json and a table to docs/results/scale.md
+# `--units attention` (2 attention sites) and with `--units all` (2 sites, 2 MLPs, 2 layers, run 0-1,
+# fold 1-1: 8 units), wall time and peak RSS of each; the per-unit memory extrapolated to 32 layers
+# (32 units against 304). Adds `units` to bench/scale.json and a table to docs/results/scale.md
 # (python3 -m nblbench.scale units).
 #
 #   scripts/bench/bench-scale-units.sh     # about 5 minutes on 2 cores once the export exists

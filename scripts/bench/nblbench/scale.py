@@ -108,6 +108,11 @@ def table(r: dict) -> str:
     return caption + "\n\n" + "\n".join(md_table(["measure", "value"], rows)) + "\n"
 
 
+#: Every unit of a 32-layer model: attention, MLP and layer per layer, runs of 2-4 (29 + 30 + 31 = 90),
+#: folds of 1-4 from layer 1 (31 + 30 + 29 + 28 = 118).
+ALL_UNITS_32 = 32 + 32 + 32 + 90 + 118
+
+
 def units(work: Path) -> dict:
     """Calibration with ``--units attention`` and ``--units all`` on layers 0..2 of the short export:
     wall time, peak RSS and file size of each, the memory per unit, and both extrapolated to a 32-layer
@@ -133,8 +138,9 @@ def units(work: Path) -> dict:
         "per_unit_mb": round(per_unit, 1),
         "per_unit_mb_expected": round(3 * 4096 * 4096 * 8 / 2**20, 1),
         "layers_32_attention_mb_extrapolated": round(base + 32 * per_unit),
-        "layers_32_all_mb_extrapolated": round(base + 186 * per_unit),
-        "note": "units per 32 layers: 32 attention; all = 32 attention + 32 MLP + 32 layer + 90 runs (spans 2-4)",
+        "layers_32_all_mb_extrapolated": round(base + ALL_UNITS_32 * per_unit),
+        "note": f"units per 32 layers: 32 attention; all = 32 attention + 32 MLP + 32 layer + 90 runs (spans 2-4) "
+                f"+ 118 folds (spans 1-4, from layer 1) = {ALL_UNITS_32}",
     }
 
 
