@@ -11,6 +11,7 @@ GNU time as ``%e %M``, ``stats.safetensors``, ``rewrite.report.json`` and the re
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import time
@@ -116,14 +117,16 @@ ALL_UNITS_32 = 32 + 32 + 32 + 90 + 118
 def units(work: Path) -> dict:
     """Calibration with ``--units attention`` and ``--units all`` on layers 0..2 of the short export:
     wall time, peak RSS and file size of each, the memory per unit, and both extrapolated to a 32-layer
-    model (32 units against 32 attention + 32 MLP + 32 layer + 90 run units)."""
+    model (32 units against ``ALL_UNITS_32``)."""
     def run(name: str) -> dict:
         wall, rss = _timed(work, f"units-{name}")
         log = (work / f"units-{name}.log").read_text()
+        # "calibrated 2 layers and 6 other units on ...": every unit the run measured.
+        counted = re.search(r"calibrated (\d+) layers(?: and (\d+) other units)?", log)
         return {
             "seconds": wall,
             "peak_rss_mb": round(rss, 1),
-            "units": 2 if name == "attention" else 7,
+            "units": int(counted.group(1)) + int(counted.group(2) or 0),
             "stats_bytes": (work / f"units-{name}.safetensors").stat().st_size,
             "calibrated": next(line for line in log.splitlines() if line.startswith("calibrated ")),
         }
