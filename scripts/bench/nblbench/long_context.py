@@ -2,8 +2,9 @@
 
     python3 -m nblbench.long_context WORK
 
-Reads ``WORK/bench-<prompt length>.json`` (one ``nbl-onnx bench --json`` per length, the original first,
-then NBL at k = 4, 8, 12), writes ``bench/long-context.json``, the table of
+Reads ``WORK/bench-<prompt length>-k<k>.json`` (one ``nbl-onnx bench --json`` per length and k: the
+original, then NBL at that k) or, from earlier runs, ``WORK/bench-<prompt length>.json`` (the original,
+then k = 4, 8, 12 in one run), writes ``bench/long-context.json``, the table of
 ``docs/results/long-context.md`` (block ``long-context``) and ``docs/results/long-context.svg``.
 """
 
@@ -23,10 +24,16 @@ KS = (4, 8, 12)
 
 def collect(work: Path) -> dict:
     points = []
-    files = sorted(work.glob("bench-*.json"), key=lambda p: int(re.search(r"(\d+)", p.stem).group(1)))
-    for path in files:
+
+    def order(path: Path) -> tuple[int, int]:
+        numbers = re.match(r"bench-(\d+)(?:-k(\d+))?$", path.stem)
+        return int(numbers.group(1)), int(numbers.group(2) or 0)
+
+    for path in sorted(work.glob("bench-*.json"), key=order):
         bench = load_json(path)
-        for k, timing in zip(KS, bench["models"][1:]):
+        k_of_file = order(path)[1]
+        ks = (k_of_file,) if k_of_file else KS
+        for k, timing in zip(ks, bench["models"][1:]):
             points.append({
                 "prompt_len": bench["prompt_len"], "k": k,
                 "decode_speedup": timing["decode_speedup"],
