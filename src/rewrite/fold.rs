@@ -14,9 +14,10 @@ use serde::Serialize;
 use crate::detect::{FoldSite, Projection, ProjectionWeight, UnitSite};
 use crate::fit::LinearMap;
 use crate::fit::quantize::{Quantizer, quantize};
-use crate::onnx::proto::TensorProto;
-use crate::onnx::{DType, Model, Patch, Tensor, build};
+use crate::onnx::{Model, Patch, Tensor, build};
 use crate::unit::Unit;
+
+use super::splice::grouped_product;
 
 /// What a fold rewrote, for the report.
 #[derive(Clone, Debug, Serialize)]
@@ -118,28 +119,8 @@ impl Patch<'_> {
                 let folded = w.dot(&wd);
                 let folded = faer::Mat::from_fn(*n, *k, |i, j| folded[(i, j)]);
                 let q = quantize(folded, *bits, *block_size, Quantizer::Rtn, None).with_context(context)?;
-                let (packed, scales) = (format!("nbl.{key}.weight"), format!("nbl.{key}.weight_scales"));
-                let packed_t = TensorProto {
-                    name: Some(packed.clone()),
-                    dims: vec![q.n as i64, q.groups() as i64, (q.group_size * q.bits as usize / 8) as i64],
-                    data_type: Some(DType::U8.onnx_code()),
-                    raw_data: Some(q.packed.clone().into()),
-                    ..Default::default()
-                };
-                let scales_t = build::initializer(
-                    &scales,
-                    Tensor::from_f32(dtype, Array1::from_vec(q.scales).into_dyn())?,
-                );
-                let mut product =
-                    build::node("MatMulNBits", &[input, &packed, &scales], &format!("nbl.{key}.matmul"));
-                product.domain = Some("com.microsoft".into());
-                let attributes =
-                    [("K", Some(*k as i64)), ("N", Some(*n as i64)), ("bits", Some(i64::from(*bits)))];
-                let more = [("block_size", Some(*block_size as i64)), ("accuracy_level", *accuracy_level)];
-                for (name, value) in attributes.into_iter().chain(more).filter_map(|(n, v)| Some((n, v?))) {
-                    product.attribute.push(build::int_attribute(name, value));
-                }
-                (product, vec![packed_t, scales_t], dtype, true)
+                let (product, weights) = grouped_product(input, &key, &q, *accuracy_level, dtype)?;
+                (product, weights, dtype, true)
             }
         };
         let b = build::initializer(
@@ -152,14 +133,7 @@ impl Patch<'_> {
         for t in weights.into_iter().chain([b]) {
             self.add_initializer(t)?;
         }
-        let junction = &self.graph().node[fold.junction.node];
-        ensure!(
-            junction.input.get(fold.junction.slot) == Some(&fold.branch),
-            "{}: node {:?} does not read {:?}; were the layers found in another graph?",
-            context(),
-            junction.name(),
-            fold.branch
-        );
+        self.reading(fold.junction, &fold.branch, unit)?;
         self.rewire(fold.junction.node, fold.junction.slot, &y)?;
         self.remove_branch(site)?;
         Ok(Folded { unit, projection: node.clone(), requantised })

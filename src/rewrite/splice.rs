@@ -12,6 +12,7 @@ use crate::fit::storage::MapStorage;
 use crate::onnx::proto::{NodeProto, TensorProto};
 use crate::onnx::{DType, Patch, Port, Tensor, build};
 use crate::rewrite::Replacement;
+use crate::unit::Unit;
 
 /// The initializers the splices of unit `key` add (those of its storage, where they exist).
 pub(super) fn initializer_names(key: &str) -> [String; 3] {
@@ -96,15 +97,18 @@ impl Patch<'_> {
 
     /// The junction node of `site`, checked to read its branch where detection found it.
     fn junction(&self, site: &UnitSite) -> Result<&NodeProto> {
-        let Port { node, slot } = site.junction;
-        let n = self.graph().node.get(node).with_context(|| format!("{}: no junction node", site.unit))?;
+        self.reading(site.junction, &site.branch, site.unit)
+    }
+
+    /// The node at `port`, checked to read `tensor` there (where detection found it, for `unit`).
+    pub(super) fn reading(&self, port: Port, tensor: &str, unit: Unit) -> Result<&NodeProto> {
+        let Port { node, slot } = port;
+        let n = self.graph().node.get(node).with_context(|| format!("{unit}: no junction node"))?;
         ensure!(
-            n.input.get(slot) == Some(&site.branch),
-            "{}: node {:?} ({}) does not read {:?} at input {slot}; were the layers found in another graph?",
-            site.unit,
+            n.input.get(slot).map(String::as_str) == Some(tensor),
+            "{unit}: node {:?} ({}) does not read {tensor:?} at input {slot}; were the layers found in another graph?",
             n.name(),
             n.op_type(),
-            site.branch
         );
         Ok(n)
     }
@@ -162,30 +166,9 @@ impl Patch<'_> {
         dtype: DType,
         b: TensorProto,
     ) -> Result<()> {
-        let key = site.unit.key();
-        let product = format!("nbl.{key}.matmul");
-        let (packed, scales) = (format!("nbl.{key}.weight"), format!("nbl.{key}.weight_scales"));
-        let packed_t = TensorProto {
-            name: Some(packed.clone()),
-            dims: vec![q.n as i64, q.groups() as i64, (q.group_size * q.bits as usize / 8) as i64],
-            data_type: Some(DType::U8.onnx_code()),
-            raw_data: Some(q.packed.clone().into()),
-            ..Default::default()
-        };
-        let scales_values = Array1::from_vec(q.scales.clone()).into_dyn();
-        let scales_t = build::initializer(&scales, Tensor::from_f32(dtype, scales_values)?);
-        let mut node = build::node("MatMulNBits", &[&site.map_input, &packed, &scales], &product);
-        node.domain = Some("com.microsoft".into());
-        for (name, value) in [
-            ("K", q.k as i64),
-            ("N", q.n as i64),
-            ("bits", i64::from(q.bits)),
-            ("block_size", q.group_size as i64),
-            ("accuracy_level", accuracy_level),
-        ] {
-            node.attribute.push(build::int_attribute(name, value));
-        }
-        self.splice_map(site, node, vec![packed_t, scales_t], b)
+        let (product, weights) =
+            grouped_product(&site.map_input, &site.unit.key(), q, Some(accuracy_level), dtype)?;
+        self.splice_map(site, product, weights, b)
     }
 
     /// `Y := MatMul(X, DequantizeLinear(Q, scales)) + b`: as [`Patch::replace_with_affine`], with
@@ -262,4 +245,39 @@ impl Patch<'_> {
             }
         }
     }
+}
+
+/// `MatMulNBits(input, Q)` named for unit `key` (`nbl.<key>.matmul`), and its initializers: the
+/// packed codes `[N, groups, group bytes]` and the scales in `dtype`. `accuracy_level` is written
+/// where given.
+pub(super) fn grouped_product(
+    input: &str,
+    key: &str,
+    q: &Quantized,
+    accuracy_level: Option<i64>,
+    dtype: DType,
+) -> Result<(NodeProto, Vec<TensorProto>)> {
+    let (packed, scales) = (format!("nbl.{key}.weight"), format!("nbl.{key}.weight_scales"));
+    let packed_t = TensorProto {
+        name: Some(packed.clone()),
+        dims: vec![q.n as i64, q.groups() as i64, (q.group_size * q.bits as usize / 8) as i64],
+        data_type: Some(DType::U8.onnx_code()),
+        raw_data: Some(q.packed.clone().into()),
+        ..Default::default()
+    };
+    let scales_values = Array1::from_vec(q.scales.clone()).into_dyn();
+    let scales_t = build::initializer(&scales, Tensor::from_f32(dtype, scales_values)?);
+    let mut node = build::node("MatMulNBits", &[input, &packed, &scales], &format!("nbl.{key}.matmul"));
+    node.domain = Some("com.microsoft".into());
+    let attributes = [
+        ("K", Some(q.k as i64)),
+        ("N", Some(q.n as i64)),
+        ("bits", Some(i64::from(q.bits))),
+        ("block_size", Some(q.group_size as i64)),
+        ("accuracy_level", accuracy_level),
+    ];
+    for (name, value) in attributes.into_iter().filter_map(|(n, v)| Some((n, v?))) {
+        node.attribute.push(build::int_attribute(name, value));
+    }
+    Ok((node, vec![packed_t, scales_t]))
 }
