@@ -122,6 +122,10 @@ pub struct SweepArgs {
     /// Timed runs per model, with --bench
     #[arg(long, default_value_t = 3, value_parser = at_least_one, requires = "bench")]
     pub runs: usize,
+    /// Also time the chosen points after a prompt of this many tokens, with --bench: decoding
+    /// over a long KV cache, where removing attention saves the most
+    #[arg(long, value_parser = at_least_one, requires = "bench")]
+    pub long_context: Option<usize>,
     /// Directory for sweep.json, sweep.md and sweep.svg (default: <stem>.sweep beside the model)
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -179,6 +183,7 @@ impl SweepArgs {
                 ep: self.calibration.engine.options().ep,
                 threads: None,
             }),
+            long_context: self.long_context,
         })
     }
 }

@@ -1025,6 +1025,8 @@ pub struct SweepPlan {
     pub generation: GenerationPlan,
     /// Time each budget's chosen points against the original, side by side.
     pub bench: Option<bench::BenchOptions>,
+    /// With `bench`, time them again after a prompt of this many tokens.
+    pub long_context: Option<usize>,
 }
 
 /// The files a sweep writes into `dir`.
@@ -1044,7 +1046,20 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
     let rw = &plan.rewrite;
     let budget = rw.budget.as_ref().context("a sweep needs a KL budget")?;
     let outputs = sweep_outputs(&plan.output_dir);
-    let subject = subject(rw, Model::load(&rw.model)?, &outputs)?;
+    let model = Model::load(&rw.model)?;
+    // The timed prompts must fit the model before the long work starts, not after it.
+    if let Some(options) = &plan.bench {
+        for (prompt_len, flag) in std::iter::once((options.prompt_len, "--prompt-len"))
+            .chain(plan.long_context.map(|n| (n, "--long-context")))
+        {
+            crate::data::check_context(
+                model.dir(),
+                prompt_len + options.new_tokens,
+                &format!("{flag} {prompt_len} with --gen {}", options.new_tokens),
+            )?;
+        }
+    }
+    let subject = subject(rw, model, &outputs)?;
     let candidates = candidate_units(&subject.layout, &rw.calibration.units)?;
     let stats = moments(rw, &subject, &candidates)?;
     let d = subject.layout.hidden_size;
@@ -1203,6 +1218,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
     }
     let mut timing = None;
     if let Some(options) = &plan.bench {
+        let plan_prompt_len = options.prompt_len;
         for (b, &max_kl) in plan.budgets.iter().enumerate() {
             let at: Vec<(usize, usize)> =
                 chosen.iter().copied().filter(|&(c, p)| curves[c].chosen[b] == Some(p)).collect();
@@ -1215,20 +1231,29 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
             timed.extend(
                 at.iter().map(|cp| &models[1 + chosen.iter().position(|x| x == cp).expect("chosen")]),
             );
-            let report = bench::bench(&timed, engine, options, None)?;
-            for (&(c, p), t) in at.iter().zip(report.models.iter().skip(1)) {
-                curves[c].points[p].measured.push(Measured {
-                    max_kl,
-                    decode_speedup: t.decode_speedup,
-                    prefill_speedup: t.prefill_speedup,
-                });
+            let lengths = std::iter::once(options.prompt_len).chain(plan.long_context);
+            for prompt_len in lengths {
+                let options = bench::BenchOptions { prompt_len, ..options.clone() };
+                let report = bench::bench(&timed, engine, &options, None)?;
+                for (&(c, p), t) in at.iter().zip(report.models.iter().skip(1)) {
+                    curves[c].points[p].measured.push(Measured {
+                        max_kl,
+                        prompt_len,
+                        decode_speedup: t.decode_speedup,
+                        prefill_speedup: t.prefill_speedup,
+                        predicted_decode_speedup: t.predicted_decode_speedup_bytes,
+                    });
+                }
+                if prompt_len == plan_prompt_len {
+                    timing = Some(Timing {
+                        engine: report.engine,
+                        prompt_len: report.prompt_len,
+                        long_context: plan.long_context,
+                        new_tokens: report.new_tokens,
+                        runs: report.runs,
+                    });
+                }
             }
-            timing = Some(Timing {
-                engine: report.engine,
-                prompt_len: report.prompt_len,
-                new_tokens: report.new_tokens,
-                runs: report.runs,
-            });
         }
     }
     let report = SweepReport {

@@ -41,12 +41,25 @@ impl Point {
     }
 }
 
-/// A point's speed-ups measured in the timing run of one budget.
+/// A point's speed-ups measured in the timing run of one budget, after prompts of `prompt_len`
+/// tokens.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Measured {
     pub max_kl: f64,
+    pub prompt_len: usize,
     pub decode_speedup: f64,
     pub prefill_speedup: f64,
+    /// What the bytes read per decode step predict at that context.
+    pub predicted_decode_speedup: f64,
+}
+
+impl Measured {
+    fn speedup(&self, optimize: Optimize) -> f64 {
+        match optimize {
+            Optimize::Decode => self.decode_speedup,
+            Optimize::Prefill => self.prefill_speedup,
+        }
+    }
 }
 
 /// The points of one way of choosing, in the order it adds units.
@@ -75,6 +88,9 @@ pub fn shown_only(method: &str) -> bool {
 pub struct Timing {
     pub engine: String,
     pub prompt_len: usize,
+    /// The prompt length of the second, long-context timing, where one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub long_context: Option<usize>,
     pub new_tokens: usize,
     pub runs: usize,
 }
@@ -108,15 +124,19 @@ pub fn fastest_within(points: &[Point], max_kl: f64, optimize: Optimize) -> Opti
 }
 
 impl SweepReport {
+    /// Where `point` was timed within budget number `b`, after the main prompt length (`long`:
+    /// after the long-context one).
+    fn measured(&self, point: &Point, b: usize, long: bool) -> Option<Measured> {
+        let timing = self.bench.as_ref()?;
+        let prompt_len = if long { timing.long_context? } else { timing.prompt_len };
+        point.measured.iter().find(|m| m.max_kl == self.max_kl[b] && m.prompt_len == prompt_len).copied()
+    }
+
     /// The curve and point recommended within budget number `b`: the fastest chosen point of any
     /// curve, by its measured speed-up where it was timed, else by the predicted one.
     pub fn recommendation(&self, b: usize) -> Option<(&Curve, &Point)> {
         let speed = |p: &Point| {
-            let measured =
-                p.measured.iter().find(|m| m.max_kl == self.max_kl[b]).map(|m| match self.optimize {
-                    Optimize::Decode => m.decode_speedup,
-                    Optimize::Prefill => m.prefill_speedup,
-                });
+            let measured = self.measured(p, b, false).map(|m| m.speedup(self.optimize));
             measured.unwrap_or(p.predicted(self.optimize))
         };
         self.curves
@@ -139,17 +159,19 @@ impl SweepReport {
                     self.max_kl[b]
                 ),
                 Some((curve, point)) => {
-                    let measured = point.measured.iter().find(|m| m.max_kl == self.max_kl[b]).map(|m| {
-                        match self.optimize {
-                            Optimize::Decode => m.decode_speedup,
-                            Optimize::Prefill => m.prefill_speedup,
-                        }
-                    });
+                    let measured = self.measured(point, b, false).map(|m| m.speedup(self.optimize));
                     let predicted = point.predicted(self.optimize);
-                    let speed = match measured {
+                    let mut speed = match measured {
                         Some(m) => format!("{m:.3}x {what} measured ({predicted:.3}x predicted)"),
                         None => format!("{predicted:.3}x {what} predicted"),
                     };
+                    if let Some(long) = self.measured(point, b, true) {
+                        let _ = write!(
+                            speed,
+                            "; {:.3}x decode measured after {} prompt tokens ({:.3}x predicted)",
+                            long.decode_speedup, long.prompt_len, long.predicted_decode_speedup
+                        );
+                    }
                     format!(
                         "fastest within held-out KL {}: {} with {} units ({}), KL {:.4}, {speed}",
                         self.max_kl[b],
@@ -169,17 +191,34 @@ impl SweepReport {
         let _ = writeln!(
             out,
             "Held-out: {} sequences, {} tokens; original perplexity {:.3}. `≤ B` marks each curve's fastest \
-             point within held-out KL B; measured speed-ups are from one bench run per budget; † marks \
+             point within held-out KL B; measured speed-ups are from one bench run per budget{}; † marks \
              the budget mode among one kind of unit alone, drawn for comparison (not timed).\n",
-            self.heldout_sequences, self.heldout_tokens, self.original_ppl
+            self.heldout_sequences,
+            self.heldout_tokens,
+            self.original_ppl,
+            match &self.bench {
+                Some(Timing { prompt_len, long_context: Some(n), .. }) =>
+                    format!(" after {prompt_len} prompt tokens, and one after {n} (`@{n}`)"),
+                Some(t) => format!(" after {} prompt tokens", t.prompt_len),
+                None => String::new(),
+            }
         );
         let _ = writeln!(
             out,
             "| method | units | held-out KL | perplexity | top-1 | predicted decode | predicted prefill | measured decode | measured prefill | replaced |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        // Each budget's timing, the long-context one marked with its prompt length.
+        let long = self.bench.as_ref().and_then(|t| t.long_context);
         let measured = |p: &Point, f: fn(&Measured) -> f64| {
-            p.measured.iter().map(|m| format!("{:.3}x", f(m))).collect::<Vec<_>>().join(", ")
+            p.measured
+                .iter()
+                .map(|m| match long {
+                    Some(n) if m.prompt_len == n => format!("{:.3}x @{n}", f(m)),
+                    _ => format!("{:.3}x", f(m)),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         for curve in &self.curves {
             for (i, p) in curve.points.iter().enumerate() {
@@ -355,7 +394,16 @@ mod tests {
         let points = vec![point(1, 0.05, 1.02), point(2, 0.12, 1.05), point(3, 0.4, 1.2)];
         assert_eq!(fastest_within(&points, 0.2, Optimize::Decode), Some(1));
         assert_eq!(fastest_within(&points, 0.01, Optimize::Decode), None);
-        let other = vec![point(1, 0.1, 1.08)];
+        let mut other = vec![point(1, 0.1, 1.08)];
+        // Timed after 512 and after 4096 prompt tokens: the first is what recommends it.
+        let timed = |prompt_len, speedup, predicted| Measured {
+            max_kl: 0.2,
+            prompt_len,
+            decode_speedup: speedup,
+            prefill_speedup: 1.0,
+            predicted_decode_speedup: predicted,
+        };
+        other[0].measured = vec![timed(512, 1.04, 1.08), timed(4096, 1.3, 1.25)];
         let curve = |method: &str, points: Vec<Point>| Curve {
             method: method.into(),
             describe: method.into(),
@@ -363,7 +411,7 @@ mod tests {
             points,
             shown_only: shown_only(method),
         };
-        let report = SweepReport {
+        let mut report = SweepReport {
             model: "m.onnx".into(),
             max_kl: vec![0.01, 0.2],
             optimize: Optimize::Decode,
@@ -377,20 +425,43 @@ mod tests {
                 curve("budget", other),
                 curve("budget-mlp", vec![point(1, 0.1, 1.3)]),
             ],
-            bench: None,
+            bench: Some(Timing {
+                engine: "cpu".into(),
+                prompt_len: 512,
+                long_context: Some(4096),
+                new_tokens: 128,
+                runs: 1,
+            }),
             seconds: 1.0,
         };
         let lines = report.closing_lines();
         assert!(lines[0].starts_with("no point of any curve stays within held-out KL 0.01"), "{lines:?}");
         let line = &lines[1];
-        // The budget curve's one point (1.08x) beats the fastest of nbl's within the budget (1.05x).
+        // nbl's fastest point within the budget (1.05x predicted) beats the budget curve's one,
+        // measured at 1.04x after the main prompt length; its long-context 1.3x does not count.
+        assert!(line.starts_with("fastest within held-out KL 0.2: nbl with 2 units"), "{line}");
+        let budget_curve = &report.curves[1];
+        assert_eq!(report.measured(&budget_curve.points[0], 1, false).unwrap().decode_speedup, 1.04);
         assert!(
-            line.starts_with("fastest within held-out KL 0.2: budget with 1 units (attention 0)"),
-            "{line}"
+            report.table().contains(
+                "| budget (≤ 0.2) | 1 | 0.1000 | 10.000 | 1.000 | 1.080x | 1.080x | 1.040x, 1.300x @4096 |"
+            ),
+            "{}",
+            report.table()
         );
         assert!(report.table().contains("| nbl (≤ 0.2) | 2 | 0.1200 |"), "{}", report.table());
         assert!(report.table().contains("| budget-mlp † (≤ 0.2) | 1 |"), "{}", report.table());
         assert!(shown_only("budget-fold") && !shown_only("budget-attention") && !shown_only("budget"));
         assert!(report.svg().contains("<circle"));
+        report.curves[0].points.clear();
+        report.curves[0].chosen = vec![None, None];
+        let line = &report.closing_lines()[1];
+        assert!(
+            line.ends_with(
+                "budget with 1 units (attention 0), KL 0.1000, 1.040x decode measured (1.080x predicted); \
+                 1.300x decode measured after 4096 prompt tokens (1.250x predicted)"
+            ),
+            "{line}"
+        );
     }
 }

@@ -252,6 +252,8 @@ fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
         "16",
         "--gen",
         "4",
+        "--long-context",
+        "48",
         "-o",
         dir.to_str().unwrap(),
     ]);
@@ -290,8 +292,18 @@ fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
                 assert!(p.get("measured").is_none() && p.get("generation").is_none(), "{p}");
                 continue;
             }
-            let timed = p["measured"].as_array().unwrap().iter().find(|m| m["max_kl"] == budget);
-            assert!(timed.unwrap()["decode_speedup"].as_f64().unwrap() > 0.0, "{p}");
+            // Timed after the prompt length and after the long context, beside the bytes model's
+            // prediction at each.
+            for prompt_len in [16, 48] {
+                let timed = p["measured"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["max_kl"] == budget && m["prompt_len"] == prompt_len)
+                    .unwrap_or_else(|| panic!("{p}"));
+                assert!(timed["decode_speedup"].as_f64().unwrap() > 0.0, "{p}");
+                assert!(timed["predicted_decode_speedup"].as_f64().unwrap() >= 1.0, "{p}");
+            }
             assert!(p["generation"]["prompts"].as_u64().unwrap() > 0, "{p}");
         }
     }
@@ -302,5 +314,7 @@ fn sweep_draws_the_frontier_and_recommends_a_point_within_the_budget() {
     let err = stderr(&run);
     let closing: Vec<&str> = err.lines().rev().take(2).collect();
     assert!(closing[0].starts_with("fastest within held-out KL 0.5: "), "{err}");
+    assert_eq!(report["bench"]["long_context"], 48, "{}", report["bench"]);
+    assert!(table.contains(" @48"), "{table}");
     assert!(closing[1].contains("held-out KL 0.2"), "{err}");
 }

@@ -461,6 +461,21 @@ fn every_command_refuses_bad_flags_and_files_naming_them() {
         (argv(&["check", model, "--prompt-len", "250"]), "longer than the model's context of 256"),
         (argv(&["bench", model]), "longer than the model's context of 256"),
         (argv(&["eval", model, "--seq-len", "257"]), "longer than the model's context of 256"),
+        // Checked before the sweep calibrates, not after.
+        (
+            argv(&[
+                "sweep",
+                model,
+                "--max-kl",
+                "0.1",
+                "--bench",
+                "--prompt-len",
+                "16",
+                "--long-context",
+                "200",
+            ]),
+            "--long-context 200 with --gen 128 makes sequences of 328 tokens, longer than the model's context of 256",
+        ),
     ];
     assert!(cases.len() >= 50);
     for (args, needle) in &cases {
