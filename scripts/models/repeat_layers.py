@@ -12,6 +12,8 @@ its last layer as layer N-1, with the names the builder would give them (`/model
 layer's weights at the source layer's bytes in the data file. The data file is hard-linked (copied
 where that fails), so DST costs almost no disk; a tool that copies the model writes the full size.
 
+SRC may be a shell (`synthetic_weights.py shell`: no data file); DST then is one too.
+
 The graph must be the builder's: one node name prefix per layer, `/model/layers.{i}/`. Needs onnx.
 """
 
@@ -134,6 +136,8 @@ def main() -> int:
     onnx.save(model, args.dst / "model.onnx")
     data_files = {e.value for t in inits for e in t.external_data if e.key == "location"}
     for name in data_files:
+        if not (args.src / name).exists():
+            continue  # a shell (synthetic_weights.py shell): fill makes the data where it runs
         try:
             os.link(args.src / name, args.dst / name)
         except OSError:
