@@ -339,6 +339,9 @@ pub struct CalibrateArgs {
     /// Output statistics file (.safetensors)
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Print what was written as JSON: {"output", "model", "layers", "units", "tokens"}
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args)]
@@ -426,6 +429,9 @@ pub struct RewriteArgs {
     /// Report (default: <stem>.nbl.json beside the output)
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Also print the report's JSON on stdout
+    #[arg(long)]
+    pub json: bool,
     /// Write the model even when the selection replaces no layer (an unchanged copy)
     #[arg(long)]
     pub allow_noop: bool,

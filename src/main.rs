@@ -55,6 +55,16 @@ fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
         n => format!(" and {n} other units"),
     };
     eprintln!("wrote {} ({sites} layers{others}, {} tokens)", args.output.display(), stats.tokens());
+    if args.json {
+        let summary = serde_json::json!({
+            "output": args.output.display().to_string(),
+            "model": args.model.display().to_string(),
+            "layers": sites,
+            "units": stats.layers.len() - sites,
+            "tokens": stats.tokens(),
+        });
+        println!("{summary}");
+    }
     Ok(())
 }
 
@@ -123,6 +133,9 @@ fn run_rewrite(args: &RewriteArgs) -> Result<()> {
             "{}: the map is folded into {:?} (its weights {how}, and a bias added)",
             fold.unit, fold.projection
         );
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
 }

@@ -324,6 +324,8 @@ pub struct RewriteReport {
     pub analysis: Analysis,
     pub model: String,
     pub output: String,
+    /// Where this report is written.
+    pub report: String,
     /// With measured selection, each greedy step and what the search cost.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub measured: Option<MeasuredChoice>,
@@ -439,6 +441,7 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
         analysis,
         model: plan.model.display().to_string(),
         output: plan.output.display().to_string(),
+        report: plan.report.display().to_string(),
         measured,
         budget,
         fitting,
