@@ -244,7 +244,8 @@ fn prompts(
     notes: &mut Vec<String>,
 ) -> Result<Vec<Array2<i64>>> {
     let vocab = layout.and_then(|b| b.vocab_size);
-    let no_tokenizer = spec.tokenizer.is_none() && !model.dir().join("tokenizer.json").is_file();
+    let no_tokenizer =
+        spec.tokenizer.is_none() && !crate::hub::companion(model.dir(), "tokenizer.json").is_file();
     if no_tokenizer && spec.files.is_empty() {
         notes.push(format!(
             "no tokenizer.json beside the model: the prompt is {} synthetic token ids, on which agreement with \

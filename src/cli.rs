@@ -57,6 +57,9 @@ pub enum Command {
     /// The frontier of speed against quality: the budget's measured choice among units and the
     /// attention-only methods, every point on held-out text, the fastest within the budget timed
     Sweep(SweepArgs),
+    /// Write the model card (README.md) of a rewrite again, with the check, eval and bench reports
+    /// measured on it since
+    Card(CardArgs),
     /// Print a shell's completion script (e.g. `nbl-onnx completions bash > /etc/bash_completion.d/nbl-onnx`)
     Completions(CompletionsArgs),
     /// Print the manual page, in roff (e.g. `nbl-onnx man > nbl-onnx.1; man ./nbl-onnx.1`)
@@ -64,6 +67,24 @@ pub enum Command {
     /// Write a statistics file of a given size without calibrating, for benchmarks at scale
     #[command(hide = true)]
     SyntheticStats(SyntheticStatsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CardArgs {
+    /// The rewrite's report (<stem>.nbl.json)
+    pub report: PathBuf,
+    /// `check --json` output of the rewritten model against the original
+    #[arg(long)]
+    pub check: Option<PathBuf>,
+    /// `eval --json` output (the original first, the rewrite next)
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// `bench --json` output (the original first, the rewrite next)
+    #[arg(long)]
+    pub bench: Option<PathBuf>,
+    /// Where the card goes (default: README.md where the rewrite's config and tokenizer are)
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]

@@ -154,7 +154,9 @@ impl TextEncoder {
     /// A missing default tokenizer is an error only once a text document needs it (pre-tokenized
     /// data needs none); a missing `--tokenizer` is an error at once.
     pub fn new(model_dir: &Path, tokenizer: Option<&Path>, eos_id: Option<i64>) -> Result<TextEncoder> {
-        let path = tokenizer.map(Path::to_path_buf).unwrap_or_else(|| model_dir.join("tokenizer.json"));
+        let path = tokenizer
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| crate::hub::companion(model_dir, "tokenizer.json"));
         let tokenizer = if tokenizer.is_some() || path.is_file() {
             ensure!(path.is_file(), "tokenizer {} does not exist", path.display());
             Some(
@@ -202,7 +204,7 @@ impl TextEncoder {
 /// EOS from the files a Hugging Face export puts beside the model.
 fn find_eos(model_dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<i64> {
     let read = |name: &str| -> Option<Value> {
-        let text = std::fs::read_to_string(model_dir.join(name)).ok()?;
+        let text = std::fs::read_to_string(crate::hub::companion(model_dir, name)).ok()?;
         serde_json::from_str(&text).ok()
     };
     if let Some(config) = read("generation_config.json") {
@@ -229,7 +231,7 @@ fn find_eos(model_dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<i64> {
     bail!(
         "cannot tell the end-of-text token: no eos_token_id in {dir}/generation_config.json nor eos_token in \
          {dir}/tokenizer_config.json; give the end-of-text id",
-        dir = model_dir.display()
+        dir = crate::hub::Layout::of(model_dir).companion_dir(model_dir).display()
     )
 }
 
@@ -330,13 +332,14 @@ impl DataSpec {
 /// GPT-2's `n_positions`). Longer sequences run off the end of fixed rotary caches and position
 /// tables, or out of what the model was trained on.
 pub fn context_length(model_dir: &Path) -> Option<(usize, String)> {
-    let read = |name: &str| -> Option<Value> {
-        serde_json::from_str(&std::fs::read_to_string(model_dir.join(name)).ok()?).ok()
-    };
-    if let Some(n) = read("genai_config.json").and_then(|c| c["model"]["context_length"].as_u64()) {
+    let read =
+        |path: PathBuf| -> Option<Value> { serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok() };
+    if let Some(n) =
+        read(model_dir.join("genai_config.json")).and_then(|c| c["model"]["context_length"].as_u64())
+    {
         return Some((n as usize, "genai_config.json context_length".into()));
     }
-    let config = read("config.json")?;
+    let config = read(crate::hub::companion(model_dir, "config.json"))?;
     ["max_position_embeddings", "n_positions"]
         .iter()
         .find_map(|key| config[*key].as_u64().map(|n| (n as usize, format!("config.json {key}"))))

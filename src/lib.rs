@@ -18,6 +18,7 @@
 pub mod atomic;
 pub mod bench;
 pub mod calibrate;
+pub mod card;
 pub mod check;
 pub mod cost;
 pub mod data;
@@ -27,6 +28,7 @@ pub mod eval;
 pub mod fit;
 pub mod genai;
 pub mod generate;
+pub mod hub;
 pub mod inspect;
 pub mod invalid;
 pub mod logits;

@@ -4,6 +4,7 @@
 
 mod cli;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, ensure};
@@ -34,7 +35,12 @@ impl std::error::Error for NotPassed {}
 /// Prints `value` as JSON, or `text` for people.
 fn emit(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> String) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        // With the command that made it, so that a report says how to reproduce it.
+        let mut value = serde_json::to_value(value)?;
+        if let (Some(object), Some(command)) = (value.as_object_mut(), nbl_onnx::report::command_line()) {
+            object.insert("command".into(), command.into());
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", text());
     }
@@ -164,6 +170,43 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     emit(args.json, &report, || report.table())
 }
 
+fn run_card(args: &CardArgs) -> Result<()> {
+    let read = |path: &Path| -> Result<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+    };
+    let rewrite = read(&args.report)?;
+    let output = rewrite["output"]
+        .as_str()
+        .with_context(|| format!("{} is not a rewrite report: it names no output", args.report.display()))?;
+    let dir = nbl_onnx::atomic::dir_of(Path::new(output));
+    let companion_dir = nbl_onnx::hub::Layout::of(dir).companion_dir(dir);
+    let card = args.output.clone().unwrap_or_else(|| companion_dir.join("README.md"));
+    ensure!(
+        nbl_onnx::card::may_write(&card),
+        "refusing to write {}: it is not a model card nbl-onnx wrote (give another -o)",
+        card.display()
+    );
+    let [check, eval, bench] =
+        [&args.check, &args.eval, &args.bench].map(|p| p.as_deref().map(read).transpose());
+    let (check, eval, bench) = (check?, eval?, bench?);
+    let config = read(&companion_dir.join("config.json")).ok();
+    let sources = nbl_onnx::card::CardSources {
+        rewrite: &rewrite,
+        check: check.as_ref(),
+        eval: eval.as_ref(),
+        bench: bench.as_ref(),
+        config: config.as_ref(),
+    };
+    nbl_onnx::atomic::check_output(&card, &[&args.report])?;
+    let mut set = nbl_onnx::atomic::OutputSet::new();
+    set.stage_bytes(&card, nbl_onnx::card::render(&sources).as_bytes())?;
+    set.commit()?;
+    eprintln!("wrote {}", card.display());
+    Ok(())
+}
+
 fn run_synthetic_stats(args: &SyntheticStatsArgs) -> Result<()> {
     let (fingerprint, d, layers) = match &args.model {
         Some(path) => {
@@ -218,6 +261,7 @@ fn message(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    nbl_onnx::report::record_command_line(std::env::args());
     nbl_onnx::atomic::install_interrupt_handler();
     let result = match &cli.command {
         Command::Inspect(args) => run_inspect(args),
@@ -229,6 +273,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => run_eval(args),
         Command::Bench(args) => run_bench(args),
         Command::Sweep(args) => run_sweep(args),
+        Command::Card(args) => run_card(args),
         Command::Completions(args) => {
             // Into memory first: the generator panics on a failed write (a closed pipe).
             let mut script = Vec::new();

@@ -29,7 +29,7 @@ use crate::select::measured::MeasuredChoice;
 use crate::select::{Criterion, Selection};
 use crate::stats::{MomentPrecision, MomentsSource, Stats, StatsFile};
 use crate::unit::{Unit, UnitKind};
-use crate::{bench, eval, genai, inspect, probe, rewrite, select};
+use crate::{bench, eval, inspect, probe, rewrite, select};
 
 /// Opens the engine `options` ask for and says on stderr which one actually runs.
 pub fn open_engine(options: &EngineOptions) -> Result<Box<dyn Engine>> {
@@ -44,7 +44,9 @@ fn files_read(model: &Model, data: Option<&DataRequest>, others: &[&Path]) -> Ve
     let mut files = model.files();
     if let Some(data) = data {
         files.extend(data.files.iter().cloned());
-        files.push(data.tokenizer.clone().unwrap_or_else(|| model.dir().join("tokenizer.json")));
+        files.push(
+            data.tokenizer.clone().unwrap_or_else(|| crate::hub::companion(model.dir(), "tokenizer.json")),
+        );
     }
     files.extend(others.iter().map(|p| p.to_path_buf()));
     files
@@ -326,6 +328,11 @@ pub struct RewriteReport {
     pub output: String,
     /// Where this report is written.
     pub report: String,
+    /// The command that wrote it, where it ran from the command line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// What the statistics were measured on.
+    pub calibration: Vec<crate::stats::DataSummary>,
     /// With measured selection, each greedy step and what the search cost.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub measured: Option<MeasuredChoice>,
@@ -343,7 +350,14 @@ pub struct RewriteReport {
 /// or `<stem>.nbl.json` beside the output.
 pub fn output_paths(model: &Path, output: Option<&Path>, report: Option<&Path>) -> (PathBuf, PathBuf) {
     let stem = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    let output = output.map_or_else(|| model.with_file_name(format!("{stem}.nbl.onnx")), Path::to_path_buf);
+    // `-o DIR/` or an existing directory: a repository of its own, in the input's layout.
+    let into_dir =
+        |o: &Path| o.is_dir() || o.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR);
+    let output = match output {
+        Some(dir) if into_dir(dir) => crate::hub::output_in(dir, model),
+        Some(o) => o.to_path_buf(),
+        None => model.with_file_name(format!("{stem}.nbl.onnx")),
+    };
     let out_stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("model").trim_end_matches(".nbl");
     let report =
         report.map_or_else(|| output.with_file_name(format!("{out_stem}.nbl.json")), Path::to_path_buf);
@@ -442,6 +456,8 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
         model: plan.model.display().to_string(),
         output: plan.output.display().to_string(),
         report: plan.report.display().to_string(),
+        command: crate::report::command_line().map(str::to_string),
+        calibration: stats.data().to_vec(),
         measured,
         budget,
         fitting,
@@ -907,10 +923,31 @@ fn provenance(
 fn write_rewrite(plan: &RewritePlan, model: &Model, report: &RewriteReport) -> Result<()> {
     let mut set = crate::atomic::OutputSet::new();
     set.create_dir_for(&plan.output)?;
-    let companion = genai::prepare(model, &plan.output)?;
+    let companion = crate::genai::Companion::prepare(model, &plan.output)?;
     model.stage(&plan.output, &mut set)?;
-    if let Some(companion) = companion {
+    if let Some(companion) = &companion {
         companion.stage(&mut set)?;
+    }
+    // A folder of its own gets a model card, unless it holds a README.md of someone else's.
+    if let Some(companion) = companion.as_ref().filter(|c| c.writes_files()) {
+        let card = companion.dir.join("README.md");
+        if crate::card::may_write(&card) {
+            let config: Option<serde_json::Value> =
+                std::fs::read_to_string(companion.source_dir.join("config.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+            let rewrite = serde_json::to_value(report)?;
+            let sources = crate::card::CardSources {
+                rewrite: &rewrite,
+                check: None,
+                eval: None,
+                bench: None,
+                config: config.as_ref(),
+            };
+            set.stage_bytes(&card, crate::card::render(&sources).as_bytes())?;
+        } else {
+            eprintln!("note: {} is not a model card nbl-onnx wrote; it is left as it is", card.display());
+        }
     }
     set.stage_bytes(&plan.report, serde_json::to_string_pretty(report)?.as_bytes())?;
     set.commit()

@@ -2,6 +2,7 @@
 //! the chosen layers, as a table for people, JSON for scripts and an SVG chart.
 
 use std::fmt::Write;
+use std::sync::OnceLock;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -9,6 +10,34 @@ use serde::Serialize;
 use crate::nbl::{LayerFit, fit_layer, fit_measures};
 use crate::select::{Criterion, Selection, ranking, select};
 use crate::stats::MomentsSource;
+
+static COMMAND_LINE: OnceLock<String> = OnceLock::new();
+
+/// Records the command line this process runs (the CLI does, first thing), for the reports that say
+/// how to reproduce them.
+pub fn record_command_line(args: impl IntoIterator<Item = String>) {
+    let quoted: Vec<String> = args
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { "nbl-onnx".to_string() } else { shell_quoted(&a) })
+        .collect();
+    let _ = COMMAND_LINE.set(quoted.join(" "));
+}
+
+/// The command line recorded by [`record_command_line`], where one was.
+pub fn command_line() -> Option<&'static str> {
+    COMMAND_LINE.get().map(String::as_str)
+}
+
+/// `a` as a POSIX shell reads it back: bare where that is safe, else in single quotes.
+fn shell_quoted(a: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c);
+    if !a.is_empty() && a.chars().all(safe) {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
 
 /// One layer of the analysis: its fit (the map itself is not serialised) and whether it was chosen.
 #[derive(Serialize)]

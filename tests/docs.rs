@@ -50,8 +50,18 @@ fn completions_and_the_manual_page_name_every_command() {
             .output()
             .expect("the binary runs")
     };
-    let commands =
-        ["inspect", "calibrate", "merge-stats", "analyze", "rewrite", "check", "eval", "bench", "sweep"];
+    let commands = [
+        "inspect",
+        "calibrate",
+        "merge-stats",
+        "analyze",
+        "rewrite",
+        "check",
+        "eval",
+        "bench",
+        "sweep",
+        "card",
+    ];
     for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
         let out = run(&["completions", shell]);
         assert_eq!(out.status.code(), Some(0), "{shell}");

@@ -55,7 +55,7 @@ fn assert_same_tokens(fixture: &str, what: &str, got: &[i64], want: &[i64]) {
 
 /// `model` saved at `out` with its GenAI config and tokenizer beside it, as a rewrite writes them.
 fn save_with_companion(model: &Model, out: &Path) {
-    let companion = nbl_onnx::genai::prepare(model, out).unwrap().unwrap();
+    let companion = nbl_onnx::genai::Companion::prepare(model, out).unwrap().unwrap();
     let mut set = nbl_onnx::atomic::OutputSet::new();
     model.stage(out, &mut set).unwrap();
     companion.stage(&mut set).unwrap();

@@ -24,14 +24,13 @@ budget), :class:`NblError` for anything else.
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from nbl_onnx._run import BadInput, CheckFailed, NblError, Progress, binary, flags, run
+from nbl_onnx._run import BadInput, CheckFailed, NblError, Progress, binary, flags, path, run
 
 __all__ = [
     "calibrate", "analyze", "rewrite", "check", "eval", "bench",
@@ -140,7 +139,7 @@ def calibrate(model: PathLike, *, output: PathLike, progress: Optional[Progress]
               extra_args: Sequence[str] = (), **options: Any) -> CalibrateResult:
     """Measures every attention site (and ``units=...``) on calibration text and writes the statistics
     to ``output``. Options: ``data``, ``samples``, ``seq_len``, ``units``, ``moments``, ``ep``, ..."""
-    args = ["calibrate", os.fspath(model), "-o", os.fspath(output), "--json", *flags(options), *extra_args]
+    args = ["calibrate", path("model", model), "-o", path("output", output), "--json", *flags(options), *extra_args]
     _, stdout, _ = run(args, progress)
     raw = _json(stdout, "calibrate")
     return CalibrateResult(output=Path(raw["output"]), layers=raw["layers"], units=raw["units"],
@@ -150,7 +149,7 @@ def calibrate(model: PathLike, *, output: PathLike, progress: Optional[Progress]
 def analyze(stats: PathLike, *, progress: Optional[Progress] = None, extra_args: Sequence[str] = (),
             **options: Any) -> AnalyzeReport:
     """Ranks the layers of a statistics file. Options: ``criterion``, ``layers``, ``model``, ``chart``, ..."""
-    _, stdout, _ = run(["analyze", os.fspath(stats), "--json", *flags(options), *extra_args], progress)
+    _, stdout, _ = run(["analyze", path("stats", stats), "--json", *flags(options), *extra_args], progress)
     raw = _json(stdout, "analyze")
     return AnalyzeReport(criterion=raw.get("criterion", ""), order=raw.get("order", []),
                          selected=raw.get("selected", []), rows=raw.get("layers", []), raw=raw)
@@ -162,9 +161,9 @@ def rewrite(model: PathLike, *, output: Optional[PathLike] = None, progress: Opt
     the budget) and writes the model to ``output`` (default ``<stem>.nbl.onnx`` beside it). Options:
     ``layers``, ``stats``, ``max_kl``, ``units``, ``report``, ``data``, ... Raises :class:`CheckFailed`
     when nothing meets a budget, or nothing would be replaced."""
-    args = ["rewrite", os.fspath(model), "--json", *flags(options), *extra_args]
+    args = ["rewrite", path("model", model), "--json", *flags(options), *extra_args]
     if output is not None:
-        args += ["-o", os.fspath(output)]
+        args += ["-o", path("output", output)]
     code, stdout, error = run(args, progress)
     _passed(code, error, args)
     raw = _json(stdout, "rewrite")
@@ -187,9 +186,9 @@ def check(model: PathLike, *, reference: Optional[PathLike] = None, progress: Op
     """Validates ``model``, runs it on ONNX Runtime and tract and, with ``reference``, compares them.
     Gates: ``max_kl``, ``min_top1``, ``min_common_tokens``. A failed check raises :class:`CheckFailed`
     whose ``report`` is this function's result."""
-    args = ["check", os.fspath(model), "--json", *flags(options), *extra_args]
+    args = ["check", path("model", model), "--json", *flags(options), *extra_args]
     if reference is not None:
-        args += ["--reference", os.fspath(reference)]
+        args += ["--reference", path("reference", reference)]
     code, stdout, error = run(args, progress)
     raw = _json(stdout, "check")
     agreement = raw.get("reference") or {}
@@ -207,8 +206,8 @@ def eval(*models: PathLike, progress: Optional[Progress] = None, extra_args: Seq
     """Perplexity of every model on held-out text, and KL, top-1 and generation agreement with the
     first. Options: ``data``, ``samples``, ``seq_len``, ``gen_tokens``, ``ep``, ..."""
     if not models:
-        raise builtins.TypeError("eval() needs at least one model")
-    _, stdout, _ = run(["eval", *map(os.fspath, models), "--json", *flags(options), *extra_args], progress)
+        raise BadInput("eval() needs at least one model", [], 2)
+    _, stdout, _ = run(["eval", *(path("models", m) for m in models), "--json", *flags(options), *extra_args], progress)
     raw = _json(stdout, "eval")
     return EvalReport(models=raw.get("models", []), raw=raw)
 
@@ -218,7 +217,7 @@ def bench(*models: PathLike, progress: Optional[Progress] = None, extra_args: Se
     """Times every model side by side (alternating runs): prefill and decode, with speed-ups over the
     first. Options: ``prompt_len``, ``gen``, ``runs``, ``ep``, ``threads``."""
     if not models:
-        raise builtins.TypeError("bench() needs at least one model")
-    _, stdout, _ = run(["bench", *map(os.fspath, models), "--json", *flags(options), *extra_args], progress)
+        raise BadInput("bench() needs at least one model", [], 2)
+    _, stdout, _ = run(["bench", *(path("models", m) for m in models), "--json", *flags(options), *extra_args], progress)
     raw = _json(stdout, "bench")
     return BenchReport(models=raw.get("models", []), raw=raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,7 +72,7 @@ def binary() -> str:
 
 def flags(options: dict) -> list[str]:
     """Keyword arguments as command-line flags, named as on the command line with `-` written as `_`:
-    ``max_kl=0.2`` -> ``--max-kl 0.2``; ``True`` -> the bare flag; ``False`` and ``None`` -> nothing;
+    ``max_kl=0.2`` -> ``--max-kl=0.2``; ``True`` -> the bare flag; ``False`` and ``None`` -> nothing;
     a list or tuple -> the flag once per item."""
     out: list[str] = []
     for key, value in options.items():
@@ -80,12 +81,27 @@ def flags(options: dict) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if value is True:
             out.append(flag)
+        # `--flag=value`, so that a value starting with `-` stays a value.
         elif isinstance(value, (list, tuple)):
-            for item in value:
-                out += [flag, str(item)]
+            out += [f"{flag}={scalar(key, item)}" for item in value]
         else:
-            out += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+            out.append(f"{flag}={scalar(key, value)}")
     return out
+
+
+def scalar(key: str, value: Any) -> str:
+    """One flag value as the command line spells it; refuses what no flag takes, naming the keyword."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, os.PathLike)):
+        raise BadInput(f"keyword argument {key}={value!r}: expected a string, number or path"
+                       f"{'' if isinstance(value, bool) else ' (or a list of them)'}", [], 2)
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def path(key: str, value: Any) -> str:
+    """A path argument, refused by name when it is not one."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise BadInput(f"argument {key}={value!r}: expected a path (str or os.PathLike)", [], 2)
+    return os.fspath(value)
 
 
 def run(args: Sequence[str], progress: Optional[Progress] = None) -> tuple[int, str, str]:
@@ -126,7 +142,12 @@ def run(args: Sequence[str], progress: Optional[Progress] = None) -> tuple[int, 
         raise
     error = next((l[len("error: "):] for l in reversed(lines) if l.startswith("error: ")), None)
     if code == 2:
-        raise BadInput(error or "bad input (exit 2)", command, code)
+        message = error or "bad input (exit 2)"
+        # The flag a message names, as the keyword argument it came from.
+        flag = re.search(r"--([a-z][a-z0-9-]*)", message)
+        if flag:
+            message += f" (keyword argument {flag[1].replace('-', '_')})"
+        raise BadInput(message, command, code)
     if code not in (0, 1):
         detail = error or (lines[-1] if lines else "no message")
         raise NblError(f"nbl-onnx exited with {code}: {detail}", command, code)

@@ -61,6 +61,18 @@ def main(model_dir: Path) -> None:
     error = expect(nbl_onnx.BadInput, lambda: nbl_onnx.check(out, no_such_flag=1))
     assert "--no-such-flag" in error.message, error.message
 
+    # Arguments of the wrong type or range: BadInput naming the argument, before or by the command.
+    for call, named in [
+        (lambda: nbl_onnx.rewrite(model, output=model_dir / "never.onnx", layers={"n": 1}), "layers={'n': 1}"),
+        (lambda: nbl_onnx.rewrite(model, output=model_dir / "never.onnx", layers=-1), "keyword argument layers"),
+        (lambda: nbl_onnx.check(123), "argument model=123"),
+        (lambda: nbl_onnx.bench(), "at least one model"),
+        (lambda: nbl_onnx.calibrate(model, output=model_dir / "s.safetensors", seq_len=0), "keyword argument seq_len"),
+    ]:
+        error = expect(nbl_onnx.BadInput, call)
+        assert named in error.message, (named, error.message)
+    assert not (model_dir / "never.onnx").exists() and not (model_dir / "s.safetensors").exists()
+
     # A gate that fails: CheckFailed carrying the report; the CLI's exit 1.
     failed = expect(nbl_onnx.CheckFailed, lambda: nbl_onnx.check(out, reference=model, max_kl=1e-12))
     assert failed.report.kl > 1e-12 and not failed.report.passed, failed.report

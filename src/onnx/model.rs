@@ -67,6 +67,33 @@ pub struct ExternalLocation {
     pub length: Option<u64>,
 }
 
+/// What to name instead of the directory `dir`: the models in it, or in its `onnx/` folder (a Hub
+/// repository), as a hint for the error message.
+fn models_inside(dir: &Path) -> String {
+    let onnx_files = |d: &Path| -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "onnx"))
+            .collect();
+        found.sort();
+        found
+    };
+    let mut found = onnx_files(dir);
+    if found.is_empty() {
+        found = onnx_files(&dir.join(crate::hub::ONNX_FOLDER));
+    }
+    match found.as_slice() {
+        [] => String::new(),
+        [one] => format!(" (did you mean {}?)", one.display()),
+        many => {
+            let names: Vec<String> = many.iter().map(|p| p.display().to_string()).collect();
+            format!(": it holds {} models; name the one to use: {}", many.len(), names.join(", "))
+        }
+    }
+}
+
 impl Model {
     /// Reads and checks a model file. The file is memory-mapped and decoded without copying tensor
     /// payloads; external data files are only checked for existence and size.
@@ -74,12 +101,7 @@ impl Model {
         let path = path.as_ref();
         let meta = fs::metadata(path).with_context(|| format!("cannot open model {}", path.display()))?;
         if meta.is_dir() {
-            let hint = if path.join("model.onnx").is_file() {
-                format!(" (did you mean {}?)", path.join("model.onnx").display())
-            } else {
-                String::new()
-            };
-            bail!("{} is a directory, not an ONNX model file{hint}", path.display());
+            bail!("{} is a directory, not an ONNX model file{}", path.display(), models_inside(path));
         }
         ensure!(meta.len() > 0, "{} is empty, not an ONNX model", path.display());
         let file = File::open(path).with_context(|| format!("cannot open model {}", path.display()))?;
