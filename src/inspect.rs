@@ -37,7 +37,8 @@ pub struct TrialRun {
 }
 
 /// Runs `model` once on `engine` over a short token sequence and checks every X and Y: shape
-/// `[batch, sequence, hidden]`, finite values.
+/// `[batch, sequence, hidden]` (or `[batch·sequence, hidden]`, where the stream is flattened as OPT
+/// flattens it for its MLP half), finite values.
 pub fn trial_run(model: &Model, layout: &DecoderLayout, engine: &dyn Engine) -> Result<TrialRun> {
     const BATCH: usize = 1;
     const SEQUENCE: usize = 8;
@@ -51,9 +52,10 @@ pub fn trial_run(model: &Model, layout: &DecoderLayout, engine: &dyn Engine) -> 
     for (layer, pair) in layout.layers.iter().zip(captured.chunks(2)) {
         for (name, t) in [(&layer.x, pair[0]), (&layer.y, pair[1])] {
             let expected = [BATCH, SEQUENCE, layout.hidden_size];
+            let flattened = [BATCH * SEQUENCE, layout.hidden_size];
             ensure!(
-                t.shape() == expected,
-                "layer {}: {name:?} has shape {:?}, expected {expected:?}",
+                t.shape() == expected || t.shape() == flattened,
+                "layer {}: {name:?} has shape {:?}, expected {expected:?} (or {flattened:?})",
                 layer.layer,
                 t.shape()
             );

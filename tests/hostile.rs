@@ -681,3 +681,26 @@ fn unknown_arguments_are_bad_input() {
     let out = nbl(&["inspect", "--no-such-flag", "x.onnx"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// OPT's flatten of the stream to `[-1, d]` is seen through because its target keeps the last
+/// dimension; a reshape to `[-1, d/2]` regroups the values of each token, and the walk stops there,
+/// naming it.
+#[test]
+fn a_reshape_that_regroups_the_stream_is_not_seen_through() {
+    let model = Model::load(model_path("opt-optimum-past")).unwrap();
+    assert_eq!(nbl_onnx::detect::find_layout(&model).unwrap().layers.len(), 3);
+    let mut proto = model.proto.clone();
+    let graph = proto.graph.as_mut().unwrap();
+    let flatten = graph.node.iter().position(|n| n.name() == "/decoder/layers.0/Reshape").unwrap();
+    graph.initializer.push(TensorProto {
+        name: Some("half_rows".into()),
+        dims: vec![2],
+        data_type: Some(tensor_proto::DataType::Int64 as i32),
+        int64_data: vec![-1, 32],
+        ..Default::default()
+    });
+    graph.node[flatten].input[1] = "half_rows".into();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "regrouped.onnx", &proto);
+    assert_bad_input(&nbl(&["inspect", &path]), "through node \"/decoder/layers.0/Reshape\" (Reshape)");
+}

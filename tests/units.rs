@@ -135,12 +135,15 @@ fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
             let site = match layout.unit_site(unit) {
                 Ok(site) => site,
                 Err(e) => {
-                    // Only a mixture of experts is refused among these fixtures' units, and folds
+                    // Only a mixture of experts is refused among these fixtures' units, whole
+                    // layers across OPT's reshaped MLP half, and folds
                     // into MLPs whose output is not their projection's.
                     let e = format!("{e:#}");
                     let moe = e.contains("mixture of experts") && e.contains("TopK");
                     let fold = unit.kind == UnitKind::Fold && FOLD_REFUSALS.iter().any(|r| e.contains(r));
-                    assert!(moe || fold, "{fixture}: {unit}: {e}");
+                    let reshaped =
+                        unit.kind != UnitKind::Mlp && e.contains("the stream is reshaped inside layer");
+                    assert!(moe || fold || reshaped, "{fixture}: {unit}: {e}");
                     eprintln!("{fixture}: {unit} refused: {e}");
                     refused_folds += usize::from(unit.kind == UnitKind::Fold);
                     continue;

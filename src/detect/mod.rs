@@ -11,6 +11,7 @@ mod branch;
 mod fused;
 mod junction;
 mod naming;
+mod reshape;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -126,6 +127,10 @@ pub struct LayerEnd {
     pub stream_side: Port,
     #[serde(skip)]
     pub dtype: Option<DType>,
+    /// Whether the junction adds to a reshaped view of the stream (OPT flattens it for the MLP
+    /// half of each layer): the stream's shape changes inside the layer.
+    #[serde(skip)]
+    pub reshaped: bool,
 }
 
 /// Whether a residual branch was taken as attention, and why not.
@@ -298,6 +303,10 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
                 branch_side: join.branch_side,
                 stream_side: join.stream_side,
                 dtype: join.out.and_then(|o| stream_dtype(&g, o)),
+                reshaped: index
+                    .input(join.stream_side.node, join.stream_side.slot)
+                    .and_then(|t| index.producer(t))
+                    .is_some_and(|Port { node, .. }| g.node(node).op_type() == "Reshape"),
             });
         }
         match join.out {

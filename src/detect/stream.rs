@@ -148,7 +148,8 @@ pub(super) fn prologue_step(g: &GraphView, s: TensorId) -> Option<TensorId> {
 }
 
 /// The tensors that carry the stream value `s` into a branch: `s` itself, the outputs of `Identity`
-/// nodes and of `Cast`s that keep every value reading it (to its own type: TorchScript exports keep
+/// nodes, of `Reshape`s that keep every row (`reshape`: OPT's flattened MLP half), and of `Cast`s
+/// that keep every value reading it (to its own type: TorchScript exports keep
 /// the norm's `x.to(float32)` on the residual path even when it is a no-op; or wider: Optimum's
 /// fp16 exports add the f16 embedding to an f32 residual stream), and, when `s` is the sum output
 /// of a fused Skip norm, that node's normalised outputs (the norm is fused into the junction). A
@@ -171,7 +172,11 @@ pub(super) fn stream_views(g: &GraphView, s: TensorId) -> Vec<TensorId> {
                 (Some(from), Some(to)) => from.widens_to(to),
                 _ => true,
             };
-            if (n.op_type() == "Identity" || (n.op_type() == "Cast" && keeps_values))
+            // A reshape that keeps every row: the same stream, its leading dimensions regrouped.
+            let keeps_rows = n.op_type() == "Reshape"
+                && index.input(c, 0) == Some(view)
+                && (super::reshape::is_flatten(g, c) || super::reshape::is_restore(g, c));
+            if (n.op_type() == "Identity" || (n.op_type() == "Cast" && keeps_values) || keeps_rows)
                 && let Some(out) = index.output(c, 0).filter(|o| views.iter().all(|(v, _)| v != o))
             {
                 views.push((out, to.or(dtype)));

@@ -146,6 +146,16 @@ impl DecoderLayout {
                         unit.last()
                     )
                 })?;
+                if let Some(reshaped) =
+                    self.ends.iter().find(|e| unit.layers().any(|l| l == e.layer) && e.reshaped)
+                {
+                    bail!(
+                        "the stream is reshaped inside layer {} (flattened to [-1, d] for its MLP half and \
+                         restored after it, as OPT does): {unit} cannot remove the layers it spans yet; \
+                         attention and mlp units can be replaced",
+                        reshaped.layer
+                    );
+                }
                 let output = end.output.clone().with_context(|| {
                     format!(
                         "layer {}'s output stream is fused into the final norm and is no tensor of the graph: \
