@@ -382,6 +382,13 @@ impl Trial<'_> {
             );
             return (run(RunStatus::Unsupported(why), vec![]), None);
         }
+        // Without a reference, the model checked is the original as far as `check` knows: a
+        // second engine that cannot run it says something about the engine, not the model.
+        if second_opinion && self.reference.is_none() && e.downcast_ref::<Unsupported>().is_none() {
+            let first_line = format!("{e:#}").lines().next().unwrap_or("").to_string();
+            let why = format!("{} cannot run this model: {first_line}", engine.describe());
+            return (run(RunStatus::Unsupported(why), vec![]), None);
+        }
         if e.downcast_ref::<Unsupported>().is_some() {
             let reference_runs = self
                 .reference

@@ -120,6 +120,10 @@ fn tract_runs(name: &str) -> bool {
     let result = tract().load(&model, &[]).and_then(|mut s| s.run(&reference_inputs(&reference(name))));
     match result {
         Ok(_) => true,
+        Err(e) if tract_cannot_evaluate(name, &format!("{e:#}")) => {
+            eprintln!("{name}: tract cannot evaluate it: {e:#}");
+            false
+        }
         Err(e) => {
             assert!(
                 e.downcast_ref::<nbl_onnx::engine::Unsupported>().is_some(),
@@ -146,7 +150,10 @@ fn tract_gives_the_same_x_and_y_where_its_op_set_allows() {
 #[test]
 fn tract_names_the_operator_it_cannot_run() {
     let engine = tract();
-    for name in fixture_names().into_iter().filter(|n| !tract_runs(n)) {
+    // (The graphs tract builds but cannot evaluate are listed, with their error, in
+    // `TRACT_CANNOT_EVALUATE`.)
+    let cannot_evaluate = |n: &String| TRACT_CANNOT_EVALUATE.iter().any(|(f, _)| f == n);
+    for name in fixture_names().into_iter().filter(|n| !tract_runs(n) && !cannot_evaluate(n)) {
         let model = Model::load(model_path(&name)).unwrap();
         let reference = reference(&name);
         let err = match engine.load(&model, &[]) {
