@@ -141,9 +141,11 @@ fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
                     let e = format!("{e:#}");
                     let moe = e.contains("mixture of experts") && e.contains("TopK");
                     let fold = unit.kind == UnitKind::Fold && FOLD_REFUSALS.iter().any(|r| e.contains(r));
-                    let reshaped =
-                        unit.kind != UnitKind::Mlp && e.contains("the stream is reshaped inside layer");
-                    assert!(moe || fold || reshaped, "{fixture}: {unit}: {e}");
+                    let whole_layers = unit.kind != UnitKind::Mlp
+                        && ["the stream is reshaped inside layer", "(post-norm)"]
+                            .iter()
+                            .any(|r| e.contains(r));
+                    assert!(moe || fold || whole_layers, "{fixture}: {unit}: {e}");
                     eprintln!("{fixture}: {unit} refused: {e}");
                     refused_folds += usize::from(unit.kind == UnitKind::Fold);
                     continue;
@@ -155,6 +157,13 @@ fn every_unit_computes_what_its_map_computes_on_the_pytorch_stream() {
                 .as_ref()
                 .filter(|f| matches!(f.projection.weight, ProjectionWeight::Blocks { .. }))
                 .map(|f| f.branch.clone());
+            // In a post-norm layer the next layer reads the stream after a norm, so PyTorch's next
+            // layer input is no stream before it: those units are checked by their logits
+            // (`every_unit_rewrite_computes_what_the_patched_pytorch_model_computes`).
+            if layout.ends.iter().any(|e| unit.layers().any(|l| l == e.layer) && e.normalised) {
+                eprintln!("{fixture}: {unit}: post-norm, checked by its logits");
+                continue;
+            }
             let map = seeded_map(d, seed as u64 + 1);
             let expected = expected_stream(&fixture, &model, &layout, unit, &map);
 

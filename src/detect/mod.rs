@@ -27,8 +27,8 @@ pub use fused::FusedAttention;
 use junction::next_join;
 use naming::cross_check;
 use stream::{
-    MAX_PROLOGUE, embedding_rows, hidden_size, prologue_step, stream_continues, stream_dtype, stream_start,
-    stream_views,
+    MAX_PROLOGUE, embedding_rows, hidden_size, post_norm_step, projection_width, prologue_step,
+    stream_continues, stream_dtype, stream_start, stream_views,
 };
 pub use units::{FoldSite, Projection, ProjectionWeight, UnitOutput, UnitSite};
 use view::GraphView;
@@ -131,6 +131,9 @@ pub struct LayerEnd {
     /// half of each layer): the stream's shape changes inside the layer.
     #[serde(skip)]
     pub reshaped: bool,
+    /// Whether a norm on the main path follows one of the layer's junctions (post-norm).
+    #[serde(skip)]
+    pub normalised: bool,
 }
 
 /// Whether a residual branch was taken as attention, and why not.
@@ -230,19 +233,38 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
     let mut ends: Vec<LayerEnd> = Vec::new();
     let mut stream = start;
     let mut prologue = 0;
+    // The stream's width where the prologue projects a narrower embedding (OPT-350m).
+    let mut projected = None;
     loop {
         let Some(join) = next_join(&g, stream) else {
             // Before the first block, the stream may pass through a prologue: a scale (Gemma's
-            // `× √d`), an added position embedding (GPT-2), a Cast, an embedding norm (BLOOM). A
-            // block's input is read at least twice (by its branch and its junction), a prologue
-            // step's only once.
-            match prologue_step(&g, stream) {
-                Some(next) if branches.is_empty() && prologue < MAX_PROLOGUE => {
+            // `× √d`), an added position embedding (GPT-2), a Cast, an embedding norm (BLOOM), a
+            // projection (OPT-350m). A block's input is read at least twice (by its branch and its
+            // junction), a prologue step's only once.
+            if branches.is_empty() {
+                match prologue_step(&g, stream) {
+                    Some(next) if prologue < MAX_PROLOGUE => {
+                        let Port { node, .. } = index.producer(next).expect("a step's output");
+                        projected = projection_width(&g, node).or(projected);
+                        stream = next;
+                        prologue += 1;
+                        continue;
+                    }
+                    _ => break,
+                }
+            }
+            // Between blocks, a post-norm model normalises the stream after each junction: the
+            // next block reads the normalised stream, and each map replaces its term inside the
+            // norm's input (at the junction).
+            match post_norm_step(&g, stream) {
+                Some(next) => {
+                    if let Some(end) = ends.last_mut() {
+                        end.normalised = true;
+                    }
                     stream = next;
-                    prologue += 1;
                     continue;
                 }
-                _ => break,
+                None => break,
             }
         };
         let mut attention_y: Option<TensorId> = None;
@@ -295,6 +317,8 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
         if let Some(layer_others) = others.last_mut() {
             layer_others.extend(join_others);
             let branch = g.index.input(join.branch_side.node, join.branch_side.slot);
+            // A norm between this layer's junctions (post-norm) stays the layer's.
+            let normalised = ends.get(layers.len() - 1).is_some_and(|e: &LayerEnd| e.normalised);
             ends.truncate(layers.len() - 1);
             ends.push(LayerEnd {
                 layer: layers.len() - 1,
@@ -307,6 +331,7 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
                     .input(join.stream_side.node, join.stream_side.slot)
                     .and_then(|t| index.producer(t))
                     .is_some_and(|Port { node, .. }| g.node(node).op_type() == "Reshape"),
+                normalised,
             });
         }
         match join.out {
@@ -357,7 +382,7 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
 
     let first_x = index.id(&layers[0].x).expect("indexed");
     let dtype = stream_dtype(&g, first_x);
-    let hidden_size = hidden_size(&g, first_x, start).with_context(file)?;
+    let hidden_size = hidden_size(&g, first_x, start, projected).with_context(file)?;
     let warnings = cross_check(&g, &layers);
     let vocab_size = embedding_rows(&g, start);
     let mlps =

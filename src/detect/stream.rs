@@ -125,11 +125,43 @@ const PROLOGUE_OPS: &[&str] = &[
     // ONNX Runtime's dynamic quantiser stores the embedding table in int8 and dequantises the rows
     // it gathers.
     "DequantizeLinear",
+    // A projection of a narrower embedding to the stream's width (OPT-350m's `project_in`).
+    "MatMul",
 ];
+
+/// Norms through which the stream passes between blocks in a post-norm model (OPT-350m, GPT-1:
+/// `LayerNorm(h + attn(h))`): the normalised stream is what the next block reads.
+const POST_NORM_OPS: &[&str] = &["LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"];
 
 /// The next stream tensor of the prologue: `s` read by one node (besides shape reads, and counting
 /// copies of it as one) of [`PROLOGUE_OPS`], whose other operands are not computed from `s`.
 pub(super) fn prologue_step(g: &GraphView, s: TensorId) -> Option<TensorId> {
+    step_through(g, s, PROLOGUE_OPS)
+}
+
+/// The normalised stream after a post-norm junction: `s` read by one norm alone (besides shape
+/// reads), or by a short chain of them (a post-norm layer whose attention was dropped leaves its
+/// norm behind the previous layer's), with more residual junctions after it. At the end of a
+/// pre-norm stack the final norm is read the same way, but no junction follows it: the walk ends
+/// there as before.
+pub(super) fn post_norm_step(g: &GraphView, s: TensorId) -> Option<TensorId> {
+    const MAX_NORMS: usize = 4;
+    let mut at = s;
+    for _ in 0..MAX_NORMS {
+        // The norm may read a view of the sum (OPT-350m normalises its MLP half's sum once
+        // reshaped back).
+        let next = stream_views(g, at).into_iter().find_map(|v| step_through(g, v, POST_NORM_OPS))?;
+        if next_join(g, next).is_some() {
+            return Some(next);
+        }
+        at = next;
+    }
+    None
+}
+
+/// The output of the one node that reads `s` (copies of it counting as one), where it is one of
+/// `ops` and its other operands are not computed from `s`.
+fn step_through(g: &GraphView, s: TensorId, ops: &[&str]) -> Option<TensorId> {
     let readers = g.value_readers(s);
     // Copies of one node count as one reader (ONNX Runtime's optimiser gives each consumer of a
     // dequantised tensor a DequantizeLinear of its own); [`stream_views`] takes the others' outputs.
@@ -137,7 +169,7 @@ pub(super) fn prologue_step(g: &GraphView, s: TensorId) -> Option<TensorId> {
     if !readers.iter().all(|&Port { node: other, .. }| g.same_computation(node, other)) {
         return None;
     }
-    if !PROLOGUE_OPS.contains(&g.node(node).op_type()) {
+    if !ops.contains(&g.node(node).op_type()) {
         return None;
     }
     let others_constant =
@@ -254,9 +286,21 @@ pub(super) fn stream_dtype(g: &GraphView, t: TensorId) -> Option<DType> {
 /// The widest residual stream this tool accepts (the largest decoders have d ≈ 2¹⁴).
 const MAX_HIDDEN_SIZE: u64 = 1 << 17;
 
-/// The hidden size: from the declared shape of X, else the embedding table's width, else the width
-/// of the first norm's scale.
-pub(super) fn hidden_size(g: &GraphView, x: TensorId, start: TensorId) -> Result<usize> {
+/// The width of the stream after the projection node `node` of the prologue (a `MatMul` by a
+/// constant `[in, out]` matrix): `out`.
+pub(super) fn projection_width(g: &GraphView, node: usize) -> Option<u64> {
+    let weight = g.constant_source(g.index.input(node, 1)?)?;
+    (g.node(node).op_type() == "MatMul" && weight.dims.len() == 2).then(|| weight.dims[1] as u64)
+}
+
+/// The hidden size: from the declared shape of X, else the embedding table's width (or, where the
+/// prologue projects the embedding, `projected`), else the width of the first norm's scale.
+pub(super) fn hidden_size(
+    g: &GraphView,
+    x: TensorId,
+    start: TensorId,
+    projected: Option<u64>,
+) -> Result<usize> {
     let (graph, index) = (g.graph, g.index);
     let name = index.name(x);
     let declared = graph.value_info.iter().chain(&graph.input).find(|v| v.name() == name);
@@ -265,10 +309,12 @@ pub(super) fn hidden_size(g: &GraphView, x: TensorId, start: TensorId) -> Result
         .and_then(|(_, dims)| dims.last().copied().flatten())
         .filter(|&d| d > 0)
         .map(|d| d as u64);
-    let embedding = index
-        .producer(start)
-        .and_then(|Port { node, .. }| embedding_shape(g, node))
-        .map(|(_, cols)| cols as u64);
+    let embedding = projected.or_else(|| {
+        index
+            .producer(start)
+            .and_then(|Port { node, .. }| embedding_shape(g, node))
+            .map(|(_, cols)| cols as u64)
+    });
     let norm_scale = index.consumers(x).iter().find_map(|&Port { node: c, .. }| {
         let n = g.node(c);
         let slot = if SKIP_NORM_OPS.contains(&n.op_type()) { 2 } else { 1 };

@@ -146,6 +146,15 @@ impl DecoderLayout {
                         unit.last()
                     )
                 })?;
+                if let Some(normed) =
+                    self.ends.iter().find(|e| unit.layers().any(|l| l == e.layer) && e.normalised)
+                {
+                    bail!(
+                        "layer {} normalises the stream after its junctions (post-norm): a map of {unit} \
+                         would leave that norm out; attention and mlp units can be replaced",
+                        normed.layer
+                    );
+                }
                 if let Some(reshaped) =
                     self.ends.iter().find(|e| unit.layers().any(|l| l == e.layer) && e.reshaped)
                 {
