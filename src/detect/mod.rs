@@ -222,6 +222,9 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
     index.topological_order(graph)?;
     let g = GraphView { graph, index: &index };
     let file = || model.path.display().to_string();
+    if let Some(reason) = merged_decoder(&g) {
+        bail!("{}: {reason}", model.path.display());
+    }
     let start = stream_start(&g).with_context(file)?;
     let live = index.live_nodes();
 
@@ -388,6 +391,27 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
     let mlps =
         others.into_iter().enumerate().filter_map(|(layer, terms)| mlp_site(&g, layer, terms)).collect();
     Ok(DecoderLayout { layers, mlps, ends, hidden_size, dtype, vocab_size, branches, warnings })
+}
+
+/// Why a graph whose logits come out of an `If` cannot be walked: it is a merged decoder (Optimum's
+/// `decoder_model_merged.onnx`), its layers inside two branches, one without a KV cache and one
+/// with. `None` for any other graph.
+fn merged_decoder(g: &GraphView) -> Option<String> {
+    let logits = g.graph.output.iter().find(|o| o.name() == "logits")?;
+    let Port { node, .. } = g.index.producer(g.index.id(logits.name())?)?;
+    let n = g.node(node);
+    if n.op_type() != "If" {
+        return None;
+    }
+    let condition = n.input.first().map_or("", String::as_str);
+    Some(format!(
+        "a merged decoder: its layers are inside the two branches of If node {:?} (on {condition:?}: one \
+         branch without a KV cache, one with), as in Optimum's decoder_model_merged.onnx, and nbl-onnx \
+         rewrites decoders whose layers are in the main graph. Rewrite decoder_with_past_model.onnx where \
+         the repository has it (it runs the prompt with an empty cache too), or export one graph with the \
+         cache: optimum-cli export onnx --model MODEL --task text-generation-with-past DIR",
+        n.name()
+    ))
 }
 
 /// The view of stream tensor `s` that the junction of a branch joining at `port` adds to: `s`
