@@ -43,6 +43,32 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$NBL_REPO"
 
+# device_setup EP OUT: ONNX Runtime for EP, the nbl-onnx binary ($nbl), the device's name ($gpu), the
+# work folder ($work: $WORK, kept, else a temporary one removed on exit) and OUT's folder.
+device_setup() {
+  local ep=$1 out=$2
+  if [[ $ep == cpu ]]; then ensure_ort; else ensure_ort --gpu; fi
+  use_nblbench
+  if [[ -z "${NBL:-}" && -x target/release/nbl-onnx ]]; then
+    NBL=target/release/nbl-onnx
+  fi
+  nbl=$(nbl_binary)
+  if [[ $ep == cpu ]]; then
+    gpu="none (EP=cpu)"
+  else
+    command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this script needs an NVIDIA GPU (EP=cpu tries it without one)"
+    gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -n 1)
+  fi
+  if [[ -n "${WORK:-}" ]]; then
+    work=$WORK  # kept: statistics, reports and rewritten models, for a closer look
+    mkdir -p "$work"
+  else
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+  fi
+  mkdir -p "$(dirname "$out")"
+}
+
 scale_check() {
   local layers=${LAYERS:-32} samples=${SAMPLES:-2} seq_len=${SEQ_LEN:-256} gen=${GEN:-128} runs=${RUNS:-3}
   local decode_context=${DECODE_CONTEXT:-2048} shells=${SHELLS:-bench/tmp/gpu-scale/shells}
@@ -56,28 +82,9 @@ scale_check() {
   local shell_layers=3
   ((layers < 3)) && shell_layers=$layers
 
-  if [[ $ep == cpu ]]; then ensure_ort; else ensure_ort --gpu; fi
-  use_nblbench
-  if [[ -z "${NBL:-}" && -x target/release/nbl-onnx ]]; then
-    NBL=target/release/nbl-onnx
-  fi
-  local nbl gpu onnx_python work
-  nbl=$(nbl_binary)
+  device_setup "$ep" "$out"
+  local onnx_python
   onnx_python=$(python_with onnx numpy) || die "no Python with onnx and numpy found (set PYTHON)"
-  if [[ $ep == cpu ]]; then
-    gpu="none (EP=cpu)"
-  else
-    command -v nvidia-smi >/dev/null || die "nvidia-smi not found: --scale needs an NVIDIA GPU (EP=cpu tries it without one)"
-    gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -n 1)
-  fi
-  if [[ -n "${WORK:-}" ]]; then
-    work=$WORK
-    mkdir -p "$work"
-  else
-    work=$(mktemp -d)
-    trap 'rm -rf "$work"' EXIT
-  fi
-  mkdir -p "$(dirname "$out")"
   echo "==> $gpu; the 8B shape at $layers layers: ${precisions[*]}"
 
   local results=() p shell w k len new_tokens models
@@ -146,27 +153,7 @@ ep=${EP:-cuda}
 models=("$@")
 [[ ${#models[@]} -gt 0 ]] || models=(fixtures/llama-genai-fp16-cuda:1)
 
-if [[ $ep == cpu ]]; then ensure_ort; else ensure_ort --gpu; fi
-use_nblbench
-if [[ -z "${NBL:-}" && -x target/release/nbl-onnx ]]; then
-  NBL=target/release/nbl-onnx
-fi
-nbl=$(nbl_binary)
-if [[ $ep == cpu ]]; then
-  gpu="none (EP=cpu)"
-else
-  command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this script needs an NVIDIA GPU (EP=cpu tries it without one)"
-  gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -n 1)
-fi
-
-if [[ -n "${WORK:-}" ]]; then
-  work=$WORK  # kept: statistics, reports and rewritten models, for a closer look
-  mkdir -p "$work"
-else
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-fi
-mkdir -p "$(dirname "$out")"
+device_setup "$ep" "$out"
 echo "==> $gpu"
 
 now() { date +%s.%N; }

@@ -372,7 +372,8 @@ impl Trial<'_> {
         if second_opinion
             && e.downcast_ref::<Unsupported>().is_none()
             && let Some(reference) = self.reference
-            && let Err(on_reference) = run_and_decode(reference, self.hidden_size, engine, self.prompt, 0)
+            && let Err(on_reference) =
+                run_and_decode(reference, self.hidden_size, engine, self.prompt, self.steps)
         {
             let first_line = format!("{on_reference:#}").lines().next().unwrap_or("").to_string();
             let why = format!(
@@ -390,9 +391,9 @@ impl Trial<'_> {
             return (run(RunStatus::Unsupported(why), vec![]), None);
         }
         if e.downcast_ref::<Unsupported>().is_some() {
-            let reference_runs = self
-                .reference
-                .is_some_and(|r| run_and_decode(r, self.hidden_size, engine, self.prompt, 0).is_ok());
+            let reference_runs = self.reference.is_some_and(|r| {
+                run_and_decode(r, self.hidden_size, engine, self.prompt, self.steps).is_ok()
+            });
             let problem = reference_runs
                 .then(|| format!("{} runs the reference but not this model: {e:#}", engine.describe()));
             let first_line = format!("{e:#}").lines().next().unwrap_or("").to_string();

@@ -21,6 +21,7 @@ use crate::fit::storage::{MapStorage, WeightFormat};
 use crate::fit::{Fitting, LinearMap, fit_map};
 use crate::inspect::Inspection;
 use crate::invalid::{Invalid, Setting};
+use crate::onnx::merged::{Branch, Merged};
 use crate::onnx::{Interface, Model};
 use crate::report::Analysis;
 use crate::rewrite::{KvCache, Replacement, RewriteOptions, RewriteSummary, UnitEdit};
@@ -58,13 +59,27 @@ fn as_paths(files: &[PathBuf]) -> Vec<&Path> {
 
 /// What `inspect` found in `model`, and with an engine, one run proving every X and Y exists.
 pub fn inspect(model: &Path, run_on: Option<&EngineOptions>) -> Result<Inspection> {
-    let model = Model::load(model)?;
+    let model = measured_graph(Model::load(model)?, "shown")?;
     let layout = find_layout(&model)?;
     let mut report = inspect::inspect(&model, layout);
     if let Some(options) = run_on {
         report.run = Some(inspect::trial_run(&model, &report.layout, open_engine(options)?.as_ref())?);
     }
     Ok(report)
+}
+
+/// The graph whose layers are walked and measured: `model` itself, or, for a merged decoder, its
+/// branch without the KV cache (the one that runs the prompt), saying so; `what` the command does
+/// with it.
+fn measured_graph(model: Model, what: &str) -> Result<Model> {
+    let Some(merged) = Merged::find(&model) else { return Ok(model) };
+    let (node, condition) = merged.describe(&model);
+    eprintln!(
+        "note: {} is a merged decoder (If node {node:?} on {condition:?}): its branch without the KV cache \
+         is {what}, and a rewrite rewrites both branches alike",
+        model.path.display()
+    );
+    merged.branch(&model, Branch::Uncached).with_context(|| model.path.display().to_string())
 }
 
 /// How calibration runs: the data, the engine and where the moments are formed.
@@ -147,7 +162,7 @@ pub fn calibrate(
     output: &Path,
 ) -> Result<Stats> {
     let units = &calibration.units;
-    let model = Model::load(model)?;
+    let model = measured_graph(Model::load(model)?, "calibrated")?;
     check_output(output, &as_paths(&files_read(&model, Some(&calibration.data), &[])))?;
     let layout = find_layout(&model)?;
     let engine = open_engine(&calibration.engine)?;
@@ -373,6 +388,9 @@ struct Subject {
     /// The engine and calibration data, where a stage runs the model.
     engine: Option<Box<dyn Engine>>,
     data: Option<DataSpec>,
+    /// For a merged decoder, the `If` and the merged model: `model` is then its branch without
+    /// the cache, which is calibrated and fitted; the branch with the cache is rewritten alike.
+    merged: Option<(Merged, Model)>,
 }
 
 impl Subject {
@@ -436,7 +454,7 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
         None => (None, Vec::new()),
     };
     let fitting = if plan.stage_size.is_some() { Fitting::Sequential } else { Fitting::OneShot };
-    let Subject { mut model, layout, storage, .. } = subject;
+    let Subject { mut model, layout, storage, merged, .. } = subject;
     let provenance = provenance(plan, &analysis, &units, fitting, storage, stats.as_ref())?;
     let progress = crate::progress::bar(
         units.len() as u64,
@@ -446,9 +464,42 @@ pub fn rewrite(plan: &RewritePlan) -> Result<RewriteReport> {
     let summary = {
         let fitter = Fitter { stats: stats.as_ref(), lambda: plan.select.lambda, storage };
         let maps = MapSource { fitted, fitter };
-        let edits = maps.edits(&layout, &units, &progress);
         let options = RewriteOptions { replace: plan.replace, kv: plan.kv, storage };
-        rewrite::apply(&mut model, &layout, edits, options, &provenance)?
+        match merged {
+            None => rewrite::apply(
+                &mut model,
+                &layout,
+                maps.edits(&layout, &units, &progress),
+                options,
+                &provenance,
+            )?,
+            // The same units with the same maps in the branch with the cache, found on its own
+            // (its tensors are named apart); its summary has the KV cache the rewrite removed.
+            Some((merged, original)) => {
+                let mut cached = merged.branch(&original, Branch::Cached)?;
+                let cached_layout =
+                    find_layout(&cached).context("the merged decoder's branch with the cache")?;
+                ensure!(
+                    cached_layout.layers.len() == layout.layers.len(),
+                    "the merged decoder's branches hold {} and {} attention layers",
+                    cached_layout.layers.len(),
+                    layout.layers.len()
+                );
+                let edits: Vec<UnitEdit> = maps.edits(&layout, &units, &progress).collect::<Result<_>>()?;
+                let cached_edits = edits
+                    .iter()
+                    .zip(&units)
+                    .map(|(edit, &unit)| {
+                        Ok(UnitEdit { site: cached_layout.unit_site(unit)?, map: edit.map.clone() })
+                    })
+                    .collect::<Vec<_>>();
+                rewrite::apply(&mut model, &layout, edits.into_iter().map(Ok), options, &provenance)?;
+                let summary =
+                    rewrite::apply(&mut cached, &cached_layout, cached_edits, options, &provenance)?;
+                model = merged.join(&original, &cached, &model)?;
+                summary
+            }
+        }
     };
     progress.finish_and_clear();
     let report = RewriteReport {
@@ -482,7 +533,14 @@ fn rewrite_subject(plan: &RewritePlan) -> Result<Subject> {
             .into_iter()
             .flatten()
             .collect();
-    subject(plan, model, &outputs)
+    let Some(merged) = Merged::find(&model) else { return subject(plan, model, &outputs) };
+    let branch = measured_graph(
+        Model { path: model.path.clone(), proto: model.proto.clone() },
+        "calibrated and fitted",
+    )?;
+    let mut subject = subject(plan, branch, &outputs)?;
+    subject.merged = Some((merged, model));
+    Ok(subject)
 }
 
 /// [`rewrite_subject`] for a model already loaded, which writes `outputs`.
@@ -513,7 +571,7 @@ fn subject(plan: &RewritePlan, model: Model, outputs: &[PathBuf]) -> Result<Subj
             plan.calibration.data.resolve(model.dir(), Some(DEFAULT_CALIBRATION_SAMPLES), Split::Calibration)
         })
         .transpose()?;
-    Ok(Subject { model, layout, storage, engine, data })
+    Ok(Subject { model, layout, storage, engine, data, merged: None })
 }
 
 /// The original model's moments: the statistics file, checked against the model, or a

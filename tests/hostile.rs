@@ -704,34 +704,3 @@ fn a_reshape_that_regroups_the_stream_is_not_seen_through() {
     let path = write_model(dir.path(), "regrouped.onnx", &proto);
     assert_bad_input(&nbl(&["inspect", &path]), "through node \"/decoder/layers.0/Reshape\" (Reshape)");
 }
-
-/// Optimum's legacy merged decoder (its layers inside an `If` on `use_cache_branch`) is refused by
-/// name, with what to rewrite instead; the graph with the cache it was merged from is a decoder
-/// like the others.
-#[test]
-fn a_merged_decoder_is_refused_by_name_with_the_alternative() {
-    let dir = fixtures_dir().join("refused/llama-optimum-merged");
-    let merged = dir.join("decoder_model_merged.onnx");
-    let merged = merged.to_str().unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let stats = out.path().join("s.safetensors");
-    for args in [
-        vec!["inspect", merged],
-        vec!["calibrate", merged, "--samples", "2", "--seq-len", "16", "-o", stats.to_str().unwrap()],
-        vec!["rewrite", merged, "-o", out.path().join("m.onnx").to_str().unwrap()],
-    ] {
-        let run = nbl(&args);
-        assert_eq!(run.status.code(), Some(2), "{args:?}: {}", stderr(&run));
-        let err = stderr(&run);
-        for needle in [
-            "a merged decoder",
-            "If node \"optimum::if\"",
-            "use_cache_branch",
-            "decoder_with_past_model.onnx",
-        ] {
-            assert!(err.contains(needle), "{args:?}: {needle:?} in {err}");
-        }
-        assert!(std::fs::read_dir(out.path()).unwrap().next().is_none(), "{args:?} wrote something");
-    }
-    ok(nbl(&["inspect", dir.join("decoder_with_past_model.onnx").to_str().unwrap(), "--run"]));
-}

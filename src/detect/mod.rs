@@ -393,9 +393,10 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
     Ok(DecoderLayout { layers, mlps, ends, hidden_size, dtype, vocab_size, branches, warnings })
 }
 
-/// Why a graph whose logits come out of an `If` cannot be walked: it is a merged decoder (Optimum's
-/// `decoder_model_merged.onnx`), its layers inside two branches, one without a KV cache and one
-/// with. `None` for any other graph.
+/// Why a graph whose logits come out of an `If` cannot be walked as it is: it is a merged decoder
+/// (Optimum's `decoder_model_merged.onnx`), its layers inside two branches, one without a KV cache
+/// and one with (`onnx::merged` splits it where a command can work on a branch). `None` for any
+/// other graph.
 fn merged_decoder(g: &GraphView) -> Option<String> {
     let logits = g.graph.output.iter().find(|o| o.name() == "logits")?;
     let Port { node, .. } = g.index.producer(g.index.id(logits.name())?)?;
@@ -406,10 +407,11 @@ fn merged_decoder(g: &GraphView) -> Option<String> {
     let condition = n.input.first().map_or("", String::as_str);
     Some(format!(
         "a merged decoder: its layers are inside the two branches of If node {:?} (on {condition:?}: one \
-         branch without a KV cache, one with), as in Optimum's decoder_model_merged.onnx, and nbl-onnx \
-         rewrites decoders whose layers are in the main graph. Rewrite decoder_with_past_model.onnx where \
-         the repository has it (it runs the prompt with an empty cache too), or export one graph with the \
-         cache: optimum-cli export onnx --model MODEL --task text-generation-with-past DIR",
+         branch without a KV cache, one with), as in Optimum's decoder_model_merged.onnx. inspect, \
+         calibrate, rewrite and check read it (its branch without the cache is measured, and a rewrite \
+         rewrites both branches alike); this step needs one graph: give it decoder_with_past_model.onnx \
+         where the repository has it, or export one with the cache: optimum-cli export onnx --model MODEL \
+         --task text-generation-with-past DIR",
         n.name()
     ))
 }

@@ -14,6 +14,9 @@ enum Role {
     AttentionMask,
     PositionIds,
     CachePosition,
+    /// A merged decoder's `use_cache_branch`: false for the prompt (the branch without the cache),
+    /// true for decode steps.
+    UseCacheBranch,
     /// A past key or value: `[batch, kv_heads, past, head_dim]`, with the batch and past axes
     /// filled in per run.
     Cache(Vec<CacheAxis>),
@@ -65,6 +68,7 @@ impl Interface {
                 "attention_mask" => Role::AttentionMask,
                 "position_ids" => Role::PositionIds,
                 "cache_position" => Role::CachePosition,
+                "use_cache_branch" if dtype == DType::Bool => Role::UseCacheBranch,
                 _ if dtype.is_float() && dims.len() == 4 => Role::Cache(cache_axes(name, &dims, head_size)?),
                 _ => bail!(
                     "{}: don't know how to feed graph input {name:?} ({dtype}, {} dims)",
@@ -72,7 +76,7 @@ impl Interface {
                     dims.len()
                 ),
             };
-            if !matches!(role, Role::Cache(_)) {
+            if !matches!(role, Role::Cache(_) | Role::UseCacheBranch) {
                 ensure_integer(dtype, name)?;
             }
             inputs.push(Input { name: name.to_string(), dtype, role });
@@ -131,6 +135,7 @@ impl Interface {
                         Array2::from_shape_fn((batch, seq), |(_, s)| s as i64).into_dyn(),
                     ),
                     Role::CachePosition => integer(input.dtype, Array1::from_iter(0..seq as i64).into_dyn()),
+                    Role::UseCacheBranch => Tensor::Bool(ArrayD::from_elem(vec![1], false)),
                     Role::Cache(axes) => {
                         let shape: Vec<usize> = axes
                             .iter()
@@ -212,12 +217,15 @@ impl Interface {
         self.inputs
             .iter()
             .filter_map(|input| {
+                if let Role::UseCacheBranch = input.role {
+                    return Some((input.name.clone(), Tensor::Bool(ArrayD::from_elem(vec![1], true))));
+                }
                 let values = match input.role {
                     Role::Ids => ArrayD::from_elem(vec![1, 1], next),
                     Role::AttentionMask => Array2::<i64>::ones((1, past_len + 1)).into_dyn(),
                     Role::PositionIds => ArrayD::from_elem(vec![1, 1], position),
                     Role::CachePosition => ArrayD::from_elem(vec![1], position),
-                    Role::Cache(_) => return None,
+                    Role::Cache(_) | Role::UseCacheBranch => return None,
                 };
                 Some((input.name.clone(), integer(input.dtype, values)))
             })

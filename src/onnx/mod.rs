@@ -4,6 +4,7 @@
 pub mod build;
 pub mod graph;
 pub mod interface;
+pub mod merged;
 pub mod model;
 pub mod patch;
 pub mod tensor;

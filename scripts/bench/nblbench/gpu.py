@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from nblbench.common import BENCH, REPO, load_json, load_json_or_none, md_table, thousands, times, tokens_per_s, write_json
-from nblbench.splice import results_page, splice
+from nblbench.common import REPO, load_json, load_json_or_none, md_table, thousands, times, tokens_per_s, write_json
+from nblbench.splice import publish
 
 #: How the docs name the models the check has run on (the model directories' names).
 LABELS = {
@@ -123,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, result)
     text = table(result)
     print(text)
-    if args.out.resolve().parent == BENCH.resolve():
-        splice(results_page("gpu"), args.out.stem, text)
-        print(f"wrote {args.out} and {results_page('gpu')}")
-    else:
-        print(f"wrote {args.out} (outside {BENCH}: docs/results/gpu.md left as it is)")
+    publish(args.out, "gpu", args.out.stem, text)
     return 0
 
 

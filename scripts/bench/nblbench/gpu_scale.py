@@ -20,8 +20,8 @@ import re
 import sys
 from pathlib import Path
 
-from nblbench.common import BENCH, load_json, md_table, thousands, times, write_json
-from nblbench.splice import results_page, splice
+from nblbench.common import load_json, md_table, thousands, times, write_json
+from nblbench.splice import publish
 
 #: NBL on Mistral-7B in the paper (arXiv 2505.21077): prefill and throughput speed-ups at k layers.
 PAPER = {8: {"prefill": 1.17, "throughput": 1.20}, 12: {"prefill": 1.28, "throughput": 1.27}}
@@ -125,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, result)
     text = table(result)
     print(text)
-    if args.out.resolve().parent == BENCH.resolve():
-        splice(results_page("gpu"), "gpu-scale", text)
-        print(f"wrote {args.out} and {results_page('gpu')}")
-    else:
-        print(f"wrote {args.out} (outside {BENCH}: docs/results/gpu.md left as it is)")
+    publish(args.out, "gpu", "gpu-scale", text)
     return 0
 
 

@@ -66,6 +66,19 @@ def results_page(topic: str) -> Path:
     return RESULTS / f"{topic}.md"
 
 
+def publish(out: Path, topic: str, block_name: str, text: str) -> None:
+    """A device check's result written to ``out``: its table goes into block ``block_name`` of the
+    topic's results page when ``out`` is in bench/; a trial run written elsewhere leaves the docs
+    alone. Says which on stdout."""
+    from nblbench.common import BENCH
+
+    if out.resolve().parent == BENCH.resolve():
+        splice(results_page(topic), block_name, text)
+        print(f"wrote {out} and {results_page(topic)}")
+    else:
+        print(f"wrote {out} (outside {BENCH}: {results_page(topic)} left as it is)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: splice FILE (or stdin) into DOC as block NAME."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
