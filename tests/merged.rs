@@ -89,8 +89,8 @@ fn a_merged_decoder_rewritten_at_layer_1_generates_what_patched_pytorch_generate
 }
 
 /// The commands on the merged file: inspect, calibrate and rewrite measure the branch without the
-/// cache and say so; the rewrite passes `check --reference`; eval, which needs one graph, says
-/// what to give it instead.
+/// cache and say so; the rewrite passes `check --reference`; eval and bench, which need one graph,
+/// say what to give them instead.
 #[test]
 fn the_commands_read_a_merged_decoder_and_name_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,9 +116,15 @@ fn the_commands_read_a_merged_decoder_and_name_it() {
     let (code, report) = check(&out, &["--reference", model, "--decode-steps", "4"]);
     assert_eq!(code, Some(0), "{report}");
     assert_eq!(decoded(&report, "onnxruntime").len(), 4, "{report}");
-    let eval = nbl(&["eval", model, "--samples", "2", "--seq-len", "16"]);
-    assert_eq!(eval.status.code(), Some(2));
-    assert!(
-        stderr(&eval).contains("a merged decoder") && stderr(&eval).contains("decoder_with_past_model.onnx")
-    );
+    for args in
+        [vec!["eval", model, "--samples", "2", "--seq-len", "16"], vec!["bench", model, "--prompt-len", "8"]]
+    {
+        let run = nbl(&args);
+        assert_eq!(run.status.code(), Some(2), "{args:?}");
+        let err = stderr(&run);
+        assert!(
+            err.contains("a merged decoder") && err.contains("decoder_with_past_model.onnx"),
+            "{args:?}: {err}"
+        );
+    }
 }
