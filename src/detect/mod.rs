@@ -84,6 +84,9 @@ pub struct AttentionSite {
     /// Where the branch joins the stream: the junction node's input that reads `Y` (a position in
     /// the graph the layers were found in).
     pub junction: Port,
+    /// The junction's sum, the stream after the attention.
+    #[serde(skip)]
+    pub junction_output: Option<String>,
 }
 
 /// A decoder layer's other residual branch, its MLP: the stream it reads and the term it adds.
@@ -310,6 +313,7 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
                     map_input: index.name(map_input).to_string(),
                     dtype: stream_dtype(&g, map_input),
                     junction: term.port,
+                    junction_output: join.out.map(|o| index.name(o).to_string()),
                 });
             }
         }

@@ -84,6 +84,10 @@ pub struct UnitSite {
     /// For a fold: the MLP its map is folded into. The unit's own layers are then removed as a
     /// dropped run is, `map_input` being the stream they fall back to.
     pub fold: Option<FoldSite>,
+    /// Stream tensors inside a layer or a run whose `Shape` readers must read `map_input` instead,
+    /// which has their shape: OPT restores its flattened stream to the shape of the attention's
+    /// junction output, which would otherwise keep the removed attention alive.
+    pub shape_sources: Vec<String>,
 }
 
 impl From<&AttentionSite> for UnitSite {
@@ -99,6 +103,7 @@ impl From<&AttentionSite> for UnitSite {
             stream_side: None,
             attention: vec![site.layer],
             fold: None,
+            shape_sources: Vec::new(),
         }
     }
 }
@@ -131,6 +136,7 @@ impl DecoderLayout {
                     stream_side: None,
                     attention: Vec::new(),
                     fold: None,
+                    shape_sources: Vec::new(),
                 })
             }
             UnitKind::Layer | UnitKind::Run => {
@@ -153,16 +159,6 @@ impl DecoderLayout {
                         "layer {} normalises the stream after its junctions (post-norm): a map of {unit} \
                          would leave that norm out; attention and mlp units can be replaced",
                         normed.layer
-                    );
-                }
-                if let Some(reshaped) =
-                    self.ends.iter().find(|e| unit.layers().any(|l| l == e.layer) && e.reshaped)
-                {
-                    bail!(
-                        "the stream is reshaped inside layer {} (flattened to [-1, d] for its MLP half and \
-                         restored after it, as OPT does): {unit} cannot remove the layers it spans yet; \
-                         attention and mlp units can be replaced",
-                        reshaped.layer
                     );
                 }
                 let output = end.output.clone().with_context(|| {
@@ -189,6 +185,17 @@ impl DecoderLayout {
                     stream_side: Some(end.stream_side),
                     attention: unit.layers().collect(),
                     fold: None,
+                    // Where the stream is reshaped inside the span, each attention junction's
+                    // output is the shape the layer's restore reads (it is the unit's input's).
+                    shape_sources: if self
+                        .ends
+                        .iter()
+                        .any(|e| unit.layers().any(|l| l == e.layer) && e.reshaped)
+                    {
+                        unit.layers().filter_map(|l| self.layers[l].junction_output.clone()).collect()
+                    } else {
+                        Vec::new()
+                    },
                 })
             }
             UnitKind::Fold => {

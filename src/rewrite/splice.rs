@@ -153,7 +153,27 @@ impl Patch<'_> {
         if let Some(stream) = site.stream_side {
             self.rewire(stream.node, stream.slot, &site.map_input)?;
         }
+        self.reread_shapes(site)?;
         self.rewire(site.junction.node, site.junction.slot, &y)
+    }
+
+    /// The `Shape` readers of `site.shape_sources` read the unit's input instead, which has their
+    /// shape, so that the layers inside the unit die with their attention.
+    fn reread_shapes(&mut self, site: &UnitSite) -> Result<()> {
+        for source in &site.shape_sources {
+            let Some(id) = self.index().id(source) else { continue };
+            let readers: Vec<(usize, usize)> = self
+                .index()
+                .consumers(id)
+                .iter()
+                .filter(|p| p.slot != usize::MAX && self.graph().node[p.node].op_type() == "Shape")
+                .map(|p| (p.node, p.slot))
+                .collect();
+            for (node, slot) in readers {
+                self.rewire(node, slot, &site.map_input)?;
+            }
+        }
+        Ok(())
     }
 
     /// `Y := MatMulNBits(X, Q) + b`: as [`Patch::replace_with_affine`], with `W` quantised in
@@ -206,6 +226,7 @@ impl Patch<'_> {
             Some(_) => site.map_input.clone(),
             None => node.input[1 - slot].clone(),
         };
+        self.reread_shapes(site)?;
         match node.op_type() {
             "Add" => self.shunt(&node.output[0], &stream),
             op @ ("SkipSimplifiedLayerNormalization" | "SkipLayerNormalization") => {
