@@ -1056,7 +1056,10 @@ pub fn eval(
     generation: GenerationPlan,
 ) -> Result<eval::Report> {
     let models = load_functions(models)?;
-    let layout = find_layout(&models[0])?;
+    // A merged decoder runs as it is (its prompt through the branch without the cache); its
+    // width and vocabulary are that branch's.
+    let first = Model { path: models[0].path.clone(), proto: models[0].proto.clone() };
+    let layout = find_layout(&measured_graph(first, "read for its width and vocabulary")?)?;
     let spec = data.resolve(models[0].dir(), None, Split::Evaluation)?;
     let packed = spec.pack(models[0].dir(), layout.vocab_size)?;
     let engine = open_engine(engine)?;

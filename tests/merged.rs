@@ -89,8 +89,8 @@ fn a_merged_decoder_rewritten_at_layer_1_generates_what_patched_pytorch_generate
 }
 
 /// The commands on the merged file: inspect, calibrate and rewrite measure the branch without the
-/// cache and say so; the rewrite passes `check --reference`; eval and bench, which need one graph,
-/// say what to give them instead.
+/// cache and say so; the rewrite passes `check --reference` and `eval` compares it with the
+/// original; bench, which counts one graph's cost, says what to give it instead.
 #[test]
 fn the_commands_read_a_merged_decoder_and_name_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,15 +116,17 @@ fn the_commands_read_a_merged_decoder_and_name_it() {
     let (code, report) = check(&out, &["--reference", model, "--decode-steps", "4"]);
     assert_eq!(code, Some(0), "{report}");
     assert_eq!(decoded(&report, "onnxruntime").len(), 4, "{report}");
-    for args in
-        [vec!["eval", model, "--samples", "2", "--seq-len", "16"], vec!["bench", model, "--prompt-len", "8"]]
-    {
-        let run = nbl(&args);
-        assert_eq!(run.status.code(), Some(2), "{args:?}");
-        let err = stderr(&run);
-        assert!(
-            err.contains("a merged decoder") && err.contains("decoder_with_past_model.onnx"),
-            "{args:?}: {err}"
-        );
-    }
+    // eval runs both as they are: the rewrite against the original, generation included.
+    let out = out.to_str().unwrap();
+    let args =
+        ["eval", model, out, "--samples", "2", "--seq-len", "32", "--gen-prompts", "2", "--gen-tokens", "4"];
+    let eval = ok(nbl(&[&args[..], &["--json"]].concat()));
+    let scores: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    let models = scores["models"].as_array().unwrap();
+    assert!(models[0]["ppl"].as_f64().unwrap() > 1.0, "{scores}");
+    assert!(models[1]["kl_vs_first"].as_f64().is_some_and(|kl| kl > 0.0), "{scores}");
+    let run = nbl(&["bench", model, "--prompt-len", "8"]);
+    assert_eq!(run.status.code(), Some(2));
+    let err = stderr(&run);
+    assert!(err.contains("a merged decoder") && err.contains("decoder_with_past_model.onnx"), "{err}");
 }
