@@ -15,6 +15,7 @@ use crate::data::sample_prompt;
 use crate::detect::{DecoderLayout, find_layout};
 use crate::engine::{Engine, ExecutionProvider, StatefulSession};
 use crate::logits::{self, argmax};
+use crate::onnx::merged::{Branch, Merged};
 use crate::onnx::{Interface, Model, Tensor};
 
 #[derive(Clone, Debug, Serialize)]
@@ -65,11 +66,18 @@ struct Subject<'m> {
     model: &'m Model,
     layout: Option<DecoderLayout>,
     interface: Interface,
+    /// What its cost is counted on: the model itself, or a merged decoder's branch with the cache
+    /// (with an empty cache it computes what the other branch computes for a prompt).
+    counted: Option<Model>,
 }
 
 impl Subject<'_> {
     fn of(model: &Model, decode_steps: usize) -> Result<Subject<'_>> {
-        let layout = find_layout(model).ok();
+        let counted = match Merged::find(model) {
+            Some(merged) => Some(merged.branch(model, Branch::Cached)?),
+            None => None,
+        };
+        let layout = find_layout(counted.as_ref().unwrap_or(model)).ok();
         let interface =
             Interface::of(model, layout.as_ref().map(|b| b.hidden_size))?.with_decode_room(decode_steps);
         ensure!(
@@ -77,7 +85,7 @@ impl Subject<'_> {
             "{} has no KV cache: decode throughput needs one",
             model.path.display()
         );
-        Ok(Subject { model, layout, interface })
+        Ok(Subject { model, layout, interface, counted })
     }
 
     /// The benchmark prompt: `len` ids drawn from the model's vocabulary (2 when it cannot be told).
@@ -201,7 +209,10 @@ pub fn bench(
             );
         }
     }
-    let costs = subjects.iter().map(|s| Cost::of(s.model, s.layout.as_ref())).collect::<Result<Vec<_>>>()?;
+    let costs = subjects
+        .iter()
+        .map(|s| Cost::of(s.counted.as_ref().unwrap_or(s.model), s.layout.as_ref()))
+        .collect::<Result<Vec<_>>>()?;
     let prefill_ms: Vec<f64> = prefill.iter().cloned().map(median).collect();
     let decode_tok_s: Vec<f64> = decode.iter().cloned().map(median).collect();
     let prefill_macs: Vec<f64> = costs.iter().map(|c| c.prefill(options.prompt_len)).collect();

@@ -1089,10 +1089,6 @@ pub fn bench(
 ) -> Result<bench::BenchReport> {
     let models = load_functions(models)?;
     for model in &models {
-        // Its cost counts and runs are one graph's: the walk's refusal says what to give instead.
-        if Merged::find(model).is_some() {
-            find_layout(model)?;
-        }
         crate::data::check_context(
             model.dir(),
             options.prompt_len + options.new_tokens,

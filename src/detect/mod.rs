@@ -412,7 +412,7 @@ fn merged_decoder(g: &GraphView) -> Option<String> {
     Some(format!(
         "a merged decoder: its layers are inside the two branches of If node {:?} (on {condition:?}: one \
          branch without a KV cache, one with), as in Optimum's decoder_model_merged.onnx. inspect, \
-         calibrate, rewrite, check and eval read it (its branch without the cache is measured, and a rewrite \
+         calibrate, rewrite, check, eval and bench read it (its branch without the cache is measured, and a rewrite \
          rewrites both branches alike); this step needs one graph: give it decoder_with_past_model.onnx \
          where the repository has it, or export one with the cache: optimum-cli export onnx --model MODEL \
          --task text-generation-with-past DIR",
