@@ -231,7 +231,7 @@ fn find_eos(model_dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<i64> {
     bail!(
         "cannot tell the end-of-text token: no eos_token_id in {dir}/generation_config.json nor eos_token in \
          {dir}/tokenizer_config.json; give the end-of-text id",
-        dir = crate::hub::Layout::of(model_dir).companion_dir(model_dir).display()
+        dir = crate::hub::RepoLayout::of(model_dir).companion_dir(model_dir).display()
     )
 }
 

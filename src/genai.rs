@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::atomic::{OutputSet, dir_of};
-use crate::hub::{COMPANION_FILES, Layout, ONNX_FOLDER, repository_root};
+use crate::hub::{COMPANION_FILES, ONNX_FOLDER, RepoLayout, repository_root};
 use crate::onnx::Model;
 
 /// What goes beside a rewritten model in a directory of its own: the tokenizer and config files
@@ -46,12 +46,12 @@ impl Companion {
             }
             return Ok(None);
         }
-        let layout = Layout::of(&in_dir);
+        let layout = RepoLayout::of(&in_dir);
         let source_dir = layout.companion_dir(&in_dir);
         // The output keeps the input's layout where its folder is named for it; flat otherwise.
         let out_named_onnx = out_dir.file_name().is_some_and(|n| n == ONNX_FOLDER);
         let dir = match (layout, out_dir.parent()) {
-            (Layout::OnnxFolder, Some(parent)) if out_named_onnx => repository_root(&out_dir, parent),
+            (RepoLayout::OnnxFolder, Some(parent)) if out_named_onnx => repository_root(&out_dir, parent),
             _ => out_dir.clone(),
         };
         let genai_config = if genai {

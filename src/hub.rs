@@ -36,34 +36,34 @@ pub const COMPANION_FILES: &[&str] = &[
 
 /// Where a model's tokenizer and config files are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
+pub enum RepoLayout {
     /// Beside the model.
     Flat,
     /// In the parent of the model's `onnx/` folder.
     OnnxFolder,
 }
 
-impl Layout {
+impl RepoLayout {
     /// The layout of the model in `model_dir`: the onnx/ layout where the folder is named `onnx`,
     /// holds neither `tokenizer.json` nor `config.json`, and its parent holds one of them. Only that
     /// folder name is looked through, so that an unrelated tokenizer a level up is never taken.
-    pub fn of(model_dir: &Path) -> Layout {
+    pub fn of(model_dir: &Path) -> RepoLayout {
         let has = |dir: &Path| ["tokenizer.json", "config.json"].iter().any(|f| dir.join(f).is_file());
         let named_onnx = std::fs::canonicalize(model_dir)
             .ok()
             .is_some_and(|d| d.file_name().is_some_and(|n| n == ONNX_FOLDER));
         match model_dir.parent() {
             Some(parent) if named_onnx && !has(model_dir) && has(&repository_root(model_dir, parent)) => {
-                Layout::OnnxFolder
+                RepoLayout::OnnxFolder
             }
-            _ => Layout::Flat,
+            _ => RepoLayout::Flat,
         }
     }
 
     /// The folder holding the companion files of a model in `model_dir`.
     pub fn companion_dir(self, model_dir: &Path) -> PathBuf {
         match (self, model_dir.parent()) {
-            (Layout::OnnxFolder, Some(parent)) => repository_root(model_dir, parent),
+            (RepoLayout::OnnxFolder, Some(parent)) => repository_root(model_dir, parent),
             _ => model_dir.to_path_buf(),
         }
     }
@@ -81,16 +81,16 @@ pub fn repository_root(model_dir: &Path, parent: &Path) -> PathBuf {
 /// The companion file `name` of the model in `model_dir`: beside it, or at the repository root of
 /// the onnx/ layout.
 pub fn companion(model_dir: &Path, name: &str) -> PathBuf {
-    Layout::of(model_dir).companion_dir(model_dir).join(name)
+    RepoLayout::of(model_dir).companion_dir(model_dir).join(name)
 }
 
 /// Where `-o DIR/` (a directory) puts the rewrite of `model`: `DIR/onnx/<name>` for a model in the
 /// onnx/ layout, `DIR/<name>` otherwise; the same file name as the input, in a repository of its own.
 pub fn output_in(dir: &Path, model: &Path) -> PathBuf {
     let name = model.file_name().map_or_else(|| "model.onnx".into(), |n| n.to_os_string());
-    match Layout::of(dir_of(model)) {
-        Layout::OnnxFolder => dir.join(ONNX_FOLDER).join(name),
-        Layout::Flat => dir.join(name),
+    match RepoLayout::of(dir_of(model)) {
+        RepoLayout::OnnxFolder => dir.join(ONNX_FOLDER).join(name),
+        RepoLayout::Flat => dir.join(name),
     }
 }
 
@@ -106,14 +106,14 @@ mod tests {
         std::fs::create_dir_all(&onnx).unwrap();
         std::fs::create_dir_all(&other).unwrap();
         std::fs::write(repo.path().join("tokenizer.json"), "{}").unwrap();
-        assert_eq!(Layout::of(&onnx), Layout::OnnxFolder);
+        assert_eq!(RepoLayout::of(&onnx), RepoLayout::OnnxFolder);
         assert_eq!(companion(&onnx, "tokenizer.json"), repo.path().join("tokenizer.json"));
         // Another folder name: never looked through.
-        assert_eq!(Layout::of(&other), Layout::Flat);
+        assert_eq!(RepoLayout::of(&other), RepoLayout::Flat);
         assert_eq!(companion(&other, "tokenizer.json"), other.join("tokenizer.json"));
         // Files beside the model win.
         std::fs::write(onnx.join("config.json"), "{}").unwrap();
-        assert_eq!(Layout::of(&onnx), Layout::Flat);
+        assert_eq!(RepoLayout::of(&onnx), RepoLayout::Flat);
         // A directory output keeps the layout and the file name.
         std::fs::remove_file(onnx.join("config.json")).unwrap();
         let out = output_in(Path::new("new"), &onnx.join("model_q4.onnx"));

@@ -181,7 +181,7 @@ fn run_card(args: &CardArgs) -> Result<()> {
         .as_str()
         .with_context(|| format!("{} is not a rewrite report: it names no output", args.report.display()))?;
     let dir = nbl_onnx::atomic::dir_of(Path::new(output));
-    let companion_dir = nbl_onnx::hub::Layout::of(dir).companion_dir(dir);
+    let companion_dir = nbl_onnx::hub::RepoLayout::of(dir).companion_dir(dir);
     let card = args.output.clone().unwrap_or_else(|| companion_dir.join("README.md"));
     ensure!(
         nbl_onnx::card::may_write(&card),

@@ -1319,7 +1319,6 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
     }
     let mut timing = None;
     if let Some(options) = &plan.bench {
-        let plan_prompt_len = options.prompt_len;
         for (b, &max_kl) in plan.budgets.iter().enumerate() {
             let at: Vec<(usize, usize)> =
                 chosen.iter().copied().filter(|&(c, p)| curves[c].chosen[b] == Some(p)).collect();
@@ -1334,8 +1333,8 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
             );
             let lengths = std::iter::once(options.prompt_len).chain(plan.long_context);
             for prompt_len in lengths {
-                let options = bench::BenchOptions { prompt_len, ..options.clone() };
-                let report = bench::bench(&timed, engine, &options, None)?;
+                let at_length = bench::BenchOptions { prompt_len, ..options.clone() };
+                let report = bench::bench(&timed, engine, &at_length, None)?;
                 for (&(c, p), t) in at.iter().zip(report.models.iter().skip(1)) {
                     curves[c].points[p].measured.push(Measured {
                         max_kl,
@@ -1345,7 +1344,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<crate::sweep::SweepReport> {
                         predicted_decode_speedup: t.predicted_decode_speedup_bytes,
                     });
                 }
-                if prompt_len == plan_prompt_len {
+                if prompt_len == options.prompt_len {
                     timing = Some(Timing {
                         engine: report.engine,
                         prompt_len: report.prompt_len,

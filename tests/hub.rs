@@ -60,18 +60,21 @@ fn the_onnx_folder_layout_is_read_and_reproduced_with_a_model_card() {
     let model = repo.join("onnx/model_q4.onnx");
     let new = root.path().join("new");
     let dir_arg = format!("{}/", new.display());
-    ok(nbl(&[
-        "rewrite",
-        model.to_str().unwrap(),
-        "--samples",
-        "4",
-        "--seq-len",
-        "32",
-        "--layers",
-        "1",
-        "-o",
-        &dir_arg,
-    ]));
+    let rewrite_into_new = || {
+        ok(nbl(&[
+            "rewrite",
+            model.to_str().unwrap(),
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--layers",
+            "1",
+            "-o",
+            &dir_arg,
+        ]))
+    };
+    rewrite_into_new();
     assert_eq!(
         files(&new),
         [
@@ -127,18 +130,7 @@ fn the_onnx_folder_layout_is_read_and_reproduced_with_a_model_card() {
     // A README.md of the user's is never written over: refused by `card`, kept by `rewrite`.
     std::fs::write(new.join("README.md"), "# my notes\n").unwrap();
     assert_bad_input(&nbl(&["card", report_path.to_str().unwrap()]), "not a model card nbl-onnx wrote");
-    let again = ok(nbl(&[
-        "rewrite",
-        model.to_str().unwrap(),
-        "--samples",
-        "4",
-        "--seq-len",
-        "32",
-        "--layers",
-        "1",
-        "-o",
-        &dir_arg,
-    ]));
+    let again = rewrite_into_new();
     assert!(
         stderr(&again).contains("is not a model card nbl-onnx wrote; it is left as it is"),
         "{}",

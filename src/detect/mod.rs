@@ -225,8 +225,8 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
     index.topological_order(graph)?;
     let g = GraphView { graph, index: &index };
     let file = || model.path.display().to_string();
-    if let Some(reason) = merged_decoder(&g) {
-        bail!("{}: {reason}", model.path.display());
+    if let Some(merged) = crate::onnx::merged::Merged::find(model) {
+        bail!("{}: {}", model.path.display(), merged_decoder(&merged, model));
     }
     let start = stream_start(&g).with_context(file)?;
     let live = index.live_nodes();
@@ -397,27 +397,20 @@ pub fn find_layout(model: &Model) -> Result<DecoderLayout> {
     Ok(DecoderLayout { layers, mlps, ends, hidden_size, dtype, vocab_size, branches, warnings })
 }
 
-/// Why a graph whose logits come out of an `If` cannot be walked as it is: it is a merged decoder
-/// (Optimum's `decoder_model_merged.onnx`), its layers inside two branches, one without a KV cache
-/// and one with (`onnx::merged` splits it where a command can work on a branch). `None` for any
-/// other graph.
-fn merged_decoder(g: &GraphView) -> Option<String> {
-    let logits = g.graph.output.iter().find(|o| o.name() == "logits")?;
-    let Port { node, .. } = g.index.producer(g.index.id(logits.name())?)?;
-    let n = g.node(node);
-    if n.op_type() != "If" {
-        return None;
-    }
-    let condition = n.input.first().map_or("", String::as_str);
-    Some(format!(
+/// Why a merged decoder (Optimum's `decoder_model_merged.onnx`: its layers inside two branches of
+/// an `If`, one without a KV cache and one with) cannot be walked as it is; `onnx::merged` splits
+/// it where a command can work on a branch.
+fn merged_decoder(merged: &crate::onnx::merged::Merged, model: &Model) -> String {
+    let (node, condition) = merged.describe(model);
+    format!(
         "a merged decoder: its layers are inside the two branches of If node {:?} (on {condition:?}: one \
          branch without a KV cache, one with), as in Optimum's decoder_model_merged.onnx. inspect, \
          calibrate, rewrite, check, eval and bench read it (its branch without the cache is measured, and a rewrite \
          rewrites both branches alike); this step needs one graph: give it decoder_with_past_model.onnx \
          where the repository has it, or export one with the cache: optimum-cli export onnx --model MODEL \
          --task text-generation-with-past DIR",
-        n.name()
-    ))
+        node
+    )
 }
 
 /// The view of stream tensor `s` that the junction of a branch joining at `port` adds to: `s`

@@ -160,6 +160,8 @@ impl Merged {
         let kept: Vec<String> =
             if_outputs.iter().filter(|o| produced(cached, o) && produced(uncached, o)).cloned().collect();
         let mut bodies = Vec::new();
+        // What the graph still reads: the main graph's nodes and both bodies.
+        let mut read: HashSet<String> = reads(&main.node);
         for (model, branch) in [(cached, Branch::Cached), (uncached, Branch::Uncached)] {
             let graph = model.graph();
             // The branch returns its outputs under the names the If gives them, as Optimum's merge
@@ -174,6 +176,7 @@ impl Merged {
                 output,
                 ..Default::default()
             };
+            read.extend(reads(&body.node));
             bodies.push((self.attribute(original, branch)?, body));
         }
         // The weights both branches read, pooled by name (a map both rewrites wrote is one tensor).
@@ -189,12 +192,6 @@ impl Merged {
         for (attr, body) in bodies {
             let slot = node.attribute.iter_mut().find(|a| a.name() == attr).expect("checked");
             slot.g = Some(body);
-        }
-        let mut read: HashSet<String> = reads(&main.node);
-        for (attr, _) in [("then_branch", ()), ("else_branch", ())] {
-            let body =
-                main.node[self.node].attribute.iter().find(|a| a.name() == attr).and_then(|a| a.g.as_ref());
-            read.extend(body.map(|b| reads(&b.node)).unwrap_or_default());
         }
         main.initializer = initializers.into_iter().filter(|t| read.contains(t.name())).collect();
         main.input.retain(|v| read.contains(v.name()));
